@@ -1,0 +1,27 @@
+"""memopt: train and fine-tune PyTorch models inside a device-memory budget.
+
+    model = memopt.optimize(model, budget_gb=24, example_inputs=batch, method="lora")
+    print(model.plan.summary())
+"""
+
+from memopt.api import optimize
+from memopt.config import DEVICE_PRESETS, DeviceSpec, LoraConfig, OptimizeConfig
+from memopt.errors import InfeasibleBudgetError, MemoptError, UnsupportedModelError
+from memopt.planner.plan import Plan, load_plan
+from memopt.runtime.optimized import OptimizedModel
+
+__all__ = [
+    "optimize",
+    "OptimizeConfig",
+    "LoraConfig",
+    "DeviceSpec",
+    "DEVICE_PRESETS",
+    "Plan",
+    "load_plan",
+    "OptimizedModel",
+    "MemoptError",
+    "InfeasibleBudgetError",
+    "UnsupportedModelError",
+]
+
+__version__ = "0.1.0"

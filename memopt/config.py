@@ -1,0 +1,241 @@
+"""Configuration: frozen, validated, JSON-serialisable dataclasses.
+
+Every option `memopt.optimize` understands lives here. Configs validate themselves in
+``__post_init__`` and raise ``ValueError`` / ``TypeError`` that say what to change; they are never
+silently rewritten. ``to_dict`` / ``from_dict`` round-trip exactly so a Plan can record them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+__all__ = [
+    "DeviceSpec",
+    "DEVICE_PRESETS",
+    "resolve_device",
+    "MethodConfig",
+    "LoraConfig",
+    "METHOD_CONFIGS",
+    "OptimizeConfig",
+    "GIB",
+    "MIB",
+]
+
+GIB = 2**30
+MIB = 2**20
+
+# A CUDA context takes ~300-500 MiB before the first tensor; the caching allocator's block
+# rounding and fragmentation take a few hundred MiB more. Both are outside what the tracker sees.
+_CUDA_CONTEXT_BYTES = 512 * MIB
+_CUDA_ALLOCATOR_SLACK_BYTES = 256 * MIB
+# The CUDA caching allocator hands out blocks in multiples of 512 bytes.
+_CUDA_BLOCK_BYTES = 512
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """The device a training step is planned for.
+
+    ``reserve_bytes`` is subtracted from the budget for memory the tracker cannot see (device
+    context, allocator slack); ``alloc_granularity`` is the allocator's rounding of every block.
+    """
+
+    name: str
+    kind: str  # "cuda" | "cpu"
+    memory_bytes: int | None = None
+    reserve_bytes: int = 0
+    alloc_granularity: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cuda", "cpu"):
+            raise ValueError(f"DeviceSpec.kind must be 'cuda' or 'cpu', got {self.kind!r}")
+        if self.reserve_bytes < 0 or self.alloc_granularity < 1:
+            raise ValueError("DeviceSpec.reserve_bytes must be >= 0 and alloc_granularity >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DeviceSpec":
+        return cls(**data)
+
+
+def _cuda(name: str, memory_gib: int | None) -> DeviceSpec:
+    return DeviceSpec(
+        name=name,
+        kind="cuda",
+        memory_bytes=None if memory_gib is None else memory_gib * GIB,
+        reserve_bytes=_CUDA_CONTEXT_BYTES + _CUDA_ALLOCATOR_SLACK_BYTES,
+        alloc_granularity=_CUDA_BLOCK_BYTES,
+    )
+
+
+DEVICE_PRESETS: Mapping[str, DeviceSpec] = {
+    "cpu": DeviceSpec(name="cpu", kind="cpu"),
+    "cuda": _cuda("cuda", None),
+    "rtx4090": _cuda("rtx4090", 24),
+    "l4": _cuda("l4", 24),
+    "a100-40gb": _cuda("a100-40gb", 40),
+    "a100-80gb": _cuda("a100-80gb", 80),
+    "h100": _cuda("h100", 80),
+}
+
+
+def resolve_device(device: "str | DeviceSpec") -> DeviceSpec:
+    """A DeviceSpec from a preset name, a torch device string ("cuda:0", "cpu") or a DeviceSpec."""
+    if isinstance(device, DeviceSpec):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a preset name or a DeviceSpec, got {type(device).__name__}")
+    key = device.lower()
+    if key in DEVICE_PRESETS:
+        return DEVICE_PRESETS[key]
+    base = key.split(":")[0]
+    if base in ("cuda", "cpu") and re.fullmatch(r"(cuda|cpu)(:\d+)?", key):
+        return dataclasses.replace(DEVICE_PRESETS[base], name=key)
+    raise ValueError(f"unknown device {device!r}; use one of {sorted(DEVICE_PRESETS)} or a DeviceSpec")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of the per-method configs; ``method`` names the pass that consumes it."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MethodConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _normalise_targets(value: Any, what: str, allow_none: bool) -> "str | tuple[str, ...] | None":
+    """A target spec is a regex string, "all-linear", or a tuple of module-name suffixes."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, str):
+        if value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{what}={value!r} is not a valid regular expression: {exc}") from None
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+    raise TypeError(
+        f"{what} must be 'all-linear', a regex string or a non-empty list of module-name suffixes "
+        f"(e.g. ['q_proj', 'v_proj']), got {value!r}"
+    )
+
+
+@dataclass(frozen=True)
+class LoraConfig(MethodConfig):
+    """LoRA: y = x·Wᵀ + (alpha/rank)·dropout(x)·Aᵀ·Bᵀ with B zero-initialised (PEFT's numerics).
+
+    ``target_modules``: "all-linear" (every Linear-like layer but the LM head), a regex matched
+    against the full module name, or a list of name suffixes (PEFT's convention).
+    """
+
+    method: ClassVar[str] = "lora"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
+    exclude_modules: Any = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
+        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"lora": LoraConfig}
+
+
+def _positive_number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of GiB (e.g. 24), got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a positive, finite number of GiB, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything `memopt.optimize` was asked to do, validated.
+
+    ``budget_gb`` is GiB (2**30 bytes) of device capacity; ``reserve_gb`` (default: the device's
+    documented reserve) is subtracted from it before planning.
+    """
+
+    budget_gb: float
+    method_config: MethodConfig = field(default_factory=LoraConfig)
+    optimizer: str = "adamw"
+    device: DeviceSpec = field(default_factory=lambda: DEVICE_PRESETS["cpu"])
+    reserve_gb: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget_gb", _positive_number(self.budget_gb, "budget_gb"))
+        if not isinstance(self.method_config, MethodConfig):
+            raise TypeError(f"method_config must be a MethodConfig, got {type(self.method_config).__name__}")
+        if self.reserve_gb is not None:
+            if isinstance(self.reserve_gb, bool) or not isinstance(self.reserve_gb, (int, float)) or self.reserve_gb < 0:
+                raise ValueError(f"reserve_gb must be a number >= 0, got {self.reserve_gb!r}")
+        if self.reserve_bytes >= self.budget_bytes:
+            raise ValueError(
+                f"budget_gb={self.budget_gb} leaves nothing after the {self.reserve_bytes / GIB:.3f} GiB reserve "
+                f"of device {self.device.name!r}; raise the budget or pass reserve_gb="
+            )
+
+    @property
+    def method(self) -> str:
+        return self.method_config.method
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.budget_gb * GIB)
+
+    @property
+    def reserve_bytes(self) -> int:
+        return self.device.reserve_bytes if self.reserve_gb is None else int(self.reserve_gb * GIB)
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.budget_bytes - self.reserve_bytes
+
+    @classmethod
+    def from_options(cls, method: str, budget_gb: Any, *, optimizer: str = "adamw", device: Any = "cpu",
+                     reserve_gb: float | None = None, **method_options: Any) -> "OptimizeConfig":
+        """Build from `optimize`'s keyword options; unknown options are an error, never ignored."""
+        if not isinstance(method, str) or method not in METHOD_CONFIGS:
+            raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_CONFIGS)}")
+        method_cls = METHOD_CONFIGS[method]
+        names = {f.name for f in dataclasses.fields(method_cls)}
+        unknown = sorted(set(method_options) - names)
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(names)}")
+        return cls(
+            budget_gb=budget_gb,
+            method_config=method_cls(**method_options),
+            optimizer=optimizer,
+            device=resolve_device(device),
+            reserve_gb=reserve_gb,
+        )

@@ -1,0 +1,16 @@
+"""Exact live-bytes measurement (``MemoryTracker``) and fake-device simulation (``simulate_step``)."""
+
+from memopt.memory.inputs import normalize_inputs
+from memopt.memory.report import Category, MemoryBreakdown, MemoryReport
+from memopt.memory.simulate import OPTIMIZERS, simulate_step
+from memopt.memory.tracker import MemoryTracker
+
+__all__ = [
+    "Category",
+    "MemoryBreakdown",
+    "MemoryReport",
+    "MemoryTracker",
+    "OPTIMIZERS",
+    "normalize_inputs",
+    "simulate_step",
+]

@@ -1,0 +1,45 @@
+"""One spelling for example inputs: ``(args, kwargs)``.
+
+Users hand over example inputs the way they call their model — a tuple of positional arguments, a
+dict of keyword arguments (a HF batch), or both as an ``(args_tuple, kwargs_dict)`` pair — and every
+part of memopt that runs the model wants the same normal form.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["normalize_inputs"]
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Return ``(args, kwargs)`` for ``model(*args, **kwargs)``.
+
+    Accepted: a tuple (or list) of positional args; a mapping of kwargs; a pair
+    ``(tuple, mapping)``; a single tensor (one positional arg).
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), _kwargs(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        if _is_args_kwargs_pair(example_inputs):
+            return tuple(example_inputs[0]), _kwargs(example_inputs[1])
+        return tuple(example_inputs), {}
+    raise TypeError(
+        f"example_inputs must be a tuple of positional args, a dict of keyword args, an "
+        f"(args_tuple, kwargs_dict) pair or a tensor; got {type(example_inputs).__name__}"
+    )
+
+
+def _is_args_kwargs_pair(x: tuple[Any, ...] | list[Any]) -> bool:
+    return len(x) == 2 and isinstance(x[0], (tuple, list)) and isinstance(x[1], Mapping)
+
+
+def _kwargs(m: Mapping[Any, Any]) -> dict[str, Any]:
+    bad = [k for k in m if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"keyword inputs must have str keys, got {bad!r}; pass positional inputs as a tuple")
+    return dict(m)

@@ -1,0 +1,253 @@
+"""Simulate one training step on a target device without allocating its memory.
+
+``simulate_step`` runs forward, loss, backward and an optimizer step under ``FakeTensorMode`` and
+measures it with ``MemoryTracker``: shapes, dtypes, storages and lifetimes are real, the bytes are
+not. The user's model is neither copied nor modified: every parameter and buffer gets a fake CPU
+stand-in of the same shape, stride, dtype and ``requires_grad`` (it does not matter whether the
+model lives on ``cpu`` or ``meta``), and the model runs through ``torch.func.functional_call``,
+which swaps them in for the call only (tied weights stay tied). Fake *CPU* tensors stand in for the
+target because autograd refuses the backward of fake CUDA tensors without a driver; bytes and
+lifetimes do not depend on the device, and every storage is counted under the target's label.
+
+What the simulation reflects of the target:
+* CUDA's caching allocator rounds every block up to 512 bytes (``round_to``; 1 for CPU targets).
+* The optimizer implementation torch picks on the target: on CUDA (and other foreach devices)
+  ``foreach=True`` — whose ``_foreach_sqrt`` of the second moments is a temporary as large as the
+  trainable parameters, often the step's peak; on CPU the per-parameter loop. Pass
+  ``optimizer_kwargs={"fused": True}`` to simulate the fused kernel instead.
+* Attention: on fake CPU tensors ``scaled_dot_product_attention`` picks the CPU flash kernel,
+  which, like CUDA's flash / memory-efficient kernels, saves q, k, v, the output and a float32
+  logsumexp [B, H, T] — never the [B, H, T, T] score matrix (an explicit mask is saved too, as
+  CUDA's memory-efficient kernel does). HF models pass ``is_causal=True`` and native GQA here.
+
+What differs from a real GPU: memory inside a kernel (cuBLAS / attention workspaces), the CUDA
+context and allocator fragmentation are not counted (keep a reserve for them); Adam's ``step``
+counters, which CUDA keeps on the host unless ``capturable``/``fused``, are counted as device bytes
+(one rounded block each); a CUDA-only kernel choice elsewhere (e.g. a fused op saving different
+tensors) is not reproduced; parameters that are views of one shared storage are counted per view;
+tensors held as plain attributes (not parameters or buffers) are not counted.
+
+The step: ``loss = loss_of(model(*args, **kwargs))``; the output is dropped before backward (as HF
+``Trainer`` does); ``loss.backward()``; ``optimizer.step()``; ``optimizer.zero_grad()``. With
+``steady_state`` the optimizer state exists before the step starts, as in every step after the
+first — the peak a training loop actually reaches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_map_only
+
+from memopt.errors import MemoptError
+from memopt.memory.inputs import normalize_inputs
+from memopt.memory.report import MemoryReport
+from memopt.memory.tracker import MemoryTracker
+
+__all__ = ["OPTIMIZERS", "LossFn", "normalize_inputs", "simulate_step"]
+
+_log = logging.getLogger("memopt")
+
+# CUDA's caching allocator hands out blocks in multiples of 512 bytes.
+_CUDA_BLOCK_BYTES = 512
+
+LossFn = Callable[[Any, tuple[tuple[Any, ...], dict[str, Any]]], torch.Tensor]
+OptimizerFactory = Callable[[list[torch.Tensor], str, Mapping[str, Any]], "torch.optim.Optimizer | None"]
+
+
+def _uses_foreach(device: str) -> bool:
+    """torch's own default on ``device``: foreach kernels where they exist, else a per-tensor loop."""
+    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
+
+    return torch.device(device).type in _get_foreach_kernels_supported_devices()
+
+
+def _torch_optimizer(cls: type[torch.optim.Optimizer], **defaults: Any) -> OptimizerFactory:
+    def make(params: list[torch.Tensor], device: str, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
+        impl = {} if "foreach" in kwargs or "fused" in kwargs else {"foreach": _uses_foreach(device)}
+        return cls(params, **{**defaults, **impl, **kwargs})
+
+    return make
+
+
+def _no_optimizer(params: list[torch.Tensor], device: str, kwargs: Mapping[str, Any]) -> None:
+    if kwargs:
+        raise MemoptError(f"optimizer='none' takes no optimizer_kwargs, got {sorted(kwargs)}; drop them")
+    return None
+
+
+OPTIMIZERS: Mapping[str, OptimizerFactory] = MappingProxyType(
+    {
+        "adamw": _torch_optimizer(torch.optim.AdamW),
+        "adam": _torch_optimizer(torch.optim.Adam),
+        "sgd": _torch_optimizer(torch.optim.SGD, lr=1e-3),
+        "sgd-momentum": _torch_optimizer(torch.optim.SGD, lr=1e-3, momentum=0.9),
+        "none": _no_optimizer,
+    }
+)
+
+
+def simulate_step(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    optimizer: str = "adamw",
+    optimizer_kwargs: Mapping[str, Any] | None = None,
+    device: str = "cuda",
+    round_to: int | None = None,
+    steady_state: bool = True,
+) -> MemoryReport:
+    """Measure one training step of ``model`` on ``device`` under fake tensors.
+
+    Requires: ``model(*args, **kwargs)`` runs on CPU tensors (its parameters may be on ``meta``).
+    Ensures: ``model`` is unchanged (same parameter objects and values, no ``.grad``); the report's
+    breakdown is exact in bytes for what the module docstring says is simulated.
+    ``example_inputs``: see ``normalize_inputs``. ``loss_fn(output, (args, kwargs))`` if given; else
+    the output's ``loss`` (HF models given ``labels``); else the output if it is a scalar tensor.
+    """
+    start = time.perf_counter()
+    args, kwargs = normalize_inputs(example_inputs)
+    make_optimizer = _optimizer_factory(optimizer)
+    rounding = _default_round_to(device) if round_to is None else round_to
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # Stand-ins first, outside the tracker: they exist before the step, like the real weights.
+        params = {name: _fake_like(p) for name, p in model.named_parameters()}
+        buffers = {name: _fake_like(b) for name, b in model.named_buffers()}
+        args, kwargs = _fake_inputs((args, kwargs))
+        trainable = _trainable(params)
+        opt = make_optimizer(trainable, device, optimizer_kwargs or {})
+        if steady_state and opt is not None:
+            _materialize_state(opt, trainable)
+        tracker = MemoryTracker(
+            optimizer=opt,
+            inputs=(args, kwargs),
+            parameters=params.values(),
+            buffers=buffers.values(),
+            round_to=rounding,
+            device_label=device,
+        )
+        with tracker:
+            _train_step(model, {**params, **buffers}, args, kwargs, loss_fn, opt)
+    report = tracker.report(device)
+    _log.debug("simulated one step on %s in %.1f s: %s", device, time.perf_counter() - start, report.summary())
+    return report
+
+
+def _optimizer_factory(name: str) -> OptimizerFactory:
+    factory = OPTIMIZERS.get(name)
+    if factory is None:
+        raise MemoptError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    return factory
+
+
+def _trainable(params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    trainable = [p for p in params.values() if p.requires_grad]
+    if not trainable:
+        raise MemoptError(
+            "no parameter of the model requires grad, so there is no training step to simulate: "
+            "unfreeze some parameters (requires_grad=True) or apply a pass that adds trainable ones"
+        )
+    return trainable
+
+
+def _default_round_to(device: str) -> int:
+    return _CUDA_BLOCK_BYTES if torch.device(device).type == "cuda" else 1
+
+
+def _fake_like(t: torch.Tensor) -> torch.Tensor:
+    """A fake CPU tensor with ``t``'s layout and ``requires_grad`` (call inside FakeTensorMode)."""
+    if is_traceable_wrapper_subclass(t) and t.device.type != "meta":
+        from torch._guards import active_fake_mode
+
+        mode = active_fake_mode()
+        assert mode is not None, "_fake_like runs inside FakeTensorMode"
+        return mode.from_tensor(t)
+    fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+    return fake.requires_grad_(t.requires_grad)
+
+
+def _fake_inputs(tree: Any) -> Any:
+    """Fake CPU copies of the input tensors in ``tree``, sharing storages where the inputs do.
+
+    ``labels`` given as the same tensor as ``input_ids``, or as a view of it, is counted once, as
+    in a real run. Inputs that require grad or are wrapper subclasses get storages of their own.
+    """
+    bases: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if t.requires_grad or is_traceable_wrapper_subclass(t):
+            return _fake_like(t)
+        st = t.untyped_storage()
+        base = bases.get((id(st), t.dtype))
+        if base is None:
+            base = bases[(id(st), t.dtype)] = torch.empty(st.nbytes() // t.element_size(), dtype=t.dtype, device="cpu")
+        return base.as_strided(t.shape, t.stride(), t.storage_offset())
+
+    return tree_map_only(torch.Tensor, fake, tree)
+
+
+def _materialize_state(opt: torch.optim.Optimizer, trainable: list[torch.Tensor]) -> None:
+    """Create the optimizer state a training loop has after its first step (values don't matter)."""
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _train_step(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    loss_fn: LossFn | None,
+    opt: torch.optim.Optimizer | None,
+) -> None:
+    # The output dies with this call's frame before backward, as in HF Trainer's compute_loss.
+    loss = _loss_of(torch.func.functional_call(model, state, args, kwargs), args, kwargs, loss_fn)
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _loss_of(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any], loss_fn: LossFn | None) -> torch.Tensor:
+    if loss_fn is not None:
+        loss = loss_fn(output, (args, kwargs))
+    else:
+        loss = _builtin_loss(output)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise MemoptError(f"the loss must be a one-element tensor, got {_describe(loss)}; check loss_fn")
+    if not loss.requires_grad:
+        raise MemoptError(
+            "the loss does not require grad: no trainable parameter feeds it. Unfreeze some "
+            "parameters (requires_grad=True) or check loss_fn"
+        )
+    return loss
+
+
+def _builtin_loss(output: Any) -> torch.Tensor:
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, Mapping):
+        loss = output.get("loss")
+    if loss is None and isinstance(output, torch.Tensor) and output.dim() == 0:
+        loss = output
+    if loss is None:
+        raise MemoptError(
+            f"cannot find a loss in the model's output ({_describe(output)}): pass loss_fn="
+            "lambda output, inputs: ... or, for a HF model, put labels in example_inputs"
+        )
+    return loss
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

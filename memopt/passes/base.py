@@ -1,0 +1,128 @@
+"""What every rewrite pass shares: its result type, module targeting, and an undo log.
+
+A pass has the signature ``(module, ModelGraph, method_config, RewriteLog) -> PassResult``. It
+rewrites ``module`` in place through the ``RewriteLog`` so that `optimize` can undo every change
+when a later stage fails: nothing is ever left half-rewritten.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch.nn as nn
+
+from memopt.ir.structure import LinearLayer, ModelGraph, Role
+
+__all__ = ["ModuleDecision", "PassResult", "RewriteLog", "select_targets"]
+
+
+@dataclass(frozen=True)
+class ModuleDecision:
+    """What a pass did to one module, and why; recorded in the Plan."""
+
+    name: str
+    role: str
+    method: str  # "lora", "frozen", ...
+    in_features: int
+    out_features: int
+    trainable_params: int
+    details: Mapping[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "role": self.role, "method": self.method,
+            "in_features": self.in_features, "out_features": self.out_features,
+            "trainable_params": self.trainable_params, "details": dict(self.details), "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModuleDecision":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """A pass's output: the (same, rewritten) module, per-module decisions and notes."""
+
+    module: nn.Module
+    decisions: tuple[ModuleDecision, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.decisions)
+
+
+class RewriteLog:
+    """An undo log for in-place module rewrites.
+
+    Records every submodule replacement and the ``requires_grad`` flag of every parameter before
+    the first change, so ``undo()`` restores the user's module exactly (same objects).
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
+        self._requires_grad = {id(p): (p, p.requires_grad) for p in root.parameters()}
+
+    def replace(self, name: str, new: nn.Module) -> nn.Module:
+        """Swap the submodule at dotted ``name`` for ``new``; return the old one."""
+        parent_name, _, attr = name.rpartition(".")
+        parent = self.root.get_submodule(parent_name) if parent_name else self.root
+        old = getattr(parent, attr)
+        self._replaced.append((parent, attr, old))
+        setattr(parent, attr, new)
+        return old
+
+    def freeze(self, params: Iterable[nn.Parameter]) -> None:
+        for p in params:
+            p.requires_grad_(False)
+
+    def undo(self) -> None:
+        for parent, attr, old in reversed(self._replaced):
+            setattr(parent, attr, old)
+        self._replaced.clear()
+        for p, flag in self._requires_grad.values():
+            p.requires_grad_(flag)
+
+    def original_requires_grad(self) -> dict[int, bool]:
+        return {key: flag for key, (_, flag) in self._requires_grad.items()}
+
+
+def _matches(name: str, spec: "str | tuple[str, ...]") -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def select_targets(
+    graph: ModelGraph, model: nn.Module, target: "str | tuple[str, ...]", exclude: "str | tuple[str, ...] | None"
+) -> list[LinearLayer]:
+    """The Linear-like layers a method applies to, PEFT's targeting conventions.
+
+    ``"all-linear"`` takes every Linear-like layer the forward calls except the LM head; a regex
+    must match the whole module name; a list matches names equal to, or ending in ``.`` + an entry.
+    Raises ``ValueError`` naming what is available when nothing matches, and when a target names a
+    module that is not Linear-like.
+    """
+    if target == "all-linear":
+        chosen = [layer for layer in graph.linears if layer.role is not Role.LM_HEAD]
+    else:
+        chosen = [layer for layer in graph.linears if _matches(layer.name, target)]
+        linear_names = {layer.name for layer in graph.linears}
+        others = [n for n, _ in model.named_modules() if n and n not in linear_names and _matches(n, target)]
+        if others and not chosen:
+            kinds = ", ".join(f"{n} ({type(model.get_submodule(n)).__name__})" for n in others[:5])
+            raise ValueError(f"target_modules={target!r} matches only modules that are not Linear-like: {kinds}")
+    if exclude is not None:
+        chosen = [layer for layer in chosen if not _matches(layer.name, exclude)]
+    if not chosen:
+        suffixes = sorted({layer.name.rpartition(".")[2] for layer in graph.linears})
+        raise ValueError(
+            f"target_modules={target!r} (exclude_modules={exclude!r}) matches no Linear-like layer; "
+            f"the model's Linear layers end in {suffixes}"
+        )
+    return chosen

@@ -1,0 +1,121 @@
+"""LoRA: a low-rank trainable update beside every targeted frozen Linear (the baseline method).
+
+``y = base(x) + scaling · B(A(dropout(x)))`` with ``scaling = alpha / rank``, A Kaiming-uniform
+and B zero-initialised — PEFT's numerics exactly, so a memopt LoRA and a PEFT LoRA with the same
+A and B give the same outputs and gradients. Works on ``nn.Linear`` (weight [out, in]) and on the
+transposed Conv1D-style linear of GPT-2 (weight [in, out]); ``merge`` folds BA back into W.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from memopt.config import LoraConfig
+from memopt.ir.structure import LinearLayer, ModelGraph, Role
+from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, select_targets
+
+__all__ = ["LoraLinear", "apply_lora", "merge_lora"]
+
+
+class LoraLinear(nn.Module):
+    """A frozen Linear-like ``base_layer`` plus a trainable rank-``r`` update ``lora_B·lora_A``."""
+
+    def __init__(self, base_layer: nn.Module, kind: str, in_features: int, out_features: int,
+                 cfg: LoraConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        weight = base_layer.weight
+        self.base_layer = base_layer
+        self.kind = kind
+        self.in_features, self.out_features = in_features, out_features
+        self.rank = cfg.rank
+        self.scaling = cfg.scaling
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Linear(in_features, cfg.rank, bias=False, **factory)
+        self.lora_B = nn.Linear(cfg.rank, out_features, bias=False, **factory)
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.enabled = True
+        self._init_weights(generator)
+
+    def _init_weights(self, generator: torch.Generator | None) -> None:
+        if self.lora_A.weight.device.type == "meta":
+            return
+        with torch.no_grad():
+            a = torch.empty(self.lora_A.weight.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.lora_A.weight.copy_(a)
+            self.lora_B.weight.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        if not self.enabled:
+            return result
+        return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B·A in the base weight's layout ([out, in], or [in, out] for Conv1D)."""
+        delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # [out, in]
+        return delta.t() if self.kind == "conv1d" else delta
+
+    def merged(self) -> nn.Module:
+        """The base layer with the update folded into its weight (changes it in place)."""
+        with torch.no_grad():
+            self.base_layer.weight.add_(self.delta_weight().to(self.base_layer.weight.dtype))
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, rank={self.rank}, scaling={self.scaling:g}, enabled={self.enabled}"
+
+
+def apply_lora(model: nn.Module, graph: ModelGraph, cfg: LoraConfig, log: RewriteLog) -> PassResult:
+    """Freeze every parameter and wrap each targeted Linear-like layer in a ``LoraLinear``.
+
+    Requires: ``graph`` was captured from ``model`` (names refer to its submodules).
+    Ensures: only ``lora_A`` / ``lora_B`` weights require grad; outputs are unchanged at init (B = 0).
+    """
+    targets = select_targets(graph, model, cfg.target_modules, cfg.exclude_modules)
+    log.freeze(model.parameters())
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    decisions = []
+    for layer in targets:
+        base = model.get_submodule(layer.name)
+        log.replace(layer.name, LoraLinear(base, layer.kind, layer.in_features, layer.out_features, cfg, generator))
+        decisions.append(ModuleDecision(
+            name=layer.name, role=layer.role.value, method="lora",
+            in_features=layer.in_features, out_features=layer.out_features,
+            trainable_params=cfg.rank * (layer.in_features + layer.out_features),
+            details={"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "block": layer.block},
+            reason=_why(cfg),
+        ))
+    chosen = {layer.name for layer in targets}
+    for layer in graph.linears:
+        if layer.name not in chosen:
+            decisions.append(ModuleDecision(
+                name=layer.name, role=layer.role.value, method="frozen",
+                in_features=layer.in_features, out_features=layer.out_features, trainable_params=0,
+                details={"block": layer.block}, reason=_why_frozen(layer, cfg),
+            ))
+    return PassResult(model, tuple(decisions))
+
+
+def _why(cfg: LoraConfig) -> str:
+    target = cfg.target_modules
+    return "all-linear" if target == "all-linear" else f"matched target_modules={target!r}"
+
+
+def _why_frozen(layer: LinearLayer, cfg: LoraConfig) -> str:
+    if layer.role is Role.LM_HEAD and cfg.target_modules == "all-linear":
+        return "'all-linear' leaves the LM head out"
+    return "not matched by target_modules, or excluded"
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every ``LoraLinear`` in ``model`` back into a plain layer, in place; returns ``model``."""
+    names = [name for name, m in model.named_modules() if isinstance(m, LoraLinear)]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, getattr(parent, attr).merged())
+    return model

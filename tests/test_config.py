@@ -1,0 +1,74 @@
+"""Config validation: bad values are refused with a message that says what to change."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from memopt.config import DEVICE_PRESETS, GIB, LoraConfig, OptimizeConfig, resolve_device
+
+
+@pytest.mark.parametrize("budget", [0, -1, math.inf, math.nan])
+def test_budget_must_be_positive_and_finite(budget):
+    with pytest.raises(ValueError, match="positive, finite number of GiB"):
+        OptimizeConfig.from_options("lora", budget)
+
+
+@pytest.mark.parametrize("budget", ["24", None, True])
+def test_budget_must_be_a_number(budget):
+    with pytest.raises(TypeError, match="budget_gb must be a number"):
+        OptimizeConfig.from_options("lora", budget)
+
+
+def test_unknown_method_lists_the_methods():
+    with pytest.raises(ValueError, match=r"unknown method 'qlora'.*\['lora'\]"):
+        OptimizeConfig.from_options("qlora", 8)
+
+
+def test_unknown_option_is_an_error_not_ignored():
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['r'\].*rank"):
+        OptimizeConfig.from_options("lora", 8, r=4)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rank=0), "rank must be a positive integer"),
+    (dict(rank=2.5), "rank must be a positive integer"),
+    (dict(alpha=-1), "alpha must be a positive number"),
+    (dict(dropout=1.0), r"dropout must be a number in \[0, 1\)"),
+    (dict(target_modules="(unclosed"), "not a valid regular expression"),
+])
+def test_lora_options_are_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoraConfig(**kwargs)
+
+
+def test_target_modules_of_the_wrong_type_is_refused():
+    with pytest.raises(TypeError, match="target_modules must be"):
+        LoraConfig(target_modules=[])
+    with pytest.raises(TypeError, match="target_modules must be"):
+        LoraConfig(target_modules=3)
+
+
+def test_cuda_presets_subtract_a_reserve_and_round_blocks():
+    cfg = OptimizeConfig.from_options("lora", 24, device="rtx4090")
+    assert cfg.device is DEVICE_PRESETS["rtx4090"]
+    assert cfg.reserve_bytes == 768 * 2**20 and cfg.usable_bytes == 24 * GIB - 768 * 2**20
+    assert cfg.device.alloc_granularity == 512
+    assert OptimizeConfig.from_options("lora", 24, device="rtx4090", reserve_gb=0).usable_bytes == 24 * GIB
+
+
+def test_a_budget_below_the_reserve_is_refused():
+    with pytest.raises(ValueError, match="leaves nothing after"):
+        OptimizeConfig.from_options("lora", 0.5, device="cuda")
+
+
+def test_unknown_device_lists_the_presets():
+    with pytest.raises(ValueError, match="unknown device 'tpu'.*rtx4090"):
+        resolve_device("tpu")
+    assert resolve_device("cuda:1").name == "cuda:1" and resolve_device("cuda:1").kind == "cuda"
+
+
+def test_method_config_round_trips_through_a_dict():
+    cfg = LoraConfig(rank=4, target_modules=["q_proj", "v_proj"], exclude_modules="lm_head")
+    assert LoraConfig.from_dict(cfg.to_dict()) == cfg
