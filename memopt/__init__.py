@@ -5,7 +5,7 @@
 """
 
 from memopt.api import optimize
-from memopt.config import DEVICE_PRESETS, DeviceSpec, LoraConfig, OptimizeConfig
+from memopt.config import DEVICE_PRESETS, DeviceSpec, LoraConfig, OptimizeConfig, PacaConfig, S2ftConfig
 from memopt.errors import InfeasibleBudgetError, MemoptError, UnsupportedModelError
 from memopt.planner.plan import Plan, load_plan
 from memopt.runtime.optimized import OptimizedModel
@@ -14,6 +14,8 @@ __all__ = [
     "optimize",
     "OptimizeConfig",
     "LoraConfig",
+    "PacaConfig",
+    "S2ftConfig",
     "DeviceSpec",
     "DEVICE_PRESETS",
     "Plan",

@@ -19,6 +19,8 @@ __all__ = [
     "resolve_device",
     "MethodConfig",
     "LoraConfig",
+    "PacaConfig",
+    "S2ftConfig",
     "METHOD_CONFIGS",
     "OptimizeConfig",
     "GIB",
@@ -167,7 +169,76 @@ class LoraConfig(MethodConfig):
         return self.alpha / self.rank
 
 
-METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"lora": LoraConfig}
+def _check_ratio(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{what} must be a number in (0, 1], got {value!r}")
+
+
+def _check_seed(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"seed must be an int, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PacaConfig(MethodConfig):
+    """PaCA: per targeted Linear, ``rank`` input columns of W become the trainable P (out × rank).
+
+    The forward is one matmul with W whose columns ``idx`` equal ``scaling · P``
+    (``scaling = alpha / rank``; P starts at ``W[:, idx] / scaling``, so the function is unchanged).
+    ``selection``: "random" (seeded, the default) or "weight-norm" (the columns of largest norm).
+    """
+
+    method: ClassVar[str] = "paca"
+    rank: int = 8
+    alpha: float = 16.0
+    selection: str = "random"
+    seed: int = 0
+    target_modules: Any = "all-linear"
+    exclude_modules: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if self.selection not in ("random", "weight-norm"):
+            raise ValueError(f"selection must be 'random' or 'weight-norm', got {self.selection!r}")
+        _check_seed(self.seed)
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
+        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class S2ftConfig(MethodConfig):
+    """S²FT: train dense blocks of selected attention heads and FFN channels, nothing else.
+
+    ``head_ratio`` of the attention heads (their v rows and/or o columns) and ``channel_ratio`` of
+    the FFN channels (their up rows and/or down columns) are selected, pooled over layers (so
+    per-layer counts vary), and co-permuted to be contiguous; ``targets`` says which of
+    "v", "o", "up", "down" train.
+    """
+
+    method: ClassVar[str] = "s2ft"
+    head_ratio: float = 0.05
+    channel_ratio: float = 0.02
+    targets: Any = ("o", "down")
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_ratio(self.head_ratio, "head_ratio")
+        _check_ratio(self.channel_ratio, "channel_ratio")
+        targets = (self.targets,) if isinstance(self.targets, str) else self.targets
+        if not isinstance(targets, (tuple, list)) or not targets or not set(targets) <= {"v", "o", "up", "down"}:
+            raise ValueError(f"targets must be a non-empty subset of ('v', 'o', 'up', 'down'), got {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(targets))
+        _check_seed(self.seed)
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"lora": LoraConfig, "paca": PacaConfig, "s2ft": S2ftConfig}
 
 
 def _positive_number(value: Any, what: str) -> float:

@@ -22,7 +22,7 @@ def test_budget_must_be_a_number(budget):
 
 
 def test_unknown_method_lists_the_methods():
-    with pytest.raises(ValueError, match=r"unknown method 'qlora'.*\['lora'\]"):
+    with pytest.raises(ValueError, match=r"unknown method 'qlora'.*'lora', 'paca', 's2ft'"):
         OptimizeConfig.from_options("qlora", 8)
 
 
