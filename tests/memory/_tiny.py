@@ -1,36 +1,14 @@
-"""Tiny models and batches for the memory tests (random weights, built from configs, no download)."""
+"""Batches and a plain conv net for the memory tests; the HF models come from ``tests.models``."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
-import transformers
 from torch import nn
 
-VOCAB = 128
-
-
-def tiny_llama(**overrides: Any) -> nn.Module:
-    cfg = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **overrides}))
-
-
-def tiny_gpt2() -> nn.Module:
-    """GPT-2 ties lm_head.weight to wte.weight: one storage, two names."""
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def tiny_bert() -> nn.Module:
-    cfg = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=96, max_position_embeddings=64,
-    )
-    return transformers.BertForMaskedLM(cfg)
+from tests.models import VOCAB, tiny_gpt2, tiny_llama
+from tests.models import tiny_bert_mlm as tiny_bert
 
 
 class ConvNet(nn.Module):
