@@ -1,0 +1,43 @@
+"""memopt with HF Trainer: optimize the model once, hand it to Trainer as usual.
+
+Run: ``python examples/hf_trainer.py`` (a small Llama, byte tokens from the Python stdlib).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import memopt
+from finetune import stdlib_bytes
+
+
+class ByteChunks(torch.utils.data.Dataset):
+    def __init__(self, tokens: torch.Tensor, seq: int) -> None:
+        self.chunks = tokens[: len(tokens) // seq * seq].view(-1, seq)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.chunks[i], "labels": self.chunks[i].clone()}
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128))
+    data = ByteChunks(stdlib_bytes(200_000), seq=128)
+    example = {k: torch.stack([data[i][k] for i in range(8)]) for k in ("input_ids", "labels")}
+    model = memopt.optimize(model, budget_gb=1, example_inputs=example, method="lora", rank=8)
+    print(next(line for line in model.plan.summary().splitlines() if line.startswith("predicted peak")))
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=30, learning_rate=3e-3,
+                                 logging_steps=10, report_to=[], use_cpu=True, save_strategy="no")
+        Trainer(model=model, args=args, train_dataset=data).train()
+
+
+if __name__ == "__main__":
+    main()
