@@ -13,6 +13,8 @@ import torch.nn as nn
 
 from memopt.passes.base import ModuleDecision, PassResult, RewriteLog
 from memopt.passes.lora import apply_lora, merge_lora
+from memopt.passes.paca import apply_paca, merge_paca
+from memopt.passes.s2ft import apply_s2ft, merge_s2ft
 
 __all__ = ["PassSpec", "PASSES", "get_pass", "ModuleDecision", "PassResult", "RewriteLog"]
 
@@ -25,6 +27,8 @@ class PassSpec:
 
 PASSES: dict[str, PassSpec] = {
     "lora": PassSpec(apply=apply_lora, merge=merge_lora),
+    "paca": PassSpec(apply=apply_paca, merge=merge_paca),
+    "s2ft": PassSpec(apply=apply_s2ft, merge=merge_s2ft),
 }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch.nn as nn
 
@@ -57,15 +57,17 @@ class PassResult:
 
 
 class RewriteLog:
-    """An undo log for in-place module rewrites.
+    """An undo log for in-place rewrites.
 
-    Records every submodule replacement and the ``requires_grad`` flag of every parameter before
-    the first change, so ``undo()`` restores the user's module exactly (same objects).
+    Records every submodule replacement, every in-place change a pass registers with
+    ``on_undo``, and the ``requires_grad`` flag of every parameter before the first change, so
+    ``undo()`` restores the user's module exactly (same objects, same values). ``undo`` is
+    idempotent.
     """
 
     def __init__(self, root: nn.Module) -> None:
         self.root = root
-        self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
+        self._undo: list[Callable[[], None]] = []
         self._requires_grad = {id(p): (p, p.requires_grad) for p in root.parameters()}
 
     def replace(self, name: str, new: nn.Module) -> nn.Module:
@@ -73,18 +75,21 @@ class RewriteLog:
         parent_name, _, attr = name.rpartition(".")
         parent = self.root.get_submodule(parent_name) if parent_name else self.root
         old = getattr(parent, attr)
-        self._replaced.append((parent, attr, old))
         setattr(parent, attr, new)
+        self._undo.append(lambda: setattr(parent, attr, old))
         return old
+
+    def on_undo(self, action: Callable[[], None]) -> None:
+        """Register how to revert an in-place change the pass just made (run in reverse order)."""
+        self._undo.append(action)
 
     def freeze(self, params: Iterable[nn.Parameter]) -> None:
         for p in params:
             p.requires_grad_(False)
 
     def undo(self) -> None:
-        for parent, attr, old in reversed(self._replaced):
-            setattr(parent, attr, old)
-        self._replaced.clear()
+        while self._undo:
+            self._undo.pop()()
         for p, flag in self._requires_grad.values():
             p.requires_grad_(flag)
 

@@ -185,11 +185,12 @@ def test_a_gpu_plan_is_made_without_a_gpu():
     assert plan.predicted_peak_bytes % 512 == 0  # every block rounded like the CUDA caching allocator
 
 
-def test_infeasible_budget_raises_with_the_bytes_and_restores_the_model():
+@pytest.mark.parametrize("method,options", [("lora", {"rank": 4}), ("s2ft", {"head_ratio": 0.5, "channel_ratio": 0.5})])
+def test_infeasible_budget_raises_with_the_bytes_and_restores_the_model(method, options):
     model = tiny_llama()
-    snap = _snapshot(model)
+    snap = _snapshot(model)  # S²FT permutes weights in place: undo must put them back in order
     with pytest.raises(memopt.InfeasibleBudgetError) as info:
-        memopt.optimize(model, 1e-4, lm_batch(model), rank=4)
+        memopt.optimize(model, 1e-4, lm_batch(model), method=method, **options)
     err = info.value
     assert err.predicted_bytes > err.budget_bytes == int(1e-4 * 2**30)
     assert sum(err.breakdown.values()) == err.predicted_bytes

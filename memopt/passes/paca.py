@@ -1,0 +1,249 @@
+"""PaCA (partial connection adaptation): ``rank`` input columns of each targeted W are trained.
+
+Parameterization. Per targeted Linear-like layer with weight W (logically [out, in]), ``idx`` holds
+``rank`` sorted input columns — random from a per-module seed (``PacaConfig.seed`` mixed with the
+module name, so adding targets never reshuffles other modules) or the columns of largest L2 norm
+(``selection="weight-norm"``). The trainable P [out, rank] is an ordinary ``nn.Parameter`` that
+starts at ``W[:, idx] / scaling`` (``scaling = alpha / rank``), so the function is unchanged (to
+the rounding of ``(w / s)·s``, exact when s is a power of two). ``idx`` and ``orig`` (the original
+``W[:, idx]``, [out, rank]) are persistent buffers: a state dict round-trips, and ``enabled=False``
+gives back the original layer's function even after training.
+
+The op (``_PacaMatmul``), and why it is built this way:
+* Forward writes ``scaling·P`` into W's columns ``idx`` (an out×rank copy, under no_grad) and then
+  runs ONE matmul with W. Writing in place costs nothing beside W; the alternative, an overlaid
+  copy of W per call, costs a W-sized temporary in forward and again in backward. The write runs on
+  *every* call — there is no "already written" flag or forward counter — so W equals what the
+  current P implies under gradient accumulation, non-reentrant checkpoint recomputation, and a
+  disabled call in between (which writes ``orig``).
+* Backward saves only ``x[..., idx]``, a gathered copy (``index_select``), never a view: the full
+  input x is freed after forward unless something else holds it. It writes the forward's columns
+  into W again before ``grad_x = g·W_eff`` (cheap, and correct even if W was touched since, e.g. by
+  a disabled call or a re-gathered FSDP shard), computes ``grad_P = scaling·g_flatᵀ·x_idx_flat``
+  (chain rule through W[:, idx] = scaling·P) and never a gradient for W. ``grad_x`` is skipped when
+  the input needs none (the first layer above frozen embeddings), see ``memopt.passes.freeze``.
+* P is saved for backward, so autograd's version check raises if P is changed in place between a
+  forward and its backward (an optimizer step in the middle of accumulation).
+* Bias: frozen by default, like every original parameter. If a user unfreezes it, its gradient is
+  the sum of g over every leading dimension (any input rank), computed only when needed.
+* Any input rank (1-D to N-D): the op flattens the leading dims and restores them.
+* Autocast: the GEMM runs in autocast's dtype, as ``F.linear`` would, and so does the saved copy;
+  backward casts W to the gradient's dtype (autocast is off there) and autograd casts the
+  gradients back to the dtypes of x, bias and P.
+
+The forward GEMM goes through ``memopt.kernels.paca.paca_forward`` (a fused Triton kernel that
+also writes the gathered copy on CUDA, the torch reference elsewhere). A weight shared by several
+modules (tied embeddings) cannot be targeted: writing P into it would change the other users.
+``merge`` writes ``scaling·P`` into W for good and returns the plain layer.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+from memopt.config import PacaConfig
+from memopt.ir.structure import LinearLayer, ModelGraph, Role
+from memopt.kernels.paca import paca_forward
+from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, select_targets
+
+__all__ = ["PacaLinear", "apply_paca", "merge_paca", "module_seed", "paca_linear", "select_columns"]
+
+_SEED_MASK = 2**63 - 1  # torch.Generator seeds are 64-bit; stay non-negative
+
+
+def _overlay(weight: torch.Tensor, idx: torch.Tensor, cols: torch.Tensor, scaling: float, kind: str) -> None:
+    """W[:, idx] = scaling·cols in place, in ``weight``'s own layout; cols is [out, r]."""
+    with torch.no_grad():
+        src = (cols * scaling if scaling != 1.0 else cols).to(weight.dtype)
+        if kind == "linear":
+            weight.index_copy_(1, idx, src)  # weight [out, in]
+        else:
+            weight.index_copy_(0, idx, src.t())  # Conv1D weight [in, out]
+
+
+def _weight_matmul(g2d: torch.Tensor, weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """g·W_log: [M, out] -> [M, in]."""
+    return g2d.mm(weight) if kind == "linear" else g2d.mm(weight.t())
+
+
+def _autocast(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The GEMM operands in autocast's dtype when autocast is on for x's device (as F.linear would)."""
+    device = x2d.device.type
+    if not torch.is_autocast_enabled(device):
+        return x2d, weight, bias
+    dtype = torch.get_autocast_dtype(device)
+    return x2d.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+class _PacaMatmul(torch.autograd.Function):
+    """y = x·W_effᵀ + b with W_eff = W, columns idx = scaling·cols. Inputs 0, 2, 3 may need grad."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor,
+                idx: torch.Tensor, scaling: float, kind: str) -> torch.Tensor:
+        _overlay(weight, idx, cols, scaling, kind)
+        x2d, w, b = _autocast(x.reshape(-1, x.shape[-1]), weight, bias)  # x2d [M, in]
+        y2d, x_idx = paca_forward(x2d, w, b, idx, kind, gather=ctx.needs_input_grad[3])
+        ctx.save_for_backward(x_idx, cols)  # x_idx [M, r] is a copy, never a view of x
+        ctx.weight, ctx.idx, ctx.scaling, ctx.kind, ctx.x_shape = weight, idx, scaling, kind, x.shape
+        return y2d.view(*x.shape[:-1], y2d.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_idx, cols = ctx.saved_tensors
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [M, out]
+        grad_x = grad_bias = grad_cols = None
+        if ctx.needs_input_grad[0]:
+            _overlay(ctx.weight, ctx.idx, cols, ctx.scaling, ctx.kind)  # the weights this forward used
+            weight = ctx.weight.to(g2d.dtype)  # a copy only under autocast, as autocast's forward made
+            grad_x = _weight_matmul(g2d, weight, ctx.kind).view(ctx.x_shape)  # autograd casts it to x's dtype
+        if ctx.needs_input_grad[2]:
+            grad_bias = g2d.sum(0)
+        if ctx.needs_input_grad[3]:
+            # (x_idxᵀ·g)ᵀ, not gᵀ·x_idx: the same product, 4-7x faster on CPU BLAS for r << out.
+            grad_cols = x_idx.t().mm(g2d).t().mul_(ctx.scaling)  # [out, r]
+        return grad_x, None, grad_bias, grad_cols, None, None, None
+
+
+def paca_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor,
+                idx: torch.Tensor, scaling: float, kind: str = "linear") -> torch.Tensor:
+    """The PaCA op: ``x·W_effᵀ + b`` where W_eff is W with columns ``idx`` set to ``scaling·cols``.
+
+    Writes those columns into ``weight`` (in place). Gradients flow to ``x``, ``bias`` and ``cols``
+    (whichever require grad), never to ``weight``, which must not require grad.
+    """
+    if weight.requires_grad:
+        raise ValueError("PaCA keeps the base weight frozen and trains P instead; the weight passed to "
+                         "paca_linear requires grad: call weight.requires_grad_(False), or merge() for full fine-tuning")
+    return _PacaMatmul.apply(x, weight, bias, cols, idx, scaling, kind)
+
+
+def select_columns(weight: torch.Tensor, kind: str, rank: int, selection: str, seed: int) -> torch.Tensor:
+    """``rank`` sorted input-column indices of W (int64, on W's device)."""
+    in_features = weight.shape[1] if kind == "linear" else weight.shape[0]
+    if selection == "random":
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(in_features, generator=gen)[:rank]
+    else:  # "weight-norm": the columns of largest L2 norm, accumulated in fp32
+        norms = torch.linalg.vector_norm(weight, dim=0 if kind == "linear" else 1, dtype=torch.float32)
+        idx = norms.topk(rank).indices
+    return idx.sort().values.to(weight.device)
+
+
+def _columns(weight: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor:
+    """W_log[:, idx] as a new [out, r] tensor."""
+    return weight.detach().index_select(1, idx) if kind == "linear" else weight.detach().index_select(0, idx).t().contiguous()
+
+
+class PacaLinear(nn.Module):
+    """A frozen Linear-like ``base_layer`` whose input columns ``paca_idx`` are ``scaling·paca_P``."""
+
+    def __init__(self, base_layer: nn.Module, kind: str, in_features: int, out_features: int,
+                 idx: torch.Tensor, scaling: float) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.scaling = idx.numel(), scaling
+        orig = _columns(base_layer.weight, idx, kind)  # [out, r]
+        self.register_buffer("paca_idx", idx)
+        self.register_buffer("paca_orig", orig)
+        self.paca_P = nn.Parameter(orig / scaling)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.base_layer.weight, getattr(self.base_layer, "bias", None)
+        if weight.requires_grad:
+            raise ValueError(f"{type(self).__name__}: base_layer.weight requires grad, but PaCA trains P and keeps W "
+                             "frozen; call base_layer.weight.requires_grad_(False), or merge() to fine-tune W fully")
+        if not self.enabled:  # the original columns, written back: the original layer's function
+            return _PacaMatmul.apply(x, weight, bias, self.paca_orig, self.paca_idx, 1.0, self.kind)
+        return _PacaMatmul.apply(x, weight, bias, self.paca_P, self.paca_idx, self.scaling, self.kind)
+
+    def merged(self) -> nn.Module:
+        """The base layer with W[:, idx] = scaling·P written for good (changes it in place)."""
+        _overlay(self.base_layer.weight, self.paca_idx, self.paca_P.detach(), self.scaling, self.kind)
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, rank={self.rank}, scaling={self.scaling:g}, enabled={self.enabled}"
+
+
+def module_seed(seed: int, name: str) -> int:
+    """The column seed of module ``name``: a function of (seed, name) only, stable across runs."""
+    return (seed * 0x9E3779B97F4A7C15 + zlib.crc32(name.encode())) & _SEED_MASK
+
+
+def apply_paca(model: nn.Module, graph: ModelGraph, cfg: PacaConfig, log: RewriteLog) -> PassResult:
+    """Freeze every parameter and wrap each targeted Linear-like layer in a ``PacaLinear``.
+
+    Requires: ``graph`` was captured from ``model``; every target has ``in_features >= rank`` and a
+    weight no other module shares.
+    Ensures: only the ``paca_P`` parameters require grad; outputs are unchanged at init up to the
+    rounding of ``(w / scaling)·scaling``; decisions record rank, selection, seed and scaling.
+    """
+    targets = select_targets(graph, model, cfg.target_modules, cfg.exclude_modules)
+    _check_targets(model, targets, cfg)  # before any change, so a bad call leaves the model as it was
+    log.freeze(model.parameters())
+    decisions = [_wrap(model, layer, cfg, log) for layer in targets]
+    chosen = {layer.name for layer in targets}
+    decisions += [_frozen_decision(layer, cfg) for layer in graph.linears if layer.name not in chosen]
+    return PassResult(model, tuple(decisions))
+
+
+def _check_targets(model: nn.Module, targets: list[LinearLayer], cfg: PacaConfig) -> None:
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for layer in targets:
+        if cfg.rank > layer.in_features:
+            raise ValueError(f"PaCA rank={cfg.rank} exceeds in_features={layer.in_features} of {layer.name}: "
+                             f"lower rank to <= {layer.in_features} or add {layer.name!r} to exclude_modules")
+        weight = model.get_submodule(layer.name).weight
+        if len(owners.get(id(weight), ())) > 1:
+            raise ValueError(f"PaCA cannot target {layer.name}: its weight is shared with "
+                             f"{[n for n in owners[id(weight)] if n != layer.name + '.weight']} (tied), and PaCA writes "
+                             f"P into it; add {layer.name!r} to exclude_modules or untie the weights")
+
+
+def _wrap(model: nn.Module, layer: LinearLayer, cfg: PacaConfig, log: RewriteLog) -> ModuleDecision:
+    base = model.get_submodule(layer.name)
+    seed = module_seed(cfg.seed, layer.name)
+    idx = select_columns(base.weight, layer.kind, cfg.rank, cfg.selection, seed)
+    log.replace(layer.name, PacaLinear(base, layer.kind, layer.in_features, layer.out_features, idx, cfg.scaling))
+    details: dict[str, Any] = {"rank": cfg.rank, "selection": cfg.selection, "scaling": cfg.scaling, "block": layer.block}
+    if cfg.selection == "random":
+        details["seed"] = seed
+    return ModuleDecision(
+        name=layer.name, role=layer.role.value, method="paca",
+        in_features=layer.in_features, out_features=layer.out_features,
+        trainable_params=cfg.rank * layer.out_features, details=details,
+        reason="all-linear" if cfg.target_modules == "all-linear" else f"matched target_modules={cfg.target_modules!r}",
+    )
+
+
+def _frozen_decision(layer: LinearLayer, cfg: PacaConfig) -> ModuleDecision:
+    if layer.role is Role.LM_HEAD and cfg.target_modules == "all-linear":
+        reason = "'all-linear' leaves the LM head out"
+    else:
+        reason = "not matched by target_modules, or excluded"
+    return ModuleDecision(name=layer.name, role=layer.role.value, method="frozen", in_features=layer.in_features,
+                          out_features=layer.out_features, trainable_params=0, details={"block": layer.block},
+                          reason=reason)
+
+
+def merge_paca(model: nn.Module) -> nn.Module:
+    """Write every ``PacaLinear``'s P into its W and put the plain layer back, in place; returns ``model``."""
+    names = [name for name, m in model.named_modules() if isinstance(m, PacaLinear)]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, getattr(parent, attr).merged())
+    return model
