@@ -43,7 +43,8 @@ def main() -> None:
         dist.all_reduce(mean)
         losses.append(mean.item() / world)
     if rank == 0:
-        print(f"fsdp2 world={world} loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        print(f"fsdp2 world={world} loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+    dist.barrier()  # no rank tears gloo down while its peer still talks to it
     dist.destroy_process_group()
 
 
