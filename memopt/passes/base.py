@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
 
-__all__ = ["ModuleDecision", "PassResult", "RewriteLog", "select_targets"]
+__all__ = ["ModuleDecision", "PassResult", "RewriteLog", "merge_wrapped", "select_targets"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +131,13 @@ def select_targets(
             f"the model's Linear layers end in {suffixes}"
         )
     return chosen
+
+
+def merge_wrapped(model: nn.Module, wrapper: type[nn.Module]) -> nn.Module:
+    """Replace every ``wrapper`` instance in ``model`` by its ``merged()`` plain layer, in place."""
+    names = [name for name, m in model.named_modules() if isinstance(m, wrapper)]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, getattr(parent, attr).merged())
+    return model

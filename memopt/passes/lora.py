@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from memopt.config import LoraConfig
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, select_targets
+from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, merge_wrapped, select_targets
 
 __all__ = ["LoraLinear", "apply_lora", "merge_lora"]
 
@@ -113,9 +113,4 @@ def _why_frozen(layer: LinearLayer, cfg: LoraConfig) -> str:
 
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every ``LoraLinear`` in ``model`` back into a plain layer, in place; returns ``model``."""
-    names = [name for name, m in model.named_modules() if isinstance(m, LoraLinear)]
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, getattr(parent, attr).merged())
-    return model
+    return merge_wrapped(model, LoraLinear)

@@ -49,7 +49,7 @@ from torch.autograd.function import once_differentiable
 from memopt.config import PacaConfig
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
 from memopt.kernels.paca import paca_forward
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, select_targets
+from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, merge_wrapped, select_targets
 
 __all__ = ["PacaLinear", "apply_paca", "merge_paca", "module_seed", "paca_linear", "select_columns"]
 
@@ -241,9 +241,4 @@ def _frozen_decision(layer: LinearLayer, cfg: PacaConfig) -> ModuleDecision:
 
 def merge_paca(model: nn.Module) -> nn.Module:
     """Write every ``PacaLinear``'s P into its W and put the plain layer back, in place; returns ``model``."""
-    names = [name for name, m in model.named_modules() if isinstance(m, PacaLinear)]
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, getattr(parent, attr).merged())
-    return model
+    return merge_wrapped(model, PacaLinear)

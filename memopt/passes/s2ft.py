@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from memopt.config import S2ftConfig
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog
+from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, merge_wrapped
 from memopt.passes.s2ft_layout import Group, Member, build_groups
 from memopt.passes.s2ft_ops import S2ftLinear, permute_weight_
 
@@ -77,12 +77,7 @@ def apply_s2ft(model: nn.Module, graph: ModelGraph, cfg: S2ftConfig, log: Rewrit
 
 def merge_s2ft(model: nn.Module) -> nn.Module:
     """Write every trained block back, undo every permutation, return plain layers (in place)."""
-    names = [name for name, m in model.named_modules() if isinstance(m, S2ftLinear)]
-    for name in names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, getattr(parent, attr).merged())
-    return model
+    return merge_wrapped(model, S2ftLinear)
 
 
 # ----------------------------------------------------------------------------- checks, sampling
