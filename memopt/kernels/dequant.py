@@ -1,0 +1,193 @@
+"""Dequantize-matmul for frozen quantized weights (NF4, int8): ``y = x·deq(W)ᵀ`` and ``g·deq(W)``.
+
+Design note. A quantized Linear never keeps a full-precision copy of its weight: each GEMM
+dequantizes what it needs and drops it. On CUDA the Triton kernel here dequantizes one
+[BLOCK_K, BLOCK_N] tile of W in registers right before ``tl.dot``, so no dequantized weight exists
+in memory at all; elsewhere the torch reference dequantizes the whole W (one transient) and calls
+``F.linear`` / ``mm``. One kernel serves both directions: the forward reads W transposed
+(``B[k, n] = W[n, k]``), grad_x reads it as it is (``B[n, k] = W[n, k]``).
+
+Formats (the bytes are made by ``memopt.passes.quant_format``). W is logically [N, K] = [out, in],
+row-major, flat index ``f = n·K + k``.
+* ``"nf4"``: ``packed`` uint8 [ceil(N·K / 2)], element f in the high nibble of byte f//2 when f is
+  even, the low nibble when odd (bitsandbytes' order); ``absmax`` fp32 [ceil(N·K / block)], the
+  scale of the flat block f // block (already undone from its double quantization, see
+  ``nf4_absmax``); ``w = NF4[code] · absmax`` in fp32, then cast to the compute dtype.
+* ``"int8"``: ``q`` int8 [N, K], ``scale`` fp32 [N] (absmax / 127 per output row);
+  ``w = q · scale`` in fp32, then cast.
+
+Dispatch, interpreter and laziness as in ``memopt.kernels.paca``: ``uses_dequant_triton`` picks the
+kernel for CUDA fp32/fp16/bf16 inputs; with ``TRITON_INTERPRET=1`` set before triton is imported,
+``dequant_matmul_triton`` runs on CPU tensors (how the tests check it without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from memopt.kernels.paca import Blocks, _cdiv, _precision, triton_available
+
+try:  # optional: without it the torch reference runs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = tl = None
+
+__all__ = [
+    "NF4_CODE", "dequant_matmul", "dequant_matmul_reference", "dequant_matmul_triton", "dequantize_int8",
+    "dequantize_nf4", "uses_dequant_triton",
+]
+
+# The 16 NF4 values of QLoRA (Dettmers et al. 2023, appendix E), as bitsandbytes stores them (fp32).
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+
+_BLOCKS = {torch.float32: Blocks(m=64, n=64, k=32, num_warps=4), torch.float16: Blocks(m=64, n=64, k=64, num_warps=4),
+           torch.bfloat16: Blocks(m=64, n=64, k=64, num_warps=4)}
+
+
+# The torch reference dequantizes in chunks of this many elements (a multiple of every even block
+# size <= 2**14 that divides it; chunks are aligned to blocks), so its transients beside the output
+# W stay ~20 bytes per chunk element (int64 indices, fp32 values and scales) whatever W's size.
+_CHUNK = 1 << 14
+
+
+@functools.cache
+def _nf4_table(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+@functools.cache
+def _nf4_pair_table(device: torch.device) -> torch.Tensor:
+    """[256, 2] fp32: the two NF4 values of every byte (high nibble first)."""
+    byte = torch.arange(256, device=device)
+    return _nf4_table(device)[torch.stack((byte >> 4, byte & 0xF), dim=1)]
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], block: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in ``dtype`` from NF4 bytes and per-block fp32 absmax (computed in fp32, cast once)."""
+    n = shape[0] * shape[1]
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    pairs = _nf4_pair_table(packed.device)
+    step = _CHUNK - _CHUNK % block if block <= _CHUNK else block  # whole blocks, an even count of elements
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        vals = pairs.index_select(0, packed[start // 2: (stop + 1) // 2].long()).view(-1)[: stop - start]
+        scale = absmax[start // block: -(-stop // block)].repeat_interleave(block)[: stop - start]
+        out[start:stop] = vals * scale  # fp32 product, rounded once to dtype
+    return out.view(shape)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, K] in ``dtype`` from int8 codes and per-row fp32 scales."""
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    rows = max(1, _CHUNK // max(1, q.shape[1]))
+    for r in range(0, q.shape[0], rows):
+        out[r: r + rows] = q[r: r + rows].float() * scale[r: r + rows, None]
+    return out
+
+
+def _dequantize(fmt: str, data: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], block: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    if fmt == "nf4":
+        return dequantize_nf4(data, scales, shape, block, dtype)
+    return dequantize_int8(data, scales, dtype)
+
+
+def dequant_matmul_reference(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor,
+                             shape: tuple[int, int], block: int, bias: torch.Tensor | None = None,
+                             transpose: bool = True) -> torch.Tensor:
+    """``a·deq(W)ᵀ + bias`` ([M, K] -> [M, N]) if ``transpose``, else ``a·deq(W)`` ([M, N] -> [M, K])."""
+    w = _dequantize(fmt, data, scales, shape, block, a.dtype)  # the one transient full-precision W
+    return F.linear(a, w, bias) if transpose else a.mm(w)
+
+
+def uses_dequant_triton(a: torch.Tensor) -> bool:
+    """Whether ``dequant_matmul`` runs the Triton kernel for this activation: CUDA, triton, fp32/16-bit."""
+    return a.is_cuda and triton_available() and a.dtype in _BLOCKS
+
+
+def dequant_matmul(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int],
+                   block: int, bias: torch.Tensor | None = None, transpose: bool = True) -> torch.Tensor:
+    """The Triton kernel on CUDA when available, the torch reference otherwise (same contract)."""
+    if uses_dequant_triton(a):
+        return dequant_matmul_triton(a, fmt, data, scales, shape, block, bias, transpose)
+    return dequant_matmul_reference(a, fmt, data, scales, shape, block, bias, transpose)
+
+
+def dequant_matmul_triton(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor,
+                          shape: tuple[int, int], block: int, bias: torch.Tensor | None = None,
+                          transpose: bool = True, blocks: Blocks | None = None) -> torch.Tensor:
+    """``dequant_matmul_reference``'s contract, W dequantized tile by tile inside the GEMM."""
+    n_w, k_w = shape
+    m, red = a.shape
+    out_cols = n_w if transpose else k_w
+    if red != (k_w if transpose else n_w):
+        raise ValueError(f"dequant_matmul_triton: operand has {red} columns, W {tuple(shape)} (transpose={transpose})")
+    blocks = blocks or _BLOCKS[a.dtype]
+    out = torch.empty((m, out_cols), device=a.device, dtype=a.dtype)
+    grid = (_cdiv(m, blocks.m) * _cdiv(out_cols, blocks.n),)
+    _kernel()[grid](
+        a, data, scales, _nf4_table(a.device), bias if bias is not None else out, out,
+        m, out_cols, red, k_w, block, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP_M=blocks.group_m, NF4=fmt == "nf4",
+        TRANSPOSE=transpose, HAS_BIAS=bias is not None, PRECISION=_precision(a.dtype),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    return out
+
+
+@functools.cache
+def _kernel() -> Any:
+    return triton.jit(_dequant_matmul_kernel)
+
+
+def _dequant_matmul_kernel(a_ptr, q_ptr, s_ptr, code_ptr, b_ptr, c_ptr, M, N, K, KW, QBLOCK,
+                           stride_am, stride_ak, stride_cm, stride_cn,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr, NF4: tl.constexpr, TRANSPOSE: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of C = A·B (+ bias); B[k, n] = W[n, k] if TRANSPOSE else W[k, n]."""
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        ks = k0 * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
+        mask_b = (ks[:, None] < K) & (cols[None, :] < N)
+        if TRANSPOSE:  # B[k, n] = W[n, k]: W row n, column k
+            w_row, w_col = cols[None, :], ks[:, None]
+        else:  # B[k, n] = W[k, n]
+            w_row, w_col = ks[:, None], cols[None, :]
+        flat = w_row.to(tl.int64) * KW + w_col  # [BLOCK_K, BLOCK_N] flat indices into W
+        if NF4:
+            byte = tl.load(q_ptr + flat // 2, mask=mask_b, other=0).to(tl.int32)
+            code = tl.where(flat % 2 == 0, byte >> 4, byte & 0xF)
+            scale = tl.load(s_ptr + flat // QBLOCK, mask=mask_b, other=0.0)
+            w = tl.load(code_ptr + code, mask=mask_b, other=0.0) * scale
+        else:
+            scale = tl.load(s_ptr + w_row, mask=mask_b, other=0.0)
+            w = tl.load(q_ptr + flat, mask=mask_b, other=0).to(tl.float32) * scale
+        acc = tl.dot(a, w.to(a_ptr.dtype.element_ty), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    out_mask = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=out_mask)

@@ -1,0 +1,296 @@
+"""Quantize: frozen Linear-like weights stored as NF4 (double-quantized, QLoRA) or int8.
+
+A targeted ``nn.Linear`` / HF ``Conv1D`` becomes a ``QuantLinear`` whose weight exists only as
+quantized buffers (``memopt.passes.quant_format``); the bias stays the original Parameter. The op
+(``_QuantMatmul``) and why it is built this way:
+* Forward dequantizes W inside the GEMM (the Triton kernel on CUDA: tile by tile, never a full W;
+  the torch reference elsewhere: one transient W freed when the op returns) and saves NOTHING for
+  backward: W is frozen, so grad_x = g·deq(W) needs neither x nor a full-precision W. Backward
+  dequantizes again (recomputation) instead of keeping W alive between forward and backward.
+* No gradient for W, ever: a quantized weight cannot be trained. Quantizing a weight that requires
+  grad is refused; adapters (LoRA: ``LoraLinear(base_layer=QuantLinear)`` = QLoRA; PaCA:
+  ``QPacaLinear``) train on top.
+* Autocast: the GEMM runs in autocast's dtype, as ``F.linear`` would.
+
+``QPacaLinear`` is PaCA on a quantized base: W's bytes are never modified; forward and backward
+compute with deq(W) whose columns ``idx`` are overlaid with ``scaling·P`` (the function of
+``quant_format.dequantize_with_overlay``; see ``_QPacaMatmul`` for how without a dense W).
+``dequantize_model`` / ``QuantLinear.dequantized()`` give plain layers back (with the quantization
+error baked in: quantization is lossy; ``RewriteLog.undo`` restores the original objects exactly).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+from memopt.config import _normalise_targets
+from memopt.ir.structure import LinearLayer, ModelGraph, Role
+from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, select_targets
+from memopt.passes.quant_format import QuantizedWeight, dequantize_columns, quantize_int8, quantize_nf4
+
+__all__ = ["QPacaLinear", "QuantLinear", "QuantizeConfig", "apply_quantize", "dequantize_model", "quant_linear"]
+
+_FORMATS = ("nf4", "int8")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Which frozen Linear-like weights to quantize, and to what.
+
+    ``format``: "nf4" (QLoRA: 4-bit NormalFloat, absmax per ``block_size`` elements, the absmax
+    double-quantized to 8 bits per ``scaler_block_size``) or "int8" (per-output-row absmax).
+    ``target_modules`` / ``exclude_modules``: PEFT's conventions, as in ``LoraConfig``.
+    """
+
+    method: ClassVar[str] = "quantize"
+    format: str = "nf4"
+    block_size: int = 64
+    scaler_block_size: int = 256
+    target_modules: Any = "all-linear"
+    exclude_modules: Any = None
+
+    def __post_init__(self) -> None:
+        if self.format not in _FORMATS:
+            raise ValueError(f"format must be one of {_FORMATS}, got {self.format!r}")
+        for name in ("block_size", "scaler_block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value % 2:
+                raise ValueError(f"{name} must be an even integer >= 2, got {value!r} (QLoRA uses 64 and 256)")
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
+        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x·deq(W)ᵀ + b. Inputs 0 (x) and 1 (bias) may need grad; nothing is saved for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, qw: QuantizedWeight) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])  # [M, in]
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            x2d, bias = x2d.to(dtype), None if bias is None else bias.to(dtype)
+        y2d = qw.matmul(x2d, bias)  # [M, out]; the dequantized W (if any) dies here
+        ctx.qw, ctx.x_shape = qw, x.shape
+        return y2d.view(*x.shape[:-1], y2d.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [M, out]
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ctx.qw.matmul(g2d, transpose=False).view(ctx.x_shape)  # dequantized again, not kept
+        if ctx.needs_input_grad[1]:
+            grad_bias = g2d.sum(0)
+        return grad_x, grad_bias, None
+
+
+def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The quantized-Linear op: ``x·deq(W)ᵀ + bias``, any input rank, gradients to x and bias."""
+    return _QuantMatmul.apply(x, bias, qw)
+
+
+class QuantLinear(nn.Module):
+    """A frozen Linear whose weight is stored quantized; ``weight`` dequantizes on access (a copy).
+
+    Buffers (persistent, so a state dict round-trips): NF4 ``qweight`` (packed uint8),
+    ``absmax_q`` (uint8), ``absmax_scale`` (fp32), ``absmax_offset`` (fp32 scalar); int8
+    ``qweight`` (int8 [out, in]) and ``scale`` (fp32 [out]). ``kind`` remembers the original
+    layout ("conv1d": GPT-2's [in, out]) for ``dequantized()``; the buffers are always [out, in].
+    """
+
+    def __init__(self, qw: QuantizedWeight, bias: nn.Parameter | None, kind: str = "linear") -> None:
+        super().__init__()
+        self.fmt, self.kind, self.compute_dtype = qw.fmt, kind, qw.dtype
+        self.out_features, self.in_features = qw.shape
+        self.block_size, self.scaler_block_size = qw.block, qw.scaler_block
+        self.register_buffer("qweight", qw.data)
+        if qw.fmt == "nf4":
+            self.register_buffer("absmax_q", qw.absmax_q)
+            self.register_buffer("absmax_scale", qw.absmax_scale)
+            self.register_buffer("absmax_offset", qw.absmax_offset)
+        else:
+            self.register_buffer("scale", qw.scale)
+        self.bias = bias
+
+    @classmethod
+    def from_layer(cls, layer: nn.Module, kind: str, cfg: QuantizeConfig) -> "QuantLinear":
+        weight = layer.weight.detach()
+        weight = weight.t() if kind == "conv1d" else weight  # [out, in]
+        qw = quantize_nf4(weight, cfg.block_size, cfg.scaler_block_size) if cfg.format == "nf4" else quantize_int8(weight)
+        return cls(qw, getattr(layer, "bias", None), kind)
+
+    def quantized(self) -> QuantizedWeight:
+        """A view of the buffers as a ``QuantizedWeight`` (no copy)."""
+        common = dict(fmt=self.fmt, shape=(self.out_features, self.in_features), dtype=self.compute_dtype,
+                      data=self.qweight, block=self.block_size, scaler_block=self.scaler_block_size)
+        if self.fmt == "nf4":
+            return QuantizedWeight(**common, absmax_q=self.absmax_q, absmax_scale=self.absmax_scale,
+                                   absmax_offset=self.absmax_offset)
+        return QuantizedWeight(**common, scale=self.scale)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """deq(W) [out, in], a NEW full-precision tensor each access (for inspection, init, merging)."""
+        return self.quantized().dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear(x, self.quantized(), self.bias)
+
+    def dequantized(self) -> nn.Module:
+        """A plain frozen layer holding deq(W) and the same bias: ``nn.Linear``, or HF ``Conv1D`` ([in, out]) for one."""
+        w = self.weight  # [out, in]
+        if self.kind == "conv1d":
+            from transformers.pytorch_utils import Conv1D  # only GPT-2-style models have kind "conv1d"
+
+            layer: nn.Module = Conv1D(self.out_features, self.in_features)
+            w = w.t().contiguous()  # Conv1D keeps [in, out]
+        else:
+            layer = nn.Linear(self.in_features, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        layer.weight = nn.Parameter(w, requires_grad=False)
+        layer.bias = self.bias
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, kind={self.kind}"
+
+
+class _QPacaMatmul(torch.autograd.Function):
+    """y = x·W_effᵀ + b, W_eff = deq(W) with columns idx = scaling·cols. Saves x[..., idx] and cols.
+
+    Computed as ``x·deq(W)ᵀ + x[:, idx]·Δᵀ`` with ``Δ = scaling·cols − deq(W)[:, idx]`` ([out, r],
+    read from those columns' bytes only), and grad_x as ``g·deq(W)`` plus ``g·Δ`` added into columns
+    idx: the same function as dequantizing and overlaying, but the GEMMs are the plain quantized
+    ones, so on CUDA the fused kernel runs and no full-precision W exists at any time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor, qw: QuantizedWeight,
+                idx: torch.Tensor, scaling: float) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])  # [M, in]
+        dtype = _autocast_dtype(x) or x2d.dtype
+        x2d, bias = x2d.to(dtype), None if bias is None else bias.to(dtype)
+        x_idx = x2d.index_select(1, idx)  # [M, r], a copy: x can be freed
+        y2d = qw.matmul(x2d, bias).addmm_(x_idx, _delta(qw, idx, cols, scaling, dtype).t())  # [M, out]
+        ctx.save_for_backward(x_idx if ctx.needs_input_grad[2] else None, cols)
+        ctx.qw, ctx.idx, ctx.scaling, ctx.x_shape = qw, idx, scaling, x.shape
+        return y2d.view(*x.shape[:-1], y2d.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_idx, cols = ctx.saved_tensors
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [M, out]
+        grad_x = grad_bias = grad_cols = None
+        if ctx.needs_input_grad[0]:
+            delta = _delta(ctx.qw, ctx.idx, cols, ctx.scaling, g2d.dtype)  # recomputed, [out, r]
+            grad_x = ctx.qw.matmul(g2d, transpose=False).index_add_(1, ctx.idx, g2d.mm(delta)).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_bias = g2d.sum(0)
+        if ctx.needs_input_grad[2]:
+            grad_cols = x_idx.t().mm(g2d).t().mul_(ctx.scaling)  # [out, r]
+        return grad_x, grad_bias, grad_cols, None, None, None
+
+
+def _delta(qw: QuantizedWeight, idx: torch.Tensor, cols: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """scaling·cols − deq(W)[:, idx] in ``dtype`` ([out, r]; exactly 0 where P still equals deq(W)[:, idx] / scaling)."""
+    return (cols.detach().float() * scaling - dequantize_columns(qw, idx)).to(dtype)
+
+
+class QPacaLinear(nn.Module):
+    """PaCA on a ``QuantLinear`` base: columns ``paca_idx`` of deq(W) are ``scaling·paca_P``; W's bytes never change."""
+
+    def __init__(self, base_layer: QuantLinear, idx: torch.Tensor, scaling: float) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.rank, self.scaling = idx.numel(), scaling
+        orig = base_layer.weight.index_select(1, idx)  # [out, r] of deq(W): the quantized function at init
+        self.register_buffer("paca_idx", idx)
+        self.paca_P = nn.Parameter(orig / scaling)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_layer(x)
+        qw = self.base_layer.quantized()
+        return _QPacaMatmul.apply(x, self.base_layer.bias, self.paca_P, qw, self.paca_idx, self.scaling)
+
+    def merged(self) -> nn.Module:
+        """A plain ``nn.Linear`` with deq(W), columns idx = scaling·P (the base stays quantized and unchanged)."""
+        layer = self.base_layer.dequantized()
+        with torch.no_grad():
+            layer.weight.index_copy_(1, self.paca_idx, (self.paca_P * self.scaling).to(layer.weight.dtype))
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, enabled={self.enabled}"
+
+
+def apply_quantize(model: nn.Module, graph: ModelGraph, cfg: QuantizeConfig, log: RewriteLog) -> PassResult:
+    """Replace each targeted frozen Linear-like layer with a ``QuantLinear``.
+
+    Requires: ``graph`` was captured from ``model``; every target's weight is frozen (an adapter
+    pass or the caller froze it) and not shared with another module.
+    Ensures: targets hold only quantized buffers + the original bias; nothing else changes.
+    """
+    targets = select_targets(graph, model, cfg.target_modules, cfg.exclude_modules)
+    _check_targets(model, targets)  # before any change, so a bad call leaves the model as it was
+    decisions = []
+    for layer in targets:
+        qlayer = QuantLinear.from_layer(model.get_submodule(layer.name), layer.kind, cfg)
+        log.replace(layer.name, qlayer)
+        decisions.append(ModuleDecision(
+            name=layer.name, role=layer.role.value, method=f"quantize-{cfg.format}",
+            in_features=layer.in_features, out_features=layer.out_features, trainable_params=0,
+            details={"format": cfg.format, "bytes": qlayer.quantized().nbytes, "block": layer.block},
+            reason="all-linear" if cfg.target_modules == "all-linear" else f"matched target_modules={cfg.target_modules!r}",
+        ))
+    return PassResult(model, tuple(decisions))
+
+
+def _check_targets(model: nn.Module, targets: list[LinearLayer]) -> None:
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for layer in targets:
+        weight = model.get_submodule(layer.name).weight
+        if weight.requires_grad:
+            raise ValueError(
+                f"cannot quantize {layer.name}: its weight requires grad (a trainable full-rank layer), and a "
+                f"quantized weight cannot be trained; freeze it (weight.requires_grad_(False)) and train an adapter "
+                f"on top (LoRA / PaCA), or add {layer.name!r} to exclude_modules")
+        if len(owners.get(id(weight), ())) > 1:
+            raise ValueError(f"cannot quantize {layer.name}: its weight is shared with "
+                             f"{[n for n in owners[id(weight)] if n != layer.name + '.weight']} (tied); add "
+                             f"{layer.name!r} to exclude_modules or untie the weights")
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"cannot quantize {layer.name}: weight dtype {weight.dtype} is not fp32/fp16/bf16")
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every ``QuantLinear`` / ``QPacaLinear`` in ``model`` with a plain ``nn.Linear``, in place.
+
+    A ``LoraLinear`` over a ``QuantLinear`` keeps its adapter (its base becomes plain): merge LoRA after.
+    """
+    names = [name for name, m in model.named_modules() if isinstance(m, (QuantLinear, QPacaLinear))]
+    for name in names:  # pre-order: a QPacaLinear is merged (with its base) before its base is visited
+        parent_name, _, attr = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:  # the base of a QPacaLinear merged just before
+            continue
+        module = getattr(parent, attr)
+        if isinstance(module, (QuantLinear, QPacaLinear)):
+            setattr(parent, attr, module.merged() if isinstance(module, QPacaLinear) else module.dequantized())
+    return model

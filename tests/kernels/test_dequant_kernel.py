@@ -1,0 +1,43 @@
+"""The fused dequantize-matmul kernel (``memopt.kernels.dequant``) against its torch reference.
+
+The kernel's tests live in ``interpreted_dequant.py`` and run here in a subprocess with
+``TRITON_INTERPRET=1`` (Triton's interpreter, CPU tensors, no GPU). Dispatch is tested in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from memopt.kernels.dequant import dequant_matmul, dequant_matmul_reference, uses_dequant_triton
+from memopt.passes.quant_format import quantize_nf4
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_kernel_matches_the_reference_in_the_triton_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).with_name("interpreted_dequant.py"))]
+    done = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
+    assert "16 passed" in done.stdout, done.stdout[-2000:]
+
+
+def test_dispatch_picks_triton_for_cuda_tensors_and_the_reference_on_cpu():
+    gen = torch.Generator().manual_seed(0)
+    qw = quantize_nf4(torch.randn(24, 40, generator=gen))
+    x = torch.randn(5, 40, generator=gen)
+    assert not uses_dequant_triton(x)
+    args = (qw.fmt, qw.data, qw.scales(), qw.shape, qw.block)
+    assert torch.equal(dequant_matmul(x, *args), dequant_matmul_reference(x, *args))
+    with FakeTensorMode():  # fake CUDA tensors need no GPU
+        x_cuda = torch.empty(4, 8, device="cuda")
+        assert uses_dequant_triton(x_cuda) and uses_dequant_triton(x_cuda.half())
+        assert not uses_dequant_triton(x_cuda.double())  # no fp64 tiles
