@@ -8,6 +8,7 @@ from memopt.api import optimize
 from memopt.config import DEVICE_PRESETS, DeviceSpec, LoraConfig, OptimizeConfig, PacaConfig, S2ftConfig
 from memopt.errors import InfeasibleBudgetError, MemoptError, UnsupportedModelError
 from memopt.planner.plan import Plan, load_plan
+from memopt.planner.solve import PlannerConfig
 from memopt.runtime.optimized import OptimizedModel
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "DeviceSpec",
     "DEVICE_PRESETS",
     "Plan",
+    "PlannerConfig",
     "load_plan",
     "OptimizedModel",
     "MemoptError",

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
+from memopt.planner.costmodel import DEVICE_PRESETS, DeviceSpec, resolve_device
+
 __all__ = [
     "DeviceSpec",
     "DEVICE_PRESETS",
@@ -30,76 +32,8 @@ __all__ = [
 GIB = 2**30
 MIB = 2**20
 
-# A CUDA context takes ~300-500 MiB before the first tensor; the caching allocator's block
-# rounding and fragmentation take a few hundred MiB more. Both are outside what the tracker sees.
-_CUDA_CONTEXT_BYTES = 512 * MIB
-_CUDA_ALLOCATOR_SLACK_BYTES = 256 * MIB
-# The CUDA caching allocator hands out blocks in multiples of 512 bytes.
-_CUDA_BLOCK_BYTES = 512
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """The device a training step is planned for.
-
-    ``reserve_bytes`` is subtracted from the budget for memory the tracker cannot see (device
-    context, allocator slack); ``alloc_granularity`` is the allocator's rounding of every block.
-    """
-
-    name: str
-    kind: str  # "cuda" | "cpu"
-    memory_bytes: int | None = None
-    reserve_bytes: int = 0
-    alloc_granularity: int = 1
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("cuda", "cpu"):
-            raise ValueError(f"DeviceSpec.kind must be 'cuda' or 'cpu', got {self.kind!r}")
-        if self.reserve_bytes < 0 or self.alloc_granularity < 1:
-            raise ValueError("DeviceSpec.reserve_bytes must be >= 0 and alloc_granularity >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DeviceSpec":
-        return cls(**data)
-
-
-def _cuda(name: str, memory_gib: int | None) -> DeviceSpec:
-    return DeviceSpec(
-        name=name,
-        kind="cuda",
-        memory_bytes=None if memory_gib is None else memory_gib * GIB,
-        reserve_bytes=_CUDA_CONTEXT_BYTES + _CUDA_ALLOCATOR_SLACK_BYTES,
-        alloc_granularity=_CUDA_BLOCK_BYTES,
-    )
-
-
-DEVICE_PRESETS: Mapping[str, DeviceSpec] = {
-    "cpu": DeviceSpec(name="cpu", kind="cpu"),
-    "cuda": _cuda("cuda", None),
-    "rtx4090": _cuda("rtx4090", 24),
-    "l4": _cuda("l4", 24),
-    "a100-40gb": _cuda("a100-40gb", 40),
-    "a100-80gb": _cuda("a100-80gb", 80),
-    "h100": _cuda("h100", 80),
-}
-
-
-def resolve_device(device: "str | DeviceSpec") -> DeviceSpec:
-    """A DeviceSpec from a preset name, a torch device string ("cuda:0", "cpu") or a DeviceSpec."""
-    if isinstance(device, DeviceSpec):
-        return device
-    if not isinstance(device, str):
-        raise TypeError(f"device must be a preset name or a DeviceSpec, got {type(device).__name__}")
-    key = device.lower()
-    if key in DEVICE_PRESETS:
-        return DEVICE_PRESETS[key]
-    base = key.split(":")[0]
-    if base in ("cuda", "cpu") and re.fullmatch(r"(cuda|cpu)(:\d+)?", key):
-        return dataclasses.replace(DEVICE_PRESETS[base], name=key)
-    raise ValueError(f"unknown device {device!r}; use one of {sorted(DEVICE_PRESETS)} or a DeviceSpec")
+# DeviceSpec, its presets and resolve_device are the cost model's: they live in
+# memopt.planner.costmodel and are re-exported here (imported at the top of this module).
 
 
 @dataclass(frozen=True)

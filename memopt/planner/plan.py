@@ -1,9 +1,19 @@
 """The Plan: what memopt decided for one model, step and device, as plain, versioned data.
 
 A Plan is frozen and JSON-serialisable; ``Plan.from_json(plan.to_json()) == plan`` holds exactly.
-It records the target device and budget, the method applied per module, the simulated memory of
-the planned training step, and notes that say what was done and why. Applying a plan is the
-runtime's job; a Plan never holds a reference to a model.
+It records the target device and budget, the method applied per module, the static memory of the
+step, one decision per saved activation (keep / recompute / offload, with its size, producer op,
+module and reason), the activation timeline (the device bytes over the step, bucketed, under the
+plan and under keep-everything), the predicted peak and time overhead, and how the solver did.
+Applying a plan is the runtime's job; a Plan never holds a reference to a model.
+
+``runtime_applies`` says which actions the model `memopt.optimize` returned actually carries out.
+Until the runtime lowering exists it is ``("keep", "drop")`` — what autograd does by itself: a
+plan with recompute, offload or save decisions
+is a prediction of what lowering it will give, and ``applied_peak_bytes`` is what the returned
+model peaks at as it is (everything kept).
+
+Format history: v1 held the simulated memory only; v2 (this) adds the planner's fields.
 """
 
 from __future__ import annotations
@@ -16,10 +26,90 @@ from typing import Any, Mapping
 from memopt.config import DeviceSpec
 from memopt.memory.report import MemoryReport
 from memopt.passes.base import ModuleDecision
+from memopt.planner.problem import StaticMemory
 
-__all__ = ["PLAN_FORMAT_VERSION", "Plan", "load_plan"]
+__all__ = ["PLAN_FORMAT_VERSION", "Plan", "TensorDecision", "MemoryTimeline", "SolverReport", "load_plan"]
 
-PLAN_FORMAT_VERSION = 1
+PLAN_FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class TensorDecision:
+    """What happens to one saved activation (a storage; its views follow it) between forward and backward.
+
+    ``point`` is the backward program point where a recomputed tensor is recomputed or an offloaded
+    one is due back; ``klass`` is the decision class: blocks with identical steps share it.
+    """
+
+    name: str
+    module: str | None
+    block: int | None
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    action: str  # "keep" | "recompute" | "offload"; for a recompute source: "save" | "drop"
+    point: int | None
+    recompute_us: int
+    recompute_flops: int
+    transfer_us: int
+    klass: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["shape"] = list(self.shape)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TensorDecision":
+        return cls(**{**data, "shape": tuple(data["shape"])})
+
+
+@dataclass(frozen=True)
+class MemoryTimeline:
+    """Device bytes over the step's program points, as the maximum within each bucket.
+
+    Bucket ``i`` covers points ``starts[i]`` up to ``starts[i + 1]``; points below ``num_forward``
+    are the forward. ``planned`` is under the plan, ``keep_all`` if every saved tensor is kept.
+    """
+
+    num_points: int
+    num_forward: int
+    starts: tuple[int, ...]
+    planned: tuple[int, ...]
+    keep_all: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_points": self.num_points, "num_forward": self.num_forward, "starts": list(self.starts),
+                "planned": list(self.planned), "keep_all": list(self.keep_all)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MemoryTimeline":
+        return cls(int(data["num_points"]), int(data["num_forward"]), tuple(data["starts"]),
+                   tuple(data["planned"]), tuple(data["keep_all"]))
+
+
+@dataclass(frozen=True)
+class SolverReport:
+    """How the plan was found. Times in milliseconds; bytes exact."""
+
+    status: str  # of the minimum-time phase ("OPTIMAL", "FEASIBLE", ...; "OPTIMAL" if keep-all fits)
+    min_peak_status: str  # of the minimum-peak phase
+    min_feasible_bytes: int  # smallest peak of the whole step any plan reaches (budget = this + reserve)
+    trace_ms: int
+    solve_ms: int
+    candidates: int
+    classes: int
+    quantum: int  # bytes per unit in the CP-SAT model
+    calibration_bytes: int  # added at every point so that keep-all matches the simulated step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SolverReport":
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -36,9 +126,19 @@ class Plan:
     input_shapes: Mapping[str, tuple[int, ...]]
     capture: str
     modules: tuple[ModuleDecision, ...]
-    memory: MemoryReport
     trainable_params: int
     total_params: int
+    predicted_peak_bytes: int
+    memory: MemoryReport | None = None  # the simulated eager step with every activation kept
+    static: StaticMemory | None = None
+    tensors: tuple[TensorDecision, ...] = ()
+    timeline: MemoryTimeline | None = None
+    compute_us: int = 0  # forward + backward at the device's roofline, nothing recomputed
+    recompute_us: int = 0
+    exposed_transfer_us: int = 0
+    solver: SolverReport | None = None
+    runtime_applies: tuple[str, ...] = ("keep", "drop")
+    applied_peak_bytes: int | None = None  # what the returned model peaks at (None: as predicted)
     notes: tuple[str, ...] = ()
     version: int = field(default=PLAN_FORMAT_VERSION)
 
@@ -48,16 +148,35 @@ class Plan:
         return self.budget_bytes - self.reserve_bytes
 
     @property
-    def predicted_peak_bytes(self) -> int:
-        return self.memory.peak_bytes
-
-    @property
     def fits(self) -> bool:
         return self.predicted_peak_bytes <= self.usable_bytes
 
     @property
     def headroom_bytes(self) -> int:
         return self.usable_bytes - self.predicted_peak_bytes
+
+    @property
+    def overhead_us(self) -> int:
+        """Predicted extra time per step: recomputation plus copies not hidden under compute."""
+        return self.recompute_us + self.exposed_transfer_us
+
+    @property
+    def fully_applied(self) -> bool:
+        """Does the returned model carry out every decision of this plan?"""
+        return all(t.action in self.runtime_applies for t in self.tensors)
+
+    @property
+    def min_budget_bytes(self) -> int | None:
+        """The smallest budget (reserve included) at which a plan exists."""
+        return None if self.solver is None else self.solver.min_feasible_bytes + self.reserve_bytes
+
+    def bytes_by_action(self) -> dict[str, int]:
+        """Bytes of saved tensors per action; "save" counts recompute sources saved in addition."""
+        out = {"keep": 0, "recompute": 0, "offload": 0, "save": 0}
+        for t in self.tensors:
+            if t.action in out:
+                out[t.action] += t.nbytes
+        return out
 
     def module(self, name: str) -> ModuleDecision:
         for decision in self.modules:
@@ -66,10 +185,16 @@ class Plan:
         raise KeyError(f"the plan has no decision for module {name!r}")
 
     def summary(self) -> str:
-        """A per-layer table, then the memory breakdown and the predicted peak against the budget."""
+        """A per-layer table of decisions, the static breakdown, the predicted peak and overhead."""
         from memopt.planner.report import plan_summary
 
         return plan_summary(self)
+
+    def compare(self, other: "Plan") -> str:
+        """A readable diff of two plans: peak, time, and the decisions that changed."""
+        from memopt.planner.report import compare_plans
+
+        return compare_plans(self, other)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,9 +209,19 @@ class Plan:
             "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
             "capture": self.capture,
             "modules": [m.to_dict() for m in self.modules],
-            "memory": self.memory.to_dict(),
             "trainable_params": self.trainable_params,
             "total_params": self.total_params,
+            "predicted_peak_bytes": self.predicted_peak_bytes,
+            "memory": None if self.memory is None else self.memory.to_dict(),
+            "static": None if self.static is None else self.static.to_dict(),
+            "tensors": [t.to_dict() for t in self.tensors],
+            "timeline": None if self.timeline is None else self.timeline.to_dict(),
+            "compute_us": self.compute_us,
+            "recompute_us": self.recompute_us,
+            "exposed_transfer_us": self.exposed_transfer_us,
+            "solver": None if self.solver is None else self.solver.to_dict(),
+            "runtime_applies": list(self.runtime_applies),
+            "applied_peak_bytes": self.applied_peak_bytes,
             "notes": list(self.notes),
         }
 
@@ -100,14 +235,15 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
-        if not isinstance(data, Mapping) or "version" not in data:
-            raise ValueError("not a memopt plan: it has no 'version' field")
+        if not isinstance(data, Mapping) or not {"version", "method", "budget_bytes"} <= set(data):
+            raise ValueError("not a memopt plan: it has no 'version', 'method' and 'budget_bytes' fields")
         version = data["version"]
         if version != PLAN_FORMAT_VERSION:
             raise ValueError(
                 f"plan format version {version!r} is not supported by this memopt "
-                f"(it reads version {PLAN_FORMAT_VERSION}); re-plan with memopt.optimize"
+                f"(it reads version {PLAN_FORMAT_VERSION}); re-plan with memopt.optimize or `memopt plan`"
             )
+        optional = lambda key, parse: None if data.get(key) is None else parse(data[key])  # noqa: E731
         return cls(
             model=data["model"],
             method=data["method"],
@@ -119,9 +255,19 @@ class Plan:
             input_shapes={k: tuple(v) for k, v in data["input_shapes"].items()},
             capture=data["capture"],
             modules=tuple(ModuleDecision.from_dict(m) for m in data["modules"]),
-            memory=MemoryReport.from_dict(data["memory"]),
             trainable_params=int(data["trainable_params"]),
             total_params=int(data["total_params"]),
+            predicted_peak_bytes=int(data["predicted_peak_bytes"]),
+            memory=optional("memory", MemoryReport.from_dict),
+            static=optional("static", StaticMemory.from_dict),
+            tensors=tuple(TensorDecision.from_dict(t) for t in data["tensors"]),
+            timeline=optional("timeline", MemoryTimeline.from_dict),
+            compute_us=int(data["compute_us"]),
+            recompute_us=int(data["recompute_us"]),
+            exposed_transfer_us=int(data["exposed_transfer_us"]),
+            solver=optional("solver", SolverReport.from_dict),
+            runtime_applies=tuple(data["runtime_applies"]),
+            applied_peak_bytes=optional("applied_peak_bytes", int),
             notes=tuple(data["notes"]),
             version=version,
         )
@@ -144,5 +290,5 @@ def load_plan(path: "str | Path") -> Plan:
         raise FileNotFoundError(f"no plan file at {path}") from None
     try:
         return Plan.from_json(text)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path} is not a memopt plan: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,195 @@
+"""``memopt plan`` and ``memopt inspect``: dry-run planning from a model config, and reading plans.
+
+    memopt plan --hf-config llama-2-7b --batch 4 --seq 2048 --budget 24 --method lora --device rtx4090
+    memopt plan --hf-config path/to/config.json ... --json plan.json
+    memopt inspect plan.json
+
+``plan`` builds the model on the ``meta`` device (no memory is allocated, nothing is downloaded:
+the presets are the published configs, written out here), applies the method, traces one training
+step and plans it; progress goes to stderr, the plan summary to stdout. Exit status: 0 a plan fits,
+3 the budget is infeasible (the smallest feasible budget is printed), 2 bad input (with what was
+expected).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["main", "HF_PRESETS"]
+
+EXIT_INFEASIBLE = 3
+EXIT_BAD_INPUT = 2
+
+_LLAMA = {"model_type": "llama", "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
+
+# The published configs (Hugging Face hub config.json of each model), trimmed to what shapes the step.
+HF_PRESETS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 32},
+    "llama-2-13b": {**_LLAMA, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+                    "num_attention_heads": 40, "num_key_value_heads": 40},
+    "llama-2-70b": {**_LLAMA, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                    "num_attention_heads": 64, "num_key_value_heads": 8},
+    "llama-3-8b": {**_LLAMA, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+                   "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "num_key_value_heads": 8},
+    # v0.3 (no sliding window; v0.1's 4096-token window does not change shorter sequences)
+    "mistral-7b": {"model_type": "mistral", "vocab_size": 32768, "max_position_embeddings": 32768,
+                   "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None, "hidden_size": 4096,
+                   "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 8, "head_dim": 128},
+}
+
+
+class BadInput(Exception):
+    """Input the user can fix; the message says what was expected."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except BadInput as exc:
+        print(f"memopt {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memopt", description="Plan PyTorch training steps inside a memory budget.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="plan one training step of a Hugging Face causal LM (dry run, on meta)")
+    plan.add_argument("--hf-config", required=True,
+                      help=f"a config.json path or a preset: {', '.join(HF_PRESETS)}")
+    plan.add_argument("--batch", type=int, required=True)
+    plan.add_argument("--seq", type=int, required=True)
+    plan.add_argument("--budget", type=float, required=True, help="device memory in GiB")
+    plan.add_argument("--method", default="lora", help="lora | paca | s2ft")
+    plan.add_argument("--device", default="rtx4090", help="a device preset (rtx4090, l4, a100-40gb, a100-80gb, h100, ...)")
+    plan.add_argument("--rank", type=int, help="adapter rank (lora, paca)")
+    plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    plan.add_argument("--optimizer", default="adamw")
+    plan.add_argument("--reserve", type=float, help="GiB kept free for the CUDA context (default: the device's)")
+    plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per phase")
+    plan.add_argument("--no-offload", action="store_true", help="never offload activations to host")
+    plan.add_argument("--no-recompute", action="store_true", help="never recompute activations")
+    plan.add_argument("--json", type=Path, help="also write the plan here")
+    plan.set_defaults(run=_plan)
+    inspect = sub.add_parser("inspect", help="print a saved plan")
+    inspect.add_argument("plan", type=Path)
+    inspect.set_defaults(run=_inspect)
+    return parser
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from memopt.api import plan_only
+    from memopt.config import DEVICE_PRESETS
+    from memopt.errors import InfeasibleBudgetError
+    from memopt.planner.solve import PlannerConfig
+
+    if args.device.lower() not in DEVICE_PRESETS:
+        raise BadInput(f"unknown device {args.device!r}; presets: {', '.join(sorted(DEVICE_PRESETS))}")
+    if args.batch < 1 or args.seq < 1:
+        raise BadInput(f"--batch and --seq must be positive, got {args.batch} and {args.seq}")
+    options = _method_options(args)
+    config = _hf_config(args.hf_config)
+    progress = _progress()
+    progress(f"building {args.hf_config} on the meta device ({args.dtype})")
+    model, batch = _meta_model(config, args.batch, args.seq, getattr(torch, args.dtype))
+    planner = PlannerConfig(allow_offload=not args.no_offload, allow_recompute=not args.no_recompute,
+                            time_limit_s=args.time_limit)
+    try:
+        plan = plan_only(model, args.budget, batch, args.method, device=args.device, optimizer=args.optimizer,
+                         reserve_gb=args.reserve, planner=planner, progress=progress, **options)
+    except InfeasibleBudgetError as exc:
+        print(f"memopt plan: {exc}", file=sys.stderr)
+        print(f"smallest feasible budget: {exc.min_budget_gb:.2f} GiB")
+        return EXIT_INFEASIBLE
+    except (ValueError, TypeError) as exc:
+        raise BadInput(str(exc)) from None
+    print(plan.summary())
+    if args.json is not None:
+        plan.save(args.json)
+        progress(f"plan written to {args.json}")
+    return 0
+
+
+def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.rank is None:
+        return {}
+    if args.method == "s2ft":
+        raise BadInput("--rank is for lora and paca; s2ft selects heads and channels by ratio")
+    return {"rank": args.rank}
+
+
+def _hf_config(spec: str) -> Any:
+    """A transformers config from a preset name or a config.json path."""
+    from transformers import AutoConfig
+
+    if spec.lower() in HF_PRESETS:
+        data = dict(HF_PRESETS[spec.lower()])
+    elif Path(spec).is_file():
+        data = _read_config(Path(spec))
+    else:
+        raise BadInput(f"{spec!r} is neither a preset nor a file; presets: {', '.join(HF_PRESETS)} "
+                       "(or pass the path of a Hugging Face config.json)")
+    model_type = data.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except ValueError as exc:
+        raise BadInput(f"model_type {model_type!r} is not one transformers knows: {exc}") from None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    expected = "expected a Hugging Face model config.json: a JSON object with a 'model_type' (e.g. \"llama\")"
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path} is not JSON ({exc}); {expected}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise BadInput(f"{path} has no 'model_type'; {expected}")
+    return data
+
+
+def _meta_model(config: Any, batch: int, seq: int, dtype: Any) -> tuple[Any, dict[str, Any]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise BadInput(f"memopt plan builds causal LMs (AutoModelForCausalLM): {str(exc).splitlines()[0]}") from None
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    return model.to(dtype), {"input_ids": ids, "labels": ids.clone()}
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from memopt.planner.plan import load_plan
+
+    try:
+        plan = load_plan(args.plan)
+    except (FileNotFoundError, ValueError) as exc:
+        raise BadInput(str(exc)) from None
+    print(plan.summary())
+    return 0
+
+
+def _progress() -> Callable[[str], None]:
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,523 @@
+"""The joint trace: one training step (forward + backward) as a program of aten ops with sizes.
+
+Design note: the fourth stage of the pipeline (DESIGN.md §1). The rewritten model runs once under
+``FakeTensorMode`` through ``torch.func.functional_call`` with fake CPU stand-ins for its
+parameters and buffers (as ``memopt.memory.simulate`` does; the model itself is not touched and may
+live on ``meta``). AOTAutograd traces forward and backward into one joint graph and torch's
+``default_partition`` splits it, so the *saved activations* are exactly what the default
+partitioner would hand from forward to backward. We stop AOTAutograd right after partitioning:
+nothing is compiled or run.
+
+What comes out is plain data (:class:`JointTrace`), no torch objects:
+
+* ``ops`` — every op of the forward graph, then every op of the backward graph, in program order:
+  its target, the module that ran it (from forward hooks that annotate the trace; backward ops
+  inherit their forward op's module), its transformer block, the storages it reads and allocates,
+  its FLOPs (``torch.utils.flop_counter``'s formulas, plus the CPU flash-attention kernels that
+  fake CPU tensors pick) and bytes moved, and tags (``rng``, ``view``, ``mutation``, ``collective``).
+* ``storages`` — every distinct storage (views share their base's), with exact bytes from the fake
+  tensors' storage sizes, rounded up to the device's allocation granularity, and what it is:
+  parameter / buffer / input (resident for the step), activation (made by a forward op),
+  gradient (a backward output: a parameter's ``.grad``) or temporary (made by a backward op).
+* ``saved`` — the activation storages the forward hands to the backward, in forward order.
+* ``optimizer_state_bytes`` / ``optimizer_step_bytes`` — the optimizer's states, and the extra
+  bytes of its step, from a fake steady-state step on the trainable parameters.
+
+Lifetimes are program points: op ``i`` of ``ops`` is point ``i``; forward points come first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+import torch.fx
+import torch.fx.traceback as fx_traceback
+from torch import nn
+from torch._export.utils import _compiling_state_context
+from torch._functorch.aot_autograd import aot_function
+from torch._functorch.partitioners import default_partition
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch.utils import flop_counter
+from torch.utils._pytree import tree_flatten, tree_leaves
+
+from memopt.errors import MemoptError, UnsupportedModelError
+from memopt.memory.inputs import normalize_inputs
+from memopt.memory.report import Category
+from memopt.memory.simulate import OPTIMIZERS, LossFn, _fake_inputs, _fake_like, _loss_of
+from memopt.memory.tracker import MemoryTracker
+
+__all__ = ["TracedOp", "Storage", "JointTrace", "trace_joint", "STORAGE_KINDS", "TAGS"]
+
+log = logging.getLogger("memopt")
+
+STORAGE_KINDS = ("parameter", "buffer", "input", "activation", "gradient", "temporary")
+TAGS = ("rng", "view", "mutation", "collective")
+_MODULE_KEY = "memopt_module"
+_BLOCK = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")  # the outermost numbered container: "model.layers.3.mlp"
+
+
+@dataclass(frozen=True)
+class TracedOp:
+    """One aten op of the step. ``reads`` / ``allocates`` are storage ids (indices of ``storages``)."""
+
+    name: str
+    target: str
+    phase: str  # "forward" | "backward"
+    module: str | None
+    block: int | None
+    reads: tuple[int, ...]
+    allocates: tuple[int, ...]
+    flops: int
+    bytes_moved: int
+    dtype: str | None  # of the first tensor input (what a matmul runs in)
+    tags: frozenset[str] = frozenset()
+
+    def signature(self) -> tuple[Any, ...]:
+        """What makes two ops the same op: target, dtype, work and tags (not names or modules)."""
+        return (self.target, self.dtype, self.flops, self.bytes_moved, tuple(sorted(self.tags)))
+
+
+@dataclass(frozen=True)
+class Storage:
+    """One distinct storage. ``producer`` is the op index that allocates it (None for primals)."""
+
+    id: int
+    nbytes: int  # rounded up to the allocation granularity
+    kind: str  # one of STORAGE_KINDS
+    producer: int | None
+    values: tuple[str, ...]  # fx node names whose value lives in this storage (base first)
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class JointTrace:
+    """One training step as data; see the module docstring."""
+
+    ops: tuple[TracedOp, ...]
+    storages: tuple[Storage, ...]
+    num_forward: int
+    saved: tuple[int, ...]
+    granularity: int
+    optimizer: str
+    optimizer_state_bytes: int
+    optimizer_step_bytes: int
+    block_prefix: str | None = None  # "model.layers": the container whose children are blocks
+    trace_seconds: float = field(default=0.0, compare=False)
+
+    @property
+    def num_points(self) -> int:
+        return len(self.ops)
+
+    def bytes_of(self, kind: str) -> int:
+        return sum(s.nbytes for s in self.storages if s.kind == kind)
+
+    def uses(self) -> dict[int, list[int]]:
+        """Storage id -> the program points that read its data, ascending.
+
+        A view reads no data (its result aliases the storage, and whoever reads the view reads the
+        storage): partitioners hoist views of saved tensors to the start of the backward, which
+        must not count as needing the tensor there."""
+        out: dict[int, list[int]] = {}
+        for point, op in enumerate(self.ops):
+            if "view" in op.tags:
+                continue
+            for sid in dict.fromkeys(op.reads):
+                out.setdefault(sid, []).append(point)
+        return out
+
+    def blocks(self) -> list[int]:
+        return sorted({op.block for op in self.ops if op.block is not None})
+
+
+def trace_joint(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    optimizer: str = "adamw",
+    device: str = "cuda",
+    granularity: int = 1,
+    partition_fn: Callable[..., Any] = default_partition,
+) -> JointTrace:
+    """Trace one training step of ``model`` on fake tensors; see the module docstring.
+
+    ``partition_fn`` splits the joint graph (torch's partitioner signature); the default saves what
+    eager-like autograd would. Another partitioner (e.g. torch's min-cut) gives its own saved set,
+    and the ops it recomputes appear in the backward.
+
+    Requires: ``model(*args, **kwargs)`` runs on CPU tensors (parameters may be on ``meta``) and
+    some parameter requires grad. Ensures: ``model`` is unchanged (hooks are removed again).
+    """
+    start = time.perf_counter()
+    args, kwargs = normalize_inputs(example_inputs)
+    names = [n for n, _ in model.named_parameters()]
+    buffer_names = [n for n, _ in model.named_buffers()]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        params = {n: _fake_like(p) for n, p in model.named_parameters()}
+        buffers = {n: _fake_like(b) for n, b in model.named_buffers()}
+        fargs, fkwargs = _fake_inputs((args, kwargs))
+        trainable = [p for p in params.values() if p.requires_grad]
+        if not trainable:
+            raise MemoptError("no parameter requires grad, so there is no training step to trace: "
+                              "unfreeze some parameters or apply a pass that adds trainable ones")
+        state_bytes, step_bytes = _optimizer_bytes(trainable, optimizer, device, granularity)
+        fw, bw = _partitioned(model, params, buffers, fargs, fkwargs, loss_fn, partition_fn)
+    kinds = ["parameter"] * len(names) + ["buffer"] * len(buffer_names)
+    trace = _Builder(granularity).build(fw, bw, kinds, optimizer, state_bytes, step_bytes)
+    trace = _with_time(trace, time.perf_counter() - start)
+    log.debug("memopt: traced the joint step in %.1f s: %d forward + %d backward ops, %d saved storages",
+              trace.trace_seconds, trace.num_forward, len(trace.ops) - trace.num_forward, len(trace.saved))
+    return trace
+
+
+def _with_time(trace: JointTrace, seconds: float) -> JointTrace:
+    import dataclasses
+
+    return dataclasses.replace(trace, trace_seconds=seconds)
+
+
+# ----------------------------------------------------------------------------- tracing
+
+
+class _Partitioned(Exception):
+    """Raised from our partition_fn once the graphs are recorded: nothing needs compiling."""
+
+    def __init__(self, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule) -> None:
+        super().__init__("partitioned")
+        self.fw, self.bw = fw, bw
+
+
+def _partition_and_stop(partition_fn: Callable[..., Any]) -> Callable[..., Any]:
+    def partition(joint: torch.fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
+        fw, bw = partition_fn(joint, joint_inputs, **kwargs)
+        # The default partitioner copies multi-output ops whose getitems it saves into the
+        # backward, unused; compilers drop them and so do we (they would read q, k, v there).
+        for gm in (fw, bw):  # an unused attention op draws no random numbers worth keeping
+            gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+        raise _Partitioned(fw, bw)
+
+    return partition
+
+
+def _partitioned(model: nn.Module, params: dict, buffers: dict, args: tuple, kwargs: dict,
+                 loss_fn: LossFn | None, partition_fn: Callable[..., Any]) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    partition = _partition_and_stop(partition_fn)
+    try:
+        return _trace_once(model, params, buffers, args, kwargs, loss_fn, partition, exporting=False)
+    except DataDependentOutputException:
+        # The model branched on a tensor's value (HF: "is the attention mask all ones?"). Models ask
+        # torch.compiler.is_exporting() first and take the value-free branch (an explicit mask, as
+        # the fake eager simulation does too): say so, for this trace only, as non-strict export does.
+        return _trace_once(model, params, buffers, args, kwargs, loss_fn, partition, exporting=True)
+
+
+def _trace_once(model: nn.Module, params: dict, buffers: dict, args: tuple, kwargs: dict, loss_fn: LossFn | None,
+                partition: Callable[..., Any], *, exporting: bool) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    def step(p: dict, b: dict, a: tuple, kw: dict) -> torch.Tensor:
+        return _loss_of(torch.func.functional_call(model, {**p, **b}, a, kw), a, kw, loss_fn)
+
+    compiled = aot_function(step, fw_compiler=_never, partition_fn=partition)
+    state = _compiling_state_context() if exporting else contextlib.nullcontext()
+    try:
+        with fx_traceback.preserve_node_meta(), state, _module_annotations(model):
+            compiled(params, buffers, args, kwargs)
+    except _Partitioned as done:
+        return done.fw, done.bw
+    except (MemoptError, DataDependentOutputException):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is reported with the way out
+        if not exporting and isinstance(exc.__cause__ or exc.__context__, DataDependentOutputException):
+            raise DataDependentOutputException(exc) from exc
+        raise UnsupportedModelError(
+            f"memopt could not trace a training step of {type(model).__name__} with AOTAutograd: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}. "
+            "The model must run under torch.func.functional_call on fake tensors (no .item() or "
+            "data-dependent Python control flow on activations)."
+        ) from exc
+    raise AssertionError("AOTAutograd finished without partitioning: no input requires grad")
+
+
+def _never(gm: torch.fx.GraphModule, args: Any) -> Any:  # pragma: no cover - partitioning stops first
+    raise AssertionError("memopt's joint trace compiles nothing")
+
+
+@contextlib.contextmanager
+def _module_annotations(model: nn.Module) -> Iterator[None]:
+    """Annotate every traced op with the FQN of the innermost module running it (hooks, removed after)."""
+    stack: list[contextlib.AbstractContextManager] = []
+    handles = []
+
+    def enter(name: str) -> Callable[..., None]:
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            ctx = fx_traceback.annotate({_MODULE_KEY: name})
+            ctx.__enter__()
+            stack.append(ctx)
+        return pre_hook
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        if stack:
+            stack.pop().__exit__(None, None, None)
+
+    try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(enter(name)))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        while stack:
+            stack.pop().__exit__(None, None, None)
+
+
+def _optimizer_bytes(trainable: list[torch.Tensor], optimizer: str, device: str, granularity: int) -> tuple[int, int]:
+    """(state bytes, extra bytes at the peak of a steady-state step), measured on fakes."""
+    factory = OPTIMIZERS.get(optimizer)
+    if factory is None:
+        raise MemoptError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+    params = [_fake_like(p) for p in trainable]  # fresh leaves: the step must not touch the trace's
+    opt = factory(params, device, {})
+    if opt is None:
+        return 0, 0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()  # the state a training loop has after its first step
+    with MemoryTracker(optimizer=opt, parameters=params, round_to=granularity, device_label=device) as tracker:
+        opt.step()
+    report = tracker.report(device)
+    state = report.final.optimizer
+    resident = report.peak.parameters + report.peak.gradients + state
+    return state, max(0, report.peak_bytes - resident)
+
+
+# ----------------------------------------------------------------------------- graph -> data
+
+
+class _Builder:
+    """Turns the partitioned forward and backward graphs into a JointTrace (one pass each).
+
+    Storages are followed per node, not per fake tensor: an op's output is its input's storage
+    when the two share a storage (a view, a getitem, an in-place write), else a new storage — even
+    if the fake tensor is shared with another node (a partitioner that recomputes in the backward
+    copies the forward node, value and all)."""
+
+    def __init__(self, granularity: int) -> None:
+        self.granularity = granularity
+        self.storages: list[dict[str, Any]] = []
+        self.ops: list[TracedOp] = []
+        self.module_of_seq: dict[int, str] = {}
+        self.outputs: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (graph, node) -> [(key, sid)]
+
+    def build(self, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, kinds: list[str], optimizer: str,
+              state_bytes: int, step_bytes: int) -> JointTrace:
+        primal_keys: dict[int, int] = {}  # inputs that share a storage (labels a view of input_ids) share it here
+        for i, node in enumerate(n for n in fw.graph.nodes if n.op == "placeholder"):
+            kind = kinds[i] if i < len(kinds) else "input"
+            self.outputs["fw", node.name] = [(k, primal_keys.get(k) if k in primal_keys else primal_keys.setdefault(
+                k, self._new(node.name, t, kind, None))) for k, t in _keyed(node)]
+        self._run(fw, "fw", "forward")
+        num_forward = len(self.ops)
+        saved = self._saved(fw, {n.name for n in bw.graph.nodes if n.op == "placeholder"})
+        for node in bw.graph.nodes:
+            if node.op == "placeholder" and ("fw", node.name) in self.outputs:
+                self.outputs["bw", node.name] = self.outputs["fw", node.name]
+        self._run(bw, "bw", "backward")
+        self._mark_gradients(bw)
+        storages = tuple(Storage(id=i, **s) for i, s in enumerate(self.storages))
+        prefix, ops = _assign_blocks(tuple(self.ops))
+        return JointTrace(ops, storages, num_forward, saved, self.granularity, optimizer, state_bytes, step_bytes, prefix)
+
+    def _new(self, name: str, t: torch.Tensor, kind: str, producer: int | None) -> int:
+        nbytes = -(-t.untyped_storage().nbytes() // self.granularity) * self.granularity
+        self.storages.append(dict(nbytes=nbytes, kind=kind, producer=producer, values=(name,),
+                                  shape=tuple(int(x) for x in t.shape), dtype=str(t.dtype).replace("torch.", "")))
+        return len(self.storages) - 1
+
+    def _run(self, gm: torch.fx.GraphModule, graph: str, phase: str) -> None:
+        kind = "activation" if phase == "forward" else "temporary"
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            point = len(self.ops)
+            inputs = [(k, sid) for arg in _input_nodes(node) for k, sid in self.outputs.get((graph, arg.name), ())]
+            aliases = dict(inputs)
+            outs, allocates = [], []
+            keyed = _keyed(node)
+            for i, (key, t) in enumerate(keyed):
+                name = node.name if len(keyed) == 1 else f"{node.name}[{i}]"  # one name per output
+                if key in aliases:
+                    sid = aliases[key]
+                    self.storages[sid]["values"] += (name,) if name not in self.storages[sid]["values"] else ()
+                else:
+                    sid = self._new(name, t, kind, point)
+                    allocates.append(sid)
+                outs.append((key, sid))
+            self.outputs[graph, node.name] = outs
+            reads = tuple(dict.fromkeys(sid for _, sid in inputs))
+            self.ops.append(_traced_op(node, phase, reads, tuple(allocates), self._module(node, phase)))
+
+    def _module(self, node: torch.fx.Node, phase: str) -> str | None:
+        custom = node.meta.get("custom") or {}
+        module = custom.get(_MODULE_KEY)
+        seq = node.meta.get("seq_nr")
+        if module is not None and phase == "forward" and seq is not None:
+            self.module_of_seq.setdefault(seq, module)
+        if module is None and seq is not None:
+            module = self.module_of_seq.get(seq)
+        return module
+
+    def _saved(self, fw: torch.fx.GraphModule, saved_names: set[str]) -> tuple[int, ...]:
+        out = next(n for n in fw.graph.nodes if n.op == "output")
+        saved: dict[int, None] = {}
+        for value in tree_leaves(out.args):
+            if isinstance(value, torch.fx.Node) and value.name in saved_names:
+                for _, sid in self.outputs.get(("fw", value.name), ()):
+                    if self.storages[sid]["kind"] == "activation":
+                        saved[sid] = None
+        return tuple(sorted(saved, key=lambda sid: self.storages[sid]["producer"]))
+
+    def _mark_gradients(self, bw: torch.fx.GraphModule) -> None:
+        out = next(n for n in bw.graph.nodes if n.op == "output")
+        for value in tree_leaves(out.args):
+            if isinstance(value, torch.fx.Node):
+                for _, sid in self.outputs.get(("bw", value.name), ()):
+                    if self.storages[sid]["kind"] == "temporary":
+                        self.storages[sid]["kind"] = "gradient"
+
+
+def _keyed(node: torch.fx.Node) -> list[tuple[int, torch.Tensor]]:
+    return [(_storage_key(t), t) for t in _tensors(node.meta.get("val"))]
+
+
+def _input_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
+    leaves, _ = tree_flatten((node.args, node.kwargs))
+    return [n for n in leaves if isinstance(n, torch.fx.Node)]
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [x for x in tree_leaves(value) if isinstance(x, torch.Tensor)]
+
+
+def _input_tensors(node: torch.fx.Node) -> list[torch.Tensor]:
+    leaves, _ = tree_flatten((node.args, node.kwargs))
+    return [t for n in leaves if isinstance(n, torch.fx.Node) for t in _tensors(n.meta.get("val"))]
+
+
+def _traced_op(node: torch.fx.Node, phase: str, reads: tuple[int, ...], allocates: tuple[int, ...],
+               module: str | None) -> TracedOp:
+    tags = _tags(node, allocates)
+    inputs = _input_tensors(node)
+    moved = 0 if "view" in tags else sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in _tensors(node.meta.get("val")))
+    return TracedOp(
+        name=node.name, target=_target_name(node.target), phase=phase, module=module, block=None,
+        reads=reads, allocates=allocates, flops=_flops(node), bytes_moved=moved,
+        dtype=str(inputs[0].dtype).replace("torch.", "") if inputs else None, tags=tags,
+    )
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _target_name(target: Any) -> str:
+    if target is operator.getitem:
+        return "getitem"
+    return str(target)
+
+
+def _tags(node: torch.fx.Node, allocates: tuple[int, ...]) -> frozenset[str]:
+    target = node.target
+    tags = set()
+    if target is operator.getitem or (not allocates and _tensors(node.meta.get("val"))):
+        tags.add("view")
+    if isinstance(target, torch._ops.OpOverload):
+        if _draws_random(node, target):
+            tags.add("rng")
+        if any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments):
+            tags.add("mutation")
+        if target.namespace in ("_c10d_functional", "c10d", "c10d_functional", "_dtensor"):
+            tags.add("collective")
+    return frozenset(tags)
+
+
+def _draws_random(node: torch.fx.Node, target: torch._ops.OpOverload) -> bool:
+    """Seeded ops draw random numbers, except attention / dropout with probability 0 or not training."""
+    if torch.Tag.nondeterministic_seeded not in target.tags:
+        return False
+    names = [a.name for a in target._schema.arguments]
+    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    if "dropout_p" in names:
+        return bound.get("dropout_p", 0.0) != 0.0
+    if target.overloadpacket is torch.ops.aten.native_dropout:
+        return bound.get("p") != 0.0 and bound.get("train") is not False
+    return True
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _flops(node: torch.fx.Node) -> int:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return 0
+    args, kwargs = _values(node.args), _values(node.kwargs)
+    extra = _EXTRA_FLOPS.get(target.overloadpacket)
+    if extra is not None:
+        return int(extra(*args))
+    formula = flop_counter.flop_registry.get(target.overloadpacket)
+    if formula is None:
+        return 0
+    return int(formula(*args, **kwargs, out_val=node.meta.get("val")))
+
+
+def _values(tree: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda n: n.meta.get("val") if isinstance(n, torch.fx.Node) else n, tree)
+
+
+def _cpu_flash_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: Any) -> int:
+    return flop_counter.sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_flash_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        *_: Any) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+# The kernels fake CPU tensors pick for SDPA; torch's registry counts only the CUDA ones.
+_EXTRA_FLOPS: Mapping[Any, Callable[..., int]] = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+}
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def _assign_blocks(ops: tuple[TracedOp, ...]) -> tuple[str | None, tuple[TracedOp, ...]]:
+    """Give each op the index of the numbered container child it runs in (the most common one)."""
+    import dataclasses
+    from collections import Counter
+
+    prefixes = Counter(m.group(1) for op in ops if op.module and (m := _BLOCK.match(op.module)))
+    if not prefixes:
+        return None, ops
+    prefix = prefixes.most_common(1)[0][0]
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)(?:\.|$)")
+
+    def block(op: TracedOp) -> int | None:
+        m = pattern.match(op.module) if op.module else None
+        return int(m.group(1)) if m else None
+
+    return prefix, tuple(dataclasses.replace(op, block=block(op)) for op in ops)

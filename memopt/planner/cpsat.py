@@ -1,0 +1,425 @@
+"""The CP-SAT model of a PlanningProblem: keep / recompute / offload per saved tensor.
+
+Design note (REFERENCES.md, CP-SAT modelling notes). Per decision class (one per saved tensor, or
+one per position in a set of identical blocks) three booleans with exactly-one; per candidate
+and materialize point a boolean for "recompute here" / "prefetch by here" summing to the class's
+recompute / offload boolean (the class boolean itself when there is one point). A recomputed
+tensor's inputs must be kept or materialized no later than it. Device bytes are a linear
+expression at every program point; points between two events (a tensor's forward end, a copy's
+end, a materialize point, a last backward use) share the same expression, so one constraint per
+segment (its largest constant) and per distinct expression is emitted. Bytes are quantised to
+``quantum`` (coefficients and constants rounded up, the capacity down: a plan the model accepts
+fits in exact bytes too). Time is µs: the recompute closures' time, plus the exposed copy time —
+the copy engines as two single machines, outbound with release dates (Jackson's bound over every
+release), inbound with due dates (the earliest-due-date lateness over every due date) — exact for
+those machines, so the objective equals :func:`memopt.planner.problem.evaluate`'s overhead.
+
+Two phases (:func:`solve`): the minimum peak (the smallest feasible budget), then the minimum time
+at the budget; each with a greedy hint (``AddHint``) and a time limit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from ortools.sat.python import cp_model
+
+from memopt.planner.greedy import greedy_plan
+from memopt.planner.problem import ACTIONS, Candidate, Choice, PlanningProblem, evaluate
+
+__all__ = ["SolveResult", "SolverOptions", "solve_min_peak", "solve_min_time", "choose_quantum"]
+
+log = logging.getLogger("memopt")
+
+# 2**20 quanta span the keep-all peak: rounding each of a few hundred terms up costs < 0.1 %.
+_QUANTA = 2**20
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """``time_limit_s`` per phase; ``workers`` CP-SAT search workers (0: one per CPU core)."""
+
+    time_limit_s: float = 10.0
+    workers: int = 0
+    seed: int = 0
+    quantum: int | None = None  # bytes per unit in the model; None: chosen from the problem's size
+
+    def __post_init__(self) -> None:
+        if not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be > 0 seconds, got {self.time_limit_s!r}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: one per CPU core), got {self.workers!r}")
+        if self.quantum is not None and self.quantum < 1:
+            raise ValueError(f"quantum must be a positive number of bytes, got {self.quantum!r}")
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """One phase's outcome; ``choices`` is None when no assignment was found."""
+
+    status: str  # "OPTIMAL" | "FEASIBLE" | "INFEASIBLE" | "UNKNOWN" | "GREEDY"
+    choices: tuple[Choice, ...] | None
+    objective: int | None  # peak bytes (exact, evaluated) or overhead µs
+    bound: int | None
+    seconds: float
+    quantum: int
+
+
+def choose_quantum(problem: PlanningProblem) -> int:
+    keep_peak = max(problem.base, default=0) + sum(c.nbytes for c in problem.candidates) + problem.static.resident
+    return 1 << max(0, math.floor(math.log2(max(keep_peak, 1))) - int(math.log2(_QUANTA)))
+
+
+def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOptions(),
+                   progress: Callable[[str], None] | None = None) -> SolveResult:
+    """Phase 1: the assignment with the smallest peak device bytes (the smallest feasible budget)."""
+    model = _Model(problem, options.quantum or choose_quantum(problem))
+    peak = model.cp.NewIntVar(0, model.upper_bound(), "peak")
+    model.add_memory(peak)
+    model.cp.Minimize(peak)
+    model.hint(greedy_plan(problem, 0))
+    result = model.run(options, "minimum peak", progress, lambda v: f"{v * model.quantum / 2**30:.3f} GiB")
+    if result.choices is None:
+        return result
+    exact = evaluate(problem, result.choices).peak_bytes
+    bound = None if result.bound is None else result.bound * model.quantum
+    return SolveResult(result.status, result.choices, exact, bound, result.seconds, model.quantum)
+
+
+def solve_min_time(problem: PlanningProblem, capacity: int, options: SolverOptions = SolverOptions(),
+                   progress: Callable[[str], None] | None = None,
+                   hint: Sequence[Choice] | None = None) -> SolveResult:
+    """Phase 2: the fastest assignment whose device bytes stay <= ``capacity`` (static included).
+
+    ``hint``: a known assignment (e.g. phase 1's) used as the warm start when it beats the greedy."""
+    model = _Model(problem, options.quantum or choose_quantum(problem))
+    limit = capacity // model.quantum
+    model.add_memory(limit)
+    model.cp.Minimize(model.time_objective())
+    starts = [c for c in (_greedy_hint(model, capacity, limit), hint) if c is not None
+              and model.peak_in_quanta(c) <= limit and evaluate(problem, c).valid]
+    if starts:
+        model.hint(min(starts, key=lambda c: evaluate(problem, c).overhead_us))
+    result = model.run(options, "minimum time", progress, lambda v: f"+{v / 1000:.1f} ms per step")
+    if result.choices is None:
+        return result
+    # Many plans tie on time (offloads hidden under compute cost nothing): keep what need not move.
+    choices = _keep_what_fits(problem, result.choices, capacity)
+    return SolveResult(result.status, choices, evaluate(problem, choices).overhead_us, result.bound,
+                       result.seconds, result.quantum)
+
+
+def _keep_what_fits(problem: PlanningProblem, choices: Sequence[Choice], capacity: int) -> tuple[Choice, ...]:
+    """Turn decision classes back to keep, smallest first, while the plan stays valid, fits and is
+    no slower."""
+    current = list(choices)
+    base = evaluate(problem, current)
+    groups = sorted(problem.classes.values(), key=lambda g: sum(c.nbytes for c in g))
+    for group in groups:
+        if current[group[0].index].action == "keep":
+            continue
+        trial = list(current)
+        for c in group:
+            trial[c.index] = Choice("keep")
+        result = evaluate(problem, trial)
+        if result.valid and result.peak_bytes <= capacity and result.overhead_us <= base.overhead_us:
+            current, base = trial, result
+    return tuple(current)
+
+
+def _greedy_hint(model: "_Model", capacity: int, limit: int) -> tuple[Choice, ...] | None:
+    """A greedy plan that also fits the rounded-up model: aim below the capacity by what rounding
+    can add (a quantum per term of the longest segment), and lower again if that was not enough."""
+    widest = max((len(terms) for terms, _ in model.segments()), default=0)
+    target = capacity - widest * model.quantum
+    for _ in range(2):
+        choices = greedy_plan(model.problem, target)
+        over = model.peak_in_quanta(choices) - limit
+        if over <= 0:
+            return choices
+        target -= over * model.quantum
+    return None
+
+
+class _Model:
+    """The CP-SAT variables of one problem and the linear expressions over them."""
+
+    def __init__(self, problem: PlanningProblem, quantum: int) -> None:
+        self.problem, self.quantum = problem, quantum
+        self.cp = cp_model.CpModel()
+        self._segments: list | None = None
+        # Auxiliary variables and how to compute them from the decisions, so a hint is complete:
+        # (variable, [(decision index, coefficient)], constant) -> max(0, constant + sum).
+        self._derived: list[tuple[cp_model.IntVar, list[tuple[int, int]], int]] = []
+        self._exposed: list[tuple[cp_model.IntVar, list[tuple[list[tuple[int, int]], int]]]] = []
+        self.action: dict[tuple[int, str], cp_model.IntVar] = {}
+        members = problem.classes
+        for klass, group in members.items():
+            allowed = group[0].allowed
+            row = [self._bool(f"{a}_{klass}", a in allowed) for a in ACTIONS]
+            self.cp.AddExactlyOne(row)
+            self.action.update({(klass, a): v for a, v in zip(ACTIONS, row)})
+        self.at: dict[int, list[cp_model.IntVar]] = {c.index: self._points(c) for c in problem.candidates}
+        for c in problem.candidates:
+            self._dependencies(c)
+
+    def _bool(self, name: str, allowed: bool = True) -> cp_model.IntVar:
+        var = self.cp.NewBoolVar(name)
+        if not allowed:
+            self.cp.Add(var == 0)
+        return var
+
+    def _points(self, c: Candidate) -> list[cp_model.IntVar]:
+        """"Recompute ``c`` at point j" per recompute point (the class variable if there is one)."""
+        whole = self.action[c.klass, "recompute"]
+        if len(c.points) == 1 or "recompute" not in c.allowed:
+            return [whole] + [self._bool(f"recompute_{c.index}_{j}", False) for j in range(1, len(c.points))]
+        row = [self._bool(f"recompute_{c.index}_{j}") for j in range(len(c.points))]
+        self.cp.Add(sum(row) == whole)
+        return row
+
+    def _dependencies(self, c: Candidate) -> None:
+        if "recompute" not in c.allowed:
+            return
+        for j, m in enumerate(c.points):
+            here = self.at[c.index][j]
+            for d in c.deps:
+                dep = self.problem.candidates[d]
+                ready = [self.action[dep.klass, "keep"]]
+                ready += [self.at[d][jd] for jd, md in enumerate(dep.points) if md <= m]
+                if dep.first_backward <= m and "offload" in dep.allowed:
+                    ready.append(self.action[dep.klass, "offload"])
+                self.cp.Add(here <= sum(ready))
+
+    def upper_bound(self) -> int:
+        p = self.problem
+        total = p.static.resident + max(p.base, default=0) + sum(c.nbytes + c.recompute_bytes for c in p.candidates)
+        return -(-total // self.quantum)
+
+    def segments(self) -> list[tuple[dict[int, tuple[cp_model.IntVar, int]], int]]:
+        """(terms, constant) in quanta, one per distinct expression of the device bytes at a point."""
+        if self._segments is None:
+            self._segments = self._sweep(*self._events())
+        return self._segments
+
+    def _events(self) -> tuple[list[int], dict[int, list[tuple[int, tuple, int]]]]:
+        p = self.problem
+        delta = [0] * (p.num_points + 1)
+        events: dict[int, list[tuple[int, tuple, int]]] = {}  # point -> (sign, key, coef)
+
+        def interval(lo: int, hi: int, key: tuple, coef: int) -> None:
+            if lo <= hi and coef:
+                events.setdefault(lo, []).append((1, key, coef))
+                events.setdefault(hi + 1, []).append((-1, key, coef))
+
+        for c in p.candidates:
+            delta[c.define] += c.nbytes  # needed in the forward whatever is decided
+            delta[c.last_forward + 1] -= c.nbytes
+            interval(c.last_forward + 1, p.num_forward - 1, ("class", c.klass, "keep"), c.nbytes)
+            interval(p.num_forward, c.last_backward, ("class", c.klass, "keep"), c.nbytes)
+            if "offload" in c.allowed:
+                interval(c.last_forward + 1, min(c.ready, p.num_forward - 1), ("class", c.klass, "offload"), c.nbytes)
+                interval(c.fetch_start, c.last_backward, ("class", c.klass, "offload"), c.nbytes)
+            for j, m in enumerate(c.points):
+                interval(m, c.last_backward, ("at", c.index, j), c.nbytes)
+                interval(m, m, ("at", c.index, j), c.recompute_bytes)
+        forward = itertools.accumulate(delta[:-1])
+        constant = [p.static.resident + p.offset_bytes + b + x for b, x in zip(p.base, forward)]
+        return constant, events
+
+    def _sweep(self, constant: list[int], events: dict) -> list[tuple[dict[int, tuple[cp_model.IntVar, int]], int]]:
+        """Walk the points; a segment dominated by its neighbour (fewer terms, smaller constant) is dropped."""
+        active: dict[tuple, int] = {}
+        kept: list[tuple[dict, int]] = []
+        current: int | None = None
+
+        def close() -> None:
+            if current is None:
+                return
+            segment = (dict(active), current)
+            if kept and _dominates(kept[-1], segment):
+                return
+            while kept and _dominates(segment, kept[-1]):
+                kept.pop()
+            kept.append(segment)
+
+        for t in range(self.problem.num_points):
+            if t in events:
+                close()
+                for sign, key, coef in events[t]:
+                    active[key] = active.get(key, 0) + sign * coef
+                    if active[key] == 0:
+                        del active[key]
+                current = None
+            current = constant[t] if current is None else max(current, constant[t])
+        close()
+        return [self._terms(items, const) for items, const in kept]
+
+    def _terms(self, items: dict, const: int) -> tuple[dict[int, tuple[cp_model.IntVar, int]], int]:
+        q = self.quantum
+        merged: dict[int, list] = {}
+        for key, coef in items.items():
+            var = self._var(key)
+            merged.setdefault(var.Index(), [var, 0])[1] += coef
+        return {i: (var, -(-coef // q)) for i, (var, coef) in merged.items()}, -(-const // q)
+
+    def add_memory(self, bound: "cp_model.IntVar | int") -> None:
+        """Device bytes <= bound at every segment, as a chain: each segment's variable part is the
+        previous one's plus what changed, so the model grows with the events, not points x terms."""
+        previous: dict[int, tuple[cp_model.IntVar, int]] = {}
+        running: cp_model.LinearExprT = 0
+        for i, (terms, const) in enumerate(self.segments()):
+            change = {k: (v, c - previous.get(k, (v, 0))[1]) for k, (v, c) in terms.items()}
+            change.update({k: (v, -c) for k, (v, c) in previous.items() if k not in terms})
+            change = {k: vc for k, vc in change.items() if vc[1]}
+            if len(change) * 2 < len(terms) or i == 0:
+                upper = sum(c for _, c in terms.values())
+                part = self.cp.NewIntVar(0, upper, f"bytes_{i}")
+                self.cp.Add(part == running + cp_model.LinearExpr.WeightedSum(
+                    [v for v, _ in change.values()], [c for _, c in change.values()]))
+                self._derived.append((part, [(k, c) for k, (_, c) in terms.items()], 0))
+            else:  # a big change: restart the chain from the terms themselves
+                part = cp_model.LinearExpr.WeightedSum([v for v, _ in terms.values()], [c for _, c in terms.values()])
+            self.cp.Add(part + const <= bound)
+            previous, running = terms, part
+
+    def peak_in_quanta(self, choices: Sequence[Choice]) -> int:
+        """The model's (rounded-up) peak of ``choices``: what a hint must satisfy."""
+        values = self._values(choices)
+        return max((const + sum(c * values[i] for i, (_, c) in terms.items()) for terms, const in self.segments()),
+                   default=0)
+
+    def _var(self, key: tuple) -> cp_model.IntVar:
+        kind, a, b = key
+        return self.action[a, b] if kind == "class" else self.at[a][b]
+
+    def time_objective(self) -> cp_model.LinearExpr:
+        p = self.problem
+        recompute = cp_model.LinearExpr.WeightedSum(
+            [self.action[k, "recompute"] for k in p.classes],
+            [sum(c.recompute_us for c in group) for group in p.classes.values()])
+        return recompute + self._exposed_out() + self._exposed_in()
+
+    def _exposed_out(self) -> cp_model.IntVar:
+        """Outbound copies, released when their producer ends: Jackson's makespan past the forward."""
+        p = self.problem
+        after = list(itertools.accumulate(p.point_us))
+        end = after[p.num_forward - 1] if p.num_forward else 0
+        jobs = [(after[c.define], c.transfer_us, self.action[c.klass, "offload"])
+                for c in p.candidates if "offload" in c.allowed]
+        # exposed >= (work released at or after r) - (end - r) for every release r; the running
+        # sums are a chain of variables so the model stays linear in the number of jobs.
+        return self._lateness(sorted(jobs, key=lambda j: -j[0]), lambda r: end - r, "exposed_out")
+
+    def _exposed_in(self) -> cp_model.IntVar:
+        """Prefetches, due by their materialize point: earliest-due-date lateness from the backward's start."""
+        p = self.problem
+        before = [0] + list(itertools.accumulate(p.point_us))
+        start = before[p.num_forward]
+        jobs = [(before[c.first_backward] - start, c.transfer_us, self.action[c.klass, "offload"])
+                for c in p.candidates if "offload" in c.allowed]
+        return self._lateness(sorted(jobs, key=lambda j: j[0]), lambda due: due, "exposed_in")
+
+    def _lateness(self, jobs: list[tuple[int, int, cp_model.IntVar]], slack: Callable[[int], int],
+                  name: str) -> cp_model.IntVar:
+        """max(0, max over job groups g of (work of the jobs up to g) - slack(g)) as one variable."""
+        total = sum(d for _, d, _ in jobs)
+        exposed = self.cp.NewIntVar(0, total, name)
+        running: cp_model.LinearExprT = 0
+        work: list[tuple[int, int]] = []
+        worst: list[tuple[list[tuple[int, int]], int]] = []
+        for key, group in itertools.groupby(jobs, key=lambda j: j[0]):
+            group = list(group)
+            step = cp_model.LinearExpr.WeightedSum([v for _, _, v in group], [d for _, d, _ in group])
+            cumulative = self.cp.NewIntVar(0, total, f"{name}_work_{key}")
+            self.cp.Add(cumulative == running + step)
+            self.cp.Add(exposed >= cumulative - slack(key))
+            work = work + [(v.Index(), d) for _, d, v in group]
+            self._derived.append((cumulative, work, 0))
+            worst.append((work, -slack(key)))
+            running = cumulative
+        self._exposed.append((exposed, worst))
+        return exposed
+
+    def _values(self, choices: Sequence[Choice]) -> dict[int, int]:
+        """The value of every decision variable under ``choices``."""
+        values: dict[int, int] = {}
+        for klass, group in self.problem.classes.items():
+            action = choices[group[0].index].action
+            for a in ACTIONS:
+                values[self.action[klass, a].Index()] = int(a == action)
+        for c in self.problem.candidates:
+            ch = choices[c.index]
+            for j, m in enumerate(c.points):
+                var = self.at[c.index][j]
+                if var is not self.action[c.klass, "recompute"]:
+                    values[var.Index()] = int(ch.action == "recompute" and ch.point == m)
+        return values
+
+    def hint(self, choices: Sequence[Choice]) -> None:
+        """Hint every variable (an incomplete hint costs CP-SAT a search to complete it)."""
+        values = self._values(choices)
+        for index, value in values.items():
+            self.cp.AddHint(self.cp.GetIntVarFromProtoIndex(index), value)
+        for var, terms, const in self._derived:
+            self.cp.AddHint(var, max(0, const + sum(c * values[i] for i, c in terms)))
+        for var, bounds in self._exposed:
+            self.cp.AddHint(var, max([0] + [const + sum(c * values[i] for i, c in terms) for terms, const in bounds]))
+
+    def run(self, options: SolverOptions, phase: str, progress: Callable[[str], None] | None,
+            unit: Callable[[float], str] = str) -> SolveResult:
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = options.time_limit_s
+        solver.parameters.num_workers = options.workers or max(1, os.cpu_count() or 1)
+        solver.parameters.random_seed = options.seed
+        # Probing (trying each boolean both ways in presolve) costs seconds on a model this size
+        # and has not paid for itself on transformer plans.
+        solver.parameters.cp_model_probing_level = 0
+        callback = _Progress(phase, progress, unit) if progress is not None else None
+        start = time.perf_counter()
+        status = solver.Solve(self.cp, callback) if callback else solver.Solve(self.cp)
+        seconds = time.perf_counter() - start
+        name = solver.StatusName(status)
+        log.debug("memopt: CP-SAT %s: %s in %.2f s (objective %s)", phase, name, seconds,
+                  solver.ObjectiveValue() if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return SolveResult(name, None, None, None, seconds, self.quantum)
+        return SolveResult(name, self._choices(solver), round(solver.ObjectiveValue()),
+                           math.ceil(solver.BestObjectiveBound() - 1e-6), seconds, self.quantum)
+
+    def _choices(self, solver: cp_model.CpSolver) -> tuple[Choice, ...]:
+        out = []
+        for c in self.problem.candidates:
+            action = next(a for a in ACTIONS if solver.Value(self.action[c.klass, a]))
+            point = None
+            if action == "recompute":
+                point = next(m for j, m in enumerate(c.points) if solver.Value(self.at[c.index][j]))
+            elif action == "offload":
+                point = c.first_backward
+            out.append(Choice(action, point))
+        return tuple(out)
+
+
+def _dominates(a: tuple[dict, int], b: tuple[dict, int]) -> bool:
+    """Every assignment gives segment ``a`` at least the bytes of ``b`` (all coefficients are >= 0)."""
+    (terms_a, const_a), (terms_b, const_b) = a, b
+    return const_a >= const_b and all(terms_a.get(k, 0) >= c for k, c in terms_b.items())
+
+
+class _Progress(cp_model.CpSolverSolutionCallback):
+    """Reports every improving solution: the phase, its value, the proven bound, the time so far."""
+
+    def __init__(self, phase: str, report: Callable[[str], None], unit: Callable[[float], str]) -> None:
+        super().__init__()
+        self.phase, self.report, self.unit, self.start = phase, report, unit, time.perf_counter()
+
+    def on_solution_callback(self) -> None:
+        bound = max(0.0, self.BestObjectiveBound())  # the LP bound can dip below what the objective can reach
+        self.report(f"{self.phase}: {self.unit(self.ObjectiveValue())} (bound {self.unit(bound)}) "
+                    f"after {time.perf_counter() - self.start:.1f} s")

@@ -1,0 +1,93 @@
+"""A greedy plan: the CP-SAT warm start, and a fallback when the solver finds nothing in time.
+
+Starting from what the default partitioner does (keep every saved tensor, save nothing extra),
+repeatedly take the decision class that frees the most bytes *at the current peak* per
+microsecond it costs — recompute (its closure time) or offload (its two copies, as if not
+hidden) — until the peak fits ``capacity`` or nothing is left to change. A class is changed in
+every block that shares it (broadcast). A recomputed tensor's inputs must be on device: kept,
+materialized no later than it, or — for a recompute source such as the residual stream — saved
+as part of the move (its bytes are charged to the move).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from memopt.planner.problem import Candidate, Choice, PlanningProblem, evaluate, keep_all
+
+__all__ = ["greedy_plan"]
+
+
+def greedy_plan(problem: PlanningProblem, capacity: int) -> tuple[Choice, ...]:
+    """Requires: ``capacity`` in bytes (static included). Ensures: a valid assignment (maybe not fitting)."""
+    choices = list(keep_all(problem))
+    members = problem.classes
+    while True:
+        result = evaluate(problem, choices)
+        if result.peak_bytes <= capacity:
+            return tuple(choices)
+        best = _best_move(problem, members, choices, result.peak_point)
+        if best is None:
+            return tuple(choices)
+        klass, action = best
+        for c in members[klass]:
+            for d in _sources_to_save(problem, c, action, choices):
+                for e in members[problem.candidates[d].klass]:
+                    choices[e.index] = Choice("keep")
+            choices[c.index] = Choice(action, _point(problem, c, choices))
+
+
+def _best_move(problem: PlanningProblem, members: dict[int, list[Candidate]], choices: list[Choice],
+               peak: int) -> tuple[int, str] | None:
+    best, best_score = None, None
+    for klass, group in members.items():
+        if any(choices[c.index].action != "keep" or c.extra for c in group):
+            continue
+        freed = sum(c.nbytes for c in group if _freed_at(problem, c, peak))
+        for action in ("recompute", "offload"):
+            if not all(_can(problem, c, action, choices) for c in group):
+                continue
+            sources = {d for c in group for d in _sources_to_save(problem, c, action, choices)}
+            extra = sum(e.nbytes for d in sources for e in members[problem.candidates[d].klass]
+                        if e.define <= peak <= e.last_backward)
+            if freed - extra <= 0:
+                continue
+            cost = sum(c.recompute_us if action == "recompute" else 2 * c.transfer_us for c in group)
+            score = cost / (freed - extra)
+            if best_score is None or score < best_score:
+                best, best_score = (klass, action), score
+    return best
+
+
+def _freed_at(problem: PlanningProblem, c: Candidate, point: int) -> bool:
+    """Would recompute/offload of ``c`` remove it from device at ``point``?"""
+    if point < problem.num_forward:
+        return c.last_forward < point
+    return point < c.points[-1] if c.points else False
+
+
+def _sources_to_save(problem: PlanningProblem, c: Candidate, action: str, choices: Sequence[Choice]) -> list[int]:
+    """The extra recompute sources ``c``'s recomputation needs that are not saved yet."""
+    if action != "recompute":
+        return []
+    return [d for d in c.deps if problem.candidates[d].extra and choices[d].action == "drop"]
+
+
+def _can(problem: PlanningProblem, c: Candidate, action: str, choices: Sequence[Choice]) -> bool:
+    if action not in c.allowed:
+        return False
+    m = _point(problem, c, choices)
+    if m is None or (action == "offload" and m != c.first_backward):
+        return False
+    if action == "recompute":
+        return all(choices[d].action == "keep" or problem.candidates[d].extra
+                   or (choices[d].point is not None and choices[d].point <= m) for d in c.deps)
+    return True
+
+
+def _point(problem: PlanningProblem, c: Candidate, choices: Sequence[Choice]) -> int | None:
+    """The latest materialize point no later than any recomputed dependent's (None: there is none)."""
+    need = [choices[t].point for t in problem.dependents[c.index]
+            if choices[t].action == "recompute" and choices[t].point is not None]
+    limit = min(need, default=c.points[-1] if c.points else None)
+    return max((p for p in c.points if p <= limit), default=None) if limit is not None else None

@@ -1,0 +1,555 @@
+"""The planning problem: every saved activation, what each choice for it costs, and the bytes.
+
+Design note. Built from a :class:`~memopt.ir.joint.JointTrace` (pure function of it and a
+DeviceSpec). Program points are the trace's ops: forward first, then backward. Each saved storage
+(views follow their base: a decision is per storage) is a :class:`Candidate` with three options:
+
+* **keep** — on device from its producer to its last backward use.
+* **recompute** — freed after its last forward use and recomputed at a *materialize point* ``m``
+  (by default its first backward use) by re-running its *closure*: the forward ops between it and
+  what is still available (parameters, inputs, other saved tensors). The saved tensors the closure
+  reads (``deps``) must be on device at ``m``: kept, or themselves materialized at or before
+  ``m``; so ``m`` may be moved earlier, to a point where a dependent is recomputed. While it runs,
+  every storage the closure allocates is counted at ``m`` (an upper bound of its temporaries); its
+  time is counted once per recomputed tensor (an upper bound when closures overlap).
+* **offload** — copied to host on a copy engine that overlaps compute, as soon as it is made; on
+  device until the copy has had time to finish (``ready``, its own transfer time after the
+  producer) or its last forward use, whichever is later; prefetched to arrive by its first
+  backward use, on device from the point its own transfer time before that (``fetch_start``).
+  (A tensor a recomputation needs earlier than that must be kept or recomputed instead.) Copies queue on one engine
+  per direction (PCIe is full duplex): the forward copies' finishing time is the makespan of a
+  single machine with release dates (Jackson's bound, exact for that machine) and whatever passes
+  the end of the forward is exposed; prefetches start at the backward and their lateness against
+  their deadlines (earliest-due-date order, exact) is exposed. Queueing does not extend residency —
+  the one approximation, stated in every Plan.
+
+Hard rules: a closure containing an RNG op (``rng`` tag: dropout, rand*) is never recomputed —
+torch's non-reentrant checkpoint would replay RNG state, but the compiled lowering does not, so
+the planner does not rely on it (``allow_rng_recompute`` lifts this); nor one containing a
+collective or a mutation (in-place ops are tied to the tensor they write). Offload needs a host
+link (CUDA targets). Memory that no decision changes — forward temporaries, backward temporaries,
+gradients from the op that makes them — is the ``base`` of each point; parameters, buffers,
+inputs and optimizer states are resident for the whole step (``static``).
+
+Identical blocks: blocks (numbered children of one container, e.g. ``model.layers.N``) whose
+forward and backward op sequences and saved sizes are identical share one decision per saved
+tensor (``klass``): the solver decides one block and the plan broadcasts it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from memopt.ir.joint import JointTrace, TracedOp
+from memopt.planner.costmodel import DeviceSpec, op_time_us, transfer_time_us
+
+__all__ = ["ACTIONS", "StaticMemory", "Candidate", "PlanningProblem", "Choice", "Evaluation",
+           "build_problem", "calibrated", "evaluate", "keep_all"]
+
+ACTIONS = ("keep", "recompute", "offload", "drop")
+_MAX_POINTS = 4  # materialize points per saved tensor: its first backward use and 3 earlier ones
+# A closure longer than this walks back through tensors nobody saved (e.g. a whole residual
+# stream); such a recomputation is never worth its time, and leaving it out keeps the model small.
+_MAX_CLOSURE_OPS = 64
+_FORBIDDEN_IN_RECOMPUTE = {
+    "rng": "its recomputation would redraw random numbers ({op}); RNG state replay is not planned",
+    "collective": "its recomputation would repeat a collective ({op})",
+    "mutation": "its recomputation would repeat an in-place write ({op})",
+}
+
+
+@dataclass(frozen=True)
+class StaticMemory:
+    """Bytes that no planning decision changes. Resident for the whole step: parameters, buffers,
+    inputs, optimizer states. ``gradients`` appear during backward; ``optimizer_step`` is the
+    optimizer step's extra peak (e.g. foreach temporaries)."""
+
+    parameters: int
+    buffers: int
+    inputs: int
+    optimizer: int
+    gradients: int
+    optimizer_step: int
+
+    @property
+    def resident(self) -> int:
+        return self.parameters + self.buffers + self.inputs + self.optimizer
+
+    @property
+    def optimizer_phase_peak(self) -> int:
+        return self.resident + self.gradients + self.optimizer_step
+
+    def to_dict(self) -> dict[str, int]:
+        return {"parameters": self.parameters, "buffers": self.buffers, "inputs": self.inputs,
+                "optimizer": self.optimizer, "gradients": self.gradients, "optimizer_step": self.optimizer_step}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, int]) -> "StaticMemory":
+        return cls(**{k: int(v) for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One saved storage and its options; points are program points of the trace."""
+
+    index: int
+    storage: int
+    name: str
+    target: str
+    module: str | None
+    block: int | None
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: str
+    define: int
+    last_forward: int
+    first_backward: int
+    last_backward: int
+    points: tuple[int, ...]  # recompute points, ascending; the last is first_backward
+    fetch_start: int  # where an offload's prefetch (due at first_backward) becomes resident
+    ready: int  # last forward point an offloaded copy keeps it on device
+    deps: tuple[int, ...]
+    closure: tuple[int, ...]  # op indices re-run to recompute it
+    recompute_us: int
+    recompute_flops: int
+    recompute_bytes: int
+    transfer_us: int
+    allowed: frozenset[str]
+    reasons: Mapping[str, str] = field(default_factory=dict)
+    klass: int = -1
+    extra: bool = False  # not needed by the backward itself: a recompute source ("keep" or "drop")
+
+
+@dataclass(frozen=True)
+class PlanningProblem:
+    """Everything the solver needs, in integers (bytes, µs, program points)."""
+
+    candidates: tuple[Candidate, ...]
+    num_points: int
+    num_forward: int
+    point_us: tuple[int, ...]
+    base: tuple[int, ...]
+    gradients: tuple[int, ...]  # the part of ``base`` that is parameter gradients
+    static: StaticMemory
+    device: DeviceSpec
+    num_classes: int
+    class_blocks: Mapping[int, tuple[int | None, ...]]  # class -> the blocks sharing it
+    offset_bytes: int = 0  # added at every point: the calibration to a measured step (may be < 0)
+
+    @property
+    def forward_us(self) -> int:
+        return sum(self.point_us[: self.num_forward])
+
+    @property
+    def backward_us(self) -> int:
+        return sum(self.point_us[self.num_forward:])
+
+    @functools.cached_property
+    def finish_us(self) -> tuple[int, ...]:
+        """The time each op has finished, from the start of the step (nothing recomputed)."""
+        return tuple(itertools.accumulate(self.point_us))
+
+    @functools.cached_property
+    def base_array(self) -> np.ndarray:
+        return np.asarray(self.base, dtype=np.int64)
+
+    @functools.cached_property
+    def dependents(self) -> dict[int, list[int]]:
+        """Candidate index -> the candidates whose recomputation reads it."""
+        out: dict[int, list[int]] = {c.index: [] for c in self.candidates}
+        for c in self.candidates:
+            for d in c.deps:
+                out[d].append(c.index)
+        return out
+
+    @functools.cached_property
+    def classes(self) -> dict[int, list[Candidate]]:
+        """Decision class -> its candidates (one per block sharing it)."""
+        out: dict[int, list[Candidate]] = {}
+        for c in self.candidates:
+            out.setdefault(c.klass, []).append(c)
+        return out
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What to do with one candidate; ``point`` is the materialize point (None for keep)."""
+
+    action: str
+    point: int | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Exact bytes and µs of one assignment."""
+
+    memory: tuple[int, ...]  # device bytes at every program point, static included
+    peak_bytes: int
+    peak_point: int
+    recompute_us: int
+    exposed_transfer_us: int
+    valid: bool
+    problems: tuple[str, ...] = ()
+    saved: tuple[int, ...] = ()  # bytes of saved tensors on device at every point
+
+    def breakdown(self, problem: "PlanningProblem", point: int | None = None) -> dict[str, int]:
+        """Bytes per category at ``point`` (default: the peak); sums to ``memory[point]``."""
+        p = self.peak_point if point is None else point
+        static = problem.static
+        grads = problem.gradients[p]
+        out = {"parameters": static.parameters, "buffers": static.buffers, "inputs": static.inputs,
+               "optimizer": static.optimizer, "gradients": grads, "activations": self.saved[p]}
+        out["temporaries"] = self.memory[p] - sum(out.values())
+        return out
+
+    @property
+    def overhead_us(self) -> int:
+        return self.recompute_us + self.exposed_transfer_us
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def build_problem(trace: JointTrace, device: DeviceSpec, *, allow_recompute: bool = True,
+                  allow_offload: bool = True, allow_rng_recompute: bool = False) -> PlanningProblem:
+    """Requires: ``trace`` from :func:`memopt.ir.joint.trace_joint`. Ensures: one candidate per
+    saved storage and per useful recompute source, in forward order; ``keep`` is always allowed."""
+    point_us = tuple(op_time_us(device, op.flops, op.bytes_moved, op.dtype) for op in trace.ops)
+    uses = trace.uses()
+    extra = set(_stream_tensors(trace, uses)) if allow_recompute else set()
+    order = sorted(set(trace.saved) | extra, key=lambda sid: (trace.storages[sid].producer, sid))
+    stops = {sid: i for i, sid in enumerate(order)}  # where a recomputation may start
+    drafts = [_draft(trace, sid, uses.get(sid, []), stops, point_us, allow_rng_recompute, sid in extra)
+              for sid in order]
+    points = _materialize_points(drafts)
+    after = list(itertools.accumulate(point_us))  # time when op i has finished
+    candidates = []
+    for d, p in zip(drafts, points):
+        if d["extra"] and not p:
+            continue  # no recomputation can start from it: it stays a forward temporary
+        candidates.append(_candidate(trace, d, p, device, after, allow_recompute, allow_offload))
+    candidates = _renumbered(candidates, order)
+    candidates, num_classes, class_blocks = _classes(trace, candidates)
+    modelled = {c.storage for c in candidates}
+    return PlanningProblem(
+        candidates=tuple(candidates), num_points=trace.num_points, num_forward=trace.num_forward,
+        point_us=point_us, base=_base(trace, uses, skip=modelled),
+        gradients=_base(trace, uses, kinds=("gradient",)),
+        static=_static(trace), device=device,
+        num_classes=num_classes, class_blocks=class_blocks,
+    )
+
+
+def _candidate(trace: JointTrace, d: dict, points: tuple[int, ...], device: DeviceSpec, after: Sequence[int],
+               allow_recompute: bool, allow_offload: bool) -> Candidate:
+    reasons = dict(d.pop("reasons"))
+    allowed = {"keep"}
+    if allow_recompute and "recompute" not in reasons:
+        allowed.add("recompute")
+    elif not allow_recompute:
+        reasons.setdefault("recompute", "recomputation is switched off")
+    transfer = transfer_time_us(device, d["nbytes"])
+    if d["extra"]:  # a recompute source: saved in addition, or not at all
+        allowed.add("drop")
+        reasons["offload"] = "the backward does not read it: it is only a recompute source"
+        d.update(first_backward=min(points), last_backward=max(points))
+    elif allow_offload and device.can_offload:
+        allowed.add("offload")
+    else:
+        reasons["offload"] = "offload is switched off" if not allow_offload else f"{device.name} has no host link"
+    return Candidate(index=-1, points=points, fetch_start=_fetch_start(d["first_backward"], transfer, after,
+                                                                         trace.num_forward),
+                     ready=_ready(d["define"], transfer, after, trace.num_forward), transfer_us=transfer,
+                     allowed=frozenset(allowed), reasons=reasons, **d)
+
+
+def _renumbered(candidates: list[Candidate], order: list[int]) -> list[Candidate]:
+    """Number candidates in order and their dependencies (drafted over ``order``) likewise. A
+    recompute source that is no candidate was named only by tensors that are never recomputed."""
+    index = {c.storage: i for i, c in enumerate(candidates)}
+    return [dataclasses.replace(c, index=i, deps=tuple(index[order[d]] for d in c.deps if order[d] in index))
+            for i, c in enumerate(candidates)]
+
+
+def _draft(trace: JointTrace, sid: int, used_at: list[int], saved: Mapping[int, int], point_us: Sequence[int],
+           allow_rng: bool, extra: bool) -> dict:
+    storage = trace.storages[sid]
+    producer = trace.ops[storage.producer]
+    forward_uses = [p for p in used_at if p < trace.num_forward]
+    backward_uses = [p for p in used_at if p >= trace.num_forward]
+    assert backward_uses or extra, f"saved storage {storage.values[0]} is never read by the backward"
+    closure, deps = _closure(trace, sid, saved)
+    reasons = {}
+    for op_index in closure:
+        op = trace.ops[op_index]
+        for tag, why in _FORBIDDEN_IN_RECOMPUTE.items():
+            if tag in op.tags and not (tag == "rng" and allow_rng):
+                reasons.setdefault("recompute", why.format(op=op.target))
+    other_blocks = sorted({trace.ops[i].block for i in closure} - {None, producer.block})
+    if producer.block is not None and other_blocks:
+        reasons.setdefault("recompute", f"its recomputation would re-run ops of earlier layers ({other_blocks[0]}"
+                                        f"{'' if len(other_blocks) == 1 else f'-{other_blocks[-1]}'}): what "
+                                        "they made is not saved")
+    if len(closure) > _MAX_CLOSURE_OPS:
+        reasons.setdefault("recompute", f"its recomputation would re-run {len(closure)} forward ops (more than "
+                                        f"{_MAX_CLOSURE_OPS}: back to tensors the backward does not keep)")
+    return dict(
+        storage=sid, name=storage.values[0], target=producer.target, module=producer.module, block=producer.block,
+        nbytes=storage.nbytes, shape=storage.shape, dtype=storage.dtype, define=storage.producer,
+        last_forward=max(forward_uses, default=storage.producer),
+        first_backward=backward_uses[0] if backward_uses else None,
+        last_backward=backward_uses[-1] if backward_uses else None, deps=tuple(sorted(deps)), closure=tuple(closure),
+        recompute_us=sum(point_us[i] for i in closure),
+        recompute_flops=sum(trace.ops[i].flops for i in closure),
+        recompute_bytes=_replay_peak(trace, closure, sid),
+        reasons=reasons, extra=extra,
+    )
+
+
+def _replay_peak(trace: JointTrace, closure: list[int], sid: int) -> int:
+    """The most bytes of temporaries alive while the closure re-runs in forward order, each freed
+    after its last reader in the closure (the recomputed tensor itself is counted as resident)."""
+    last_reader: dict[int, int] = {}
+    for i in closure:
+        for read in trace.ops[i].reads:
+            last_reader[read] = i
+    live, peak = 0, 0
+    dying: dict[int, int] = {}  # op index -> bytes freed after it
+    for i in closure:
+        live += sum(trace.storages[a].nbytes for a in trace.ops[i].allocates if a != sid)
+        peak = max(peak, live)
+        for a in trace.ops[i].allocates:
+            if a != sid:
+                end = last_reader.get(a, i)
+                dying[end] = dying.get(end, 0) + trace.storages[a].nbytes
+        live -= dying.pop(i, 0)
+    return peak
+
+
+def _closure(trace: JointTrace, sid: int, saved: Mapping[int, int]) -> tuple[list[int], set[int]]:
+    """Forward ops to re-run for storage ``sid``, and the saved candidates they read."""
+    ops: set[int] = set()
+    deps: set[int] = set()
+    stack = [trace.storages[sid].producer]
+    while stack:
+        index = stack.pop()
+        if index in ops:
+            continue
+        ops.add(index)
+        for read in trace.ops[index].reads:
+            storage = trace.storages[read]
+            if read != sid and read in saved:
+                deps.add(saved[read])
+            elif storage.kind == "activation" and read != sid:
+                stack.append(storage.producer)
+    return sorted(ops), deps
+
+
+def _stream_tensors(trace: JointTrace, uses: Mapping[int, list[int]]) -> tuple[int, ...]:
+    """Forward tensors the backward does not need that are worth saving *instead*: the residual
+    stream — made by a block's own code (not a submodule) or read across a block boundary. Saving
+    one can make a recomputation short (e.g. re-cast a bf16 residual rather than keep its fp32 copy)."""
+    saved = set(trace.saved)
+    out = []
+    for s in trace.storages:
+        if s.kind != "activation" or s.id in saved:
+            continue
+        producer = trace.ops[s.producer]
+        own = producer.block is not None and producer.module == f"{trace.block_prefix}.{producer.block}"
+        readers = {trace.ops[p].block for p in uses.get(s.id, []) if p < trace.num_forward}
+        if own or readers - {producer.block}:
+            out.append(s.id)
+    return tuple(out)
+
+
+def _materialize_points(drafts: list[dict]) -> list[tuple[int, ...]]:
+    """A dependency may have to be on device where a dependent is recomputed: add those points.
+
+    Transitively, but only the ``_MAX_POINTS`` latest per tensor (a longer chain of recomputation
+    would have to keep the tensor, which is sound — it only narrows the choices). A recompute
+    source has no use of its own: its points are all its dependents'."""
+    points = [set() if d["extra"] else {d["first_backward"]} for d in drafts]
+    for i in reversed(range(len(drafts))):  # dependents are made after their dependencies
+        points[i] = set(sorted(points[i])[-_MAX_POINTS:])
+        if "recompute" in drafts[i]["reasons"]:
+            continue
+        for dep in drafts[i]["deps"]:
+            own = drafts[dep]["first_backward"]
+            points[dep] |= {m for m in points[i] if own is None or m < own}
+    return [tuple(sorted(p)) for p in points]
+
+
+def _ready(define: int, transfer: int, after: Sequence[int], num_forward: int) -> int:
+    """The forward point after which a copy started when ``define`` finishes has had time to end."""
+    for q in range(define, num_forward):
+        if after[q] - after[define] >= transfer:
+            return q
+    return num_forward - 1
+
+
+def _fetch_start(m: int, transfer: int, after: Sequence[int], num_forward: int) -> int:
+    """The latest point whose start leaves ``transfer`` µs before op ``m`` starts (>= backward start)."""
+    start_of = lambda p: after[p - 1] if p > 0 else 0  # noqa: E731
+    for q in range(m, num_forward - 1, -1):
+        if start_of(m) - start_of(q) >= transfer:
+            return q
+    return num_forward
+
+
+def _base(trace: JointTrace, uses: Mapping[int, list[int]],
+          kinds: tuple[str, ...] = ("activation", "temporary", "gradient"), skip: set[int] = frozenset()) -> tuple[int, ...]:
+    """Bytes at each point of storages no decision changes (temporaries and gradients)."""
+    delta = [0] * (trace.num_points + 1)
+    saved = set(trace.saved) | set(skip)
+    for s in trace.storages:
+        if s.producer is None or s.id in saved or s.kind not in kinds:
+            continue
+        last = trace.num_points - 1 if s.kind == "gradient" else max(uses.get(s.id, [s.producer])[-1], s.producer)
+        delta[s.producer] += s.nbytes
+        delta[last + 1] -= s.nbytes
+    return tuple(itertools.accumulate(delta[:-1]))
+
+
+def _static(trace: JointTrace) -> StaticMemory:
+    return StaticMemory(
+        parameters=trace.bytes_of("parameter"), buffers=trace.bytes_of("buffer"), inputs=trace.bytes_of("input"),
+        optimizer=trace.optimizer_state_bytes, gradients=trace.bytes_of("gradient"),
+        optimizer_step=trace.optimizer_step_bytes,
+    )
+
+
+def _classes(trace: JointTrace, candidates: list[Candidate]) -> tuple[list[Candidate], int, dict]:
+    """Share one decision class per position across blocks whose step is identical."""
+    by_block: dict[int, list[Candidate]] = {}
+    for c in candidates:
+        if c.block is not None:
+            by_block.setdefault(c.block, []).append(c)
+    signature = {b: _block_signature(trace, b, by_block[b]) for b in by_block}
+    groups: dict[tuple, list[int]] = {}
+    for b in sorted(by_block):
+        groups.setdefault(signature[b], []).append(b)
+    klass: dict[int, int] = {}
+    class_blocks: dict[int, tuple[int | None, ...]] = {}
+    for blocks in groups.values():
+        for position in range(len(by_block[blocks[0]])):
+            k = len(class_blocks)
+            class_blocks[k] = tuple(blocks)
+            for b in blocks:
+                klass[by_block[b][position].index] = k
+    out = []
+    for c in candidates:
+        if c.index not in klass:
+            k = len(class_blocks)
+            class_blocks[k] = (c.block,)
+            klass[c.index] = k
+        out.append(dataclasses.replace(c, klass=klass[c.index]))
+    return out, len(class_blocks), class_blocks
+
+
+def _block_signature(trace: JointTrace, block: int, members: list[Candidate]) -> tuple:
+    ops: list[TracedOp] = [op for op in trace.ops if op.block == block]
+    return (tuple(op.signature() for op in ops),
+            tuple((c.nbytes, c.target, tuple(sorted(c.allowed))) for c in members))
+
+
+def calibrated(problem: PlanningProblem, step_peak: int, optimizer_peak: int | None = None) -> PlanningProblem:
+    """Shift every point so that keeping everything peaks at a measured ``step_peak`` (forward +
+    backward of the eager step) and the optimizer step at ``optimizer_peak``.
+
+    The trace is what AOTAutograd's partitioner saves; eager autograd saves slightly different
+    tensors (it saves op inputs, the partitioner chooses), so the two peaks differ by a few blocks.
+    A uniform shift makes the keep-all prediction exact and carries the difference to every plan."""
+    offset = step_peak - evaluate(dataclasses.replace(problem, offset_bytes=0), keep_all(problem)).peak_bytes
+    static = problem.static
+    if optimizer_peak is not None:
+        static = dataclasses.replace(static, optimizer_step=max(0, optimizer_peak - static.resident - static.gradients))
+    return dataclasses.replace(problem, offset_bytes=offset, static=static)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def keep_all(problem: PlanningProblem) -> tuple[Choice, ...]:
+    """What the default partitioner does: keep every saved tensor, save nothing extra."""
+    return tuple(Choice("drop" if c.extra else "keep") for c in problem.candidates)
+
+
+def evaluate(problem: PlanningProblem, choices: Sequence[Choice]) -> Evaluation:
+    """Exact device bytes at every point and the time overhead of ``choices`` (one per candidate)."""
+    n, f = problem.num_points, problem.num_forward
+    delta = [0] * (n + 1)
+    spikes = [0] * n
+    issues = []
+
+    def add(lo: int, hi: int, nbytes: int) -> None:
+        if lo <= hi:
+            delta[lo] += nbytes
+            delta[hi + 1] -= nbytes
+
+    for c, choice in zip(problem.candidates, choices):
+        if choice.action not in c.allowed:
+            issues.append(f"{c.name}: {choice.action} is not allowed ({c.reasons.get(choice.action, '')})")
+        if choice.action == "keep":
+            add(c.define, c.last_backward, c.nbytes)
+            continue
+        if choice.action == "drop":
+            add(c.define, c.last_forward, c.nbytes)
+            continue
+        if choice.point not in c.points:
+            issues.append(f"{c.name}: materialize point {choice.point} is not one of {c.points}")
+            continue
+        if choice.action == "offload" and choice.point != c.first_backward:
+            issues.append(f"{c.name}: an offloaded tensor is prefetched for its first backward use {c.first_backward}")
+        fwd_end = c.last_forward if choice.action == "recompute" else max(c.last_forward, c.ready)
+        add(c.define, fwd_end, c.nbytes)
+        add(choice.point if choice.action == "recompute" else c.fetch_start, c.last_backward, c.nbytes)
+        if choice.action == "recompute":
+            spikes[choice.point] += c.recompute_bytes
+            issues += _missing_deps(problem, c, choice.point, choices)
+    static = problem.static.resident + problem.offset_bytes
+    live = np.cumsum(np.asarray(delta[:-1], dtype=np.int64))
+    total = problem.base_array + live + np.asarray(spikes, dtype=np.int64) + static
+    memory = tuple(total.tolist())
+    peak_point = int(np.argmax(total)) if n else 0
+    recompute = sum(c.recompute_us for c, ch in zip(problem.candidates, choices) if ch.action == "recompute")
+    exposed = _exposed_out(problem, choices) + _exposed_in(problem, choices)
+    return Evaluation(memory, memory[peak_point] if n else static, peak_point, recompute, exposed, not issues,
+                      tuple(issues), tuple(live.tolist()))
+
+
+def _missing_deps(problem: PlanningProblem, c: Candidate, m: int, choices: Sequence[Choice]) -> list[str]:
+    out = []
+    for d in c.deps:
+        dep = choices[d]
+        if dep.action == "drop" or (dep.action != "keep" and (dep.point is None or dep.point > m)):
+            out.append(f"{c.name} is recomputed at {m} but its input {problem.candidates[d].name} is not on device")
+    return out
+
+
+def _exposed_out(problem: PlanningProblem, choices: Sequence[Choice]) -> int:
+    after = problem.finish_us
+    end = after[problem.num_forward - 1] if problem.num_forward else 0
+    jobs = sorted((after[c.define], c.transfer_us) for c, ch in zip(problem.candidates, choices)
+                  if ch.action == "offload")
+    finish = 0
+    for release, duration in jobs:  # FIFO by release date: Jackson's optimal makespan
+        finish = max(finish, release) + duration
+    return max(0, finish - end)
+
+
+def _exposed_in(problem: PlanningProblem, choices: Sequence[Choice]) -> int:
+    f = problem.num_forward
+    before = (0,) + problem.finish_us
+    jobs = sorted((before[ch.point] - before[f], c.transfer_us) for c, ch in zip(problem.candidates, choices)
+                  if ch.action == "offload")
+    done, late = 0, 0
+    for deadline, duration in jobs:  # earliest-due-date order minimises the maximum lateness
+        done += duration
+        late = max(late, done - deadline)
+    return late

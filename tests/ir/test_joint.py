@@ -1,0 +1,122 @@
+"""The joint trace: exact bytes, FLOPs, lifetimes, modules and tags of one training step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memopt.config import LoraConfig
+from memopt.ir.joint import JointTrace, trace_joint
+from memopt.ir.structure import build_model_graph
+from memopt.passes import RewriteLog, get_pass
+from tests.models import HIDDEN, INTERMEDIATE, lm_batch, tiny_llama
+
+BATCH, SEQ, RANK = 2, 16, 4
+F32 = 4
+
+
+def _lora_llama(device: str = "cpu", dropout: float = 0.0):
+    model = tiny_llama()
+    batch = lm_batch(model, batch=BATCH, seq=SEQ)
+    del batch["attention_mask"]
+    graph = build_model_graph(model, (), batch)
+    get_pass("lora").apply(model, graph, LoraConfig(rank=RANK, dropout=dropout), RewriteLog(model))
+    if device == "meta":
+        model = model.to("meta")
+        batch = {k: v.to("meta") for k, v in batch.items()}
+    return model, batch
+
+
+@pytest.fixture(scope="module")
+def traced() -> tuple[torch.nn.Module, JointTrace]:
+    model, batch = _lora_llama()
+    return model, trace_joint(model, batch, device="cpu")
+
+
+def _saved(trace: JointTrace, value: str):
+    return next(trace.storages[s] for s in trace.saved if value in trace.storages[s].values)
+
+
+def test_forward_ops_come_first_and_every_saved_tensor_is_read_by_the_backward(traced):
+    _, trace = traced
+    assert all(op.phase == "forward" for op in trace.ops[: trace.num_forward])
+    assert all(op.phase == "backward" for op in trace.ops[trace.num_forward:])
+    uses = trace.uses()
+    for sid in trace.saved:
+        assert trace.storages[sid].kind == "activation"
+        assert any(p >= trace.num_forward for p in uses[sid])
+
+
+def test_saved_bytes_are_exact_storage_sizes(traced):
+    _, trace = traced
+    silu = _saved(trace, "silu")
+    assert silu.nbytes == BATCH * SEQ * INTERMEDIATE * F32 == 16384 and silu.shape == (BATCH, SEQ, INTERMEDIATE)
+    producer = trace.ops[silu.producer]
+    assert producer.target == "aten.silu.default"
+    assert producer.module == "model.layers.0.mlp.act_fn" and producer.block == 0
+    # a LoRA A output is saved for B's weight gradient: [B*T, rank]
+    lora_a = trace.ops[_saved(trace, "mm_1").producer]
+    assert _saved(trace, "mm_1").nbytes == BATCH * SEQ * RANK * F32 and lora_a.module.endswith("q_proj.lora_A")
+
+
+def test_matmul_flops_are_exact(traced):
+    _, trace = traced
+    base_q = next(op for op in trace.ops if op.module == "model.layers.0.self_attn.q_proj.base_layer"
+                  and op.target == "aten.mm.default")
+    assert base_q.flops == 2 * BATCH * SEQ * HIDDEN * HIDDEN == 262144
+    attention = next(op for op in trace.ops if "flash_attention_for_cpu.default" in op.target)
+    head_dim = HIDDEN // 4
+    assert attention.flops == 4 * BATCH * 4 * SEQ * SEQ * head_dim  # q.k^T and p.v, every head
+
+
+def test_backward_ops_carry_the_module_of_their_forward_op(traced):
+    _, trace = traced
+    backward = trace.ops[trace.num_forward:]
+    in_blocks = [op for op in backward if op.module and op.module.startswith("model.layers.")]
+    assert len(in_blocks) > 100 and all(op.block in (0, 1) for op in in_blocks)
+    assert trace.block_prefix == "model.layers" and trace.blocks() == [0, 1]
+
+
+def test_static_parts_gradients_and_optimizer_states_are_exact(traced):
+    model, trace = traced
+    params = sum(p.numel() * F32 for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_bytes = sum(p.numel() * F32 for p in trainable)
+    assert trace.bytes_of("parameter") == params
+    assert trace.bytes_of("gradient") == trainable_bytes
+    # AdamW: exp_avg and exp_avg_sq per trainable parameter, plus a float32 step counter each
+    assert trace.optimizer_state_bytes == 2 * trainable_bytes + F32 * len(trainable)
+
+
+def test_views_share_their_base_storage(traced):
+    _, trace = traced
+    attention_out = _saved(trace, "getitem")  # the attention output and its detach/view aliases
+    assert {"detach", "view_12"} <= set(attention_out.values)
+    assert sum(1 for s in trace.saved if "getitem" in trace.storages[s].values) == 1
+
+
+def test_tracing_leaves_the_model_unchanged():
+    model, batch = _lora_llama()
+    before = {n: p for n, p in model.named_parameters()}
+    trace_joint(model, batch, device="cpu")
+    assert {n: p for n, p in model.named_parameters()} == before
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_meta_device_model_traces_like_a_cpu_one(traced):
+    _, trace = traced
+    model, batch = _lora_llama(device="meta")
+    meta = trace_joint(model, batch, device="cpu")
+    assert [s.nbytes for s in meta.storages] == [s.nbytes for s in trace.storages]
+    assert [op.flops for op in meta.ops] == [op.flops for op in trace.ops]
+
+
+def test_dropout_is_tagged_rng_and_cuda_targets_round_blocks():
+    model, batch = _lora_llama(dropout=0.1)
+    trace = trace_joint(model, batch, device="cuda", granularity=512)
+    rng = [op for op in trace.ops if "rng" in op.tags]
+    assert rng and all(op.module.endswith("lora_dropout") for op in rng)
+    assert all(s.nbytes % 512 == 0 for s in trace.storages)
+    # attention with dropout_p=0 draws nothing: it is not an RNG op
+    assert not any("rng" in op.tags for op in trace.ops if "attention" in op.target)

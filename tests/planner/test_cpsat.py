@@ -1,0 +1,86 @@
+"""CP-SAT finds the exact optimum of the planning model: checked against exhaustive search and an
+independent MILP (SCIP), both phases, with and without offload, with shared identical blocks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from memopt.planner.costmodel import DEVICE_PRESETS
+from memopt.planner.cpsat import SolverOptions, choose_quantum, solve_min_peak, solve_min_time
+from memopt.planner.greedy import greedy_plan
+from memopt.planner.problem import build_problem, evaluate, keep_all
+from memopt.planner.reference import exhaustive, milp
+from tests.planner._synthetic import chain_trace
+
+EXACT = SolverOptions(quantum=1)  # bytes unquantised, so the model is exactly `evaluate`
+RTX = DEVICE_PRESETS["rtx4090"]
+SLOW_LINK = dataclasses.replace(RTX, name="slow-link", host_bandwidth=2 * 10**9)  # copies cost time
+
+
+def _between(problem, low: int, share: int = 4) -> int:
+    """A capacity a share of the way from ``low`` up to the keep-all peak."""
+    keep = evaluate(problem, keep_all(problem)).peak_bytes
+    return low + (keep - low) // share
+
+
+@pytest.mark.parametrize("seed", [9, 12, 13, 14])
+@pytest.mark.parametrize("device", [RTX, SLOW_LINK], ids=["rtx4090", "slow-link"])
+def test_both_phases_equal_exhaustive_search(seed, device):
+    problem = build_problem(chain_trace(7, seed), device)
+    best_peak, _ = exhaustive(problem, None)
+    phase1 = solve_min_peak(problem, EXACT)
+    assert phase1.status == "OPTIMAL" and phase1.objective == best_peak
+    capacity = _between(problem, best_peak, share=5)
+    best_time, _ = exhaustive(problem, capacity)
+    phase2 = solve_min_time(problem, capacity, EXACT)
+    assert phase2.status == "OPTIMAL" and phase2.objective == best_time
+    result = evaluate(problem, phase2.choices)
+    assert result.valid and result.peak_bytes <= capacity and result.overhead_us == best_time
+
+
+def test_identical_blocks_share_one_decision_and_match_exhaustive_search():
+    problem = build_problem(chain_trace(3, 5, blocks=3), SLOW_LINK)
+    assert problem.num_classes < len(problem.candidates)
+    best_peak, _ = exhaustive(problem, None)
+    assert solve_min_peak(problem, EXACT).objective == best_peak
+    capacity = _between(problem, best_peak, share=3)
+    phase2 = solve_min_time(problem, capacity, EXACT)
+    assert phase2.objective == exhaustive(problem, capacity)[0]
+    for group in problem.classes.values():
+        assert len({phase2.choices[c.index].action for c in group}) == 1
+
+
+@pytest.mark.parametrize("n,seed,blocks,offload", [(40, 1, 0, True), (40, 2, 0, False), (12, 3, 4, True), (60, 4, 0, True)])
+def test_both_phases_equal_an_independent_milp_on_larger_graphs(n, seed, blocks, offload):
+    problem = build_problem(chain_trace(n, seed, blocks=blocks), SLOW_LINK, allow_offload=offload)
+    assert 20 <= len(problem.candidates) <= 60
+    phase1 = solve_min_peak(problem, EXACT)
+    assert phase1.objective == milp(problem, None)
+    capacity = _between(problem, phase1.objective)
+    phase2 = solve_min_time(problem, capacity, EXACT)
+    assert phase2.status == "OPTIMAL" and phase2.objective == milp(problem, capacity) > 0
+
+
+def test_quantised_plans_fit_in_exact_bytes():
+    problem = build_problem(chain_trace(60, 4), SLOW_LINK)
+    default = choose_quantum(problem)
+    assert default & (default - 1) == 0 and default > 1  # a power of two, so ~2^20 quanta span the peak
+    quantum = 4096  # coarser than the default: every term rounds up by up to 4 KiB
+    phase1 = solve_min_peak(problem, SolverOptions(quantum=quantum))
+    capacity = _between(problem, phase1.objective)
+    phase2 = solve_min_time(problem, capacity, SolverOptions(quantum=quantum))
+    result = evaluate(problem, phase2.choices)
+    assert result.valid and result.peak_bytes <= capacity
+    assert result.overhead_us >= solve_min_time(problem, capacity, EXACT).objective  # rounding only costs
+
+
+def test_the_greedy_warm_start_is_valid_and_fits_when_it_says_so():
+    problem = build_problem(chain_trace(40, 1), SLOW_LINK)
+    least = greedy_plan(problem, 0)
+    assert evaluate(problem, least).valid
+    capacity = _between(problem, evaluate(problem, least).peak_bytes)
+    plan = greedy_plan(problem, capacity)
+    result = evaluate(problem, plan)
+    assert result.valid and result.peak_bytes <= capacity

@@ -1,0 +1,126 @@
+"""The planning problem: what each choice does to the bytes at every point, and the hard rules."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from memopt.config import LoraConfig
+from memopt.ir.joint import trace_joint
+from memopt.ir.structure import build_model_graph
+from memopt.passes import RewriteLog, get_pass
+from memopt.planner.costmodel import DEVICE_PRESETS
+from memopt.planner.problem import Choice, build_problem, calibrated, evaluate, keep_all
+from memopt.planner.reference import _resident
+from tests.models import lm_batch, tiny_llama
+from tests.planner._synthetic import chain_trace
+
+RTX = DEVICE_PRESETS["rtx4090"]
+
+
+def _diff(problem, choices) -> list[int]:
+    base = evaluate(problem, keep_all(problem)).memory
+    return [a - b for a, b in zip(evaluate(problem, choices).memory, base)]
+
+
+def test_recompute_frees_a_tensor_between_its_last_forward_use_and_its_recompute_point():
+    problem = build_problem(chain_trace(6, 3), RTX)
+    c = next(c for c in problem.candidates if "recompute" in c.allowed and c.first_backward - c.last_forward > 2)
+    choices = list(keep_all(problem))
+    choices[c.index] = Choice("recompute", c.first_backward)
+    expected = [(-c.nbytes if c.last_forward < p < c.first_backward else 0)
+                + (c.recompute_bytes if p == c.first_backward else 0) for p in range(problem.num_points)]
+    assert _diff(problem, choices) == expected
+    result = evaluate(problem, choices)
+    assert result.recompute_us == c.recompute_us and result.exposed_transfer_us == 0
+
+
+def test_offload_frees_a_tensor_from_its_copy_out_until_its_prefetch():
+    problem = build_problem(chain_trace(6, 3), RTX)
+    c = max(problem.candidates, key=lambda c: c.fetch_start - c.ready)
+    choices = list(keep_all(problem))
+    choices[c.index] = Choice("offload", c.first_backward)
+    gone_from, back_at = max(c.last_forward, c.ready), c.fetch_start
+    assert back_at - gone_from > 1
+    assert _diff(problem, choices) == [-c.nbytes if gone_from < p < back_at else 0 for p in range(problem.num_points)]
+
+
+def test_evaluate_agrees_with_the_reference_residency_for_every_single_choice():
+    problem = build_problem(chain_trace(8, 7), RTX)
+    for c in problem.candidates:
+        options = [Choice("recompute", m) for m in c.points if "recompute" in c.allowed] + [Choice("offload", c.first_backward)]
+        for choice in options:
+            choices = list(keep_all(problem))
+            choices[c.index] = choice
+            memory = evaluate(problem, choices).memory
+            for p in (c.define, c.last_forward + 1, c.ready + 1, c.fetch_start, choice.point, c.last_backward):
+                others = sum(o.nbytes for o in problem.candidates if o is not c and o.define <= p <= o.last_backward)
+                spike = c.recompute_bytes if choice.action == "recompute" and p == choice.point else 0
+                mine = c.nbytes if _resident(problem, c, choice, p) else 0
+                assert memory[p] == problem.static.resident + problem.base[p] + others + mine + spike
+
+
+def test_a_recomputation_needs_its_inputs_on_device():
+    problem = build_problem(chain_trace(6, 3), RTX)
+    t = next(c for c in problem.candidates if c.deps and "recompute" in c.allowed)
+    d = problem.candidates[t.deps[0]]
+    choices = list(keep_all(problem))
+    choices[t.index] = Choice("recompute", t.first_backward)
+    choices[d.index] = Choice("recompute", d.first_backward)  # too late if d is needed earlier
+    result = evaluate(problem, choices)
+    assert (not result.valid) == (d.first_backward > t.first_backward)
+    early = max(p for p in d.points if p <= t.first_backward)
+    choices[d.index] = Choice("recompute", early)
+    assert evaluate(problem, choices).valid
+
+
+def test_rng_ops_are_never_recomputed_unless_replay_is_allowed():
+    trace = chain_trace(6, 3, saved_share=1.0, rng_op=2)
+    problem = build_problem(trace, RTX)
+    tainted = [c for c in problem.candidates if 2 in c.closure]
+    assert [c.name for c in tainted] == ["f2"]  # every op's output is saved: only f2 re-runs f2
+    assert "recompute" not in tainted[0].allowed and "random numbers" in tainted[0].reasons["recompute"]
+    assert "recompute" in build_problem(trace, RTX, allow_rng_recompute=True).candidates[2].allowed
+
+
+def test_the_cpu_has_no_offload_and_switches_remove_options():
+    problem = build_problem(chain_trace(6, 3), DEVICE_PRESETS["cpu"])
+    assert all(c.allowed == {"keep", "recompute"} and "no host link" in c.reasons["offload"] for c in problem.candidates)
+    off = build_problem(chain_trace(6, 3), RTX, allow_recompute=False, allow_offload=False)
+    assert all(c.allowed == {"keep"} for c in off.candidates)
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    model = tiny_llama(num_hidden_layers=3)
+    batch = lm_batch(model)
+    del batch["attention_mask"]
+    get_pass("lora").apply(model, build_model_graph(model, (), batch), LoraConfig(rank=4, dropout=0.1),
+                           RewriteLog(model))
+    return build_problem(trace_joint(model, batch, device="cuda", granularity=512), RTX)
+
+
+def test_identical_blocks_share_decision_classes(llama3):
+    problem = llama3
+    per_block = {b: [c for c in problem.candidates if c.block == b] for b in (0, 1, 2)}
+    # block 0 does not pass a gradient to the (frozen) embedding, so it saves less than 1 and 2
+    assert len(per_block[0]) < len(per_block[1]) == len(per_block[2])
+    for c1, c2 in zip(per_block[1], per_block[2]):
+        assert c1.klass == c2.klass and c1.nbytes == c2.nbytes and problem.class_blocks[c1.klass] == (1, 2)
+    assert not {c.klass for c in per_block[0]} & {c.klass for c in per_block[1]}
+
+
+def test_lora_dropout_makes_its_dependents_keep_or_offload_only(llama3):
+    problem = llama3
+    blocked = [c for c in problem.candidates if "recompute" not in c.allowed and not c.extra]
+    assert blocked and all("random numbers" in c.reasons["recompute"] for c in blocked)
+    assert all(c.module.endswith(("lora_A", "lora_dropout")) for c in blocked)
+    assert all("offload" in c.allowed for c in blocked)
+
+
+def test_calibration_makes_keep_all_match_a_measured_step(llama3):
+    problem = calibrated(llama3, step_peak=10**7, optimizer_peak=9 * 10**6)
+    assert evaluate(problem, keep_all(problem)).peak_bytes == 10**7
+    assert problem.static.optimizer_phase_peak == 9 * 10**6
+    assert problem.offset_bytes == 10**7 - evaluate(dataclasses.replace(llama3, offset_bytes=0), keep_all(llama3)).peak_bytes

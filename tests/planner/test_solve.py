@@ -1,0 +1,82 @@
+"""plan_activations: keep-all when it fits, the fastest plan when not, the smallest budget below."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from memopt.errors import InfeasibleBudgetError
+from memopt.planner.costmodel import DEVICE_PRESETS
+from memopt.planner.problem import build_problem, evaluate, keep_all
+from memopt.planner.reference import milp
+from memopt.planner.solve import PlannerConfig, plan_activations, plan_fields
+from tests.planner._synthetic import chain_trace
+
+SLOW_LINK = dataclasses.replace(DEVICE_PRESETS["rtx4090"], name="slow-link", host_bandwidth=2 * 10**9)
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return build_problem(chain_trace(40, 1), SLOW_LINK)
+
+
+def test_keep_all_is_the_plan_when_it_fits(problem):
+    keep = evaluate(problem, keep_all(problem)).peak_bytes
+    plan = plan_activations(problem, keep)
+    assert all(c.action == "keep" for c in plan.choices) and plan.status == "OPTIMAL"
+    assert plan.peak_bytes == keep and plan.evaluation.overhead_us == 0
+    assert plan.min_peak_status == "OPTIMAL" and plan.min_peak_bytes == milp(problem, None)
+
+
+def test_below_keep_all_the_plan_is_the_fastest_that_fits(problem):
+    keep = evaluate(problem, keep_all(problem)).peak_bytes
+    least = milp(problem, None)
+    usable = least + (keep - least) // 3
+    plan = plan_activations(problem, usable)
+    assert plan.peak_bytes <= usable and plan.evaluation.valid
+    # the default quantum rounds bytes up, so the plan is at most as good as the exact optimum
+    assert plan.evaluation.overhead_us >= milp(problem, usable) > 0
+    fields = plan_fields(plan)
+    assert fields["predicted_peak_bytes"] == plan.peak_bytes
+    assert fields["recompute_us"] + fields["exposed_transfer_us"] == plan.evaluation.overhead_us
+    assert sum(t.nbytes for t in fields["tensors"] if t.action != "keep") > 0
+    assert max(fields["timeline"].planned) == plan.evaluation.peak_bytes
+    assert max(fields["timeline"].keep_all) == keep
+
+
+def test_below_the_smallest_peak_the_error_names_the_smallest_budget(problem):
+    least = milp(problem, None)
+    reserve = 768 * 2**20
+    with pytest.raises(InfeasibleBudgetError) as info:
+        plan_activations(problem, least - 1, reserve_bytes=reserve, what="the chain")
+    err = info.value
+    assert err.predicted_bytes == least and err.budget_bytes == least - 1
+    assert err.min_budget_gb == (least + reserve) / GIB
+    assert sum(err.breakdown.values()) == least
+    assert "the chain does not fit" in str(err) and "dominated by" in str(err)
+
+
+def test_an_optimizer_step_above_the_budget_is_named_as_what_dominates(problem):
+    static = dataclasses.replace(problem.static, optimizer_step=10**9)
+    heavy = dataclasses.replace(problem, static=static)
+    with pytest.raises(InfeasibleBudgetError, match="optimizer step") as info:
+        plan_activations(heavy, 10**8)
+    assert info.value.predicted_bytes == static.optimizer_phase_peak
+    assert max(info.value.breakdown, key=info.value.breakdown.get) == "temporaries"
+
+
+def test_the_kill_switch_keeps_everything(problem):
+    keep = evaluate(problem, keep_all(problem)).peak_bytes
+    plan = plan_activations(problem, keep, PlannerConfig(enabled=False))
+    assert plan.status == "DISABLED" and all(c.action == "keep" for c in plan.choices)
+    with pytest.raises(InfeasibleBudgetError, match="planner switched off"):
+        plan_activations(problem, keep - 1, PlannerConfig(enabled=False))
+
+
+def test_planner_config_is_validated():
+    with pytest.raises(TypeError, match="allow_offload must be True or False"):
+        PlannerConfig(allow_offload="no")
+    with pytest.raises(ValueError, match="time_limit_s must be > 0"):
+        PlannerConfig(time_limit_s=0)

@@ -1,0 +1,79 @@
+"""`memopt plan` / `memopt inspect`: dry-run plans from configs, exit codes, and helpful errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memopt.cli import EXIT_BAD_INPUT, EXIT_INFEASIBLE, HF_PRESETS, _hf_config, _meta_model, main
+from memopt.planner.plan import load_plan
+
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 96, "max_position_embeddings": 64}
+
+
+@pytest.fixture()
+def tiny_config(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+def _plan_args(config: str, budget: str, *extra: str) -> list[str]:
+    return ["plan", "--hf-config", config, "--batch", "2", "--seq", "16", "--budget", budget, "--method", "lora",
+            "--device", "rtx4090", "--reserve", "0", "--rank", "4", *extra]
+
+
+def test_plan_prints_a_summary_saves_json_and_inspect_prints_it_again(tiny_config, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(_plan_args(tiny_config, "0.01", "--json", str(out))) == 0
+    printed = capsys.readouterr()
+    plan = load_plan(out)
+    assert printed.out.strip() == plan.summary().strip()
+    assert "tracing the joint forward + backward step" in printed.err  # progress goes to stderr
+    assert plan.device.name == "rtx4090" and plan.input_shapes == {"input_ids": (2, 16), "labels": (2, 16)}
+    assert plan.memory is None and any("not calibrated" in n for n in plan.notes)
+    assert main(["inspect", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == plan.summary().strip()
+
+
+def test_an_infeasible_budget_exits_3_with_the_smallest_feasible_budget(tiny_config, capsys):
+    assert main(_plan_args(tiny_config, "0.0001")) == EXIT_INFEASIBLE
+    printed = capsys.readouterr()
+    assert "smallest feasible budget:" in printed.out and "does not fit" in printed.err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--hf-config", "gpt-9"], "neither a preset nor a file; presets: llama-2-7b, llama-2-13b"),
+    (["--device", "tpu-v9"], "unknown device 'tpu-v9'; presets: a100-40gb"),
+    (["--method", "s2ft", "--rank", "8"], "--rank is for lora and paca"),
+])
+def test_bad_input_exits_2_and_says_what_was_expected(tiny_config, capsys, args, message):
+    base = {"--hf-config": tiny_config, "--device": "rtx4090", "--method": "lora", "--rank": None}
+    base.update(dict(zip(args[::2], args[1::2])))
+    argv = ["plan", "--batch", "2", "--seq", "16", "--budget", "1", "--reserve", "0"]
+    for key, value in base.items():
+        argv += [key, value] if value is not None else []
+    assert main(argv) == EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_model_config_is_refused(tmp_path, capsys):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"version": "1.0", "truncation": None}))
+    assert main(_plan_args(str(path), "1")) == EXIT_BAD_INPUT
+    assert "has no 'model_type'; expected a Hugging Face model config.json" in capsys.readouterr().err
+    assert main(["inspect", str(path)]) == EXIT_BAD_INPUT
+    assert "not a memopt plan" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset,params", [
+    ("llama-2-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320), ("llama-2-70b", 68_976_648_192),
+    ("llama-3-8b", 8_030_261_248), ("mistral-7b", 7_248_023_552),
+])
+def test_presets_build_the_published_models_on_meta(preset, params):
+    model, batch = _meta_model(_hf_config(preset), 1, 8, __import__("torch").bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert all(p.device.type == "meta" for p in model.parameters()) and batch["input_ids"].shape == (1, 8)
+    assert set(HF_PRESETS) == {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "mistral-7b"}
