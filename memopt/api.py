@@ -50,9 +50,9 @@ def optimize(
         example_inputs: one batch, as a tuple of positional arguments, a dict of keyword
             arguments (the usual HF batch), or an ``(args, kwargs)`` pair. Its shapes are the
             shapes the plan is made for.
-        method: the parameterization, ``"lora"``; ``**options`` are that method's config fields
-            (for LoRA: ``rank``, ``alpha``, ``dropout``, ``target_modules``, ``exclude_modules``,
-            ``seed``) — unknown options are an error.
+        method: the parameterization, ``"lora"``, ``"paca"`` or ``"s2ft"``; ``**options`` are
+            the fields of its config (``LoraConfig``, ``PacaConfig``, ``S2ftConfig``) — unknown
+            options are an error.
         loss_fn: ``loss_fn(output, (args, kwargs)) -> scalar`` for the simulated training step;
             not needed when the model returns its own ``.loss`` (HF models given labels).
         optimizer: the optimizer whose states are counted, ``"adamw"`` by default.
@@ -71,10 +71,14 @@ def optimize(
 
     What happens to ``model``: it is rewritten **in place** and wrapped, not copied (copying a
     large model would double its memory). Targeted Linear-like submodules are replaced by
-    adapter modules that hold the original layer as ``base_layer``, and every original parameter
-    gets ``requires_grad=False``; no weight value changes. The returned ``OptimizedModel`` wraps
-    that same object (``.model``). ``merge()`` folds the adapters back and restores the original
-    ``requires_grad`` flags. If ``optimize`` raises, the module is restored exactly as it was.
+    modules that hold the original layer as ``base_layer``, and every original parameter gets
+    ``requires_grad=False``. LoRA changes no weight value; PaCA writes ``scaling·P`` into the
+    selected columns of W on every forward (the trainable P starts equal to them, so the
+    function is unchanged); S²FT permutes the rows / columns of coupled weights in place
+    (function-preserving) and trains dense blocks of them. The returned ``OptimizedModel`` wraps
+    that same object (``.model``). ``merge()`` folds the trained parameters back into plain
+    layers (S²FT: in the original order) and restores the original ``requires_grad`` flags. If
+    ``optimize`` raises, the module is restored exactly as it was (weights included).
 
     Raises:
         TypeError / ValueError: bad arguments, with what to change.
