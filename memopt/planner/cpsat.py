@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 from ortools.sat.python import cp_model
 
 from memopt.planner.greedy import greedy_plan
-from memopt.planner.problem import ACTIONS, Candidate, Choice, PlanningProblem, evaluate
+from memopt.planner.problem import ACTIONS, Candidate, Choice, PlanningProblem, evaluate, keep_all
 
 __all__ = ["SolveResult", "SolverOptions", "solve_min_peak", "solve_min_time", "choose_quantum"]
 
@@ -116,17 +116,18 @@ def solve_min_time(problem: PlanningProblem, capacity: int, options: SolverOptio
 
 
 def _keep_what_fits(problem: PlanningProblem, choices: Sequence[Choice], capacity: int) -> tuple[Choice, ...]:
-    """Turn decision classes back to keep, smallest first, while the plan stays valid, fits and is
-    no slower."""
+    """Turn decision classes back to what the default partitioner does (keep a saved tensor, do not
+    save a recompute source), smallest first, while the plan stays valid, fits and is no slower."""
     current = list(choices)
     base = evaluate(problem, current)
+    default = keep_all(problem)
     groups = sorted(problem.classes.values(), key=lambda g: sum(c.nbytes for c in g))
     for group in groups:
-        if current[group[0].index].action == "keep":
+        if all(current[c.index] == default[c.index] for c in group):
             continue
         trial = list(current)
         for c in group:
-            trial[c.index] = Choice("keep")
+            trial[c.index] = default[c.index]
         result = evaluate(problem, trial)
         if result.valid and result.peak_bytes <= capacity and result.overhead_us <= base.overhead_us:
             current, base = trial, result

@@ -10,18 +10,27 @@ DeviceSpec). Program points are the trace's ops: forward first, then backward. E
   what is still available (parameters, inputs, other saved tensors). The saved tensors the closure
   reads (``deps``) must be on device at ``m``: kept, or themselves materialized at or before
   ``m``; so ``m`` may be moved earlier, to a point where a dependent is recomputed. While it runs,
-  every storage the closure allocates is counted at ``m`` (an upper bound of its temporaries); its
-  time is counted once per recomputed tensor (an upper bound when closures overlap).
+  the most bytes its closure holds at once (replayed in forward order, each temporary freed after
+  its last reader) are counted at ``m``; its time is counted once per recomputed tensor (an upper
+  bound when closures overlap). A closure may not reach into another layer (what that layer made
+  is not saved) and has at most ``_MAX_CLOSURE_OPS`` ops.
 * **offload** — copied to host on a copy engine that overlaps compute, as soon as it is made; on
   device until the copy has had time to finish (``ready``, its own transfer time after the
   producer) or its last forward use, whichever is later; prefetched to arrive by its first
-  backward use, on device from the point its own transfer time before that (``fetch_start``).
-  (A tensor a recomputation needs earlier than that must be kept or recomputed instead.) Copies queue on one engine
-  per direction (PCIe is full duplex): the forward copies' finishing time is the makespan of a
+  backward use, on device from the point its own transfer time before that (``fetch_start``);
+  a recomputation that needs it earlier must find it kept or recomputed instead. Copies queue on
+  one engine per direction (PCIe is full duplex): the forward copies' finishing time is the makespan of a
   single machine with release dates (Jackson's bound, exact for that machine) and whatever passes
   the end of the forward is exposed; prefetches start at the backward and their lateness against
   their deadlines (earliest-due-date order, exact) is exposed. Queueing does not extend residency —
   the one approximation, stated in every Plan.
+
+Recompute sources (``extra`` candidates): the residual stream — tensors a block makes in its own
+code or hands across a block boundary — is not saved by the default partitioner, but saving it
+instead of what is derived from it (e.g. the fp32 copy a norm makes of a bf16 residual) is what
+makes short recomputations possible, as torch's min-cut partitioner does. Such a tensor is a
+candidate with the options **drop** (the default: not saved) and **keep** (saved until the last
+point a dependent may be recomputed), and **recompute** if its own closure allows.
 
 Hard rules: a closure containing an RNG op (``rng`` tag: dropout, rand*) is never recomputed —
 torch's non-reentrant checkpoint would replay RNG state, but the compiled lowering does not, so

@@ -133,10 +133,13 @@ def _row(label: str, methods: Iterable[str], tensors: list["TensorDecision"]) ->
 def _tensor_table(plan: "Plan") -> list[str]:
     """The decisions of one representative layer (the first that moves anything, else the largest)."""
     blocks = sorted({t.block for t in plan.tensors if t.block is not None})
-    moved = [b for b in blocks if any(t.block == b and t.action not in ("keep", "drop") for t in plan.tensors)]
-    block = (moved or blocks or [None])[-1 if not moved else 0]
+    moved = {t.block for t in plan.tensors if t.block is not None and t.action in ("recompute", "offload")}
+    sharing_of = {b: len({t2.block for t2 in plan.tensors if t2.klass in {t.klass for t in plan.tensors if t.block == b}})
+                  for b in blocks}
+    # the layer most others share decisions with, preferring one where something moves
+    block = max(blocks, key=lambda b: (b in moved, sharing_of[b], -b)) if blocks else None
     chosen = [t for t in plan.tensors if t.block == block]
-    sharing = len({t2.block for t2 in plan.tensors if t2.klass in {t.klass for t in chosen}})
+    sharing = sharing_of.get(block, 1)
     title = "outside the layers" if block is None else f"layer {block}" + (
         f" (decided once for {sharing} identical layers)" if sharing > 1 else "")
     rows = [[t.name, t.op.replace("aten.", ""), t.module or "-", "x".join(map(str, t.shape)), format_bytes(t.nbytes),
@@ -225,7 +228,8 @@ def _layers(blocks: list[int | None]) -> str:
     numbered = sorted(b for b in blocks if b is not None)
     if not numbered:
         return _OUTSIDE
-    return str(numbered[0]) if len(numbered) == 1 else f"{numbered[0]}-{numbered[-1]} ({len(numbered)})"
+    span = str(numbered[0]) if numbered[0] == numbered[-1] else f"{numbered[0]}-{numbered[-1]}"
+    return span if len(numbered) == 1 else f"{span} ({len(numbered)})"
 
 
 def _signed_bytes(n: int) -> str:

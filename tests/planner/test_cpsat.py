@@ -84,3 +84,22 @@ def test_the_greedy_warm_start_is_valid_and_fits_when_it_says_so():
     plan = greedy_plan(problem, capacity)
     result = evaluate(problem, plan)
     assert result.valid and result.peak_bytes <= capacity
+
+
+def test_a_traced_tiny_llama_plan_equals_the_milp_optimum():
+    from memopt.config import LoraConfig
+    from memopt.ir.joint import trace_joint
+    from memopt.ir.structure import build_model_graph
+    from memopt.passes import RewriteLog, get_pass
+    from tests.models import lm_batch, tiny_llama
+
+    model = tiny_llama()
+    batch = lm_batch(model)
+    get_pass("lora").apply(model, build_model_graph(model, (), batch), LoraConfig(rank=4), RewriteLog(model))
+    problem = build_problem(trace_joint(model, batch, device="cpu"), DEVICE_PRESETS["cpu"])  # recompute only
+    assert len(problem.candidates) <= 60 and any(c.extra for c in problem.candidates)
+    least = solve_min_peak(problem, EXACT).objective
+    assert least == milp(problem, None)
+    capacity = _between(problem, least, 3)
+    phase2 = solve_min_time(problem, capacity, EXACT)
+    assert phase2.status == "OPTIMAL" and phase2.objective == milp(problem, capacity) > 0
