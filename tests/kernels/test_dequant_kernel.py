@@ -6,28 +6,19 @@ The kernel's tests live in ``interpreted_dequant.py`` and run here in a subproce
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memopt.kernels.dequant import dequant_matmul, dequant_matmul_reference, uses_dequant_triton
 from memopt.passes.quant_format import quantize_nf4
-
-_ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels._interpreter import run_interpreted
 
 
 def test_kernel_matches_the_reference_in_the_triton_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).with_name("interpreted_dequant.py"))]
-    done = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert "16 passed" in done.stdout, done.stdout[-2000:]
+    stdout = run_interpreted("interpreted_dequant.py")
+    assert "16 passed" in stdout, stdout[-2000:]
 
 
 def test_dispatch_picks_triton_for_cuda_tensors_and_the_reference_on_cpu():

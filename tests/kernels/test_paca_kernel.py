@@ -7,27 +7,18 @@ chosen before triton is imported. The dispatch between kernel and reference is t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memopt.kernels.paca import paca_forward, paca_forward_reference, uses_triton
-
-_ROOT = Path(__file__).resolve().parents[2]
+from tests.kernels._interpreter import run_interpreted
 
 
 def test_kernel_matches_the_reference_in_the_triton_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).with_name("interpreted_paca.py"))]
-    done = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert "10 passed, 1 xfailed" in done.stdout, done.stdout[-2000:]
+    stdout = run_interpreted("interpreted_paca.py")
+    assert "10 passed, 1 xfailed" in stdout, stdout[-2000:]
 
 
 def _inputs():
