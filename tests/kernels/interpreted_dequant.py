@@ -58,6 +58,14 @@ def test_kernel_reads_strided_activations():
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
 def test_quant_linear_gives_the_same_outputs_and_grads_through_the_kernel(fmt, monkeypatch):
     layer = QuantLinear.from_layer(torch.nn.Linear(41, 24), "linear", QuantizeConfig(format=fmt))
+    (y_ref, grad_ref), (y, grad) = _reference_then_kernel(layer, monkeypatch)
+    # As test_kernel_matches_the_reference (fp32); grad_x inherits the forward's error through g = 2y.
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-3)
+
+
+def _reference_then_kernel(layer, monkeypatch):
+    """(output, grad_x) of ``layer`` on one input through the torch reference, then the kernel."""
     x = torch.randn(3, 7, 41)
     x_ref, x_ker = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     y_ref = layer(x_ref)
@@ -66,9 +74,7 @@ def test_quant_linear_gives_the_same_outputs_and_grads_through_the_kernel(fmt, m
     monkeypatch.setattr(quant_format, "dequant_matmul", kernel)
     y = layer(x_ker)
     y.square().sum().backward()
-    # As test_kernel_matches_the_reference (fp32); grad_x inherits the forward's error through g = 2y.
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-4)
-    torch.testing.assert_close(x_ker.grad, x_ref.grad, rtol=1e-4, atol=1e-3)
+    return (y_ref, x_ref.grad), (y, x_ker.grad)
 
 
 def test_qpaca_gives_the_same_outputs_and_grads_through_the_kernel(monkeypatch):
@@ -76,16 +82,10 @@ def test_qpaca_gives_the_same_outputs_and_grads_through_the_kernel(monkeypatch):
     layer = QPacaLinear(base, torch.tensor([0, 5, 40]), scaling=2.0)
     with torch.no_grad():
         layer.paca_P.add_(0.1)
-    x = torch.randn(3, 7, 41)
-    x_ref, x_ker = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    y_ref = layer(x_ref)
-    y_ref.square().sum().backward()
-    grad_p_ref, layer.paca_P.grad = layer.paca_P.grad, None
-    kernel = lambda *args: dequant_matmul_triton(*args, blocks=_SMALL)  # noqa: E731
-    monkeypatch.setattr(quant_format, "dequant_matmul", kernel)
-    y = layer(x_ker)
-    y.square().sum().backward()
+    grads_p = []
+    layer.paca_P.register_hook(grads_p.append)  # P's gradient of each of the two backward passes
+    (y_ref, grad_ref), (y, grad) = _reference_then_kernel(layer, monkeypatch)
     # As test_quant_linear_gives_the_same_outputs_and_grads_through_the_kernel.
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-4)
-    torch.testing.assert_close(x_ker.grad, x_ref.grad, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(layer.paca_P.grad, grad_p_ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(grads_p[1], grads_p[0], rtol=1e-4, atol=1e-3)
