@@ -5,8 +5,10 @@
 """
 
 from memopt.api import optimize
-from memopt.config import DEVICE_PRESETS, DeviceSpec, LoraConfig, OptimizeConfig, PacaConfig, S2ftConfig
-from memopt.errors import InfeasibleBudgetError, MemoptError, UnsupportedModelError
+from memopt.config import (
+    DEVICE_PRESETS, DeviceSpec, LoraConfig, OptimizeConfig, PacaConfig, QuantizeConfig, S2ftConfig,
+)
+from memopt.errors import InfeasibleBudgetError, MemoptError, PlanMismatchError, UnsupportedModelError
 from memopt.planner.plan import Plan, load_plan
 from memopt.planner.solve import PlannerConfig
 from memopt.runtime.optimized import OptimizedModel
@@ -17,6 +19,7 @@ __all__ = [
     "LoraConfig",
     "PacaConfig",
     "S2ftConfig",
+    "QuantizeConfig",
     "DeviceSpec",
     "DEVICE_PRESETS",
     "Plan",
@@ -25,6 +28,7 @@ __all__ = [
     "OptimizedModel",
     "MemoptError",
     "InfeasibleBudgetError",
+    "PlanMismatchError",
     "UnsupportedModelError",
 ]
 

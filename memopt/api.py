@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 from typing import Any, Callable
@@ -10,18 +11,24 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from memopt.config import GIB, OptimizeConfig
+from memopt.config import GIB, OptimizeConfig, QuantizeConfig
+from memopt.errors import InfeasibleBudgetError
 from memopt.ir.capture import CapturedGraph
 from memopt.ir.joint import JointTrace, trace_joint
 from memopt.ir.structure import ModelGraph, build_model_graph
-from memopt.memory.inputs import normalize_inputs
+from memopt.kernels.dequant import simulating
+from memopt.memory.inputs import input_shapes, normalize_inputs, training_kwargs
 from memopt.memory.report import MemoryReport
 from memopt.memory.simulate import simulate_step
-from memopt.passes import PassResult, RewriteLog, get_pass
+from memopt.passes import QUANTIZE, ModuleDecision, PassResult, RewriteLog, get_pass
+from memopt.passes.quantize import QuantLinear
 from memopt.planner.plan import Plan
 from memopt.planner.problem import PlanningProblem, build_problem, calibrated
+from memopt.planner.report import format_bytes
 from memopt.planner.solve import ActivationPlan, PlannerConfig, plan_activations, plan_fields
+from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.optimized import OptimizedModel, wrap
+from memopt.runtime.step import LARGER_INPUTS
 
 __all__ = ["optimize", "plan_only"]
 
@@ -39,6 +46,8 @@ def optimize(
     device: Any = None,
     reserve_gb: float | None = None,
     planner: PlannerConfig | None = None,
+    compile: bool = False,
+    larger_inputs: str = "error",
     **options: Any,
 ) -> OptimizedModel:
     """Rewrite ``model`` to train inside ``budget_gb`` GiB and return it with its Plan.
@@ -61,13 +70,27 @@ def optimize(
             can be made on a machine without one.
         planner: a ``PlannerConfig`` (what the activation planner may do, its time limit), or
             None for the defaults. ``PlannerConfig(enabled=False)`` keeps every activation.
+        quantize (in ``**options``): store the frozen Linear-like weights quantized — ``"nf4"``
+            (QLoRA's 4-bit NormalFloat with double quantization) or ``"int8"`` (per-row absmax),
+            or a ``QuantizeConfig`` (block sizes, targets); ``"auto"`` quantizes only if the
+            unquantized step does not fit, int8 before nf4 (the least lossy that fits), and the
+            plan's notes say which and why. Composes with every method: LoRA wraps the quantized
+            layer (QLoRA), PaCA overlays P on the dequantized weight (QPaCA), S²FT keeps the
+            weights it trains blocks of in full precision. The LM head stays unquantized.
+
+        compile: run the training step through Inductor (``memopt.runtime.compiled``) instead of
+            op by op (``memopt.runtime.eager``); both carry out the same plan.
+        larger_inputs: what a training step with inputs larger than ``example_inputs`` does —
+            ``"error"`` (``PlanMismatchError``: the plan's peak holds only up to its shapes) or
+            ``"replan"`` (plan again for the new shapes, keeping the rewrite). Smaller inputs
+            run with the same decisions.
 
     The plan (``model.plan``): each activation saved for backward is kept, recomputed or
     offloaded so that the predicted peak fits the budget at the least predicted time
-    (``memopt.planner``). The returned model carries out only what ``plan.runtime_applies``
-    lists — for now "keep": if keeping everything fits, the plan is exactly what runs; otherwise
-    the plan's recompute / offload decisions are a prediction (``plan.fully_applied`` is False,
-    a warning is logged, ``plan.applied_peak_bytes`` is what the returned model peaks at).
+    (``memopt.planner``), and the returned model carries it out (``memopt.runtime``): if it
+    recomputes or offloads anything, or ``compile`` is set, every training step runs as the
+    step the planner traced, partitioned by the plan's decisions (torch's selective-checkpoint
+    tags; recomputed random ops replay their RNG state); otherwise the model runs as it is.
 
     What happens to ``model``: it is rewritten **in place** and wrapped, not copied (copying a
     large model would double its memory). Targeted Linear-like submodules are replaced by
@@ -75,10 +98,15 @@ def optimize(
     ``requires_grad=False``. LoRA changes no weight value; PaCA writes ``scaling·P`` into the
     selected columns of W on every forward (the trainable P starts equal to them, so the
     function is unchanged); S²FT permutes the rows / columns of coupled weights in place
-    (function-preserving) and trains dense blocks of them. The returned ``OptimizedModel`` wraps
+    (function-preserving) and trains dense blocks of them. With ``quantize``, each quantized
+    layer is replaced by a ``QuantLinear`` holding only the quantized bytes (the full-precision
+    weight is no longer referenced by the model; the original layer object is kept by the undo
+    log only while ``optimize`` runs). The returned ``OptimizedModel`` wraps
     that same object (``.model``). ``merge()`` folds the trained parameters back into plain
-    layers (S²FT: in the original order) and restores the original ``requires_grad`` flags. If
-    ``optimize`` raises, the module is restored exactly as it was (weights included).
+    layers (S²FT: in the original order; quantized layers become plain layers holding the
+    dequantized weight, so the quantization error stays) and restores the original
+    ``requires_grad`` flags. If ``optimize`` raises, the module is restored exactly as it was
+    (weights included, quantized ones too).
 
     Raises:
         TypeError / ValueError: bad arguments, with what to change.
@@ -93,10 +121,15 @@ def optimize(
         raise TypeError("model was already optimized by memopt; call merge() first or pass the original")
     if planner is not None and not isinstance(planner, PlannerConfig):
         raise TypeError(f"planner must be a memopt.PlannerConfig or None, got {type(planner).__name__}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if larger_inputs not in LARGER_INPUTS:
+        raise ValueError(f"larger_inputs must be one of {LARGER_INPUTS}, got {larger_inputs!r}")
     cfg = OptimizeConfig.from_options(method, budget_gb, optimizer=optimizer,
                                       device=device or _parameter_device(model), reserve_gb=reserve_gb, **options)
     args, kwargs = normalize_inputs(example_inputs)
     bound = _bind_inputs(model, args, kwargs)
+    kwargs = training_kwargs(bound.signature, kwargs)  # the step as the returned model runs it
     # Capture once, before rewriting: the structure (roles, heads, couplings) comes from dataflow.
     graph = build_model_graph(model, args, kwargs)
     rewrites = RewriteLog(model)
@@ -108,10 +141,9 @@ def optimize(
         raise
     log.info("memopt: %s on %s, predicted peak %.3f GiB of %.3f GiB usable", cfg.method,
              type(model).__name__, plan.predicted_peak_bytes / GIB, plan.usable_bytes / GIB)
-    if not plan.fully_applied:
-        log.warning("memopt: the plan recomputes or offloads activations, which the returned model does not do "
-                    "yet (runtime lowering pending): as returned it peaks at %.3f GiB", plan.applied_peak_bytes / GIB)
-    return wrap(model, plan, get_pass(cfg.method).merge, rewrites.original_requires_grad())
+    optimized = wrap(model, plan, _merge_fn(cfg), rewrites.original_requires_grad())
+    replan = functools.partial(_replan, model, cfg, planner or PlannerConfig(), loss_fn, plan)
+    return optimized.use_plan(plan, compile=compile, larger_inputs=larger_inputs, replan=replan)
 
 
 def plan_only(
@@ -131,7 +163,9 @@ def plan_only(
 ) -> Plan:
     """The Plan ``optimize`` would make, for a model built only to be planned (e.g. on ``meta``).
 
-    ``model`` is rewritten in place and not restored (build a fresh one per call). Without
+    ``quantize`` is as in ``optimize``; on a ``meta`` model only shapes are quantized, so the
+    plan counts the quantized bytes exactly. ``model`` is rewritten in place and not restored
+    (build a fresh one per call). Without
     ``simulate`` the eager step is not simulated: the prediction is the joint trace's alone
     (uncalibrated, ``plan.memory`` is None), which is what makes 70B-sized plans quick.
     """
@@ -139,6 +173,7 @@ def plan_only(
                                       reserve_gb=reserve_gb, **options)
     args, kwargs = normalize_inputs(example_inputs)
     bound = _bind_inputs(model, args, kwargs)
+    kwargs = training_kwargs(bound.signature, kwargs)  # the step as the returned model runs it
     _say(progress, f"capturing {type(model).__name__}")
     graph = build_model_graph(model, args, kwargs)
     return _plan(model, cfg, planner or PlannerConfig(), graph, bound, (args, kwargs), loss_fn, RewriteLog(model),
@@ -148,20 +183,48 @@ def plan_only(
 def _plan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, graph: ModelGraph,
           bound: inspect.BoundArguments, inputs: tuple[tuple, dict], loss_fn: Any, rewrites: RewriteLog, *,
           simulate: bool, progress: Callable[[str], None] | None = None) -> Plan:
-    """The stages after capture: rewrite, (simulate), trace, plan. Requires ``graph`` of ``model``."""
+    """The stages after capture: rewrite, (simulate), trace, plan. Requires ``graph`` of ``model``.
+
+    ``quantize="auto"`` plans unquantized, then int8, then nf4 (least lossy first), undoing the
+    rewrites between tries, and keeps the first that fits; the Plan's notes say why.
+    """
+    attempt = functools.partial(_plan_with, model, cfg, planner=planner, graph=graph, bound=bound, inputs=inputs,
+                                loss_fn=loss_fn, rewrites=rewrites, simulate=simulate, progress=progress)
+    if cfg.quantize == "auto":
+        return _plan_auto(attempt, cfg, rewrites, progress)
+    return attempt(cfg.quantize)
+
+
+def _plan_with(model: nn.Module, cfg: OptimizeConfig, quant: QuantizeConfig | None, *, planner: PlannerConfig,
+               graph: ModelGraph, bound: inspect.BoundArguments, inputs: tuple[tuple, dict], loss_fn: Any,
+               rewrites: RewriteLog, simulate: bool, progress: Callable[[str], None] | None,
+               weights_must_fit: bool = False) -> Plan:
+    """One plan of ``cfg.method`` on weights quantized by ``quant`` (None: as they are)."""
     # Rewrite in place through the undo log; everything after measures the rewritten model.
-    _say(progress, f"applying {cfg.method}")
-    result = get_pass(cfg.method).apply(model, graph, cfg.method_config, rewrites)
-    # The eager step the user will run, with every activation kept: exact bytes (ground truth).
+    _say(progress, f"applying {cfg.method}" + ("" if quant is None else f" on {quant.format} weights"))
+    result = _rewrite(model, graph, cfg, quant, rewrites)
+    if weights_must_fit and (weights := _weight_bytes(model)) > cfg.usable_bytes:  # a lower bound: skip the trace
+        raise _WeightsExceed(weights)
+    memory, trace, activations = _plan_step(model, cfg, planner, inputs, loss_fn, simulate=simulate,
+                                            progress=progress)
+    return _make_plan(model, cfg, bound, graph.captured, result, memory, trace, activations)
+
+
+def _plan_step(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, inputs: tuple[tuple, dict],
+               loss_fn: Any, *, simulate: bool,
+               progress: Callable[[str], None] | None) -> tuple[MemoryReport | None, JointTrace, ActivationPlan]:
+    """(Simulate,) trace and plan the training step of the rewritten ``model`` on ``inputs``."""
     memory = None
-    if simulate:
-        _say(progress, "simulating the eager step")
-        memory = simulate_step(model, inputs, loss_fn=loss_fn, optimizer=cfg.optimizer,
-                               device=cfg.device.kind, round_to=cfg.device.alloc_granularity)
-    # The same step as one joint graph: what backward needs, when, and what recomputing it costs.
-    _say(progress, "tracing the joint forward + backward step")
-    trace = trace_joint(model, inputs, loss_fn=loss_fn, optimizer=cfg.optimizer,
-                        device=cfg.device.kind, granularity=cfg.device.alloc_granularity)
+    with simulating(cfg.device.kind):  # quantized GEMMs as the target device runs them (CUDA: fused, no W)
+        if simulate:
+            # The eager step the user will run, with every activation kept: exact bytes (ground truth).
+            _say(progress, "simulating the eager step")
+            memory = simulate_step(model, inputs, loss_fn=loss_fn, optimizer=cfg.optimizer,
+                                   device=cfg.device.kind, round_to=cfg.device.alloc_granularity)
+        # The same step as one joint graph: what backward needs, when, and what recomputing it costs.
+        _say(progress, "tracing the joint forward + backward step")
+        trace = trace_joint(model, inputs, loss_fn=loss_fn, optimizer=cfg.optimizer,
+                            device=cfg.device.kind, granularity=cfg.device.alloc_granularity)
     problem = _problem(trace, cfg, planner)
     if memory is not None:  # calibrate: keep-all predicts the simulated step exactly
         problem = calibrated(problem, _step_peak(memory), memory.phase_peaks.get("optimizer"))
@@ -170,7 +233,89 @@ def _plan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, graph: 
                    f"for {cfg.usable_bytes / GIB:.2f} GiB usable (traced in {trace.trace_seconds:.1f} s)")
     activations = plan_activations(problem, cfg.usable_bytes, planner, reserve_bytes=cfg.reserve_bytes,
                                    what=f"{cfg.method} on {type(model).__name__}", progress=progress)
-    return _make_plan(model, cfg, bound, graph.captured, result, memory, trace, activations)
+    return memory, trace, activations
+
+def _rewrite(model: nn.Module, graph: ModelGraph, cfg: OptimizeConfig, quant: QuantizeConfig | None,
+             rewrites: RewriteLog) -> PassResult:
+    """The method's pass, composed with the quantize pass when ``quant`` is given."""
+    method = get_pass(cfg.method)
+    if quant is None:
+        return method.apply(model, graph, cfg.method_config, rewrites)
+    if cfg.method == "s2ft":
+        # S²FT permutes weights in place and trains dense blocks of some: it runs first, and the
+        # weights it trains stay in full precision ("all-linear"), or are refused if named.
+        result = method.apply(model, graph, cfg.method_config, rewrites)
+        keep = {d.name: "S²FT trains a dense block of each (a quantized weight cannot be trained)"
+                for d in result.decisions if d.trainable_params} if quant.target_modules == "all-linear" else {}
+        return _combined(result, QUANTIZE.apply(model, graph, quant, rewrites, keep=keep))
+    # QLoRA / QPaCA: quantize the frozen base weights (the method freezes every parameter anyway),
+    # then the adapter wraps each QuantLinear.
+    rewrites.freeze(model.parameters())
+    quantized = QUANTIZE.apply(model, graph, quant, rewrites)
+    return _combined(method.apply(model, graph, cfg.method_config, rewrites), quantized)
+
+
+def _combined(result: PassResult, quantized: PassResult) -> PassResult:
+    """The method's decisions, each quantized layer's marked ``method+format`` with its bytes."""
+    by_name = {d.name: d for d in quantized.decisions}
+    decisions = [_with_format(d, by_name.pop(d.name, None)) for d in result.decisions]
+    return PassResult(result.module, tuple(decisions) + tuple(by_name.values()), result.notes + quantized.notes)
+
+
+def _with_format(decision: ModuleDecision, quantized: ModuleDecision | None) -> ModuleDecision:
+    if quantized is None:
+        return decision
+    q = quantized.details
+    extra = {"quantized_bytes": q["bytes"], "dense_bytes": q["dense_bytes"]}
+    if "last_block" in q:
+        extra["last_block"] = q["last_block"]
+    return dataclasses.replace(decision, method=f"{decision.method}+{q['format']}",
+                               details={**decision.details, **extra})
+
+
+class _WeightsExceed(Exception):
+    """The rewritten model's weights alone exceed the usable budget (``quantize="auto"``'s early out)."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__(nbytes)
+        self.nbytes = nbytes
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and of the quantized weights' buffers: a lower bound of any step's peak."""
+    quantized = (b for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers(recurse=False))
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *quantized))
+
+
+_AUTO_FORMATS = (None, "int8", "nf4")  # least lossy first: int8 keeps ~0.5 % of a weight's error, nf4 ~9 %
+
+
+def _plan_auto(attempt: Callable[..., Plan], cfg: OptimizeConfig, rewrites: RewriteLog,
+               progress: Callable[[str], None] | None) -> Plan:
+    """``quantize="auto"``: the least lossy of unquantized, int8, nf4 whose plan fits."""
+    usable = f"{format_bytes(cfg.usable_bytes)} usable"
+    tried: list[str] = []
+    for fmt in _AUTO_FORMATS:
+        label, last = fmt or "unquantized", fmt == _AUTO_FORMATS[-1]
+        try:
+            plan = attempt(None if fmt is None else QuantizeConfig(format=fmt), weights_must_fit=not last)
+        except _WeightsExceed as exc:
+            tried.append(f"{label}: the weights alone take {format_bytes(exc.nbytes)} > {usable}")
+        except InfeasibleBudgetError as exc:
+            if last:
+                raise InfeasibleBudgetError(
+                    f"quantize='auto': no option fits ({'; '.join(tried)}); nf4, the most compressed: "
+                    f"{str(exc).splitlines()[0]}", predicted_bytes=exc.predicted_bytes, budget_bytes=exc.budget_bytes,
+                    min_budget_gb=exc.min_budget_gb, breakdown=exc.breakdown) from exc
+            tried.append(f"{label} needs a budget of {format_bytes(int(exc.min_budget_gb * GIB))} > "
+                         f"{format_bytes(cfg.budget_bytes)}")
+        else:
+            fits = f"{label} fits at a predicted peak of {format_bytes(plan.predicted_peak_bytes)} of {usable}"
+            note = f"quantize='auto' chose {fmt or 'no quantization'}: " + "; ".join([*tried, fits])
+            return dataclasses.replace(plan, notes=plan.notes + (note,))
+        _say(progress, f"quantize='auto': {tried[-1]}; undoing it, trying the next option")
+        rewrites.undo()
+    raise AssertionError("unreachable: the last option returns or raises")
 
 
 def _say(progress: Callable[[str], None] | None, message: str) -> None:
@@ -195,18 +340,6 @@ def _bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundAr
             f"example_inputs do not fit {type(model).__name__}.forward{signature}: {exc}. "
             "Pass a tuple of positional arguments, a dict of keyword arguments, or an (args, kwargs) pair."
         ) from None
-
-
-def _input_shapes(bound: inspect.BoundArguments) -> dict[str, tuple[int, ...]]:
-    shapes = {}
-    for name, value in bound.arguments.items():
-        if isinstance(value, torch.Tensor):
-            shapes[name] = tuple(value.shape)
-        elif isinstance(value, (tuple, list)):
-            shapes.update({f"{name}[{i}]": tuple(v.shape) for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
-        elif isinstance(value, dict):
-            shapes.update({f"{name}.{k}": tuple(v.shape) for k, v in value.items() if isinstance(v, torch.Tensor)})
-    return shapes
 
 
 def _problem(trace: JointTrace, cfg: OptimizeConfig, planner: PlannerConfig) -> PlanningProblem:
@@ -238,13 +371,36 @@ def _make_plan(model: nn.Module, cfg: OptimizeConfig, bound: inspect.BoundArgume
         device=cfg.device,
         budget_bytes=cfg.budget_bytes,
         reserve_bytes=cfg.reserve_bytes,
-        input_shapes=_input_shapes(bound),
+        input_shapes=input_shapes(bound),
         capture=captured.method,
         modules=result.decisions,
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         total_params=sum(p.numel() for p in params),
         memory=memory,
         notes=tuple(notes),
+        fingerprint=structural_fingerprint(model),
         **plan_fields(activations, trace_seconds=trace.trace_seconds,
-                      applied_peak_bytes=None if memory is None else memory.peak_bytes),
+                      applied_peak_bytes=None if memory is None else memory.peak_bytes,
+                      op_flops=[op.flops for op in trace.ops]),
     )
+
+
+def _merge_fn(cfg: OptimizeConfig) -> Callable[[nn.Module], nn.Module]:
+    """What ``OptimizedModel.merge`` runs: the method's merge."""
+    return get_pass(cfg.method).merge
+
+
+def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_fn: Any, old: Plan,
+            args: tuple, kwargs: dict) -> Plan:
+    """A new Plan for the already rewritten ``model`` at new input shapes (``larger_inputs="replan"``):
+    the rewrite stays (``old``'s module decisions); the step is simulated, traced and planned again."""
+    bound = _bind_inputs(model, args, kwargs)
+    kwargs = training_kwargs(bound.signature, kwargs)
+    memory, trace, activations = _plan_step(model, cfg, planner, (args, kwargs), loss_fn, simulate=True,
+                                            progress=None)
+    notes = tuple(n for n in old.notes if not n.startswith("re-planned")) + (
+        f"re-planned for inputs {input_shapes(bound)} (planned first for {dict(old.input_shapes)})",)
+    fields = plan_fields(activations, trace_seconds=trace.trace_seconds, op_flops=[op.flops for op in trace.ops])
+    fields.update(runtime_applies=old.runtime_applies, applied_peak_bytes=old.applied_peak_bytes)
+    return dataclasses.replace(old, input_shapes=input_shapes(bound), memory=memory, notes=notes,
+                               fingerprint=structural_fingerprint(model), **fields)

@@ -1,6 +1,7 @@
 """``memopt plan`` and ``memopt inspect``: dry-run planning from a model config, and reading plans.
 
     memopt plan --hf-config llama-2-7b --batch 4 --seq 2048 --budget 24 --method lora --device rtx4090
+    memopt plan --hf-config llama-2-70b --batch 1 --seq 512 --budget 48 --method lora --quantize nf4 --device a100-80gb
     memopt plan --hf-config path/to/config.json ... --json plan.json
     memopt inspect plan.json
 
@@ -72,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--method", default="lora", help="lora | paca | s2ft")
     plan.add_argument("--device", default="rtx4090", help="a device preset (rtx4090, l4, a100-40gb, a100-80gb, h100, ...)")
     plan.add_argument("--rank", type=int, help="adapter rank (lora, paca)")
+    plan.add_argument("--quantize", choices=("nf4", "int8", "auto"),
+                      help="store the frozen Linear weights quantized (QLoRA / QPaCA); auto: only if needed to fit")
     plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     plan.add_argument("--optimizer", default="adamw")
     plan.add_argument("--reserve", type=float, help="GiB kept free for the CUDA context (default: the device's)")
@@ -122,11 +125,12 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {} if args.quantize is None else {"quantize": args.quantize}
     if args.rank is None:
-        return {}
+        return options
     if args.method == "s2ft":
         raise BadInput("--rank is for lora and paca; s2ft selects heads and channels by ratio")
-    return {"rank": args.rank}
+    return {**options, "rank": args.rank}
 
 
 def _hf_config(spec: str) -> Any:

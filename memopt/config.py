@@ -24,6 +24,8 @@ __all__ = [
     "PacaConfig",
     "S2ftConfig",
     "METHOD_CONFIGS",
+    "QUANT_FORMATS",
+    "QuantizeConfig",
     "OptimizeConfig",
     "GIB",
     "MIB",
@@ -174,6 +176,59 @@ class S2ftConfig(MethodConfig):
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"lora": LoraConfig, "paca": PacaConfig, "s2ft": S2ftConfig}
 
+QUANT_FORMATS = ("nf4", "int8")
+_QUANTIZE_CHOICES = (None, *QUANT_FORMATS, "auto")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Which frozen Linear-like weights to quantize, and to what (``memopt.passes.quantize``).
+
+    ``format``: "nf4" (QLoRA: 4-bit NormalFloat, absmax per ``block_size`` elements, the absmax
+    double-quantized to 8 bits per ``scaler_block_size``) or "int8" (per-output-row absmax).
+    ``target_modules`` / ``exclude_modules``: PEFT's conventions, as in ``LoraConfig``
+    ("all-linear" leaves the LM head in full precision, as QLoRA does).
+    """
+
+    method: ClassVar[str] = "quantize"
+    format: str = "nf4"
+    block_size: int = 64
+    scaler_block_size: int = 256
+    target_modules: Any = "all-linear"
+    exclude_modules: Any = None
+
+    def __post_init__(self) -> None:
+        if self.format not in QUANT_FORMATS:
+            raise ValueError(f"format must be one of {QUANT_FORMATS}, got {self.format!r}")
+        for name in ("block_size", "scaler_block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value % 2:
+                raise ValueError(f"{name} must be an even integer >= 2, got {value!r} (QLoRA uses 64 and 256)")
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
+        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantizeConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _quantize_option(value: Any) -> "QuantizeConfig | str | None":
+    """``quantize=``: None, "nf4" / "int8" (a default ``QuantizeConfig`` of that format), "auto", or a config."""
+    if value is None or isinstance(value, QuantizeConfig):
+        return value
+    if isinstance(value, str):
+        if value == "auto":
+            return value
+        if value in QUANT_FORMATS:
+            return QuantizeConfig(format=value)
+        raise ValueError(f"quantize must be one of {_QUANTIZE_CHOICES} or a memopt.QuantizeConfig, got {value!r}")
+    raise TypeError(f"quantize must be None, 'nf4', 'int8', 'auto' or a memopt.QuantizeConfig, "
+                    f"got {type(value).__name__} {value!r}")
+
 
 def _positive_number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -188,7 +243,9 @@ class OptimizeConfig:
     """Everything `memopt.optimize` was asked to do, validated.
 
     ``budget_gb`` is GiB (2**30 bytes) of device capacity; ``reserve_gb`` (default: the device's
-    documented reserve) is subtracted from it before planning.
+    documented reserve) is subtracted from it before planning. ``quantize``: None (weights as they
+    are), a ``QuantizeConfig`` ("nf4" / "int8" are taken as the default config of that format) or
+    "auto" (quantize only if the step does not fit otherwise: int8 first, then nf4).
     """
 
     budget_gb: float
@@ -196,9 +253,11 @@ class OptimizeConfig:
     optimizer: str = "adamw"
     device: DeviceSpec = field(default_factory=lambda: DEVICE_PRESETS["cpu"])
     reserve_gb: float | None = None
+    quantize: QuantizeConfig | str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget_gb", _positive_number(self.budget_gb, "budget_gb"))
+        object.__setattr__(self, "quantize", _quantize_option(self.quantize))
         if not isinstance(self.method_config, MethodConfig):
             raise TypeError(f"method_config must be a MethodConfig, got {type(self.method_config).__name__}")
         if self.reserve_gb is not None:
@@ -228,7 +287,8 @@ class OptimizeConfig:
 
     @classmethod
     def from_options(cls, method: str, budget_gb: Any, *, optimizer: str = "adamw", device: Any = "cpu",
-                     reserve_gb: float | None = None, **method_options: Any) -> "OptimizeConfig":
+                     reserve_gb: float | None = None, quantize: Any = None,
+                     **method_options: Any) -> "OptimizeConfig":
         """Build from `optimize`'s keyword options; unknown options are an error, never ignored."""
         if not isinstance(method, str) or method not in METHOD_CONFIGS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_CONFIGS)}")
@@ -243,4 +303,5 @@ class OptimizeConfig:
             optimizer=optimizer,
             device=resolve_device(device),
             reserve_gb=reserve_gb,
+            quantize=quantize,
         )

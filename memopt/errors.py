@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-__all__ = ["MemoptError", "InfeasibleBudgetError", "UnsupportedModelError"]
+__all__ = ["MemoptError", "InfeasibleBudgetError", "PlanMismatchError", "UnsupportedModelError"]
 
 _GIB = 2**30
 
@@ -47,3 +47,7 @@ class InfeasibleBudgetError(MemoptError):
         if parts:
             detail += f"\n  at the peak: {parts}" + (f" (dominated by {dominant})" if dominant else "")
         super().__init__(detail)
+
+
+class PlanMismatchError(MemoptError):
+    """A Plan was applied to a model, inputs or a format it was not made for; the message says which."""

@@ -44,10 +44,30 @@ def test_an_infeasible_budget_exits_3_with_the_smallest_feasible_budget(tiny_con
     assert "smallest feasible budget:" in printed.out and "does not fit" in printed.err
 
 
+def test_quantize_plans_qlora_and_the_plan_says_so(tiny_config, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(_plan_args(tiny_config, "0.01", "--quantize", "nf4", "--json", str(out))) == 0
+    plan, printed = load_plan(out), capsys.readouterr().out
+    assert {m.method for m in plan.modules if m.role != "lm_head"} == {"lora+nf4"}
+    assert "lora+nf4" in printed and "quantize: 14 frozen Linear-like weights stored as NF4" in printed
+    # hidden 64, intermediate 128, 2 layers: 8 weights of 64x64 and 6 of 64x128, NF4 + double quantization
+    quantized = sum(m.details["quantized_bytes"] for m in plan.modules if "quantized_bytes" in m.details)
+    assert quantized == 8 * (2048 + 64 + 4 + 4) + 6 * (4096 + 128 + 4 + 4)
+
+
+def test_quantize_auto_keeps_the_weights_when_they_fit(tiny_config, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(_plan_args(tiny_config, "1", "--quantize", "auto", "--json", str(out))) == 0
+    plan = load_plan(out)
+    assert plan.notes[-1].startswith("quantize='auto' chose no quantization: unquantized fits")
+    assert {m.method for m in plan.modules if m.role != "lm_head"} == {"lora"}
+
+
 @pytest.mark.parametrize("args,message", [
     (["--hf-config", "gpt-9"], "neither a preset nor a file; presets: llama-2-7b, llama-2-13b"),
     (["--device", "tpu-v9"], "unknown device 'tpu-v9'; presets: a100-40gb"),
     (["--method", "s2ft", "--rank", "8"], "--rank is for lora and paca"),
+    (["--method", "s2ft", "--quantize", "nf4", "--rank", "8"], "--rank is for lora and paca"),
 ])
 def test_bad_input_exits_2_and_says_what_was_expected(tiny_config, capsys, args, message):
     base = {"--hf-config": tiny_config, "--device": "rtx4090", "--method": "lora", "--rank": None}
@@ -77,3 +97,10 @@ def test_presets_build_the_published_models_on_meta(preset, params):
     assert sum(p.numel() for p in model.parameters()) == params
     assert all(p.device.type == "meta" for p in model.parameters()) and batch["input_ids"].shape == (1, 8)
     assert set(HF_PRESETS) == {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "mistral-7b"}
+
+
+def test_an_unknown_quantize_format_is_refused_by_the_parser(tiny_config, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(_plan_args(tiny_config, "1", "--quantize", "fp4"))
+    assert info.value.code == EXIT_BAD_INPUT
+    assert "argument --quantize: invalid choice: 'fp4'" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from memopt.config import DEVICE_PRESETS, GIB, LoraConfig, OptimizeConfig, resolve_device
+from memopt.config import DEVICE_PRESETS, GIB, LoraConfig, OptimizeConfig, QuantizeConfig, resolve_device
 
 
 @pytest.mark.parametrize("budget", [0, -1, math.inf, math.nan])
@@ -72,3 +72,39 @@ def test_unknown_device_lists_the_presets():
 def test_method_config_round_trips_through_a_dict():
     cfg = LoraConfig(rank=4, target_modules=["q_proj", "v_proj"], exclude_modules="lm_head")
     assert LoraConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("value,expected", [
+    (None, None), ("auto", "auto"), ("nf4", QuantizeConfig(format="nf4")), ("int8", QuantizeConfig(format="int8")),
+    (QuantizeConfig(format="int8", block_size=128), QuantizeConfig(format="int8", block_size=128)),
+])
+def test_quantize_option_accepts_a_format_auto_or_a_config(value, expected):
+    cfg = OptimizeConfig.from_options("paca", 8, quantize=value, rank=4)
+    assert cfg.quantize == expected and cfg.method_config.rank == 4
+
+
+@pytest.mark.parametrize("value,error,match", [
+    ("fp4", ValueError, r"quantize must be one of \(None, 'nf4', 'int8', 'auto'\) or a memopt.QuantizeConfig, got 'fp4'"),
+    ("NF4", ValueError, "got 'NF4'"),
+    (True, TypeError, "quantize must be None, 'nf4', 'int8', 'auto' or a memopt.QuantizeConfig, got bool"),
+    ({"format": "nf4"}, TypeError, "got dict"),
+])
+def test_a_bad_quantize_option_says_what_to_pass(value, error, match):
+    with pytest.raises(error, match=match):
+        OptimizeConfig.from_options("lora", 8, quantize=value)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(format="fp4"), r"format must be one of \('nf4', 'int8'\)"),
+    (dict(block_size=63), "block_size must be an even integer >= 2, got 63"),
+    (dict(scaler_block_size=0), "scaler_block_size must be an even integer"),
+    (dict(block_size=True), "block_size must be an even integer"),
+])
+def test_quantize_config_is_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuantizeConfig(**kwargs)
+
+
+def test_quantize_config_round_trips_through_a_dict():
+    cfg = QuantizeConfig(format="int8", target_modules=["q_proj"], exclude_modules="lm_head")
+    assert QuantizeConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["target_modules"] == ["q_proj"]

@@ -49,7 +49,6 @@ from torch.utils._pytree import tree_flatten, tree_leaves
 
 from memopt.errors import MemoptError, UnsupportedModelError
 from memopt.memory.inputs import normalize_inputs
-from memopt.memory.report import Category
 from memopt.memory.simulate import OPTIMIZERS, LossFn, _fake_inputs, _fake_like, _loss_of
 from memopt.memory.tracker import MemoryTracker
 

@@ -19,15 +19,28 @@ row-major, flat index ``f = n·K + k``.
 Dispatch, interpreter and laziness as in ``memopt.kernels.paca``: ``uses_dequant_triton`` picks the
 kernel for CUDA fp32/fp16/bf16 inputs; with ``TRITON_INTERPRET=1`` set before triton is imported,
 ``dequant_matmul_triton`` runs on CPU tensors (how the tests check it without a GPU).
+
+Planning a GPU step on fake CPU tensors (``memopt.memory.simulate``, ``memopt.ir.joint``) must see
+what the GPU runs, not the CPU reference: inside ``simulating("cuda")`` the GEMM is the custom op
+``memopt::dequant_matmul``, one op whose fake implementation allocates only its output — exactly
+what the Triton kernel allocates — with the GEMM's FLOPs registered for ``FlopCounterMode``. (The
+reference would put a W-sized transient and ~N·K/16384 chunk ops per GEMM into the trace: wrong
+bytes for the GPU, and millions of ops for a 70B model.) Outside that context, and for a CPU
+target, the reference runs on fake tensors too, so a CPU plan counts its transients exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+from torch._subclasses.functional_tensor import FunctionalTensor
+from torch.utils import flop_counter
 
 from memopt.kernels.paca import Blocks, _cdiv, _precision, triton_available
 
@@ -39,7 +52,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "NF4_CODE", "dequant_matmul", "dequant_matmul_reference", "dequant_matmul_triton", "dequantize_int8",
-    "dequantize_nf4", "uses_dequant_triton",
+    "dequantize_nf4", "simulating", "uses_dequant_triton",
 ]
 
 # The 16 NF4 values of QLoRA (Dettmers et al. 2023, appendix E), as bitsandbytes stores them (fp32).
@@ -60,22 +73,59 @@ _BLOCKS = {torch.float32: Blocks(m=64, n=64, k=32, num_warps=4), torch.float16: 
 _CHUNK = 1 << 14
 
 
+def real_table(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as a real fp32 tensor on ``device``, made once per device.
+
+    Made outside any fake mode: a table first asked for while simulating must not be cached as a
+    fake tensor, and a real constant is what a traced graph may hold.
+    """
+    if _strict_fake_mode():  # traced by AOTAutograd: a constant made inside the graph
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    return _real_table(tuple(values), torch.device(device))
+
+
+def _strict_fake_mode() -> bool:
+    """Is a fake mode active that refuses real tensors (AOTAutograd's, tracing memopt's runtime)?"""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode()
+    return mode is not None and not mode.allow_non_fake_inputs
+
+
 @functools.cache
+def _real_table(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    with unset_fake_temporarily():
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def _nf4_table(device: torch.device) -> torch.Tensor:
-    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+    return real_table(NF4_CODE, device)
 
 
-@functools.cache
 def _nf4_pair_table(device: torch.device) -> torch.Tensor:
     """[256, 2] fp32: the two NF4 values of every byte (high nibble first)."""
-    byte = torch.arange(256, device=device)
-    return _nf4_table(device)[torch.stack((byte >> 4, byte & 0xF), dim=1)]
+    if _strict_fake_mode():
+        return _pairs(_nf4_table(device))
+    return _real_nf4_pair_table(torch.device(device))
+
+
+@functools.cache
+def _real_nf4_pair_table(device: torch.device) -> torch.Tensor:
+    with unset_fake_temporarily():
+        return _pairs(_nf4_table(device))
+
+
+def _pairs(table: torch.Tensor) -> torch.Tensor:
+    byte = torch.arange(256, device=table.device)
+    return table[torch.stack((byte >> 4, byte & 0xF), dim=1)]
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], block: int,
                    dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in ``dtype`` from NF4 bytes and per-block fp32 absmax (computed in fp32, cast once)."""
     n = shape[0] * shape[1]
+    if packed.device.type == "meta":  # shapes only (a model built to be planned): no chunk loop
+        return torch.empty(shape, dtype=dtype, device="meta")
     out = torch.empty(n, dtype=dtype, device=packed.device)
     pairs = _nf4_pair_table(packed.device)
     step = _CHUNK - _CHUNK % block if block <= _CHUNK else block  # whole blocks, an even count of elements
@@ -90,6 +140,8 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int,
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """W [N, K] in ``dtype`` from int8 codes and per-row fp32 scales."""
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    if q.device.type == "meta":
+        return out
     rows = max(1, _CHUNK // max(1, q.shape[1]))
     for r in range(0, q.shape[0], rows):
         out[r: r + rows] = q[r: r + rows].float() * scale[r: r + rows, None]
@@ -118,10 +170,62 @@ def uses_dequant_triton(a: torch.Tensor) -> bool:
 
 def dequant_matmul(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int],
                    block: int, bias: torch.Tensor | None = None, transpose: bool = True) -> torch.Tensor:
-    """The Triton kernel on CUDA when available, the torch reference otherwise (same contract)."""
+    """The Triton kernel on CUDA when available, the torch reference otherwise (same contract).
+
+    Inside ``simulating("cuda")`` it is the fused op ``memopt::dequant_matmul`` (see the module docstring);
+    so it is wherever the GEMM is being traced rather than run — under ``torch.compile``, or on fake
+    or functional (AOTAutograd) CUDA tensors — where one opaque op is what the graph should hold.
+    """
+    if _as_one_op(a):
+        return torch.ops.memopt.dequant_matmul(a, fmt, data, scales, list(shape), block, bias, transpose)
+    return _eager_dequant_matmul(a, fmt, data, scales, shape, block, bias, transpose)
+
+
+def _as_one_op(a: torch.Tensor) -> bool:
+    simulated = _SIMULATED.get()
+    if simulated is not None:
+        return simulated == "cuda"
+    return torch.compiler.is_compiling() or (a.is_cuda and (is_fake(a) or isinstance(a, FunctionalTensor)))
+
+
+def _eager_dequant_matmul(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor,
+                          shape: tuple[int, int], block: int, bias: torch.Tensor | None, transpose: bool) -> torch.Tensor:
     if uses_dequant_triton(a):
         return dequant_matmul_triton(a, fmt, data, scales, shape, block, bias, transpose)
     return dequant_matmul_reference(a, fmt, data, scales, shape, block, bias, transpose)
+
+
+# Which device's dequant-matmul a simulation models: None (the tensors' own), or a device kind.
+_SIMULATED: contextvars.ContextVar[str | None] = contextvars.ContextVar("memopt_dequant_simulated", default=None)
+
+
+@contextlib.contextmanager
+def simulating(device_kind: str) -> Iterator[None]:
+    """Within this block, ``dequant_matmul`` is the one the target ``device_kind`` runs ("cuda": fused)."""
+    token = _SIMULATED.set(device_kind)
+    try:
+        yield
+    finally:
+        _SIMULATED.reset(token)
+
+
+@torch.library.custom_op("memopt::dequant_matmul", mutates_args=())
+def _fused_dequant_matmul(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor, shape: list[int],
+                          block: int, bias: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+    """``dequant_matmul`` as one op (what the fused kernel is); real tensors run the eager dispatch."""
+    return _eager_dequant_matmul(a, fmt, data, scales, (shape[0], shape[1]), block, bias, transpose)
+
+
+@_fused_dequant_matmul.register_fake
+def _(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor, shape: list[int], block: int,
+      bias: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+    return a.new_empty((a.shape[0], shape[0] if transpose else shape[1]))  # the output: all the kernel allocates
+
+
+@flop_counter.register_flop_formula(torch.ops.memopt.dequant_matmul)
+def _fused_flops(a_shape: Any, fmt: str, data_shape: Any, scales_shape: Any, shape: list[int], block: int,
+                 bias_shape: Any, transpose: bool, out_shape: Any = None, **_: Any) -> int:
+    return 2 * a_shape[0] * shape[0] * shape[1]  # one GEMM, [M, K] x [K, N] either way round
 
 
 def dequant_matmul_triton(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor,

@@ -7,11 +7,12 @@ part of memopt that runs the model wants the same normal form.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import torch
 
-__all__ = ["normalize_inputs"]
+__all__ = ["input_shapes", "normalize_inputs", "training_kwargs"]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -43,3 +44,26 @@ def _kwargs(m: Mapping[Any, Any]) -> dict[str, Any]:
     if bad:
         raise TypeError(f"keyword inputs must have str keys, got {bad!r}; pass positional inputs as a tuple")
     return dict(m)
+
+
+def input_shapes(bound: inspect.BoundArguments) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor among a call's bound arguments, by argument name (``name[i]``
+    inside a tuple or list, ``name.key`` inside a dict)."""
+    shapes = {}
+    for name, value in bound.arguments.items():
+        if isinstance(value, torch.Tensor):
+            shapes[name] = tuple(value.shape)
+        elif isinstance(value, (tuple, list)):
+            shapes.update({f"{name}[{i}]": tuple(v.shape) for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
+        elif isinstance(value, dict):
+            shapes.update({f"{name}.{k}": tuple(v.shape) for k, v in value.items() if isinstance(v, torch.Tensor)})
+    return shapes
+
+
+def training_kwargs(signature: inspect.Signature, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for a training step: ``use_cache=False`` where the forward takes ``use_cache``
+    and the caller did not set it (as HF does under gradient checkpointing) — a key/value cache is
+    inference state, and building one in a training step costs a copy of every key and value."""
+    if "use_cache" in signature.parameters and "use_cache" not in kwargs:
+        return {**kwargs, "use_cache": False}
+    return kwargs

@@ -34,6 +34,8 @@ seen; nor are tensors made under ``no_dispatch`` or inside non-traceable wrapper
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 from typing import Any, Callable, Iterable
 
@@ -51,9 +53,10 @@ from memopt.errors import MemoptError
 from memopt.memory.ledger import Ledger, StorageRecord
 from memopt.memory.report import Category, MemoryBreakdown, MemoryReport
 
-__all__ = ["Category", "MemoryBreakdown", "MemoryReport", "MemoryTracker", "storages_of"]
+__all__ = ["Category", "MemoryBreakdown", "MemoryReport", "MemoryTracker", "not_counted", "storages_of"]
 
 _Entry = tuple[StorageRecord, "weakref.ref[torch.UntypedStorage]"]
+_PAUSED = threading.local()
 # A parameter's or buffer's storage keeps its category even if an optimizer or hook holds it.
 _PROTECTED = frozenset({Category.PARAMETERS, Category.BUFFERS})
 
@@ -92,8 +95,45 @@ class _CountingMode(TorchDispatchMode):
         if any(is_traceable_wrapper_subclass_type(t) for t in types):
             return NotImplemented
         out = func(*args, **(kwargs or {}))
-        self._on_outputs(out)
+        if not getattr(_PAUSED, "depth", 0):
+            self._on_outputs(out)
         return out
+
+
+@contextlib.contextmanager
+def not_counted() -> Any:
+    """Storages made inside are not counted by any tracker: work that allocates nothing on the
+    device in a real run but does on the fake tensors of a simulation (tracing a graph). Yields
+    ``resume()``, which ends the pause early (e.g. once tracing is done and the step runs)."""
+    _PAUSED.depth = getattr(_PAUSED, "depth", 0) + 1
+    paused = [True]
+
+    def resume() -> None:
+        if paused[0]:
+            paused[0] = False
+            _PAUSED.depth -= 1
+
+    try:
+        yield resume
+    finally:
+        resume()
+
+
+def _count_through(hop: Any) -> None:
+    """Let ``hop`` (a higher-order op) run under the counting mode: the mode is popped while a
+    higher-order op's rule runs, so the rule runs it below the mode and counts its outputs."""
+
+    @hop.py_impl(_CountingMode)
+    def _(mode: _CountingMode, *args: Any, **kwargs: Any) -> Any:
+        out = hop(*args, **kwargs)
+        if not getattr(_PAUSED, "depth", 0):
+            mode._on_outputs(out)
+        return out
+
+
+# The RNG-replay wrappers torch's partitioner puts around recomputed random ops (memopt.runtime).
+_count_through(torch._prims.rng_prims.run_and_save_rng_state)
+_count_through(torch._prims.rng_prims.run_with_rng_state)
 
 
 class MemoryTracker:

@@ -4,6 +4,8 @@
 and B zero-initialised — PEFT's numerics exactly, so a memopt LoRA and a PEFT LoRA with the same
 A and B give the same outputs and gradients. Works on ``nn.Linear`` (weight [out, in]) and on the
 transposed Conv1D-style linear of GPT-2 (weight [in, out]); ``merge`` folds BA back into W.
+Over a ``QuantLinear`` base (QLoRA) the base's forward dequantizes; ``merge`` needs a plain base
+(``dequantize_model`` first — the registry's merge does both).
 """
 
 from __future__ import annotations
@@ -16,8 +18,16 @@ import torch.nn as nn
 from memopt.config import LoraConfig
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
 from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, merge_wrapped, select_targets
+from memopt.passes.quantize import QuantLinear
 
 __all__ = ["LoraLinear", "apply_lora", "merge_lora"]
+
+
+def _factory(base_layer: nn.Module) -> dict:
+    """The device and dtype of the base weight (a ``QuantLinear``'s compute dtype, without dequantizing it)."""
+    if isinstance(base_layer, QuantLinear):
+        return {"device": base_layer.qweight.device, "dtype": base_layer.compute_dtype}
+    return {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
 
 
 class LoraLinear(nn.Module):
@@ -26,13 +36,12 @@ class LoraLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, kind: str, in_features: int, out_features: int,
                  cfg: LoraConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        weight = base_layer.weight
         self.base_layer = base_layer
         self.kind = kind
         self.in_features, self.out_features = in_features, out_features
         self.rank = cfg.rank
         self.scaling = cfg.scaling
-        factory = {"device": weight.device, "dtype": weight.dtype}
+        factory = _factory(base_layer)
         self.lora_A = nn.Linear(in_features, cfg.rank, bias=False, **factory)
         self.lora_B = nn.Linear(cfg.rank, out_features, bias=False, **factory)
         self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -61,6 +70,9 @@ class LoraLinear(nn.Module):
 
     def merged(self) -> nn.Module:
         """The base layer with the update folded into its weight (changes it in place)."""
+        if isinstance(self.base_layer, QuantLinear):  # its weight is a fresh copy: adding into it would be lost
+            raise ValueError("cannot merge LoRA into a quantized base layer; call "
+                             "memopt.passes.quantize.dequantize_model(model) first, then merge")
         with torch.no_grad():
             self.base_layer.weight.add_(self.delta_weight().to(self.base_layer.weight.dtype))
         return self.base_layer

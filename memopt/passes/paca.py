@@ -22,6 +22,11 @@ The op (``_PacaMatmul``), and why it is built this way:
   a disabled call or a re-gathered FSDP shard), computes ``grad_P = scaling·g_flatᵀ·x_idx_flat``
   (chain rule through W[:, idx] = scaling·P) and never a gradient for W. ``grad_x`` is skipped when
   the input needs none (the first layer above frozen embeddings), see ``memopt.passes.freeze``.
+* Traced into a graph (memopt's joint trace and runtime lowering run AOTAutograd, whose graphs
+  may not write into their inputs between forward and backward), the op computes the same
+  function without writing W: ``x·Wᵀ + b + x[..., idx]·deltaᵀ`` with ``delta = scaling·P −
+  W[:, idx]`` (out×rank), and ``grad_x = g·W`` plus ``g·delta`` added into the columns ``idx`` —
+  the same saved tensors, equal to the eager op up to rounding.
 * P is saved for backward, so autograd's version check raises if P is changed in place between a
   forward and its backward (an optimizer step in the middle of accumulation).
 * Bias: frozen by default, like every original parameter. If a user unfreezes it, its gradient is
@@ -35,6 +40,10 @@ The forward GEMM goes through ``memopt.kernels.paca.paca_forward`` (a fused Trit
 also writes the gathered copy on CUDA, the torch reference elsewhere). A weight shared by several
 modules (tied embeddings) cannot be targeted: writing P into it would change the other users.
 ``merge`` writes ``scaling·P`` into W for good and returns the plain layer.
+
+A target that is a ``QuantLinear`` (the quantize pass ran first) becomes a ``QPacaLinear`` (QPaCA):
+the same parameterization, with P overlaid on the dequantized W instead of written into it, so the
+quantized bytes never change; its merge is ``memopt.passes.quantize.dequantize_model``.
 """
 
 from __future__ import annotations
@@ -50,8 +59,9 @@ from memopt.config import PacaConfig
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
 from memopt.kernels.paca import paca_forward
 from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, merge_wrapped, select_targets
+from memopt.passes.quantize import QPacaLinear, QuantLinear
 
-__all__ = ["PacaLinear", "apply_paca", "merge_paca", "module_seed", "paca_linear", "select_columns"]
+__all__ = ["PacaLinear", "apply_paca", "merge_paca", "module_seed", "paca_linear", "random_columns", "select_columns"]
 
 _SEED_MASK = 2**63 - 1  # torch.Generator seeds are 64-bit; stay non-negative
 
@@ -81,15 +91,43 @@ def _autocast(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return x2d.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
+def _traced(weight: torch.Tensor) -> bool:
+    """Is the op being traced into a graph (AOTAutograd's functional tensors: memopt's joint trace
+    and the runtime lowering)? A graph may not write into its inputs between forward and backward."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(weight, FunctionalTensor)
+
+
+def _delta(weight: torch.Tensor, cols: torch.Tensor, idx: torch.Tensor, scaling: float, kind: str) -> torch.Tensor:
+    """scaling·cols − W_log[:, idx]: what the columns ``idx`` add to W ([out, r])."""
+    current = weight.index_select(1, idx) if kind == "linear" else weight.index_select(0, idx).t()
+    return cols.to(weight.dtype) * scaling - current
+
+
+def _overlaid_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor,
+                      idx: torch.Tensor, scaling: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same function without writing W (traced graphs): x·Wᵀ + b + x[:, idx]·deltaᵀ."""
+    x_idx = x2d.index_select(1, idx)
+    w_log = weight if kind == "linear" else weight.t()
+    y2d = torch.nn.functional.linear(x2d, w_log, bias) + x_idx.mm(_delta(weight, cols, idx, scaling, kind).t())
+    return y2d, x_idx
+
+
 class _PacaMatmul(torch.autograd.Function):
     """y = x·W_effᵀ + b with W_eff = W, columns idx = scaling·cols. Inputs 0, 2, 3 may need grad."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor,
                 idx: torch.Tensor, scaling: float, kind: str) -> torch.Tensor:
-        _overlay(weight, idx, cols, scaling, kind)
+        ctx.traced = _traced(weight)
+        if not ctx.traced:
+            _overlay(weight, idx, cols, scaling, kind)
         x2d, w, b = _autocast(x.reshape(-1, x.shape[-1]), weight, bias)  # x2d [M, in]
-        y2d, x_idx = paca_forward(x2d, w, b, idx, kind, gather=ctx.needs_input_grad[3])
+        if ctx.traced:
+            y2d, x_idx = _overlaid_forward(x2d, w, b, cols, idx, scaling, kind)
+        else:
+            y2d, x_idx = paca_forward(x2d, w, b, idx, kind, gather=ctx.needs_input_grad[3])
         ctx.save_for_backward(x_idx, cols)  # x_idx [M, r] is a copy, never a view of x
         ctx.weight, ctx.idx, ctx.scaling, ctx.kind, ctx.x_shape = weight, idx, scaling, kind, x.shape
         return y2d.view(*x.shape[:-1], y2d.shape[-1])
@@ -100,7 +138,11 @@ class _PacaMatmul(torch.autograd.Function):
         x_idx, cols = ctx.saved_tensors
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [M, out]
         grad_x = grad_bias = grad_cols = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and ctx.traced:
+            weight = ctx.weight.to(g2d.dtype)
+            delta = _delta(weight, cols, ctx.idx, ctx.scaling, ctx.kind)  # [out, r]
+            grad_x = _weight_matmul(g2d, weight, ctx.kind).index_add(1, ctx.idx, g2d.mm(delta)).view(ctx.x_shape)
+        elif ctx.needs_input_grad[0]:
             _overlay(ctx.weight, ctx.idx, cols, ctx.scaling, ctx.kind)  # the weights this forward used
             weight = ctx.weight.to(g2d.dtype)  # a copy only under autocast, as autocast's forward made
             grad_x = _weight_matmul(g2d, weight, ctx.kind).view(ctx.x_shape)  # autograd casts it to x's dtype
@@ -129,12 +171,16 @@ def select_columns(weight: torch.Tensor, kind: str, rank: int, selection: str, s
     """``rank`` sorted input-column indices of W (int64, on W's device)."""
     in_features = weight.shape[1] if kind == "linear" else weight.shape[0]
     if selection == "random":
-        gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(in_features, generator=gen)[:rank]
-    else:  # "weight-norm": the columns of largest L2 norm, accumulated in fp32
-        norms = torch.linalg.vector_norm(weight, dim=0 if kind == "linear" else 1, dtype=torch.float32)
-        idx = norms.topk(rank).indices
-    return idx.sort().values.to(weight.device)
+        return random_columns(in_features, rank, seed).to(weight.device)
+    # "weight-norm": the columns of largest L2 norm, accumulated in fp32
+    norms = torch.linalg.vector_norm(weight, dim=0 if kind == "linear" else 1, dtype=torch.float32)
+    return norms.topk(rank).indices.sort().values.to(weight.device)
+
+
+def random_columns(in_features: int, rank: int, seed: int) -> torch.Tensor:
+    """``rank`` sorted random input columns of ``in_features`` (int64, CPU), a function of the seed only."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(in_features, generator=gen)[:rank].sort().values
 
 
 def _columns(weight: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor:
@@ -206,7 +252,10 @@ def _check_targets(model: nn.Module, targets: list[LinearLayer], cfg: PacaConfig
         if cfg.rank > layer.in_features:
             raise ValueError(f"PaCA rank={cfg.rank} exceeds in_features={layer.in_features} of {layer.name}: "
                              f"lower rank to <= {layer.in_features} or add {layer.name!r} to exclude_modules")
-        weight = model.get_submodule(layer.name).weight
+        module = model.get_submodule(layer.name)
+        if isinstance(module, QuantLinear):  # buffers, never tied (the quantize pass refuses shared weights)
+            continue
+        weight = module.weight
         if len(owners.get(id(weight), ())) > 1:
             raise ValueError(f"PaCA cannot target {layer.name}: its weight is shared with "
                              f"{[n for n in owners[id(weight)] if n != layer.name + '.weight']} (tied), and PaCA writes "
@@ -216,8 +265,16 @@ def _check_targets(model: nn.Module, targets: list[LinearLayer], cfg: PacaConfig
 def _wrap(model: nn.Module, layer: LinearLayer, cfg: PacaConfig, log: RewriteLog) -> ModuleDecision:
     base = model.get_submodule(layer.name)
     seed = module_seed(cfg.seed, layer.name)
-    idx = select_columns(base.weight, layer.kind, cfg.rank, cfg.selection, seed)
-    log.replace(layer.name, PacaLinear(base, layer.kind, layer.in_features, layer.out_features, idx, cfg.scaling))
+    if isinstance(base, QuantLinear):  # QPaCA: the buffers are [out, in] whatever the original layout
+        if cfg.selection == "random":
+            idx = random_columns(base.in_features, cfg.rank, seed).to(base.qweight.device)
+        else:  # the norms of deq(W)'s columns: one transient dequantized W
+            idx = select_columns(base.weight, "linear", cfg.rank, cfg.selection, seed)
+        wrapped: nn.Module = QPacaLinear(base, idx, cfg.scaling)
+    else:
+        idx = select_columns(base.weight, layer.kind, cfg.rank, cfg.selection, seed)
+        wrapped = PacaLinear(base, layer.kind, layer.in_features, layer.out_features, idx, cfg.scaling)
+    log.replace(layer.name, wrapped)
     details: dict[str, Any] = {"rank": cfg.rank, "selection": cfg.selection, "scaling": cfg.scaling, "block": layer.block}
     if cfg.selection == "random":
         details["seed"] = seed

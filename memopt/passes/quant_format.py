@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memopt.kernels.dequant import NF4_CODE, dequant_matmul, dequantize_int8, dequantize_nf4
+from memopt.kernels.dequant import NF4_CODE, dequant_matmul, dequantize_int8, dequantize_nf4, real_table
 
 __all__ = ["QuantizedWeight", "dequantize_columns", "dequantize_with_overlay", "dynamic_code", "quantize_int8", "quantize_nf4", "nf4_absmax"]
 
@@ -49,7 +49,7 @@ def dynamic_code() -> tuple[float, ...]:
 
 
 def _table(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return real_table(values, device)
 
 
 def _blockwise_absmax(flat: torch.Tensor, block: int) -> torch.Tensor:
@@ -102,9 +102,14 @@ class QuantizedWeight:
             return dequantize_nf4(self.data, self.scales(), self.shape, self.block, dtype)
         return dequantize_int8(self.data, self.scale, dtype)
 
-    def matmul(self, a: torch.Tensor, bias: torch.Tensor | None = None, transpose: bool = True) -> torch.Tensor:
-        """``a·Wᵀ + bias`` ([M, in] -> [M, out]) or, with ``transpose=False``, ``a·W`` ([M, out] -> [M, in])."""
-        return dequant_matmul(a, self.fmt, self.data, self.scales(), self.shape, self.block, bias, transpose)
+    def matmul(self, a: torch.Tensor, bias: torch.Tensor | None = None, transpose: bool = True,
+               scales: torch.Tensor | None = None) -> torch.Tensor:
+        """``a·Wᵀ + bias`` ([M, in] -> [M, out]) or, with ``transpose=False``, ``a·W`` ([M, out] -> [M, in]).
+
+        ``scales``: ``self.scales()`` if the caller has it already (computed otherwise).
+        """
+        scales = self.scales() if scales is None else scales
+        return dequant_matmul(a, self.fmt, self.data, scales, self.shape, self.block, bias, transpose)
 
     @property
     def nbytes(self) -> int:
@@ -147,14 +152,20 @@ def dequantize_with_overlay(qw: QuantizedWeight, idx: torch.Tensor, cols: torch.
     return w.index_copy_(1, idx, cols.to(w.dtype))
 
 
-def dequantize_columns(qw: QuantizedWeight, idx: torch.Tensor) -> torch.Tensor:
-    """deq(W)[:, idx] as fp32 [out, r], read from the bytes of those columns only (bit-equal to ``dequantize``)."""
-    rows = torch.arange(qw.shape[0], device=qw.data.device)
+def dequantize_columns(qw: QuantizedWeight, idx: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """deq(W)[:, idx] as fp32 [out, r], read from the bytes of those columns only (bit-equal to ``dequantize``).
+
+    ``scales``: ``qw.scales()`` if the caller has it already; else only the columns' NF4 blocks undo
+    their double quantization.
+    """
     if qw.fmt == "int8":
-        return qw.data.index_select(1, idx).float() * qw.scale[:, None]
+        return qw.data.index_select(1, idx).float() * (qw.scale if scales is None else scales)[:, None]
+    rows = torch.arange(qw.shape[0], device=qw.data.device)
     flat = rows[:, None] * qw.shape[1] + idx[None, :]  # [out, r] flat element indices
     byte = qw.data[flat // 2]
     codes = torch.where(flat % 2 == 0, byte >> 4, byte & 0xF)
     blk = flat // qw.block
-    absmax = _table(dynamic_code(), byte.device)[qw.absmax_q[blk].long()] * qw.absmax_scale[blk // qw.scaler_block]
-    return _table(NF4_CODE, byte.device)[codes.long()] * (absmax + qw.absmax_offset)
+    if scales is None:  # the same fp32 arithmetic as nf4_absmax, for these blocks only
+        code8 = _table(dynamic_code(), byte.device)[qw.absmax_q[blk].long()]
+        return _table(NF4_CODE, byte.device)[codes.long()] * (code8 * qw.absmax_scale[blk // qw.scaler_block] + qw.absmax_offset)
+    return _table(NF4_CODE, byte.device)[codes.long()] * scales[blk]

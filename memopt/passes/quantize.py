@@ -17,52 +17,28 @@ compute with deq(W) whose columns ``idx`` are overlaid with ``scaling·P`` (the 
 ``quant_format.dequantize_with_overlay``; see ``_QPacaMatmul`` for how without a dense W).
 ``dequantize_model`` / ``QuantLinear.dequantized()`` give plain layers back (with the quantization
 error baked in: quantization is lossy; ``RewriteLog.undo`` restores the original objects exactly).
+
+How `optimize` composes it (``quantize=``, config ``memopt.config.QuantizeConfig``, re-exported
+here): for LoRA / PaCA the quantize pass runs first on the frozen weights and the adapter wraps
+each ``QuantLinear``; S²FT runs first (it permutes weights in place) and ``apply_quantize(...,
+keep=...)`` leaves the weights it trains blocks of in full precision. Every method's registry
+merge runs ``dequantize_model`` first (``memopt.passes``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from memopt.config import _normalise_targets
-from memopt.ir.structure import LinearLayer, ModelGraph, Role
+from memopt.config import QuantizeConfig
+from memopt.ir.structure import LinearLayer, ModelGraph
 from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, select_targets
 from memopt.passes.quant_format import QuantizedWeight, dequantize_columns, quantize_int8, quantize_nf4
 
 __all__ = ["QPacaLinear", "QuantLinear", "QuantizeConfig", "apply_quantize", "dequantize_model", "quant_linear"]
-
-_FORMATS = ("nf4", "int8")
-
-
-@dataclass(frozen=True)
-class QuantizeConfig:
-    """Which frozen Linear-like weights to quantize, and to what.
-
-    ``format``: "nf4" (QLoRA: 4-bit NormalFloat, absmax per ``block_size`` elements, the absmax
-    double-quantized to 8 bits per ``scaler_block_size``) or "int8" (per-output-row absmax).
-    ``target_modules`` / ``exclude_modules``: PEFT's conventions, as in ``LoraConfig``.
-    """
-
-    method: ClassVar[str] = "quantize"
-    format: str = "nf4"
-    block_size: int = 64
-    scaler_block_size: int = 256
-    target_modules: Any = "all-linear"
-    exclude_modules: Any = None
-
-    def __post_init__(self) -> None:
-        if self.format not in _FORMATS:
-            raise ValueError(f"format must be one of {_FORMATS}, got {self.format!r}")
-        for name in ("block_size", "scaler_block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value % 2:
-                raise ValueError(f"{name} must be an even integer >= 2, got {value!r} (QLoRA uses 64 and 256)")
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
-        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -107,13 +83,20 @@ class QuantLinear(nn.Module):
     ``absmax_q`` (uint8), ``absmax_scale`` (fp32), ``absmax_offset`` (fp32 scalar); int8
     ``qweight`` (int8 [out, in]) and ``scale`` (fp32 [out]). ``kind`` remembers the original
     layout ("conv1d": GPT-2's [in, out]) for ``dequantized()``; the buffers are always [out, in].
+    Module casts (``model.half()``, ``model.to(torch.bfloat16)``) change ``compute_dtype`` and the
+    bias but leave the codes and the fp32 scales exactly as they are (see ``_apply``).
+    ``weight_requires_grad``: the flag the original weight had, given back by ``dequantized()``.
     """
 
-    def __init__(self, qw: QuantizedWeight, bias: nn.Parameter | None, kind: str = "linear") -> None:
+    _FP32_BUFFERS = ("absmax_scale", "absmax_offset", "scale")
+
+    def __init__(self, qw: QuantizedWeight, bias: nn.Parameter | None, kind: str = "linear",
+                 weight_requires_grad: bool = False) -> None:
         super().__init__()
         self.fmt, self.kind, self.compute_dtype = qw.fmt, kind, qw.dtype
         self.out_features, self.in_features = qw.shape
         self.block_size, self.scaler_block_size = qw.block, qw.scaler_block
+        self.weight_requires_grad = weight_requires_grad
         self.register_buffer("qweight", qw.data)
         if qw.fmt == "nf4":
             self.register_buffer("absmax_q", qw.absmax_q)
@@ -123,12 +106,30 @@ class QuantLinear(nn.Module):
             self.register_buffer("scale", qw.scale)
         self.bias = bias
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "QuantLinear":
+        """Moves apply to every buffer; a dtype cast sets ``compute_dtype`` and spares the fp32 scales.
+
+        ``nn.Module`` casts every floating buffer, which would round the scales to 16 bits and
+        change every dequantized value; the integer codes are never cast. A cast is recognised by
+        ``fn`` sending fp16 and bf16 to the same dtype (a pure move keeps each).
+        """
+        scales = {name: self._buffers[name] for name in self._FP32_BUFFERS if self._buffers.get(name) is not None}
+        device = next(iter(scales.values())).device
+        cast = {fn(torch.empty(0, dtype=dt, device=device)).dtype for dt in (torch.float16, torch.bfloat16)}
+        super()._apply(fn, recurse)
+        for name, before in scales.items():
+            self._buffers[name] = before.to(self._buffers[name].device)  # fp32, bit for bit
+        if len(cast) == 1:
+            self.compute_dtype = cast.pop()
+        return self
+
     @classmethod
-    def from_layer(cls, layer: nn.Module, kind: str, cfg: QuantizeConfig) -> "QuantLinear":
+    def from_layer(cls, layer: nn.Module, kind: str, cfg: QuantizeConfig,
+                   weight_requires_grad: bool = False) -> "QuantLinear":
         weight = layer.weight.detach()
         weight = weight.t() if kind == "conv1d" else weight  # [out, in]
         qw = quantize_nf4(weight, cfg.block_size, cfg.scaler_block_size) if cfg.format == "nf4" else quantize_int8(weight)
-        return cls(qw, getattr(layer, "bias", None), kind)
+        return cls(qw, getattr(layer, "bias", None), kind, weight_requires_grad)
 
     def quantized(self) -> QuantizedWeight:
         """A view of the buffers as a ``QuantizedWeight`` (no copy)."""
@@ -157,7 +158,7 @@ class QuantLinear(nn.Module):
             w = w.t().contiguous()  # Conv1D keeps [in, out]
         else:
             layer = nn.Linear(self.in_features, self.out_features, bias=False, device=w.device, dtype=w.dtype)
-        layer.weight = nn.Parameter(w, requires_grad=False)
+        layer.weight = nn.Parameter(w, requires_grad=self.weight_requires_grad)
         layer.bias = self.bias
         return layer
 
@@ -181,7 +182,9 @@ class _QPacaMatmul(torch.autograd.Function):
         dtype = _autocast_dtype(x) or x2d.dtype
         x2d, bias = x2d.to(dtype), None if bias is None else bias.to(dtype)
         x_idx = x2d.index_select(1, idx)  # [M, r], a copy: x can be freed
-        y2d = qw.matmul(x2d, bias).addmm_(x_idx, _delta(qw, idx, cols, scaling, dtype).t())  # [M, out]
+        scales = qw.scales()  # once for the columns and the GEMM; delta [out, r] first, so only it outlives them
+        delta = _delta(qw, idx, cols, scaling, dtype, scales)
+        y2d = qw.matmul(x2d, bias, scales=scales).addmm_(x_idx, delta.t())  # [M, out]
         ctx.save_for_backward(x_idx if ctx.needs_input_grad[2] else None, cols)
         ctx.qw, ctx.idx, ctx.scaling, ctx.x_shape = qw, idx, scaling, x.shape
         return y2d.view(*x.shape[:-1], y2d.shape[-1])
@@ -193,8 +196,10 @@ class _QPacaMatmul(torch.autograd.Function):
         g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [M, out]
         grad_x = grad_bias = grad_cols = None
         if ctx.needs_input_grad[0]:
-            delta = _delta(ctx.qw, ctx.idx, cols, ctx.scaling, g2d.dtype)  # recomputed, [out, r]
-            grad_x = ctx.qw.matmul(g2d, transpose=False).index_add_(1, ctx.idx, g2d.mm(delta)).view(ctx.x_shape)
+            scales = ctx.qw.scales()
+            delta = _delta(ctx.qw, ctx.idx, cols, ctx.scaling, g2d.dtype, scales)  # recomputed, [out, r]
+            grad_x = ctx.qw.matmul(g2d, transpose=False, scales=scales).index_add_(1, ctx.idx, g2d.mm(delta))
+            grad_x = grad_x.view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad_bias = g2d.sum(0)
         if ctx.needs_input_grad[2]:
@@ -202,9 +207,10 @@ class _QPacaMatmul(torch.autograd.Function):
         return grad_x, grad_bias, grad_cols, None, None, None
 
 
-def _delta(qw: QuantizedWeight, idx: torch.Tensor, cols: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-    """scaling·cols − deq(W)[:, idx] in ``dtype`` ([out, r]; exactly 0 where P still equals deq(W)[:, idx] / scaling)."""
-    return (cols.detach().float() * scaling - dequantize_columns(qw, idx)).to(dtype)
+def _delta(qw: QuantizedWeight, idx: torch.Tensor, cols: torch.Tensor, scaling: float, dtype: torch.dtype,
+           scales: torch.Tensor) -> torch.Tensor:
+    """scaling·cols − deq(W)[:, idx] in ``dtype``, [out, r]: exactly 0 where P still equals deq(W)[:, idx] / scaling."""
+    return (cols.detach().float() * scaling - dequantize_columns(qw, idx, scales)).to(dtype)
 
 
 class QPacaLinear(nn.Module):
@@ -215,7 +221,8 @@ class QPacaLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.rank, self.scaling = idx.numel(), scaling
-        orig = base_layer.weight.index_select(1, idx)  # [out, r] of deq(W): the quantized function at init
+        # [out, r] of deq(W) in the compute dtype, read from those columns' bytes: the quantized function at init
+        orig = dequantize_columns(base_layer.quantized(), idx).to(base_layer.compute_dtype)
         self.register_buffer("paca_idx", idx)
         self.paca_P = nn.Parameter(orig / scaling)
         self.enabled = True
@@ -237,26 +244,62 @@ class QPacaLinear(nn.Module):
         return f"rank={self.rank}, scaling={self.scaling:g}, enabled={self.enabled}"
 
 
-def apply_quantize(model: nn.Module, graph: ModelGraph, cfg: QuantizeConfig, log: RewriteLog) -> PassResult:
-    """Replace each targeted frozen Linear-like layer with a ``QuantLinear``.
+def apply_quantize(model: nn.Module, graph: ModelGraph, cfg: QuantizeConfig, log: RewriteLog, *,
+                   keep: Mapping[str, str] | None = None) -> PassResult:
+    """Replace each targeted frozen Linear-like layer (or a wrapper's frozen ``base_layer``) with a ``QuantLinear``.
 
+    ``keep`` maps layers a method trains part of (S²FT blocks) to why: they stay in full precision
+    and the notes say so. A width that is not a multiple of ``block_size`` needs no padding (NF4
+    blocks run across rows; only the last flat block may be shorter, with its own absmax).
     Requires: ``graph`` was captured from ``model``; every target's weight is frozen (an adapter
-    pass or the caller froze it) and not shared with another module.
-    Ensures: targets hold only quantized buffers + the original bias; nothing else changes.
+    pass or the caller froze it), not shared with another module, and not partly trained by a wrapper.
+    Ensures: targets hold only quantized buffers + the original bias; ``log.undo()`` puts the
+    original layers back; one decision per quantized layer, with its quantized and dense bytes.
     """
-    targets = select_targets(graph, model, cfg.target_modules, cfg.exclude_modules)
+    keep = dict(keep or {})
+    targets = [t for t in select_targets(graph, model, cfg.target_modules, cfg.exclude_modules) if t.name not in keep]
     _check_targets(model, targets)  # before any change, so a bad call leaves the model as it was
+    original = log.original_requires_grad()
     decisions = []
     for layer in targets:
-        qlayer = QuantLinear.from_layer(model.get_submodule(layer.name), layer.kind, cfg)
-        log.replace(layer.name, qlayer)
-        decisions.append(ModuleDecision(
-            name=layer.name, role=layer.role.value, method=f"quantize-{cfg.format}",
-            in_features=layer.in_features, out_features=layer.out_features, trainable_params=0,
-            details={"format": cfg.format, "bytes": qlayer.quantized().nbytes, "block": layer.block},
-            reason="all-linear" if cfg.target_modules == "all-linear" else f"matched target_modules={cfg.target_modules!r}",
-        ))
-    return PassResult(model, tuple(decisions))
+        path = _weight_owner(model, layer.name)
+        base = model.get_submodule(path)
+        qlayer = QuantLinear.from_layer(base, layer.kind, cfg, original.get(id(base.weight), False))
+        log.replace(path, qlayer)
+        decisions.append(_decision(layer, cfg, qlayer, base.weight))
+    return PassResult(model, tuple(decisions), _notes(cfg, decisions, keep))
+
+
+def _weight_owner(model: nn.Module, name: str) -> str:
+    """The dotted path of the module holding the weight of layer ``name`` (a wrapper's ``base_layer``)."""
+    module = model.get_submodule(name)
+    return f"{name}.base_layer" if isinstance(getattr(module, "base_layer", None), nn.Module) else name
+
+
+def _decision(layer: LinearLayer, cfg: QuantizeConfig, qlayer: QuantLinear, weight: torch.Tensor) -> ModuleDecision:
+    n = layer.in_features * layer.out_features
+    details: dict[str, Any] = {"format": cfg.format, "bytes": qlayer.quantized().nbytes,
+                               "dense_bytes": n * weight.element_size(), "block": layer.block}
+    if cfg.format == "nf4" and n % cfg.block_size:
+        details["last_block"] = n % cfg.block_size  # the flat tail block: its own absmax, no padding
+    return ModuleDecision(
+        name=layer.name, role=layer.role.value, method=f"quantize-{cfg.format}",
+        in_features=layer.in_features, out_features=layer.out_features, trainable_params=0, details=details,
+        reason="all-linear" if cfg.target_modules == "all-linear" else f"matched target_modules={cfg.target_modules!r}",
+    )
+
+
+def _notes(cfg: QuantizeConfig, decisions: list[ModuleDecision], keep: Mapping[str, str]) -> tuple[str, ...]:
+    quantized = sum(d.details["bytes"] for d in decisions)
+    dense = sum(d.details["dense_bytes"] for d in decisions)
+    what = (f"NF4 with double quantization (block {cfg.block_size}, absmax in 8 bits per {cfg.scaler_block_size})"
+            if cfg.format == "nf4" else "int8 (per-row absmax)")
+    notes = [f"quantize: {len(decisions)} frozen Linear-like weights stored as {what}: {quantized:,} bytes "
+             f"instead of {dense:,} ({quantized / max(dense, 1):.3f}x); forward and backward dequantize them"]
+    if keep:
+        reasons = sorted(set(keep.values()))
+        notes.append(f"quantize: {len(keep)} weights stay in full precision: " + "; ".join(reasons))
+    return tuple(notes)
 
 
 def _check_targets(model: nn.Module, targets: list[LinearLayer]) -> None:
@@ -264,15 +307,22 @@ def _check_targets(model: nn.Module, targets: list[LinearLayer]) -> None:
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
     for layer in targets:
-        weight = model.get_submodule(layer.name).weight
+        module, owner = model.get_submodule(layer.name), _weight_owner(model, layer.name)
+        wrapper = owner != layer.name
+        trained = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad] if wrapper else []
+        if trained:  # a wrapper (S²FT) that trains part of this weight in place
+            raise ValueError(
+                f"cannot quantize {layer.name}: {type(module).__name__} trains part of its weight "
+                f"({', '.join(trained)}), and a quantized weight cannot be trained; add {layer.name!r} to exclude_modules")
+        weight = model.get_submodule(owner).weight
         if weight.requires_grad:
             raise ValueError(
                 f"cannot quantize {layer.name}: its weight requires grad (a trainable full-rank layer), and a "
                 f"quantized weight cannot be trained; freeze it (weight.requires_grad_(False)) and train an adapter "
                 f"on top (LoRA / PaCA), or add {layer.name!r} to exclude_modules")
         if len(owners.get(id(weight), ())) > 1:
-            raise ValueError(f"cannot quantize {layer.name}: its weight is shared with "
-                             f"{[n for n in owners[id(weight)] if n != layer.name + '.weight']} (tied); add "
+            others = [n for n in owners[id(weight)] if n != owner + ".weight"]
+            raise ValueError(f"cannot quantize {layer.name}: its weight is shared with {others} (tied); add "
                              f"{layer.name!r} to exclude_modules or untie the weights")
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"cannot quantize {layer.name}: weight dtype {weight.dtype} is not fp32/fp16/bf16")
@@ -284,13 +334,13 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     A ``LoraLinear`` over a ``QuantLinear`` keeps its adapter (its base becomes plain): merge LoRA after.
     """
     names = [name for name, m in model.named_modules() if isinstance(m, (QuantLinear, QPacaLinear))]
-    for name in names:  # pre-order: a QPacaLinear is merged (with its base) before its base is visited
-        parent_name, _, attr = name.rpartition(".")
-        try:
-            parent = model.get_submodule(parent_name) if parent_name else model
-        except AttributeError:  # the base of a QPacaLinear merged just before
+    done: list[str] = []
+    for name in names:  # pre-order: a QPacaLinear is merged (with its base) before its base comes up
+        if any(name.startswith(prefix + ".") for prefix in done):
             continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
         module = getattr(parent, attr)
-        if isinstance(module, (QuantLinear, QPacaLinear)):
-            setattr(parent, attr, module.merged() if isinstance(module, QPacaLinear) else module.dequantized())
+        setattr(parent, attr, module.merged() if isinstance(module, QPacaLinear) else module.dequantized())
+        done.append(name)
     return model

@@ -7,13 +7,18 @@ module and reason), the activation timeline (the device bytes over the step, buc
 plan and under keep-everything), the predicted peak and time overhead, and how the solver did.
 Applying a plan is the runtime's job; a Plan never holds a reference to a model.
 
-``runtime_applies`` says which actions the model `memopt.optimize` returned actually carries out.
-Until the runtime lowering exists it is ``("keep", "drop")`` — what autograd does by itself: a
-plan with recompute, offload or save decisions
-is a prediction of what lowering it will give, and ``applied_peak_bytes`` is what the returned
-model peaks at as it is (everything kept).
+``runtime_applies`` says which actions the model `memopt.optimize` returned actually carries out:
+all of them (``RUNTIME_ACTIONS``) when the runtime lowering (``memopt.runtime``) is attached, and
+``("keep", "drop")`` — what autograd does by itself — for a plan that is only a prediction
+(``memopt plan``); ``applied_peak_bytes`` is then what the model peaks at as it is.
+``fingerprint`` identifies the rewritten model's structure (parameter and buffer names, shapes,
+dtypes, trainability, module types): a plan is applied only to a model with the same one.
+``recompute_flops`` is what recomputation adds to one step: the FLOPs of every forward op re-run
+in the backward, each counted once (closures that share ops share them).
 
-Format history: v1 held the simulated memory only; v2 (this) adds the planner's fields.
+Format history: v1 held the simulated memory only; v2 added the planner's fields; v3 (this) adds
+``fingerprint`` and ``recompute_flops`` — a v2 plan is read with neither (no fingerprint check,
+recompute FLOPs unknown).
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from memopt.memory.report import MemoryReport
 from memopt.passes.base import ModuleDecision
 from memopt.planner.problem import StaticMemory
 
-__all__ = ["PLAN_FORMAT_VERSION", "Plan", "TensorDecision", "MemoryTimeline", "SolverReport", "load_plan"]
+__all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Plan", "TensorDecision", "MemoryTimeline", "SolverReport", "load_plan"]
 
-PLAN_FORMAT_VERSION = 2
+PLAN_FORMAT_VERSION = 3
+_UPGRADABLE = (2,)  # older versions read by filling in the fields they lack
+RUNTIME_ACTIONS = ("keep", "drop", "save", "recompute", "offload")
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,8 @@ class Plan:
     runtime_applies: tuple[str, ...] = ("keep", "drop")
     applied_peak_bytes: int | None = None  # what the returned model peaks at (None: as predicted)
     notes: tuple[str, ...] = ()
+    fingerprint: str | None = None  # of the rewritten model's structure (None: a v2 plan)
+    recompute_flops: int | None = None  # added to one step by recomputation (None: a v2 plan)
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @property
@@ -159,6 +168,11 @@ class Plan:
     def overhead_us(self) -> int:
         """Predicted extra time per step: recomputation plus copies not hidden under compute."""
         return self.recompute_us + self.exposed_transfer_us
+
+    @property
+    def needs_runtime(self) -> bool:
+        """Does carrying out this plan take more than autograd does by itself (keep / drop)?"""
+        return any(t.action in ("recompute", "offload") for t in self.tensors)
 
     @property
     def fully_applied(self) -> bool:
@@ -223,6 +237,8 @@ class Plan:
             "runtime_applies": list(self.runtime_applies),
             "applied_peak_bytes": self.applied_peak_bytes,
             "notes": list(self.notes),
+            "fingerprint": self.fingerprint,
+            "recompute_flops": self.recompute_flops,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -238,10 +254,11 @@ class Plan:
         if not isinstance(data, Mapping) or not {"version", "method", "budget_bytes"} <= set(data):
             raise ValueError("not a memopt plan: it has no 'version', 'method' and 'budget_bytes' fields")
         version = data["version"]
-        if version != PLAN_FORMAT_VERSION:
+        if version != PLAN_FORMAT_VERSION and version not in _UPGRADABLE:
             raise ValueError(
-                f"plan format version {version!r} is not supported by this memopt "
-                f"(it reads version {PLAN_FORMAT_VERSION}); re-plan with memopt.optimize or `memopt plan`"
+                f"plan format version {version!r} is not supported by this memopt (it reads versions "
+                f"{', '.join(map(str, (*_UPGRADABLE, PLAN_FORMAT_VERSION)))}); version 1 plans hold no "
+                "activation decisions to apply: re-plan with memopt.optimize or `memopt plan`"
             )
         optional = lambda key, parse: None if data.get(key) is None else parse(data[key])  # noqa: E731
         return cls(
@@ -269,7 +286,9 @@ class Plan:
             runtime_applies=tuple(data["runtime_applies"]),
             applied_peak_bytes=optional("applied_peak_bytes", int),
             notes=tuple(data["notes"]),
-            version=version,
+            fingerprint=data.get("fingerprint"),
+            recompute_flops=optional("recompute_flops", int),
+            version=PLAN_FORMAT_VERSION,  # an older plan is upgraded as it is read
         )
 
     @classmethod

@@ -491,7 +491,7 @@ def keep_all(problem: PlanningProblem) -> tuple[Choice, ...]:
 
 def evaluate(problem: PlanningProblem, choices: Sequence[Choice]) -> Evaluation:
     """Exact device bytes at every point and the time overhead of ``choices`` (one per candidate)."""
-    n, f = problem.num_points, problem.num_forward
+    n = problem.num_points
     delta = [0] * (n + 1)
     spikes = [0] * n
     issues = []

@@ -184,9 +184,9 @@ def _applied_lines(plan: "Plan") -> list[str]:
         return [f"applied: everything in this plan is applied by the returned model ({', '.join(plan.runtime_applies)})"]
     detail = ", ".join(f"{n} {a}" for a, n in sorted(moved.items()))
     applied = "" if plan.applied_peak_bytes is None else (
-        f"; as returned it keeps every activation and peaks at {format_bytes(plan.applied_peak_bytes)}")
-    return [f"NOT APPLIED YET: the {detail} decisions are a prediction: the runtime lowering that carries them "
-            f"out is not implemented yet{applied}"]
+        f"; keeping every activation instead peaks at {format_bytes(plan.applied_peak_bytes)}")
+    return [f"PREDICTION ONLY: no model carries out this plan (a dry run): memopt.optimize, or "
+            f"OptimizedModel.use_plan, lowers the {detail} decisions{applied}"]
 
 
 # ----------------------------------------------------------------------------- compare

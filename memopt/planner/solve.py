@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from memopt.errors import InfeasibleBudgetError
 from memopt.planner.cpsat import SolveResult, SolverOptions, solve_min_peak, solve_min_time
@@ -27,7 +27,7 @@ from memopt.planner.problem import Candidate, Choice, Evaluation, PlanningProble
 if TYPE_CHECKING:
     from memopt.planner.plan import MemoryTimeline, TensorDecision
 
-__all__ = ["PlannerConfig", "ActivationPlan", "plan_activations", "plan_fields", "tensor_decisions", "timeline"]
+__all__ = ["PlannerConfig", "ActivationPlan", "plan_activations", "plan_fields", "recompute_flops", "tensor_decisions", "timeline"]
 
 log = logging.getLogger("memopt")
 _GIB = 2**30
@@ -203,7 +203,16 @@ def timeline(plan: ActivationPlan, buckets: int = 512) -> "MemoryTimeline":
     return MemoryTimeline(n, problem.num_forward, starts, peak(plan.evaluation.memory), peak(plan.keep_all.memory))
 
 
-def plan_fields(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_peak_bytes: int | None = None) -> dict:
+def recompute_flops(plan: ActivationPlan, op_flops: "Sequence[int]") -> int:
+    """FLOPs recomputation adds to one step: the union of the recomputed tensors' closures (an op
+    two closures share runs once: the runtime recomputes it once), ``op_flops`` per program point."""
+    ops = {i for c, choice in zip(plan.problem.candidates, plan.choices) if choice.action == "recompute"
+           for i in c.closure}
+    return sum(op_flops[i] for i in ops)
+
+
+def plan_fields(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_peak_bytes: int | None = None,
+                op_flops: "Sequence[int] | None" = None) -> dict:
     """The planner's part of a ``Plan``'s fields, as keyword arguments."""
     from memopt.planner.plan import SolverReport
 
@@ -225,4 +234,5 @@ def plan_fields(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_pea
         runtime_applies=("keep", "drop"),
         applied_peak_bytes=max(plan.keep_all.peak_bytes, problem.static.optimizer_phase_peak)
         if applied_peak_bytes is None else applied_peak_bytes,
+        recompute_flops=None if op_flops is None else recompute_flops(plan, op_flops),
     )

@@ -3,18 +3,30 @@
 ``OptimizedModel`` is an ``nn.Module`` whose ``forward`` has the wrapped model's signature (HF
 Trainer reads it to pick dataset columns) and returns the wrapped model's outputs unchanged.
 Attributes it does not have are looked up on the wrapped model (``config``, ``generate``, ...).
+
+While autograd records, the forward runs through the plan's lowering (``runtime``, a
+``memopt.runtime.step.PlannedStep``: eager or compiled) when the plan recomputes or offloads
+anything or compilation was asked for; otherwise the wrapped model runs as it is, which is then
+exactly the plan. Either way a training step gets ``use_cache=False`` unless the caller sets it
+(``memopt.memory.inputs.training_kwargs``), as the plan was made. Without grad the wrapped model
+runs unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
-from memopt.errors import MemoptError
-from memopt.planner.plan import Plan
+from memopt.errors import MemoptError, PlanMismatchError
+from memopt.memory.inputs import training_kwargs
+from memopt.planner.plan import RUNTIME_ACTIONS, Plan
+from memopt.runtime.fingerprint import structural_fingerprint
+from memopt.runtime.step import ShapeGuard
 
 __all__ = ["OptimizedModel", "wrap"]
 
@@ -23,18 +35,67 @@ class OptimizedModel(nn.Module):
     """A model rewritten by memopt. ``.model`` is the rewritten module, ``.plan`` what was done."""
 
     def __init__(self, model: nn.Module, plan: Plan, merge_fn: Callable[[nn.Module], nn.Module],
-                 original_requires_grad: dict[int, bool]) -> None:
+                 original_requires_grad: dict[int, bool], runtime: Any = None) -> None:
         super().__init__()
         self.model = model
-        self.plan = plan
+        self._plan = plan
+        self.runtime = runtime
         self._merge_fn = merge_fn
         self._original_requires_grad = original_requires_grad
         self._merged = False
+        self._signature = inspect.signature(model.forward)
+        self._guard = ShapeGuard(self._signature)
+        self._compile = False
+
+    @property
+    def plan(self) -> Plan:
+        """The plan the model carries out (a re-plan for larger inputs replaces it)."""
+        return self._plan
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._merged:
             raise MemoptError("this OptimizedModel was merged; use the plain model merge() returned")
+        if torch.is_grad_enabled():  # a training step: the plan's
+            new_plan = self._guard.check(self._plan, args, kwargs)
+            if new_plan is not None:
+                self._install(new_plan, self._compile)
+            if self.runtime is not None:
+                return self.runtime(*args, **kwargs)
+            kwargs = training_kwargs(self._signature, kwargs)
         return self.model(*args, **kwargs)
+
+    def use_plan(self, plan: Plan, *, compile: bool = False, larger_inputs: str = "error",
+                 replan: Callable[[tuple, dict], Plan] | None = None) -> "OptimizedModel":
+        """Carry out ``plan`` from now on (e.g. one read with ``memopt.load_plan``); returns self.
+
+        The plan must have been made for this model as rewritten (same structural fingerprint)
+        and its inputs; a mismatch raises ``PlanMismatchError`` (here, or at the first step for a
+        tensor the step does not make). ``compile``: run the step through Inductor.
+        ``larger_inputs`` / ``replan``: what a step with larger inputs than planned does
+        (``memopt.runtime.step.ShapeGuard``).
+        """
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be a memopt Plan, got {type(plan).__name__}")
+        if plan.fingerprint is not None and plan.fingerprint != structural_fingerprint(self.model):
+            raise PlanMismatchError(
+                f"the plan was made for another model ({plan.model}, method {plan.method}): its structural "
+                f"fingerprint {plan.fingerprint} differs from this model's {structural_fingerprint(self.model)} "
+                "(parameter names, shapes, dtypes, trainability or module types)")
+        self._guard = ShapeGuard(self._signature, larger_inputs, replan)
+        self._install(plan, compile)
+        return self
+
+    def _install(self, plan: Plan, compile: bool) -> None:
+        """Carry out ``plan``: lowered if it recomputes or offloads anything or ``compile`` is set."""
+        from memopt.runtime.compiled import lower_compiled
+        from memopt.runtime.eager import lower_eager
+
+        self._compile = compile
+        if compile or plan.needs_runtime:
+            self._plan = dataclasses.replace(plan, runtime_applies=RUNTIME_ACTIONS, applied_peak_bytes=None)
+            self.runtime = (lower_compiled if compile else lower_eager)(self.model, self._plan)
+        else:
+            self._plan, self.runtime = plan, None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -64,6 +125,7 @@ class OptimizedModel(nn.Module):
         """
         if self._merged:
             raise MemoptError("merge() was already called on this model")
+        self.runtime = None
         plain = self._merge_fn(self.model)
         for p in plain.parameters():
             flag = self._original_requires_grad.get(id(p))
@@ -87,5 +149,5 @@ def _class_for(model_cls: type) -> type:
 
 
 def wrap(model: nn.Module, plan: Plan, merge_fn: Callable[[nn.Module], nn.Module],
-         original_requires_grad: dict[int, bool]) -> OptimizedModel:
-    return _class_for(type(model))(model, plan, merge_fn, original_requires_grad)
+         original_requires_grad: dict[int, bool], runtime: Any = None) -> OptimizedModel:
+    return _class_for(type(model))(model, plan, merge_fn, original_requires_grad, runtime)

@@ -7,6 +7,7 @@ import torch
 
 import memopt
 from tests.models import lm_batch, tiny_llama
+from tests.runtime._planned import budget_between
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,10 +25,14 @@ class _Batches(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def test_trainer_trains_only_the_adapters_and_the_loss_falls(tmp_path):
+@pytest.mark.parametrize("planned", [False, True], ids=["as-is", "recomputing"])
+def test_trainer_trains_only_the_adapters_and_the_loss_falls(tmp_path, planned):
     model = tiny_llama()
     batch = lm_batch(model, batch=4, seq=16)
-    optimized = memopt.optimize(model, budget_gb=1, example_inputs=batch, rank=8, alpha=16)
+    options = dict(rank=8, alpha=16, device="cpu")
+    budget = budget_between(model, batch, 0.3, **options) if planned else 1
+    optimized = memopt.optimize(model, budget_gb=budget, example_inputs=batch, **options)
+    assert (optimized.runtime is not None) == planned  # recomputing: every step runs the lowered plan
     frozen = {n: p.detach().clone() for n, p in optimized.named_parameters() if not p.requires_grad}
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=12, learning_rate=1e-2,

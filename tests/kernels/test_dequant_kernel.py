@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
 
-from memopt.kernels.dequant import dequant_matmul, dequant_matmul_reference, uses_dequant_triton
+from memopt.kernels.dequant import dequant_matmul, dequant_matmul_reference, simulating, uses_dequant_triton
 from memopt.passes.quant_format import quantize_nf4
 from tests.kernels._interpreter import run_interpreted
 
@@ -32,3 +33,15 @@ def test_dispatch_picks_triton_for_cuda_tensors_and_the_reference_on_cpu():
         x_cuda = torch.empty(4, 8, device="cuda")
         assert uses_dequant_triton(x_cuda) and uses_dequant_triton(x_cuda.half())
         assert not uses_dequant_triton(x_cuda.double())  # no fp64 tiles
+
+
+def test_a_simulated_cuda_step_sees_one_fused_op_with_the_gemm_s_flops():
+    # Planning for CUDA on fake CPU tensors: the fused kernel's op (its fake allocates only the
+    # output), not the CPU reference's chunked dequantization, with FLOPs for the cost model.
+    qw = quantize_nf4(torch.randn(96, 128))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        a = mode.from_tensor(torch.randn(4, 128))
+        with simulating("cuda"), FlopCounterMode(display=False) as flops:
+            y = dequant_matmul(a, "nf4", qw.data, qw.scales(), qw.shape, qw.block)
+    assert y.shape == (4, 96) and flops.get_total_flops() == 2 * 4 * 96 * 128
+    assert "memopt.dequant_matmul" in str(flops.get_flop_counts())

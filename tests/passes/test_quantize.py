@@ -3,19 +3,23 @@ state dict, refusals, undo / dequantize, QLoRA (LoRA on QuantLinear) and QPaCA."
 
 from __future__ import annotations
 
-import gc
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memopt.config import LoraConfig
+import memopt
+import memopt.passes.quantize as quantize_module
+from memopt.config import LoraConfig, PacaConfig, QuantizeConfig as ConfigQuantizeConfig, S2ftConfig
 from memopt.ir.structure import build_model_graph
 from memopt.kernels.dequant import NF4_CODE
 from memopt.memory import MemoryTracker
 from memopt.passes.base import RewriteLog
+from memopt.passes import PASSES
 from memopt.passes.lora import LoraLinear, apply_lora, merge_lora
+from memopt.passes.paca import apply_paca
+from memopt.passes.s2ft import apply_s2ft
 from memopt.passes.quant_format import (
     QuantizedWeight, dequantize_columns, dequantize_with_overlay, dynamic_code, quantize_int8, quantize_nf4,
 )
@@ -342,3 +346,103 @@ def test_qlora_on_gpt2_conv1d_dequantizes_and_merges_into_a_plain_model():
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
     # Merging adds B·A into deq(W): one fp32 rounding per weight, then the same model.
     torch.testing.assert_close(model(**batch).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+# ---- module casts --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("cast, dtype", [(lambda m: m.half(), torch.float16),
+                                         (lambda m: m.to(torch.bfloat16), torch.bfloat16)])
+def test_module_casts_keep_codes_and_fp32_scales_and_change_the_compute_dtype(fmt, cast, dtype):
+    layer = QuantLinear.from_layer(nn.Linear(70, 48).requires_grad_(False), "linear", QuantizeConfig(format=fmt))
+    before = {n: b.clone() for n, b in layer.named_buffers()}
+    weight = layer.weight  # fp32
+    assert cast(layer) is layer
+    assert all(torch.equal(b, before[n]) and b.dtype == before[n].dtype for n, b in layer.named_buffers()), \
+        "codes untouched and fp32 scales kept bit for bit: a 16-bit scale would change every value"
+    assert layer.compute_dtype == dtype and layer.bias.dtype == dtype
+    assert torch.equal(layer.weight, weight.to(dtype)), "deq(W) computed in fp32, then rounded once"
+    x = _gauss((3, 70)).to(dtype)
+    assert layer(x).dtype == dtype
+    layer.float()
+    assert layer.compute_dtype == torch.float32 and torch.equal(layer.weight, weight)
+    layer.to("cpu")  # a move is not a cast
+    assert layer.compute_dtype == torch.float32
+
+
+def test_model_half_keeps_a_quantized_llama_s_scales_in_fp32():
+    model = tiny_llama()
+    _quantize(model)
+    model.half()
+    scales = [b for m in model.modules() if isinstance(m, QuantLinear) for b in (m.absmax_scale, m.absmax_offset)]
+    assert scales and all(b.dtype == torch.float32 for b in scales)
+    assert model.model.embed_tokens.weight.dtype == torch.float16
+
+
+# ---- composition as optimize runs it -------------------------------------------------------------
+
+def test_quantize_config_lives_in_memopt_config_and_is_exported():
+    assert QuantizeConfig is ConfigQuantizeConfig is memopt.QuantizeConfig is quantize_module.QuantizeConfig
+    cfg = QuantizeConfig(format="int8", target_modules=["q_proj", "v_proj"], exclude_modules=".*0.*")
+    assert QuantizeConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_paca_on_quantized_layers_builds_qpaca_and_dequantize_model_merges_a_whole_model():
+    model = tiny_llama()
+    _, log, graph, batch = _quantize(model)
+    result = apply_paca(model, graph, PacaConfig(rank=4), log)
+    qpaca = {n: m for n, m in model.named_modules() if isinstance(m, QPacaLinear)}
+    assert len(qpaca) == 14 and all(d.method == "paca" for d in result.decisions if d.role != "lm_head")
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(m.paca_P) for m in qpaca.values()}
+    with torch.no_grad():
+        for m in qpaca.values():
+            m.paca_P.mul_(1.5)
+        expected = model(**batch).logits
+    dequantize_model(model)  # every QPacaLinear nests a QuantLinear: each merged once, with its base
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in qpaca)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dequantized_layers_get_the_original_requires_grad_back():
+    model = tiny_llama()  # trainable weights; the log remembers that before freezing
+    _quantize(model)
+    dequantize_model(model)
+    assert model.model.layers[0].mlp.down_proj.weight.requires_grad
+
+
+def test_merging_lora_into_a_quantized_base_is_refused_and_the_registry_dequantizes_first():
+    model = tiny_llama()
+    _, log, graph, batch = _quantize(model)
+    apply_lora(model, graph, LoraConfig(rank=4, seed=0), log)
+    with pytest.raises(ValueError, match="dequantize_model\\(model\\) first"):
+        merge_lora(model)
+    PASSES["lora"].merge(model)
+    assert not any(isinstance(m, (QuantLinear, LoraLinear)) for m in model.modules())
+
+
+def test_s2ft_blocks_stay_full_precision_when_kept_and_are_refused_when_targeted():
+    model = tiny_llama()
+    model.eval()
+    batch = lm_batch(model)
+    graph = build_model_graph(model, (), batch)
+    log = RewriteLog(model)
+    result = apply_s2ft(model, graph, S2ftConfig(head_ratio=0.5, channel_ratio=0.5), log)
+    trained = {d.name: "s2ft trains it" for d in result.decisions if d.trainable_params}
+    with pytest.raises(ValueError, match=r"S2ftLinear trains part of its weight \(s2ft_block\)"):
+        apply_quantize(model, graph, QuantizeConfig(), log)  # no keep: a trained block is named
+    quantized = apply_quantize(model, graph, QuantizeConfig(), log, keep=trained)
+    assert {d.name for d in quantized.decisions}.isdisjoint(trained)
+    assert len(quantized.decisions) + len(trained) == 14
+    assert quantized.notes[-1] == f"quantize: {len(trained)} weights stay in full precision: s2ft trains it"
+    wrapped = model.get_submodule(quantized.decisions[0].name)
+    assert isinstance(wrapped.base_layer, QuantLinear), "a frozen, permuted member is quantized inside its wrapper"
+    log.undo()
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("quantize", [quantize_nf4, quantize_int8])
+def test_dequantize_columns_with_the_scales_at_hand_is_bit_equal(quantize):
+    qw = quantize(_gauss((33, 101)))
+    idx = torch.tensor([0, 1, 50, 63, 64, 100])
+    assert torch.equal(dequantize_columns(qw, idx, qw.scales()), dequantize_columns(qw, idx))

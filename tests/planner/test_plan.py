@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -25,7 +26,7 @@ def plans():
 def test_a_plan_round_trips_through_json_exactly(plans, tmp_path):
     for plan in plans:
         assert memopt.load_plan(plan.save(tmp_path / "plan.json")) == plan
-        assert json.loads(plan.to_json())["version"] == PLAN_FORMAT_VERSION == 2
+        assert json.loads(plan.to_json())["version"] == PLAN_FORMAT_VERSION == 3
 
 
 def test_a_roomy_budget_keeps_everything_and_says_it_is_applied(plans):
@@ -36,14 +37,16 @@ def test_a_roomy_budget_keeps_everything_and_says_it_is_applied(plans):
     assert "everything in this plan is applied" in roomy.summary()
 
 
-def test_a_tight_budget_recomputes_and_says_the_runtime_does_not_yet(plans):
+def test_a_tight_budget_recomputes_and_the_returned_model_applies_it(plans):
     roomy, tight = plans
     assert tight.fits and tight.predicted_peak_bytes < roomy.predicted_peak_bytes
     assert tight.bytes_by_action()["recompute"] > 0 and tight.recompute_us > 0
-    assert not tight.fully_applied and tight.applied_peak_bytes == roomy.predicted_peak_bytes
-    text = tight.summary()
-    applied = next(line for line in text.splitlines() if line.startswith("NOT APPLIED YET"))
-    assert "recompute" in applied and "decisions are a prediction" in applied
+    assert tight.fully_applied and tight.applied_peak_bytes is None and "recompute" in tight.runtime_applies
+    assert "everything in this plan is applied" in tight.summary()
+    # The same decisions as a dry run's prediction (what `memopt plan` prints).
+    dry = dataclasses.replace(tight, runtime_applies=("keep", "drop"), applied_peak_bytes=roomy.predicted_peak_bytes)
+    applied = next(line for line in dry.summary().splitlines() if line.startswith("PREDICTION ONLY"))
+    assert "recompute" in applied and "memopt.optimize" in applied
     assert tight.solver.min_feasible_bytes + tight.reserve_bytes == tight.min_budget_bytes == roomy.min_budget_bytes
 
 

@@ -1,0 +1,412 @@
+"""A Plan lowered onto the joint graph: selective-checkpoint tags, torch's partitioner, offload nodes.
+
+Design note. The runtime traces the training step the same way the planner did
+(``memopt.ir.joint``: AOTAutograd over ``functional_call``), so the joint graph's forward nodes
+carry the names the Plan's decisions refer to. Lowering a Plan is then three graph edits:
+
+1. **Tags.** Each saved storage the Plan decides on gets torch's selective-checkpoint policy on
+   its nodes (``node.meta["recompute"]``, as ``torch.utils.checkpoint``'s SAC contexts leave it
+   under ``torch.compile``): kept, saved and offloaded tensors ``MUST_SAVE``; a recomputed one
+   ``MUST_RECOMPUTE``, together with its *closure* — the forward nodes between it and what is
+   available (primals and the tensors the Plan saves), the same walk the planner prices.
+2. **Partition.** torch's ``default_partition`` honours the tags: it saves the ``MUST_SAVE``
+   nodes and whatever else the backward reads, copies the ``MUST_RECOMPUTE`` nodes into the
+   backward, places each copy right before its first use (``reordering_to_mimic_autograd_engine``)
+   and, if a recomputed node draws random numbers, replays its RNG state
+   (``functionalize_rng_ops``): recomputed dropout masks are the forward's.
+3. **Offload.** Each saved node of an offloaded storage leaves the forward through a copy to host
+   and enters the backward through a copy back, by one of three lowerings (``OffloadMode``):
+   ``"cuda"`` — torch's asynchronous ``ao.offload`` / ``ao.reload`` / ``ao.wait_tensor`` ops on a
+   transfer stream with events (copy out when made, device copy freed after its last forward use;
+   reload prefetched ahead of its first backward use); ``"host"`` — nothing: where host and
+   device are one memory (a CPU running a plan made for a GPU) the tensor stays; ``"simulated"`` —
+   for fake tensors standing in for a GPU: the forward drops the tensor for a zero-byte token
+   (counting its bytes as host bytes) and the backward re-creates an empty tensor of its layout
+   right before its first use. Values are not kept, so only fake-tensor runs may use it.
+
+Mismatch is an error, never a silent fallback: a decision whose tensor is not in the graph, or is
+made by another op, raises :class:`~memopt.errors.PlanMismatchError`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch._functorch.partitioners import _has_tag_is_forward, _is_primal, _is_tangent, default_partition
+from torch.utils.checkpoint import CheckpointPolicy
+
+from memopt.errors import PlanMismatchError
+from memopt.planner.plan import Plan, TensorDecision
+
+__all__ = ["OFFLOAD_MODES", "LoweringReport", "plan_partition", "tag_joint"]
+
+OFFLOAD_MODES = ("cuda", "host", "simulated")
+_SAVED = ("keep", "save", "offload")
+_AC_GRAPH = 1  # one region: the whole step (see torch's cleanup_recompute_tags)
+
+
+@dataclass
+class LoweringReport:
+    """What one lowering did to the graph (filled in by the partition function)."""
+
+    recomputed_nodes: list[str] = field(default_factory=list)  # forward nodes copied into the backward
+    recompute_flops: int = 0  # their FLOPs: what recomputation adds to one step
+    saved: list[str] = field(default_factory=list)  # forward nodes handed to the backward
+    saved_bytes: int = 0  # their distinct storages' bytes, parameters and inputs excluded
+    offloaded: list[str] = field(default_factory=list)
+    host_bytes: int = 0  # bytes on host between forward and backward
+
+
+# ----------------------------------------------------------------------------- simulated offload ops
+
+@torch.library.custom_op("memopt::offload_simulated", mutates_args=())
+def offload_simulated(x: torch.Tensor) -> torch.Tensor:
+    """The device copy of ``x`` may die: a zero-byte token stands for the host copy (fake runs only)."""
+    raise RuntimeError("memopt's simulated offload runs only on fake tensors; lower with offload mode 'host' "
+                       "or 'cuda' to execute a plan with offloaded tensors on real ones")
+
+
+@offload_simulated.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("memopt::reload_simulated", mutates_args=())
+def reload_simulated(token: torch.Tensor, size: list[int], stride: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """A new device tensor of the offloaded layout (fake runs only: the values are not kept)."""
+    raise RuntimeError("memopt's simulated reload runs only on fake tensors")
+
+
+@reload_simulated.register_fake
+def _(token: torch.Tensor, size: list[int], stride: list[int], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty_strided(size, stride, dtype=dtype, device=token.device)
+
+
+# ----------------------------------------------------------------------------- the partition function
+
+def plan_partition(plan: Plan, *, offload_mode: str, check_layout: bool,
+                   report: LoweringReport | None = None) -> Callable[..., tuple[fx.GraphModule, fx.GraphModule]]:
+    """A partition function (torch's signature) that carries out ``plan``'s decisions.
+
+    ``check_layout``: the graph is traced at the plan's input shapes, so every decided tensor must
+    have the planned shape and dtype too (off for a graph traced at smaller shapes).
+    """
+    if offload_mode not in OFFLOAD_MODES:
+        raise ValueError(f"offload_mode must be one of {OFFLOAD_MODES}, got {offload_mode!r}")
+    report = LoweringReport() if report is None else report
+
+    def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
+        offloaded = tag_joint(joint, plan, check_layout=check_layout)
+        fw, bw = default_partition(joint, joint_inputs, **kwargs)
+        for gm in (fw, bw):  # as the planner's trace: no unused copy of a multi-output op (attention)
+            gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+            gm.recompile()
+        recomputed = [n for n in bw.graph.nodes if _is_recomputed(n)]
+        report.recomputed_nodes = [n.name for n in recomputed]
+        report.recompute_flops = sum(_flops(n) for n in recomputed)
+        saved = _saved_outputs(fw, kwargs["num_fwd_outputs"])
+        report.saved = [n.name for n in saved]
+        report.saved_bytes = sum(_nbytes(n) for n in {_storage(n): n for n in saved if not _is_primal_storage(n, fw)}.values())
+        offloads = _offloads(fw, saved, offloaded) if offload_mode in _OFFLOAD else []
+        if offloads:
+            _OFFLOAD[offload_mode](fw, bw, offloads)
+            fw.recompile()
+            bw.recompile()
+        report.offloaded = [o.carrier.name for o in offloads]
+        report.host_bytes = sum(_nbytes(o.carrier) for o in offloads)
+        return fw, bw
+
+    return partition
+
+
+_RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _is_recomputed(node: fx.Node) -> bool:
+    """A forward node copied into the backward (an op replaying its RNG state is one, untagged)."""
+    return node.meta.get("recompute") in _RECOMPUTE or node.target is torch._prims.rng_prims.run_with_rng_state
+
+
+def tag_joint(joint: fx.GraphModule, plan: Plan, *, check_layout: bool = True) -> set[int]:
+    """Tag ``joint``'s forward nodes with the plan's policies; return the offloaded storages' keys."""
+    forward = _forward_nodes(joint)
+    by_name = {n.name: n for n in forward}
+    storage_nodes: dict[int, list[fx.Node]] = {}
+    for node in forward:
+        key = _storage(node)
+        if key is not None:
+            storage_nodes.setdefault(key, []).append(node)
+    action: dict[int, str] = {}
+    for decision in plan.tensors:
+        node = _node_of(decision, by_name)
+        _check(decision, node, check_layout)
+        action[_storage(node)] = decision.action
+    available = {key for key, a in action.items() if a in _SAVED}
+    recomputed = [n for key, a in action.items() if a == "recompute" for n in storage_nodes[key]]
+    for key in available:
+        for node in storage_nodes[key]:
+            _tag(node, CheckpointPolicy.MUST_SAVE)
+    # The closure of every recomputed tensor: walk back to what is available.
+    stack, seen = list(recomputed), set()
+    while stack:
+        node = stack.pop()
+        if node in seen or _is_primal(node) or node.op != "call_function":
+            continue
+        seen.add(node)
+        if _storage(node) in available:
+            continue
+        _tag(node, CheckpointPolicy.MUST_RECOMPUTE)
+        stack.extend(node.all_input_nodes)
+    return {key for key, a in action.items() if a == "offload"}
+
+
+def _tag(node: fx.Node, policy: CheckpointPolicy) -> None:
+    node.meta["recompute"] = policy
+    node.meta["ac_graph_id"] = _AC_GRAPH
+
+
+def _forward_nodes(joint: fx.GraphModule) -> list[fx.Node]:
+    """The joint graph's forward, as torch's default partitioner delimits it."""
+    last = None
+    for node in joint.graph.nodes:
+        if _has_tag_is_forward(node) or _is_primal(node):
+            last = node
+    out = []
+    for node in joint.graph.nodes:
+        if not _is_tangent(node) and node.op != "output":
+            out.append(node)
+        if node is last:
+            break
+    return out
+
+
+def _node_of(decision: TensorDecision, by_name: dict[str, fx.Node]) -> fx.Node:
+    name, index = decision.name, None
+    if name.endswith("]") and "[" in name:  # output ``index`` of a multi-output op
+        name, _, rest = name.partition("[")
+        index = int(rest[:-1])
+    node = by_name.get(name)
+    if node is not None and index is not None:
+        node = next((u for u in node.users if u.target is operator.getitem and u.args[1] == index), None)
+    if node is None:
+        raise PlanMismatchError(
+            f"the plan decides on tensor {decision.name!r} ({decision.op} in {decision.module or 'the model'}), "
+            "which this model's training step does not make: the plan was made for another model or method; "
+            "make a new one with memopt.optimize"
+        )
+    return node
+
+
+def _check(decision: TensorDecision, node: fx.Node, check_layout: bool) -> None:
+    producer = node.args[0] if node.target is operator.getitem else node
+    target = str(producer.target)
+    if target != decision.op:
+        raise PlanMismatchError(f"the plan's tensor {decision.name!r} is made by {decision.op}, here by {target}: "
+                                "the plan was made for another model; make a new one with memopt.optimize")
+    val = node.meta.get("val")
+    if check_layout and isinstance(val, torch.Tensor):
+        shape, dtype = tuple(int(s) for s in val.shape), str(val.dtype).replace("torch.", "")
+        if shape != tuple(decision.shape) or dtype != decision.dtype:
+            raise PlanMismatchError(
+                f"the plan's tensor {decision.name!r} is {decision.dtype}{list(decision.shape)}, here "
+                f"{dtype}{list(shape)}: the plan was made for other input shapes or dtypes")
+
+
+def _is_primal_storage(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return _storage(node) in {_storage(p) for p in gm.graph.find_nodes(op="placeholder")}
+
+
+def _storage(node: fx.Node) -> int | None:
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.untyped_storage()._cdata
+    return None
+
+
+def _nbytes(node: fx.Node) -> int:
+    val = node.meta.get("val")
+    return val.untyped_storage().nbytes() if isinstance(val, torch.Tensor) else 0
+
+
+def _flops(node: fx.Node) -> int:
+    """The node's FLOPs; an op wrapped for RNG replay counts as the op it wraps."""
+    from memopt.ir.joint import _flops as op_flops
+
+    if node.target is torch._prims.rng_prims.run_with_rng_state:
+        _, op, *args = node.args
+        node = _Unwrapped(op, tuple(args), node.kwargs, node.meta)
+    return op_flops(node)
+
+
+@dataclass
+class _Unwrapped:
+    """The wrapped op of an RNG-replay node, with what ``memopt.ir.joint._flops`` reads of a node."""
+
+    target: Any
+    args: tuple
+    kwargs: Any
+    meta: dict
+
+
+def _saved_outputs(fw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
+    outputs = fw.graph.find_nodes(op="output")[0].args[0]
+    return [n for n in outputs[num_fwd_outputs:] if isinstance(n, fx.Node) and isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+# ----------------------------------------------------------------------------- offload lowerings
+#
+# One copy per storage: the forward hands the backward a host copy of the storage's *carrier* (the
+# node that made it), in place of every saved node that lives in it; the backward brings the
+# carrier back and re-creates each saved view from it with ``as_strided`` (same size, stride and
+# offset into the same layout). Copying each saved view on its own would copy a storage as many
+# times as it has saved views, and bring as many back.
+
+
+@dataclass
+class _Offload:
+    carrier: fx.Node  # in the forward graph
+    saved: list[fx.Node]  # the forward's saved outputs living in the carrier's storage
+
+
+def _offloads(fw: fx.GraphModule, saved: list[fx.Node], storages: set[int]) -> list[_Offload]:
+    carriers: dict[int, fx.Node] = {}
+    for node in fw.graph.nodes:
+        key = _storage(node)
+        if key in storages and key not in carriers and node.op == "call_function":
+            carriers[key] = node
+    out: dict[int, _Offload] = {}
+    for node in saved:
+        key = _storage(node)
+        if key in carriers:
+            out.setdefault(key, _Offload(carriers[key], [])).saved.append(node)
+    return list(out.values())
+
+
+def _rewire(fw: fx.GraphModule, bw: fx.GraphModule, offload: _Offload,
+            send: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node],
+            receive: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node]) -> None:
+    """Forward: ``send(graph, carrier, last_use)`` replaces the saved nodes in the output. Backward:
+    ``receive(graph, token, carrier_like)`` before the first use of any of them; views from it."""
+    graph, output = fw.graph, fw.graph.find_nodes(op="output")[0]
+    order = _position(graph)
+    key = _storage(offload.carrier)
+    aliases = [n for n in graph.nodes if _storage(n) == key]
+    last_use = max((u for n in aliases for u in n.users if u is not output), key=order, default=offload.carrier)
+    last_use = max(last_use, *aliases, key=order)
+    with graph.inserting_after(last_use):
+        token = send(graph, offload.carrier, last_use)
+    saved = set(offload.saved)
+    output.args = (tuple(token if a in saved else a for a in output.args[0]),)
+
+    bgraph = bw.graph
+    placeholders = {p.name: p for p in bgraph.find_nodes(op="placeholder")}
+    olds = [placeholders[n.name] for n in offload.saved]
+    views, readers = _view_closure(olds)
+    if not readers:
+        return
+    first_use = min(readers, key=_position(bgraph))
+    news = []
+    for old in olds:
+        with bgraph.inserting_after(old):
+            new = bgraph.placeholder(f"{old.name}_host")
+        new.meta["val"] = token.meta.get("val")
+        news.append(new)
+    with bgraph.inserting_before(first_use):
+        base = receive(bgraph, news[0], offload.carrier)
+        base.meta["val"] = offload.carrier.meta["val"]
+        for old in olds:
+            val = old.meta["val"]
+            view = bgraph.call_function(torch.ops.aten.as_strided.default,
+                                        (base, list(val.shape), list(val.stride()), val.storage_offset()))
+            view.meta["val"] = val
+            old.replace_all_uses_with(view)
+            bgraph.erase_node(old)
+    for view in sorted(views, key=_position(bgraph)):  # partitioners hoist views of saved tensors: sink them
+        first_use.prepend(view)
+
+
+def _view_closure(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
+    """The views taken of ``nodes`` (transitively: ops whose result shares their storage), and the
+    ops that read data from any of them — the first of those is where the data must be back."""
+    keys = {_storage(n) for n in nodes}
+    views, readers, stack, seen = [], [], list(nodes), set(nodes)
+    while stack:
+        for user in stack.pop().users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_function" and _storage(user) in keys:
+                views.append(user)
+                stack.append(user)
+            else:
+                readers.append(user)
+    return views, readers
+
+
+def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__
+
+
+def _layout(node: fx.Node) -> tuple[list[int], list[int], torch.dtype]:
+    val = node.meta["val"]
+    return list(val.shape), list(val.stride()), val.dtype
+
+
+def _offload_simulated(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_Offload]) -> None:
+    def send(graph: fx.Graph, carrier: fx.Node, last_use: fx.Node) -> fx.Node:
+        token = graph.call_function(torch.ops.memopt.offload_simulated.default, (carrier,))
+        token.meta["val"] = carrier.meta["val"].new_empty(0)
+        return token
+
+    def receive(graph: fx.Graph, token: fx.Node, carrier: fx.Node) -> fx.Node:
+        return graph.call_function(torch.ops.memopt.reload_simulated.default, (token, *_layout(carrier)))
+
+    for offload in offloads:
+        _rewire(fw, bw, offload, send, receive)
+
+
+def _offload_cuda(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_Offload]) -> None:
+    """torch's asynchronous offload ops (``ao.*``: a transfer stream, completion events): the copy
+    out starts when the carrier is made and the device copy is freed after its last forward use
+    (``wait_tensor(keepalive=carrier)``); the copy back is issued one offloaded tensor ahead (when
+    the previous one is waited for) and waited for right before the first use."""
+    from torch._functorch._activation_offloading import offload_ops  # noqa: F401 - registers ao::*
+
+    ops = torch.ops.ao
+    started: dict[fx.Node, fx.Node] = {}
+
+    def send(graph: fx.Graph, carrier: fx.Node, last_use: fx.Node) -> fx.Node:
+        with graph.inserting_after(carrier):
+            copy = graph.call_function(ops.offload.default, (carrier,))
+        copy.meta["val"] = carrier.meta["val"].to("cpu") if not _is_fake(carrier) else carrier.meta["val"]
+        wait = graph.call_function(ops.wait_tensor.default, (copy,), {"keepalive": carrier})
+        wait.meta["val"] = copy.meta["val"]
+        return wait
+
+    def receive(graph: fx.Graph, token: fx.Node, carrier: fx.Node) -> fx.Node:
+        size, stride, _ = _layout(carrier)
+        reload = graph.call_function(ops.reload.default, (token, carrier.meta["val"].device, size, stride))
+        reload.meta["val"] = carrier.meta["val"]
+        started[reload] = token
+        return graph.call_function(ops.wait_tensor.default, (reload,), {"keepalive": token})
+
+    for offload in offloads:
+        _rewire(fw, bw, offload, send, receive)
+    # Prefetch: issue each copy back where the previous one is waited for.
+    waits = [n for n in bw.graph.nodes if n.target is ops.wait_tensor.default and n.args[0] in started]
+    for previous, wait in zip(waits, waits[1:]):
+        reload = wait.args[0]
+        if all(_position(bw.graph)(a) < _position(bw.graph)(previous) for a in reload.all_input_nodes):
+            previous.prepend(reload)
+
+
+def _is_fake(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch._subclasses.FakeTensor)
+
+
+_OFFLOAD = {"simulated": _offload_simulated, "cuda": _offload_cuda}

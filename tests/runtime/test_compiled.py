@@ -1,0 +1,109 @@
+"""The compiled lowering (Inductor, C++ on this CPU) and the CUDA offload graph (built, not run)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch._functorch.aot_autograd import aot_function
+
+import memopt
+from memopt.runtime.partition import LoweringReport, plan_partition
+from tests.models import lm_batch, tiny_llama
+from tests.runtime._planned import budget_between, gradients, llama
+
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                    reason="Inductor's CPU backend needs a C++ compiler")
+
+
+def _configs() -> tuple[dict, dict]:
+    return torch._inductor.config.get_config_copy(), torch._functorch.config.get_config_copy()
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_compiled_step_matches_eager_gradients_and_saves_the_same_tensors():
+    model, batch = llama()
+    before = _configs()
+    optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, 0.3, device="cpu"),
+                                example_inputs=batch, device="cpu", compile=True)
+    plan = optimized.plan
+    assert optimized.runtime.compilers.name == "compiled" and plan.needs_runtime
+    inner = optimized.model
+    loss_ref, ref = gradients(inner, inner, batch)
+    for _ in range(2):
+        loss, got = gradients(optimized, inner, batch)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-6)
+        for name in ref:  # Inductor fuses and reorders fp32 sums: a few ulps
+            scale = ref[name].abs().max().item()
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+    compiled = optimized.runtime.reports[0]
+    eager = memopt.OptimizedModel.use_plan(optimized, plan).runtime  # the same plan, op by op
+    gradients(optimized, inner, batch)
+    assert eager.compilers.name == "eager"
+    assert eager.reports[0].saved_bytes == compiled.saved_bytes  # what crosses to the backward: the plan's
+    assert eager.reports[0].recompute_flops == compiled.recompute_flops == plan.recompute_flops
+    assert _configs() == before  # no global configuration was changed
+
+
+def test_compiled_lowering_refuses_fake_tensors():
+    from memopt.memory.simulate import simulate_step
+
+    model, batch = llama()
+    optimized = memopt.optimize(model, budget_gb=1, example_inputs=batch, device="cpu", compile=True)
+    with pytest.raises(memopt.MemoptError, match="cannot run on fake tensors; simulate the eager one"):
+        simulate_step(optimized, batch, optimizer="adamw", device="cpu")
+
+
+def test_cuda_offload_is_torch_async_copies_one_per_storage_prefetched_one_ahead():
+    """The graphs of a GPU plan lowered for CUDA (built here on fake CPU tensors, never run)."""
+    model = tiny_llama(num_hidden_layers=3).to(torch.bfloat16)
+    batch = lm_batch(model, batch=4, seq=64)
+    options = dict(device="cuda", reserve_gb=0)
+    optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, 0.0, **options),
+                                example_inputs=batch, **options)
+    plan = optimized.plan
+    offloaded = [t for t in plan.tensors if t.action == "offload"]
+    assert offloaded
+    report, graphs = LoweringReport(), {}
+    partition = plan_partition(plan, offload_mode="cuda", check_layout=True, report=report)
+
+    def capture(joint: torch.fx.GraphModule, joint_inputs: list, **kwargs: object):
+        graphs["fw"], graphs["bw"] = partition(joint, joint_inputs, **kwargs)
+        raise _Done()
+
+    inner = optimized.model
+
+    def step(p: dict, b: dict, kwargs: dict):
+        return torch.func.functional_call(inner, {**p, **b}, (), {**kwargs, "use_cache": False}).loss
+
+    fn = aot_function(step, fw_compiler=None, partition_fn=capture)
+    from torch._export.utils import _compiling_state_context
+
+    with pytest.raises(_Done), _compiling_state_context():
+        fn(dict(inner.named_parameters()), dict(inner.named_buffers()), batch)
+    fw = graphs["fw"]
+    targets = [n.target for n in fw.graph.nodes]
+    assert targets.count(torch.ops.ao.offload.default) == len(offloaded) == len(report.offloaded)
+    assert targets.count(torch.ops.ao.wait_tensor.default) == len(offloaded)
+    transfers = (torch.ops.ao.offload.default, torch.ops.ao.wait_tensor.default)
+    for node in fw.graph.nodes:  # the copy starts where the tensor is made (after other copies' nodes)
+        if node.target is torch.ops.ao.offload.default:
+            before = node.prev
+            while before.target in transfers:
+                before = before.prev
+            assert before is node.args[0]
+    order = {n: i for i, n in enumerate(graphs["bw"].graph.nodes)}
+    reloads = [n for n in order if n.target is torch.ops.ao.reload.default]
+    waits = [next(u for u in r.users if u.target is torch.ops.ao.wait_tensor.default) for r in reloads]
+    assert len(reloads) == len(offloaded)
+    for wait in waits:  # each copy back is waited for right before the first read of its data
+        assert wait.next.target in (torch.ops.aten.as_strided.default, torch.ops.ao.wait_tensor.default)
+    # Prefetch: a copy back is issued before the previous one is waited for.
+    assert any(order[r] < order[w] for r, w in zip(reloads[1:], waits))
+    assert report.host_bytes == sum(t.nbytes for t in offloaded)
+
+
+class _Done(Exception):
+    pass
