@@ -110,7 +110,8 @@ def plan_partition(plan: Plan, *, offload_mode: str, check_layout: bool,
         report.recompute_flops = sum(_flops(n) for n in recomputed)
         saved = _saved_outputs(fw, kwargs["num_fwd_outputs"])
         report.saved = [n.name for n in saved]
-        report.saved_bytes = sum(_nbytes(n) for n in {_storage(n): n for n in saved if not _is_primal_storage(n, fw)}.values())
+        primals = {_storage(p) for p in fw.graph.find_nodes(op="placeholder")}
+        report.saved_bytes = sum(_nbytes(n) for n in {_storage(n): n for n in saved if _storage(n) not in primals}.values())
         offloads = _offloads(fw, saved, offloaded) if offload_mode in _OFFLOAD else []
         if offloads:
             _OFFLOAD[offload_mode](fw, bw, offloads)
@@ -214,10 +215,6 @@ def _check(decision: TensorDecision, node: fx.Node, check_layout: bool) -> None:
             raise PlanMismatchError(
                 f"the plan's tensor {decision.name!r} is {decision.dtype}{list(decision.shape)}, here "
                 f"{dtype}{list(shape)}: the plan was made for other input shapes or dtypes")
-
-
-def _is_primal_storage(node: fx.Node, gm: fx.GraphModule) -> bool:
-    return _storage(node) in {_storage(p) for p in gm.graph.find_nodes(op="placeholder")}
 
 
 def _storage(node: fx.Node) -> int | None:
@@ -383,7 +380,7 @@ def _offload_cuda(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_Offloa
     def send(graph: fx.Graph, carrier: fx.Node, last_use: fx.Node) -> fx.Node:
         with graph.inserting_after(carrier):
             copy = graph.call_function(ops.offload.default, (carrier,))
-        copy.meta["val"] = carrier.meta["val"].to("cpu") if not _is_fake(carrier) else carrier.meta["val"]
+        copy.meta["val"] = carrier.meta["val"]  # layout metadata only: the graph is not re-traced
         wait = graph.call_function(ops.wait_tensor.default, (copy,), {"keepalive": carrier})
         wait.meta["val"] = copy.meta["val"]
         return wait
@@ -403,10 +400,6 @@ def _offload_cuda(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_Offloa
         reload = wait.args[0]
         if all(_position(bw.graph)(a) < _position(bw.graph)(previous) for a in reload.all_input_nodes):
             previous.prepend(reload)
-
-
-def _is_fake(node: fx.Node) -> bool:
-    return isinstance(node.meta.get("val"), torch._subclasses.FakeTensor)
 
 
 _OFFLOAD = {"simulated": _offload_simulated, "cuda": _offload_cuda}
