@@ -119,12 +119,32 @@ def plan_partition(plan: Plan, *, offload_mode: str, check_layout: bool,
             bw.recompile()
         report.offloaded = [o.carrier.name for o in offloads]
         report.host_bytes = sum(_nbytes(o.carrier) for o in offloads)
+        if offload_mode == "simulated":
+            _fake_constants(joint_inputs, fw, bw)
         return fw, bw
 
     return partition
 
 
 _RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _fake_constants(joint_inputs: Any, *modules: fx.GraphModule) -> None:
+    """On fake tensors (a simulated step), the graphs' lifted constants become fake too: the step
+    runs under the fake mode, where AOTAutograd's lazy copy of the backward graph cannot copy a
+    real tensor."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._pytree import tree_leaves
+
+    mode = detect_fake_mode(tree_leaves(joint_inputs))
+    if mode is None:
+        return
+    for gm in modules:
+        for node in gm.graph.find_nodes(op="get_attr"):
+            value = getattr(gm, node.target, None)
+            if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+                setattr(gm, node.target, mode.from_tensor(value))
 
 
 def _is_recomputed(node: fx.Node) -> bool:

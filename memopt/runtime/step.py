@@ -118,12 +118,12 @@ class PlannedStep:
                     resume()
                     return compiled
 
-                fn = aot_function(step, fw_compiler=forward_compiler, bw_compiler=self.compilers.backward,
-                                  partition_fn=partition)
                 try:
                     # Traced as the planner traced it: quantized matmuls as the target device runs them.
                     with simulating(self.plan.device.kind), \
                             _compiling_state_context() if exporting else contextlib.nullcontext():
+                        fn = aot_function(step, fw_compiler=forward_compiler, bw_compiler=self.compilers.backward,
+                                          partition_fn=partition)
                         return fn, report, fn(params, buffers, tensors)
                 except DataDependentOutputException:
                     if exporting:
