@@ -39,7 +39,7 @@ import torch.fx as fx
 from torch._functorch.partitioners import _has_tag_is_forward, _is_primal, _is_tangent, default_partition
 from torch.utils.checkpoint import CheckpointPolicy
 
-from memopt.errors import PlanMismatchError
+from memopt.errors import MemoptError, PlanMismatchError
 from memopt.planner.plan import Plan, TensorDecision
 
 __all__ = ["OFFLOAD_MODES", "LoweringReport", "plan_partition", "tag_joint"]
@@ -120,7 +120,7 @@ def plan_partition(plan: Plan, *, offload_mode: str, check_layout: bool,
         report.offloaded = [o.carrier.name for o in offloads]
         report.host_bytes = sum(_nbytes(o.carrier) for o in offloads)
         if offload_mode == "simulated":
-            _fake_constants(joint_inputs, fw, bw)
+            _refuse_constants(fw, bw)
         return fw, bw
 
     return partition
@@ -129,22 +129,16 @@ def plan_partition(plan: Plan, *, offload_mode: str, check_layout: bool,
 _RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
 
 
-def _fake_constants(joint_inputs: Any, *modules: fx.GraphModule) -> None:
-    """On fake tensors (a simulated step), the graphs' lifted constants become fake too: the step
-    runs under the fake mode, where AOTAutograd's lazy copy of the backward graph cannot copy a
-    real tensor."""
-    from torch._guards import detect_fake_mode
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch.utils._pytree import tree_leaves
-
-    mode = detect_fake_mode(tree_leaves(joint_inputs))
-    if mode is None:
-        return
+def _refuse_constants(*modules: fx.GraphModule) -> None:
+    """A simulated step (fake tensors) cannot hold the graph's lifted real constants (e.g. the NF4
+    code tables): AOTAutograd copies the backward graph under the fake mode, which fails."""
     for gm in modules:
         for node in gm.graph.find_nodes(op="get_attr"):
-            value = getattr(gm, node.target, None)
-            if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
-                setattr(gm, node.target, mode.from_tensor(value))
+            if isinstance(getattr(gm, node.target, None), torch.Tensor):
+                raise MemoptError(
+                    "simulating the lowered step of this model is not supported yet: its traced step holds "
+                    f"tensor constants ({node.target}; NF4 weights hold their code tables so). The plan's "
+                    "prediction and a real run are not affected")
 
 
 def _is_recomputed(node: fx.Node) -> bool:
