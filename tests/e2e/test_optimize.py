@@ -9,23 +9,9 @@ import torch
 import torch.nn as nn
 
 import memopt
-from memopt.memory.tracker import MemoryTracker
 from memopt.passes.lora import LoraLinear
+from tests.e2e._steps import assert_unchanged, measured_steady_step, snapshot
 from tests.models import lm_batch, tiny_bert_classifier, tiny_gpt2, tiny_llama, tiny_mlp
-
-
-def _snapshot(model: nn.Module):
-    return ({n: id(m) for n, m in model.named_modules()},
-            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
-
-
-def _assert_unchanged(model: nn.Module, snapshot) -> None:
-    modules, params = snapshot
-    assert {n: id(m) for n, m in model.named_modules()} == modules
-    now = dict(model.named_parameters())
-    assert now.keys() == params.keys()
-    for name, (value, flag) in params.items():
-        assert torch.equal(now[name], value) and now[name].requires_grad == flag, name
 
 
 @pytest.fixture(scope="module")
@@ -76,23 +62,12 @@ def test_a_plan_of_another_format_version_is_refused(llama_optimized, tmp_path):
         memopt.load_plan(tmp_path / "x.json")
 
 
-def _measured_steady_step(optimized, batch):
-    opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad])
-    optimized(**batch).loss.backward()  # the plan is for the steady state: optimizer states exist
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    with MemoryTracker(optimized, opt, inputs=batch) as tracker:
-        optimized(**batch).loss.backward()
-        opt.step()
-    return tracker.report()
-
-
 def test_predicted_peak_equals_the_measured_peak_of_a_real_step():
     model = tiny_gpt2()  # no attention mask to materialize (see the next test)
     batch = lm_batch(model)
     del batch["attention_mask"]
     optimized = memopt.optimize(model, budget_gb=1, example_inputs=batch, rank=4)
-    measured = _measured_steady_step(optimized, batch)
+    measured = measured_steady_step(optimized, batch)
     assert measured.peak_bytes == optimized.plan.predicted_peak_bytes
     assert measured.peak == optimized.plan.memory.peak
 
@@ -107,7 +82,7 @@ def test_a_causal_mask_costs_the_simulation_at_most_a_mask(mask):
     if not mask:
         del batch["attention_mask"]
     optimized = memopt.optimize(model, budget_gb=1, example_inputs=batch, rank=4)
-    measured = _measured_steady_step(optimized, batch)
+    measured = measured_steady_step(optimized, batch)
     b, t = batch["input_ids"].shape
     assert 0 <= optimized.plan.predicted_peak_bytes - measured.peak_bytes <= 8 * b * t * t
 
@@ -174,10 +149,10 @@ def test_example_inputs_may_be_args_kwargs_or_a_pair(form):
 
 def test_a_plain_model_without_a_loss_fn_is_told_to_pass_one():
     model = tiny_mlp()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(memopt.MemoptError, match="loss_fn"):
         memopt.optimize(model, 1, (torch.randn(4, 32),))
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 def test_a_gpu_plan_is_made_without_a_gpu():
@@ -192,7 +167,7 @@ def test_a_gpu_plan_is_made_without_a_gpu():
 @pytest.mark.parametrize("method,options", [("lora", {"rank": 4}), ("s2ft", {"head_ratio": 0.5, "channel_ratio": 0.5})])
 def test_infeasible_budget_raises_with_the_bytes_and_restores_the_model(method, options):
     model = tiny_llama()
-    snap = _snapshot(model)  # S²FT permutes weights in place: undo must put them back in order
+    snap = snapshot(model)  # S²FT permutes weights in place: undo must put them back in order
     with pytest.raises(memopt.InfeasibleBudgetError) as info:
         memopt.optimize(model, 1e-4, lm_batch(model), method=method, **options)
     err = info.value
@@ -200,7 +175,7 @@ def test_infeasible_budget_raises_with_the_bytes_and_restores_the_model(method, 
     assert sum(err.breakdown.values()) == err.predicted_bytes
     assert err.min_budget_gb == pytest.approx(err.predicted_bytes / 2**30)
     assert "smallest feasible budget" in str(err)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 @pytest.mark.parametrize("call,error,match", [
@@ -218,10 +193,10 @@ def test_infeasible_budget_raises_with_the_bytes_and_restores_the_model(method, 
 def test_bad_input_is_refused_and_leaves_the_model_untouched(call, error, match):
     model = tiny_llama()
     batch = lm_batch(model)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(error, match=match):
         call(model, batch)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 def test_an_optimized_model_is_not_optimized_twice(llama_optimized):

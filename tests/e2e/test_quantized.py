@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 
 import memopt
-from memopt.memory.tracker import MemoryTracker
 from memopt.passes.lora import LoraLinear
 from memopt.passes.quantize import QPacaLinear, QuantLinear
 from memopt.planner.solve import PlannerConfig
+from tests.e2e._steps import assert_unchanged, measured_steady_step, snapshot
 from tests.models import lm_batch, tiny_gpt2, tiny_llama, tiny_mlp
 
 F32 = 4
@@ -33,31 +33,6 @@ def _batch(model: nn.Module) -> dict[str, torch.Tensor]:
     batch = lm_batch(model)
     del batch["attention_mask"]  # all ones: a real run drops it, a fake one cannot see that
     return batch
-
-
-def _snapshot(model: nn.Module):
-    return ({n: id(m) for n, m in model.named_modules()},
-            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
-
-
-def _assert_unchanged(model: nn.Module, snapshot) -> None:
-    modules, params = snapshot
-    assert {n: id(m) for n, m in model.named_modules()} == modules
-    now = dict(model.named_parameters())
-    assert now.keys() == params.keys()
-    for name, (value, flag) in params.items():
-        assert torch.equal(now[name], value) and now[name].requires_grad == flag, name
-
-
-def _measured_steady_step(optimized, batch):
-    opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad])
-    optimized(**batch).loss.backward()  # the plan is for the steady state: optimizer states exist
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    with MemoryTracker(optimized, opt, inputs=batch) as tracker:
-        optimized(**batch).loss.backward()
-        opt.step()
-    return tracker.report()
 
 
 def _nf4_bytes(n: int) -> int:
@@ -100,7 +75,7 @@ def test_the_plan_counts_quantized_buffers_not_full_precision_weights(qlora):
 
 def test_predicted_peak_of_qlora_equals_a_measured_cpu_step_within_2_percent(qlora):
     optimized, batch = qlora
-    measured = _measured_steady_step(optimized, batch)
+    measured = measured_steady_step(optimized, batch)
     predicted = optimized.plan.predicted_peak_bytes
     assert abs(predicted - measured.peak_bytes) <= 0.02 * measured.peak_bytes
     assert 0 <= predicted - measured.peak_bytes <= _simulation_excess(batch)
@@ -188,7 +163,7 @@ def test_int8_qlora_on_gpt2_predicts_the_measured_peak_and_merges_into_conv1d():
     model = tiny_gpt2()  # Conv1D layers, [in, out] weights
     batch = _batch(model)
     optimized = memopt.optimize(model, budget_gb=1, example_inputs=batch, quantize="int8", rank=4)
-    measured = _measured_steady_step(optimized, batch)
+    measured = measured_steady_step(optimized, batch)
     assert 0 <= optimized.plan.predicted_peak_bytes - measured.peak_bytes <= 0.02 * measured.peak_bytes
     assert measured.peak.buffers == optimized.plan.memory.peak.buffers == sum(
         m.details["quantized_bytes"] for m in optimized.plan.modules if m.method == "lora+int8")
@@ -232,12 +207,12 @@ def test_s2ft_quantizes_only_weights_it_does_not_train_and_merges_back_in_order(
 
 def test_naming_a_weight_s2ft_trains_for_quantization_is_refused_and_the_model_restored():
     model = tiny_llama()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     cfg = memopt.QuantizeConfig(target_modules=("o_proj",))
     with pytest.raises(ValueError, match=r"cannot quantize model\.layers\.\d\.self_attn\.o_proj: S2ftLinear trains "
                                          r"part of its weight \(s2ft_block\)"):
         memopt.optimize(model, 1, _batch(model), method="s2ft", quantize=cfg, head_ratio=0.5)
-    _assert_unchanged(model, snap)  # S²FT's in-place permutations undone too
+    assert_unchanged(model, snap)  # S²FT's in-place permutations undone too
 
 
 # ---- the device the plan is for ------------------------------------------------------------------
@@ -305,14 +280,14 @@ def test_auto_quantizes_only_when_needed_and_picks_the_least_lossy_format_that_f
 
 def test_auto_raises_for_nf4_when_nothing_fits_and_restores_the_model(mlp_peaks):
     model = tiny_mlp(_MLP)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     match = r"quantize='auto': no option fits .*nf4, the most compressed"
     with pytest.raises(memopt.InfeasibleBudgetError, match=match) as info:
         memopt.optimize(model, mlp_peaks["nf4"] / 2 / 2**30, (torch.randn(4, _MLP[0]),), quantize="auto",
                         loss_fn=lambda out, _: out.square().mean(), rank=2, device="cuda", reserve_gb=0,
                         planner=PlannerConfig(enabled=False))
     assert info.value.predicted_bytes == mlp_peaks["nf4"]
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 # ---- bad input -----------------------------------------------------------------------------------
@@ -323,7 +298,7 @@ def test_auto_raises_for_nf4_when_nothing_fits_and_restores_the_model(mlp_peaks)
 ])
 def test_a_bad_quantize_option_is_refused_before_anything_changes(value, error, match):
     model = tiny_llama()
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(error, match=match):
         memopt.optimize(model, 1, _batch(model), quantize=value)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
