@@ -280,20 +280,21 @@ def _saved_outputs(fw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
 @dataclass
 class _Offload:
     carrier: fx.Node  # in the forward graph
+    aliases: list[fx.Node]  # every forward node in the carrier's storage (it and its views)
     saved: list[fx.Node]  # the forward's saved outputs living in the carrier's storage
 
 
 def _offloads(fw: fx.GraphModule, saved: list[fx.Node], storages: set[int]) -> list[_Offload]:
-    carriers: dict[int, fx.Node] = {}
+    aliases: dict[int, list[fx.Node]] = {}  # in graph order: the first call is the carrier
     for node in fw.graph.nodes:
         key = _storage(node)
-        if key in storages and key not in carriers and node.op == "call_function":
-            carriers[key] = node
+        if key in storages and (key in aliases or node.op == "call_function"):
+            aliases.setdefault(key, []).append(node)
     out: dict[int, _Offload] = {}
     for node in saved:
         key = _storage(node)
-        if key in carriers:
-            out.setdefault(key, _Offload(carriers[key], [])).saved.append(node)
+        if key in aliases:
+            out.setdefault(key, _Offload(aliases[key][0], aliases[key], [])).saved.append(node)
     return list(out.values())
 
 
@@ -304,8 +305,7 @@ def _rewire(fw: fx.GraphModule, bw: fx.GraphModule, offload: _Offload,
     ``receive(graph, token, carrier_like)`` before the first use of any of them; views from it."""
     graph, output = fw.graph, fw.graph.find_nodes(op="output")[0]
     order = _position(graph)
-    key = _storage(offload.carrier)
-    aliases = [n for n in graph.nodes if _storage(n) == key]
+    aliases = offload.aliases
     last_use = max((u for n in aliases for u in n.users if u is not output), key=order, default=offload.carrier)
     last_use = max(last_use, *aliases, key=order)
     with graph.inserting_after(last_use):

@@ -86,11 +86,12 @@ class PlannedStep:
         entry = self._cache.get(key)
         if entry is not None:
             return entry[0](params, buffers, tensors)
-        fn, report, output = self._lower(args, kwargs, fake, leaves, spec)
+        fn, report, output = self._lower(args, kwargs, fake, leaves, spec, (params, buffers, tensors))
         self._cache[key] = (fn, report)
         return output
 
-    def _lower(self, args: tuple, kwargs: dict, fake: bool, leaves: list, spec: Any) -> tuple[Callable, LoweringReport, Any]:
+    def _lower(self, args: tuple, kwargs: dict, fake: bool, leaves: list, spec: Any,
+               inputs: tuple[dict, dict, list]) -> tuple[Callable, LoweringReport, Any]:
         """Trace, partition and compile the step for these inputs, and run it on them once."""
         if fake and not self.compilers.runs_fake:
             raise MemoptError(f"the {self.compilers.name} lowering cannot run on fake tensors; simulate the eager one")
@@ -107,9 +108,6 @@ class PlannedStep:
 
         report = LoweringReport()
         partition = plan_partition(self.plan, offload_mode=mode, check_layout=at_plan_shapes, report=report)
-        params = dict(model.named_parameters())
-        buffers = dict(model.named_buffers())
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         for exporting in (False, True):
             # Tracing makes fake tensors a simulated step must not count: count from the first op run.
             with not_counted() as resume:
@@ -124,7 +122,7 @@ class PlannedStep:
                             _compiling_state_context() if exporting else contextlib.nullcontext():
                         fn = aot_function(step, fw_compiler=forward_compiler, bw_compiler=self.compilers.backward,
                                           partition_fn=partition)
-                        return fn, report, fn(params, buffers, tensors)
+                        return fn, report, fn(*inputs)
                 except DataDependentOutputException:
                     if exporting:
                         raise
