@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -17,18 +18,18 @@ from memopt.ir.capture import CapturedGraph
 from memopt.ir.joint import JointTrace, trace_joint
 from memopt.ir.structure import ModelGraph, build_model_graph
 from memopt.kernels.dequant import simulating
-from memopt.memory.inputs import input_shapes, normalize_inputs, training_kwargs
+from memopt.memory.autocast import autocast_state, on_target
+from memopt.memory.inputs import input_dtypes, input_shapes, normalize_inputs, tensor_inputs, training_kwargs
 from memopt.memory.report import MemoryReport
 from memopt.memory.simulate import simulate_step
-from memopt.passes import QUANTIZE, ModuleDecision, PassResult, RewriteLog, get_pass
+from memopt.passes import QUANTIZE, REWRITTEN, ModuleDecision, PassResult, RewriteLog, get_pass
 from memopt.passes.quantize import QuantLinear
 from memopt.planner.plan import Plan
 from memopt.planner.problem import PlanningProblem, build_problem, calibrated
 from memopt.planner.report import format_bytes
 from memopt.planner.solve import ActivationPlan, PlannerConfig, plan_activations, plan_fields
 from memopt.runtime.fingerprint import structural_fingerprint
-from memopt.runtime.optimized import OptimizedModel, wrap
-from memopt.runtime.step import LARGER_INPUTS
+from memopt.runtime.optimized import LARGER_INPUTS, OptimizedModel, wrap
 
 __all__ = ["optimize", "plan_only"]
 
@@ -47,7 +48,7 @@ def optimize(
     reserve_gb: float | None = None,
     planner: PlannerConfig | None = None,
     compile: bool = False,
-    larger_inputs: str = "error",
+    larger_inputs: str = "replan",
     **options: Any,
 ) -> OptimizedModel:
     """Rewrite ``model`` to train inside ``budget_gb`` GiB and return it with its Plan.
@@ -81,9 +82,10 @@ def optimize(
         compile: run the training step through Inductor (``memopt.runtime.compiled``) instead of
             op by op (``memopt.runtime.eager``); both carry out the same plan.
         larger_inputs: what a training step with inputs larger than ``example_inputs`` does —
-            ``"error"`` (``PlanMismatchError``: the plan's peak holds only up to its shapes) or
-            ``"replan"`` (plan again for the new shapes, keeping the rewrite). Smaller inputs
-            run with the same decisions.
+            ``"replan"`` (the default: plan again for the larger shapes, keeping the rewrite, and
+            log what it did and how long it took) or ``"error"`` (``PlanMismatchError``: the
+            plan's peak holds only up to its shapes). Smaller inputs run with the same decisions
+            and the same traced step (sizes are symbolic), without planning again.
 
     The plan (``model.plan``): each activation saved for backward is kept, recomputed or
     offloaded so that the predicted peak fits the budget at the least predicted time
@@ -91,6 +93,13 @@ def optimize(
     recomputes or offloads anything, or ``compile`` is set, every training step runs as the
     step the planner traced, partitioned by the plan's decisions (torch's selective-checkpoint
     tags; recomputed random ops replay their RNG state); otherwise the model runs as it is.
+    Every output keeps its gradient, so a loss computed from the logits in your loop is exact;
+    the plan counts the loss it was given (the model's own ``loss`` when ``example_inputs`` has
+    labels, else ``loss_fn``, else a loss that reads every output). The step is planned in train
+    mode (a training step's mode; the model's own mode is restored) and under the autocast state
+    of the call (``torch.autocast`` around ``optimize`` plans an autocast step); a training step
+    in another mode or autocast state, or one whose program no longer matches the plan (an
+    adapter disabled, dropout changed), is planned again (logged), never run stale.
 
     What happens to ``model``: it is rewritten **in place** and wrapped, not copied (copying a
     large model would double its memory). Targeted Linear-like submodules are replaced by
@@ -125,24 +134,27 @@ def optimize(
         raise TypeError(f"compile must be True or False, got {compile!r}")
     if larger_inputs not in LARGER_INPUTS:
         raise ValueError(f"larger_inputs must be one of {LARGER_INPUTS}, got {larger_inputs!r}")
+    _refuse_rewritten(model)
     cfg = OptimizeConfig.from_options(method, budget_gb, optimizer=optimizer,
                                       device=device or _parameter_device(model), reserve_gb=reserve_gb, **options)
     args, kwargs = normalize_inputs(example_inputs)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)  # the step as the returned model runs it
-    # Capture once, before rewriting: the structure (roles, heads, couplings) comes from dataflow.
-    graph = build_model_graph(model, args, kwargs)
-    rewrites = RewriteLog(model)
-    try:
-        plan = _plan(model, cfg, planner or PlannerConfig(), graph, bound, (args, kwargs), loss_fn, rewrites,
-                     simulate=True)
-    except BaseException:
-        rewrites.undo()
-        raise
+    _check_example(model, bound)
+    with _train_mode(model):  # a training step's mode, whatever mode the model came in
+        # Capture once, before rewriting: the structure (roles, heads, couplings) comes from dataflow.
+        graph = build_model_graph(model, args, kwargs)
+        rewrites = RewriteLog(model)
+        try:
+            plan = _plan(model, cfg, planner or PlannerConfig(), graph, bound, (args, kwargs), loss_fn, rewrites,
+                         simulate=True)
+        except BaseException:
+            rewrites.undo()
+            raise
     log.info("memopt: %s on %s, predicted peak %.3f GiB of %.3f GiB usable", cfg.method,
              type(model).__name__, plan.predicted_peak_bytes / GIB, plan.usable_bytes / GIB)
     optimized = wrap(model, plan, _merge_fn(cfg), rewrites.original_requires_grad())
-    replan = functools.partial(_replan, model, cfg, planner or PlannerConfig(), loss_fn, plan)
+    replan = functools.partial(_replan, model, cfg, planner or PlannerConfig(), loss_fn)
     return optimized.use_plan(plan, compile=compile, larger_inputs=larger_inputs, replan=replan)
 
 
@@ -215,7 +227,8 @@ def _plan_step(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, in
                progress: Callable[[str], None] | None) -> tuple[MemoryReport | None, JointTrace, ActivationPlan]:
     """(Simulate,) trace and plan the training step of the rewritten ``model`` on ``inputs``."""
     memory = None
-    with simulating(cfg.device.kind):  # quantized GEMMs as the target device runs them (CUDA: fused, no W)
+    # Quantized GEMMs as the target device runs them (CUDA: fused, no W), under its autocast.
+    with simulating(cfg.device.kind), on_target(cfg.device.kind):
         if simulate:
             # The eager step the user will run, with every activation kept: exact bytes (ground truth).
             _say(progress, "simulating the eager step")
@@ -372,6 +385,9 @@ def _make_plan(model: nn.Module, cfg: OptimizeConfig, bound: inspect.BoundArgume
         budget_bytes=cfg.budget_bytes,
         reserve_bytes=cfg.reserve_bytes,
         input_shapes=input_shapes(bound),
+        input_dtypes=input_dtypes(bound),
+        training=model.training,
+        autocast=autocast_state(cfg.device.kind),
         capture=captured.method,
         modules=result.decisions,
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
@@ -391,16 +407,83 @@ def _merge_fn(cfg: OptimizeConfig) -> Callable[[nn.Module], nn.Module]:
 
 
 def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_fn: Any, old: Plan,
-            args: tuple, kwargs: dict) -> Plan:
-    """A new Plan for the already rewritten ``model`` at new input shapes (``larger_inputs="replan"``):
-    the rewrite stays (``old``'s module decisions); the step is simulated, traced and planned again."""
+            args: tuple, kwargs: dict, why: str) -> Plan:
+    """A new Plan for the already rewritten ``model`` as it is now (train/eval mode, autocast, flags),
+    for the widest of ``old``'s shapes and these inputs': the rewrite stays (``old``'s module
+    decisions); the step is simulated, traced and planned again."""
+    bound = _bind_inputs(model, args, kwargs)
+    args, kwargs = _widest(bound, old.input_shapes)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)
     memory, trace, activations = _plan_step(model, cfg, planner, (args, kwargs), loss_fn, simulate=True,
                                             progress=None)
     notes = tuple(n for n in old.notes if not n.startswith("re-planned")) + (
-        f"re-planned for inputs {input_shapes(bound)} (planned first for {dict(old.input_shapes)})",)
+        f"re-planned for inputs {input_shapes(bound)} in {'train' if model.training else 'eval'} mode"
+        f"{'' if autocast_state(cfg.device.kind) is None else ' under autocast ' + str(autocast_state(cfg.device.kind))}"
+        f" ({why})",)
     fields = plan_fields(activations, trace_seconds=trace.trace_seconds, op_flops=[op.flops for op in trace.ops])
     fields.update(runtime_applies=old.runtime_applies, applied_peak_bytes=old.applied_peak_bytes)
-    return dataclasses.replace(old, input_shapes=input_shapes(bound), memory=memory, notes=notes,
-                               fingerprint=structural_fingerprint(model), **fields)
+    return dataclasses.replace(old, input_shapes=input_shapes(bound), input_dtypes=input_dtypes(bound), memory=memory,
+                               notes=notes, fingerprint=structural_fingerprint(model), training=model.training,
+                               autocast=autocast_state(cfg.device.kind), **fields)
+
+
+def _widest(bound: inspect.BoundArguments, planned: Any) -> tuple[tuple, dict]:
+    """The call's inputs, each tensor widened to the elementwise maximum of its shape and the
+    planned one (on the meta device: a plan reads only shapes), so a re-plan covers both — except
+    dimensions of size 1, which a trace specializes: the call's program is planned, at its widest."""
+    tensors = tensor_inputs(bound)
+    wide = {}
+    for name, t in tensors.items():
+        want = planned.get(name)
+        if want is None or len(want) != t.dim():
+            continue
+        shape = [s if s == 1 else max(p, s) for p, s in zip(want, t.shape)]
+        if shape != list(t.shape):
+            wide[name] = torch.empty(shape, dtype=t.dtype, device="meta")
+    if not wide:
+        return bound.args, bound.kwargs
+    arguments = dict(bound.arguments)
+    for name, t in wide.items():
+        if name in arguments:  # a top-level tensor argument (nested ones stay as they are)
+            arguments[name] = t
+    rebound = inspect.BoundArguments(bound.signature, arguments)
+    return rebound.args, rebound.kwargs
+
+
+@contextlib.contextmanager
+def _train_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in train mode inside, each module's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _refuse_rewritten(model: nn.Module) -> None:
+    name = next((n for n, m in model.named_modules() if isinstance(m, REWRITTEN)), None)
+    if name is not None:
+        kind = type(model.get_submodule(name)).__name__
+        raise TypeError(f"model was already rewritten by memopt (it holds a {kind} at {name!r}): pass the original "
+                        "model, or merge() the OptimizedModel first and optimize the plain model it returns")
+
+
+def _check_example(model: nn.Module, bound: inspect.BoundArguments) -> None:
+    """Refuse example inputs no step can be planned for: an empty batch, sequences past the positions."""
+    tensors = tensor_inputs(bound)
+    for name, t in tensors.items():
+        if t.numel() == 0:
+            raise ValueError(f"example input {name!r} is empty (shape {list(t.shape)}): give a batch of the "
+                             "largest size you will train on")
+    config = getattr(model, "config", None)
+    limit = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(config, a, None), int)), None)
+    ids = tensors.get("input_ids", tensors.get("inputs_embeds"))
+    if limit is not None and ids is not None and ids.dim() >= 2 and ids.shape[1] > limit:
+        field = "max_position_embeddings" if hasattr(config, "max_position_embeddings") else "n_positions"
+        raise ValueError(f"example input sequences are {ids.shape[1]} tokens long, but {type(model).__name__}'s "
+                         f"positions end at {limit} (config.{field}): shorten the batch, or build the model with "
+                         "more positions")

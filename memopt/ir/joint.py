@@ -20,6 +20,10 @@ What comes out is plain data (:class:`JointTrace`), no torch objects:
   parameter / buffer / input (resident for the step), activation (made by a forward op),
   gradient (a backward output: a parameter's ``.grad``) or temporary (made by a backward op).
 * ``saved`` — the activation storages the forward hands to the backward, in forward order.
+* ``key`` of an activation storage — a name-free identity of the op that made it,
+  ``"<module>:<op>#<ordinal>"`` (:func:`op_keys`): the runtime finds the plan's tensors in its own
+  trace by key, so a trace with symbolic sizes, another batch size or without the loss still
+  matches. An op's ``module`` is ``OUTSIDE`` when it ran outside the model's forward (a ``loss_fn``).
 * ``optimizer_state_bytes`` / ``optimizer_step_bytes`` — the optimizer's states, and the extra
   bytes of its step, from a fake steady-state step on the trainable parameters.
 
@@ -52,7 +56,8 @@ from memopt.memory.inputs import normalize_inputs
 from memopt.memory.simulate import OPTIMIZERS, LossFn, _fake_inputs, _fake_like, _loss_of
 from memopt.memory.tracker import MemoryTracker
 
-__all__ = ["TracedOp", "Storage", "JointTrace", "trace_joint", "STORAGE_KINDS", "TAGS"]
+__all__ = ["TracedOp", "Storage", "JointTrace", "trace_joint", "op_keys", "module_annotations", "OUTSIDE",
+           "STORAGE_KINDS", "TAGS"]
 
 log = logging.getLogger("memopt")
 
@@ -60,6 +65,7 @@ STORAGE_KINDS = ("parameter", "buffer", "input", "activation", "gradient", "temp
 TAGS = ("rng", "view", "mutation", "collective")
 _MODULE_KEY = "memopt_module"
 _BLOCK = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")  # the outermost numbered container: "model.layers.3.mlp"
+OUTSIDE = "<outside>"  # the module part of a key made outside the model's forward (a loss_fn)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class Storage:
     values: tuple[str, ...]  # fx node names whose value lives in this storage (base first)
     shape: tuple[int, ...]
     dtype: str
+    key: str | None = None  # of the op that made it (activations; see ``op_keys``)
 
 
 @dataclass(frozen=True)
@@ -168,9 +175,9 @@ def trace_joint(
             raise MemoptError("no parameter requires grad, so there is no training step to trace: "
                               "unfreeze some parameters or apply a pass that adds trainable ones")
         state_bytes, step_bytes = _optimizer_bytes(trainable, optimizer, device, granularity)
-        fw, bw = _partitioned(model, params, buffers, fargs, fkwargs, loss_fn, partition_fn)
+        done = _partitioned(model, params, buffers, fargs, fkwargs, loss_fn, partition_fn)
     kinds = ["parameter"] * len(names) + ["buffer"] * len(buffer_names)
-    trace = _Builder(granularity).build(fw, bw, kinds, optimizer, state_bytes, step_bytes)
+    trace = _Builder(granularity, done.keys).build(done.fw, done.bw, kinds, optimizer, state_bytes, step_bytes)
     trace = _with_time(trace, time.perf_counter() - start)
     log.debug("memopt: traced the joint step in %.1f s: %d forward + %d backward ops, %d saved storages",
               trace.trace_seconds, trace.num_forward, len(trace.ops) - trace.num_forward, len(trace.saved))
@@ -189,25 +196,26 @@ def _with_time(trace: JointTrace, seconds: float) -> JointTrace:
 class _Partitioned(Exception):
     """Raised from our partition_fn once the graphs are recorded: nothing needs compiling."""
 
-    def __init__(self, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule) -> None:
+    def __init__(self, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, keys: dict[str, str]) -> None:
         super().__init__("partitioned")
-        self.fw, self.bw = fw, bw
+        self.fw, self.bw, self.keys = fw, bw, keys
 
 
 def _partition_and_stop(partition_fn: Callable[..., Any]) -> Callable[..., Any]:
     def partition(joint: torch.fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
+        keys = op_keys(joint.graph)  # before the partitioner copies nodes into the backward
         fw, bw = partition_fn(joint, joint_inputs, **kwargs)
         # The default partitioner copies multi-output ops whose getitems it saves into the
         # backward, unused; compilers drop them and so do we (they would read q, k, v there).
         for gm in (fw, bw):  # an unused attention op draws no random numbers worth keeping
             gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
-        raise _Partitioned(fw, bw)
+        raise _Partitioned(fw, bw, keys)
 
     return partition
 
 
 def _partitioned(model: nn.Module, params: dict, buffers: dict, args: tuple, kwargs: dict,
-                 loss_fn: LossFn | None, partition_fn: Callable[..., Any]) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+                 loss_fn: LossFn | None, partition_fn: Callable[..., Any]) -> "_Partitioned":
     partition = _partition_and_stop(partition_fn)
     try:
         return _trace_once(model, params, buffers, args, kwargs, loss_fn, partition, exporting=False)
@@ -219,17 +227,17 @@ def _partitioned(model: nn.Module, params: dict, buffers: dict, args: tuple, kwa
 
 
 def _trace_once(model: nn.Module, params: dict, buffers: dict, args: tuple, kwargs: dict, loss_fn: LossFn | None,
-                partition: Callable[..., Any], *, exporting: bool) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+                partition: Callable[..., Any], *, exporting: bool) -> "_Partitioned":
     def step(p: dict, b: dict, a: tuple, kw: dict) -> torch.Tensor:
         return _loss_of(torch.func.functional_call(model, {**p, **b}, a, kw), a, kw, loss_fn)
 
     compiled = aot_function(step, fw_compiler=_never, partition_fn=partition)
     state = _compiling_state_context() if exporting else contextlib.nullcontext()
     try:
-        with fx_traceback.preserve_node_meta(), state, _module_annotations(model):
+        with fx_traceback.preserve_node_meta(), state, module_annotations(model):
             compiled(params, buffers, args, kwargs)
     except _Partitioned as done:
-        return done.fw, done.bw
+        return done
     except (MemoptError, DataDependentOutputException):
         raise
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported with the way out
@@ -249,7 +257,7 @@ def _never(gm: torch.fx.GraphModule, args: Any) -> Any:  # pragma: no cover - pa
 
 
 @contextlib.contextmanager
-def _module_annotations(model: nn.Module) -> Iterator[None]:
+def module_annotations(model: nn.Module) -> Iterator[None]:
     """Annotate every traced op with the FQN of the innermost module running it (hooks, removed after)."""
     stack: list[contextlib.AbstractContextManager] = []
     handles = []
@@ -308,8 +316,9 @@ class _Builder:
     if the fake tensor is shared with another node (a partitioner that recomputes in the backward
     copies the forward node, value and all)."""
 
-    def __init__(self, granularity: int) -> None:
+    def __init__(self, granularity: int, keys: Mapping[str, str] | None = None) -> None:
         self.granularity = granularity
+        self.keys = keys or {}
         self.storages: list[dict[str, Any]] = []
         self.ops: list[TracedOp] = []
         self.module_of_seq: dict[int, str] = {}
@@ -334,10 +343,11 @@ class _Builder:
         prefix, ops = _assign_blocks(tuple(self.ops))
         return JointTrace(ops, storages, num_forward, saved, self.granularity, optimizer, state_bytes, step_bytes, prefix)
 
-    def _new(self, name: str, t: torch.Tensor, kind: str, producer: int | None) -> int:
+    def _new(self, name: str, t: torch.Tensor, kind: str, producer: int | None, key: str | None = None) -> int:
         nbytes = -(-t.untyped_storage().nbytes() // self.granularity) * self.granularity
         self.storages.append(dict(nbytes=nbytes, kind=kind, producer=producer, values=(name,),
-                                  shape=tuple(int(x) for x in t.shape), dtype=str(t.dtype).replace("torch.", "")))
+                                  shape=tuple(int(x) for x in t.shape), dtype=str(t.dtype).replace("torch.", ""),
+                                  key=key))
         return len(self.storages) - 1
 
     def _run(self, gm: torch.fx.GraphModule, graph: str, phase: str) -> None:
@@ -350,13 +360,15 @@ class _Builder:
             aliases = dict(inputs)
             outs, allocates = [], []
             keyed = _keyed(node)
+            op_key = self.keys.get(node.name) if phase == "forward" else None
             for i, (key, t) in enumerate(keyed):
-                name = node.name if len(keyed) == 1 else f"{node.name}[{i}]"  # one name per output
+                suffix = "" if len(keyed) == 1 else f"[{i}]"  # one name per output
+                name = node.name + suffix
                 if key in aliases:
                     sid = aliases[key]
                     self.storages[sid]["values"] += (name,) if name not in self.storages[sid]["values"] else ()
                 else:
-                    sid = self._new(name, t, kind, point)
+                    sid = self._new(name, t, kind, point, None if op_key is None else op_key + suffix)
                     allocates.append(sid)
                 outs.append((key, sid))
             self.outputs[graph, node.name] = outs
@@ -366,6 +378,8 @@ class _Builder:
     def _module(self, node: torch.fx.Node, phase: str) -> str | None:
         custom = node.meta.get("custom") or {}
         module = custom.get(_MODULE_KEY)
+        if module is None and phase == "forward":
+            module = OUTSIDE  # run outside the model's forward: by a loss_fn
         seq = node.meta.get("seq_nr")
         if module is not None and phase == "forward" and seq is not None:
             self.module_of_seq.setdefault(seq, module)
@@ -390,6 +404,36 @@ class _Builder:
                 for _, sid in self.outputs.get(("bw", value.name), ()):
                     if self.storages[sid]["kind"] == "temporary":
                         self.storages[sid]["kind"] = "gradient"
+
+
+def op_keys(graph: torch.fx.Graph) -> dict[str, str]:
+    """A name-free identity for every op of a joint graph's forward that allocates its output:
+    ``"<module>:<op>#<ordinal>"`` — the module that ran it (from ``module_annotations``; ``OUTSIDE``
+    for ops outside the model, e.g. a ``loss_fn``), the op without its overload (``mul.Scalar`` and
+    ``mul.Tensor`` are one op: a symbolic size turns one into the other) and how many such ops the
+    module ran before it. fx node names count ops over the whole graph, so they shift when a
+    symbolic size adds a node or a call without labels drops the loss; keys do not. Views and
+    symbolic-size arithmetic get no key (they allocate nothing)."""
+    counts: dict[str, int] = {}
+    out = {}
+    for node in graph.nodes:
+        if node.meta.get("partitioner_tag") == "is_backward":  # traced by autograd's backward
+            continue
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or _aliases(target):
+            continue
+        if not _tensors(node.meta.get("val")):
+            continue
+        module = (node.meta.get("custom") or {}).get(_MODULE_KEY)
+        base = f"{OUTSIDE if module is None else module}:{target.overloadpacket.__name__}"
+        out[node.name] = f"{base}#{counts.get(base, 0)}"
+        counts[base] = counts.get(base, 0) + 1
+    return out
+
+
+def _aliases(target: torch._ops.OpOverload) -> bool:
+    """Does the op return an alias of an input (a view, or an in-place write)?"""
+    return any(r.alias_info is not None for r in target._schema.returns)
 
 
 def _keyed(node: torch.fx.Node) -> list[tuple[int, torch.Tensor]]:
@@ -482,7 +526,19 @@ def _flops(node: torch.fx.Node) -> int:
 
 
 def _values(tree: Any) -> Any:
-    return torch.utils._pytree.tree_map(lambda n: n.meta.get("val") if isinstance(n, torch.fx.Node) else n, tree)
+    """The nodes' example values; symbolic sizes at their hints (a FLOP formula adds no guard)."""
+    return torch.utils._pytree.tree_map(lambda n: _concrete(n.meta.get("val")) if isinstance(n, torch.fx.Node)
+                                        else _concrete(n), tree)
+
+
+def _concrete(value: Any) -> Any:
+    if isinstance(value, torch.SymInt):
+        return int(value.node.hint)
+    if isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in value.shape):
+        return torch.empty([_concrete(s) for s in value.shape], dtype=value.dtype, device="meta")
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.SymInt) for v in value):
+        return type(value)(_concrete(v) for v in value)
+    return value
 
 
 def _cpu_flash_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: Any) -> int:

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["input_shapes", "normalize_inputs", "training_kwargs"]
+__all__ = ["input_dtypes", "input_shapes", "normalize_inputs", "tensor_inputs", "training_kwargs"]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -46,18 +46,28 @@ def _kwargs(m: Mapping[Any, Any]) -> dict[str, Any]:
     return dict(m)
 
 
-def input_shapes(bound: inspect.BoundArguments) -> dict[str, tuple[int, ...]]:
-    """The shape of every tensor among a call's bound arguments, by argument name (``name[i]``
-    inside a tuple or list, ``name.key`` inside a dict)."""
-    shapes = {}
+def tensor_inputs(bound: inspect.BoundArguments) -> dict[str, torch.Tensor]:
+    """Every tensor among a call's bound arguments, by argument name (``name[i]`` inside a tuple
+    or list, ``name.key`` inside a dict)."""
+    out = {}
     for name, value in bound.arguments.items():
         if isinstance(value, torch.Tensor):
-            shapes[name] = tuple(value.shape)
+            out[name] = value
         elif isinstance(value, (tuple, list)):
-            shapes.update({f"{name}[{i}]": tuple(v.shape) for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
+            out.update({f"{name}[{i}]": v for i, v in enumerate(value) if isinstance(v, torch.Tensor)})
         elif isinstance(value, dict):
-            shapes.update({f"{name}.{k}": tuple(v.shape) for k, v in value.items() if isinstance(v, torch.Tensor)})
-    return shapes
+            out.update({f"{name}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
+    return out
+
+
+def input_shapes(bound: inspect.BoundArguments) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor input (see ``tensor_inputs``)."""
+    return {name: tuple(t.shape) for name, t in tensor_inputs(bound).items()}
+
+
+def input_dtypes(bound: inspect.BoundArguments) -> dict[str, str]:
+    """The dtype of every tensor input (see ``tensor_inputs``), as ``"float32"``, ``"int64"``, ..."""
+    return {name: str(t.dtype).replace("torch.", "") for name, t in tensor_inputs(bound).items()}
 
 
 def training_kwargs(signature: inspect.Signature, kwargs: dict[str, Any]) -> dict[str, Any]:

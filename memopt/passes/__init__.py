@@ -17,12 +17,16 @@ from typing import Callable
 import torch.nn as nn
 
 from memopt.passes.base import ModuleDecision, PassResult, RewriteLog
-from memopt.passes.lora import apply_lora, merge_lora
-from memopt.passes.paca import apply_paca, merge_paca
-from memopt.passes.quantize import apply_quantize, dequantize_model
+from memopt.passes.lora import LoraLinear, apply_lora, merge_lora
+from memopt.passes.paca import PacaLinear, apply_paca, merge_paca
+from memopt.passes.quantize import QPacaLinear, QuantLinear, apply_quantize, dequantize_model
 from memopt.passes.s2ft import apply_s2ft, merge_s2ft
+from memopt.passes.s2ft_ops import S2ftLinear
 
-__all__ = ["PassSpec", "PASSES", "QUANTIZE", "get_pass", "ModuleDecision", "PassResult", "RewriteLog"]
+__all__ = ["PassSpec", "PASSES", "QUANTIZE", "REWRITTEN", "get_pass", "ModuleDecision", "PassResult", "RewriteLog"]
+
+# The modules memopt's passes put into a model: a model holding one was rewritten already.
+REWRITTEN = (LoraLinear, PacaLinear, QPacaLinear, QuantLinear, S2ftLinear)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,11 @@ dtypes, trainability, module types): a plan is applied only to a model with the 
 ``recompute_flops`` is what recomputation adds to one step: the FLOPs of every forward op re-run
 in the backward, each counted once (closures that share ops share them).
 
-Format history: v1 held the simulated memory only; v2 added the planner's fields; v3 (this) adds
-``fingerprint`` and ``recompute_flops`` — a v2 plan is read with neither (no fingerprint check,
-recompute FLOPs unknown).
+Format history: v1 held the simulated memory only; v2 added the planner's fields; v3 added
+``fingerprint`` and ``recompute_flops``; v4 (this) adds each decision's ``key`` (the producing op's
+name-free identity, by which the runtime finds it in a trace of other shapes or without the loss)
+and the step's ``training`` / ``autocast`` state. A v2 or v3 plan is read with what it lacks left
+``None`` (no fingerprint check, recompute FLOPs unknown, decisions found by fx node name).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from memopt.planner.problem import StaticMemory
 
 __all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Plan", "TensorDecision", "MemoryTimeline", "SolverReport", "load_plan"]
 
-PLAN_FORMAT_VERSION = 3
-_UPGRADABLE = (2,)  # older versions read by filling in the fields they lack
+PLAN_FORMAT_VERSION = 4
+_UPGRADABLE = (2, 3)  # older versions read by filling in the fields they lack
 RUNTIME_ACTIONS = ("keep", "drop", "save", "recompute", "offload")
 
 
@@ -62,6 +64,7 @@ class TensorDecision:
     transfer_us: int
     klass: int
     reason: str
+    key: str | None = None  # the producing op's name-free identity (``memopt.ir.joint.op_keys``; None: v3)
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -149,6 +152,9 @@ class Plan:
     notes: tuple[str, ...] = ()
     fingerprint: str | None = None  # of the rewritten model's structure (None: a v2 plan)
     recompute_flops: int | None = None  # added to one step by recomputation (None: a v2 plan)
+    training: bool | None = None  # the train/eval mode the step was planned in (None: a v3 plan)
+    autocast: str | None = None  # the autocast dtype the step was planned under ("bfloat16"; None: off)
+    input_dtypes: Mapping[str, str] | None = None  # of the planned inputs, by name (None: a v3 plan)
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @property
@@ -239,6 +245,9 @@ class Plan:
             "notes": list(self.notes),
             "fingerprint": self.fingerprint,
             "recompute_flops": self.recompute_flops,
+            "training": self.training,
+            "autocast": self.autocast,
+            "input_dtypes": None if self.input_dtypes is None else dict(self.input_dtypes),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -288,6 +297,9 @@ class Plan:
             notes=tuple(data["notes"]),
             fingerprint=data.get("fingerprint"),
             recompute_flops=optional("recompute_flops", int),
+            training=data.get("training"),
+            autocast=data.get("autocast"),
+            input_dtypes=optional("input_dtypes", dict),
             version=PLAN_FORMAT_VERSION,  # an older plan is upgraded as it is read
         )
 

@@ -55,7 +55,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from memopt.ir.joint import JointTrace, TracedOp
+from memopt.ir.joint import OUTSIDE, JointTrace, TracedOp
 from memopt.planner.costmodel import DeviceSpec, op_time_us, transfer_time_us
 
 __all__ = ["ACTIONS", "StaticMemory", "Candidate", "PlanningProblem", "Choice", "Evaluation",
@@ -133,6 +133,7 @@ class Candidate:
     reasons: Mapping[str, str] = field(default_factory=dict)
     klass: int = -1
     extra: bool = False  # not needed by the backward itself: a recompute source ("keep" or "drop")
+    key: str | None = None  # the producing op's name-free identity (``memopt.ir.joint.op_keys``)
 
 
 @dataclass(frozen=True)
@@ -268,9 +269,9 @@ def _candidate(trace: JointTrace, d: dict, points: tuple[int, ...], device: Devi
         allowed.add("drop")
         reasons["offload"] = "the backward does not read it: it is only a recompute source"
         d.update(first_backward=min(points), last_backward=max(points))
-    elif allow_offload and device.can_offload:
+    elif allow_offload and device.can_offload and "offload" not in reasons:
         allowed.add("offload")
-    else:
+    elif "offload" not in reasons:
         reasons["offload"] = "offload is switched off" if not allow_offload else f"{device.name} has no host link"
     return Candidate(index=-1, points=points, fetch_start=_fetch_start(d["first_backward"], transfer, after,
                                                                          trace.num_forward),
@@ -308,8 +309,11 @@ def _draft(trace: JointTrace, sid: int, used_at: list[int], saved: Mapping[int, 
     if len(closure) > _MAX_CLOSURE_OPS:
         reasons.setdefault("recompute", f"its recomputation would re-run {len(closure)} forward ops (more than "
                                         f"{_MAX_CLOSURE_OPS}: back to tensors the backward does not keep)")
+    if producer.module == OUTSIDE:  # a loss_fn's op: it runs in the user's code, by eager autograd
+        for action in ("recompute", "offload"):
+            reasons[action] = "made by the loss outside the model's forward, which autograd runs as it is"
     return dict(
-        storage=sid, name=storage.values[0], target=producer.target, module=producer.module, block=producer.block,
+        storage=sid, name=storage.values[0], key=storage.key, target=producer.target, module=producer.module, block=producer.block,
         nbytes=storage.nbytes, shape=storage.shape, dtype=storage.dtype, define=storage.producer,
         last_forward=max(forward_uses, default=storage.producer),
         first_backward=backward_uses[0] if backward_uses else None,

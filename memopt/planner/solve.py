@@ -166,7 +166,7 @@ def tensor_decisions(plan: ActivationPlan) -> tuple["TensorDecision", ...]:
             name=c.name, module=c.module, block=c.block, op=c.target, shape=c.shape, dtype=c.dtype,
             nbytes=c.nbytes, action=action, point=choice.point, recompute_us=c.recompute_us,
             recompute_flops=c.recompute_flops, transfer_us=c.transfer_us, klass=c.klass,
-            reason=_reason(problem, c, plan.choices, fits),
+            reason=_reason(problem, c, plan.choices, fits), key=c.key,
         ))
     return tuple(out)
 

@@ -4,12 +4,24 @@
 Trainer reads it to pick dataset columns) and returns the wrapped model's outputs unchanged.
 Attributes it does not have are looked up on the wrapped model (``config``, ``generate``, ...).
 
-While autograd records, the forward runs through the plan's lowering (``runtime``, a
-``memopt.runtime.step.PlannedStep``: eager or compiled) when the plan recomputes or offloads
-anything or compilation was asked for; otherwise the wrapped model runs as it is, which is then
-exactly the plan. Either way a training step gets ``use_cache=False`` unless the caller sets it
-(``memopt.memory.inputs.training_kwargs``), as the plan was made. Without grad the wrapped model
-runs unchanged.
+A training step (autograd recording) is the plan's:
+
+* its inputs are checked against the planned ones (same tensor names, dtypes and number of
+  dimensions, else ``ValueError`` naming the input);
+* inputs larger than planned re-plan for the larger shapes (``larger_inputs="replan"``, the
+  default: logged with the time it took) or raise ``PlanMismatchError`` (``"error"``); smaller
+  ones run with the same decisions;
+* a step in another train/eval mode or autocast state than planned re-plans for it, and so does
+  one whose traced program no longer holds the plan's tensors (an adapter disabled, dropout
+  switched on): a stale plan never runs. Plans made so are kept per state (``max_plans``), so
+  switching back costs nothing;
+* when the plan recomputes or offloads anything (or ``compile=True``) the step runs lowered
+  (``runtime``, a ``memopt.runtime.step.PlannedStep``: eager or compiled); otherwise the wrapped
+  model runs as it is, which is then exactly the plan. Either way it gets ``use_cache=False``
+  unless the caller sets it (``memopt.memory.inputs.training_kwargs``), as the plan was made.
+
+Without grad the wrapped model runs unchanged. ``torch.compile(optimized)`` compiles around the
+lowered step, which runs as memopt lowered it (a graph break; ``compile=True`` is how to compile it).
 """
 
 from __future__ import annotations
@@ -17,18 +29,30 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
 
 import torch
 import torch.nn as nn
 
 from memopt.errors import MemoptError, PlanMismatchError
-from memopt.memory.inputs import training_kwargs
+from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
 from memopt.planner.plan import RUNTIME_ACTIONS, Plan
 from memopt.runtime.fingerprint import structural_fingerprint
-from memopt.runtime.step import ShapeGuard
+from memopt.memory.autocast import autocast_state
+from memopt.runtime.guards import step_state
+from memopt.runtime.step import describe_shapes
 
-__all__ = ["OptimizedModel", "wrap"]
+__all__ = ["OptimizedModel", "LARGER_INPUTS", "wrap"]
+
+log = logging.getLogger("memopt")
+
+LARGER_INPUTS = ("replan", "error")
+_MAX_PLANS = 4  # plans kept per model, one per step state (train/eval, autocast, adapter flags, ...)
+
+Replan = Callable[[Plan, tuple, dict, str], Plan]
 
 
 class OptimizedModel(nn.Module):
@@ -44,44 +68,122 @@ class OptimizedModel(nn.Module):
         self._original_requires_grad = original_requires_grad
         self._merged = False
         self._signature = inspect.signature(model.forward)
-        self._guard = ShapeGuard(self._signature)
         self._compile = False
+        self._larger_inputs = "replan"
+        self._replan: Replan | None = None
+        self._plans: OrderedDict[Hashable, tuple[Plan, Any]] = OrderedDict()
+        self._said: set[str] = set()
+        self.replans: list[str] = []  # why each re-plan happened, oldest first
 
     @property
     def plan(self) -> Plan:
-        """The plan the model carries out (a re-plan for larger inputs replaces it)."""
+        """The plan the model carries out (the latest step's; a re-plan replaces it)."""
         return self._plan
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._merged:
             raise MemoptError("this OptimizedModel was merged; use the plain model merge() returned")
-        if torch.is_grad_enabled():  # a training step: the plan's
-            new_plan = self._guard.check(self._plan, args, kwargs)
-            if new_plan is not None:
-                self._install(new_plan, self._compile)
-            if self.runtime is not None:
-                return self.runtime(*args, **kwargs)
-            kwargs = training_kwargs(self._signature, kwargs)
-        return self.model(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            return self.model(*args, **kwargs)
+        return self._training_step(args, training_kwargs(self._signature, kwargs))
 
-    def use_plan(self, plan: Plan, *, compile: bool = False, larger_inputs: str = "error",
-                 replan: Callable[[tuple, dict], Plan] | None = None) -> "OptimizedModel":
+    @torch.compiler.disable
+    def _training_step(self, args: tuple, kwargs: dict) -> Any:
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError:
+            return self.model(*args, **kwargs)  # the model's own call says what is wrong
+        self._check_inputs(bound)
+        device = _device_of(self.model)
+        # Plans are kept per step state and per pattern of size-1 dimensions: a trace specializes
+        # a size of 1 (batch 1 is another program), so such a batch gets a plan of its own.
+        key = (step_state(self.model, device.type), _unit_dims(bound))
+        known = self._plans.get(key)
+        if known is not None:
+            self._plan, self.runtime = known
+            self._plans.move_to_end(key)
+        larger = _larger(input_shapes(bound), self._plan.input_shapes)
+        if larger:
+            self._replan_for(args, kwargs, f"inputs larger than planned: {describe_shapes(larger)}", error_ok=True)
+        elif self._plan.training is not None and (self._plan.training, self._plan.autocast) != \
+                (self.model.training, autocast_state(device.type)):
+            self._replan_for(args, kwargs, _state_change(self._plan, self.model.training, autocast_state(device.type)))
+        self._note_other_inputs(bound)
+        if self.runtime is None:
+            output = self.model(*args, **kwargs)
+        else:
+            try:
+                output = self.runtime(*args, **kwargs)
+            except PlanMismatchError as exc:
+                if self._replan is None:
+                    raise
+                self._replan_for(args, kwargs, str(exc).splitlines()[0])
+                output = self.model(*args, **kwargs) if self.runtime is None else self.runtime(*args, **kwargs)
+        self._plans[key] = (self._plan, self.runtime)
+        while len(self._plans) > _MAX_PLANS:
+            self._plans.popitem(last=False)
+        return output
+
+    def _replan_for(self, args: tuple, kwargs: dict, why: str, error_ok: bool = False) -> None:
+        if self._replan is None or (error_ok and self._larger_inputs == "error"):
+            raise PlanMismatchError(
+                f"{why}. The plan's peak holds only for what was planned; call memopt.optimize with a batch "
+                "of the new size" + (", or pass larger_inputs='replan'" if error_ok else ""))
+        start = time.perf_counter()
+        plan = self._replan(self._plan, args, kwargs, why)
+        self._install(plan, self._compile)
+        seconds = time.perf_counter() - start
+        self.replans.append(why)
+        log.warning("memopt: re-planned in %.1f s (%s): predicted peak %.3f GiB of %.3f GiB usable%s", seconds, why,
+                    plan.predicted_peak_bytes / 2**30, plan.usable_bytes / 2**30,
+                    ", recomputing/offloading" if plan.needs_runtime else "")
+
+    def _check_inputs(self, bound: inspect.BoundArguments) -> None:
+        """The same tensor inputs as planned, each with its planned dtype and number of dimensions."""
+        planned = self._plan.input_dtypes or {}
+        for name, value in tensor_inputs(bound).items():
+            spec = planned.get(name)
+            want = self._plan.input_shapes.get(name)
+            if want is not None and value.dim() != len(want):
+                raise ValueError(f"input {name!r} has shape {list(value.shape)} ({value.dim()} dimensions); the plan "
+                                 f"was made for {list(want)} ({len(want)} dimensions)")
+            if spec is not None and str(value.dtype).replace("torch.", "") != spec:
+                raise ValueError(f"input {name!r} is {str(value.dtype).replace('torch.', '')}{list(value.shape)}; "
+                                 f"the plan was made for {spec}{list(want or ())}")
+            if value.numel() == 0 and want is not None and 0 not in want:
+                raise ValueError(f"input {name!r} is empty ({list(value.shape)}): there is nothing to train on")
+
+    def _note_other_inputs(self, bound: inspect.BoundArguments) -> None:
+        missing = sorted(set(self._plan.input_shapes) - set(input_shapes(bound)))
+        if missing and "missing" not in self._said:
+            self._said.add("missing")
+            log.warning("memopt: this training step has no %s, which the plan was made with: the plan's decisions "
+                        "apply where this step makes the same tensors, and what your loop computes from the outputs "
+                        "(its loss) is not in the plan; pass loss_fn= (and these inputs) to memopt.optimize to plan "
+                        "it", ", ".join(missing))
+
+    def use_plan(self, plan: Plan, *, compile: bool = False, larger_inputs: str = "replan",
+                 replan: Replan | None = None) -> "OptimizedModel":
         """Carry out ``plan`` from now on (e.g. one read with ``memopt.load_plan``); returns self.
 
         The plan must have been made for this model as rewritten (same structural fingerprint)
         and its inputs; a mismatch raises ``PlanMismatchError`` (here, or at the first step for a
-        tensor the step does not make). ``compile``: run the step through Inductor.
-        ``larger_inputs`` / ``replan``: what a step with larger inputs than planned does
-        (``memopt.runtime.step.ShapeGuard``).
+        tensor the step does not make, when there is no ``replan``). ``compile``: run the step
+        through Inductor. ``larger_inputs``: ``"replan"`` (needs ``replan``; a model returned by
+        ``optimize`` has one) or ``"error"``.
         """
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be a memopt Plan, got {type(plan).__name__}")
+        if larger_inputs not in LARGER_INPUTS:
+            raise ValueError(f"larger_inputs must be one of {LARGER_INPUTS}, got {larger_inputs!r}")
         if plan.fingerprint is not None and plan.fingerprint != structural_fingerprint(self.model):
             raise PlanMismatchError(
                 f"the plan was made for another model ({plan.model}, method {plan.method}): its structural "
                 f"fingerprint {plan.fingerprint} differs from this model's {structural_fingerprint(self.model)} "
                 "(parameter names, shapes, dtypes, trainability or module types)")
-        self._guard = ShapeGuard(self._signature, larger_inputs, replan)
+        self._replan = replan
+        self._larger_inputs = larger_inputs
+        self._plans.clear()
         self._install(plan, compile)
         return self
 
@@ -146,6 +248,31 @@ def _class_for(model_cls: type) -> type:
     forward.__doc__ = model_cls.forward.__doc__
     name = f"Optimized{model_cls.__name__}"
     return type(name, (OptimizedModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
+def _unit_dims(bound: inspect.BoundArguments) -> tuple:
+    """Which dimensions of each tensor input are 1 (a trace specializes them)."""
+    return tuple((name, tuple(s == 1 for s in t.shape)) for name, t in tensor_inputs(bound).items())
+
+
+def _larger(shapes: dict[str, tuple[int, ...]], planned: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    return {name: (shape, tuple(planned[name])) for name, shape in shapes.items()
+            if name in planned and any(s > p for s, p in zip(shape, planned[name]))}
+
+
+def _state_change(plan: Plan, training: bool, autocast: str | None) -> str:
+    parts = []
+    if plan.training != training:
+        parts.append(f"the model is in {'train' if training else 'eval'} mode, the plan was made in "
+                     f"{'train' if plan.training else 'eval'} mode")
+    if plan.autocast != autocast:
+        parts.append(f"autocast is {autocast or 'off'}, the plan was made with autocast {plan.autocast or 'off'}")
+    return "; ".join(parts)
 
 
 def wrap(model: nn.Module, plan: Plan, merge_fn: Callable[[nn.Module], nn.Module],

@@ -24,12 +24,20 @@ carry the names the Plan's decisions refer to. Lowering a Plan is then three gra
    (counting its bytes as host bytes) and the backward re-creates an empty tensor of its layout
    right before its first use. Values are not kept, so only fake-tensor runs may use it.
 
-Mismatch is an error, never a silent fallback: a decision whose tensor is not in the graph, or is
-made by another op, raises :class:`~memopt.errors.PlanMismatchError`.
+Decisions are found by their ``key`` (the producing op's module, op and ordinal there:
+:func:`memopt.ir.joint.op_keys`), so a trace with symbolic sizes, another batch size or without the
+loss finds them as well as one at the plan's shapes. A decision whose tensor this step does not
+make is skipped (a call without labels makes no loss; batch 1 drops a copy) — nothing is left to
+keep or free. What is an error, never a silent fallback (:class:`~memopt.errors.PlanMismatchError`):
+a decided tensor made by another op, or of another layout at the plan's shapes, and a tensor the
+step saves for its backward that the plan has no decision on — the step is another program than
+the one planned (dropout switched on, another model), and its peak is not the plan's. Plans
+without keys (format v3) are matched by fx node name, and every decision must be found.
 """
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -40,6 +48,7 @@ from torch._functorch.partitioners import _has_tag_is_forward, _is_primal, _is_t
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memopt.errors import MemoptError, PlanMismatchError
+from memopt.ir.joint import op_keys
 from memopt.planner.plan import Plan, TensorDecision
 
 __all__ = ["OFFLOAD_MODES", "LoweringReport", "plan_partition", "tag_joint"]
@@ -59,6 +68,7 @@ class LoweringReport:
     saved_bytes: int = 0  # their distinct storages' bytes, parameters and inputs excluded
     offloaded: list[str] = field(default_factory=list)
     host_bytes: int = 0  # bytes on host between forward and backward
+    skipped: list[str] = field(default_factory=list)  # decisions on tensors this step does not make (lenient)
 
 
 # ----------------------------------------------------------------------------- simulated offload ops
@@ -100,8 +110,12 @@ def plan_partition(plan: Plan, *, offload_mode: str, check_layout: bool,
     report = LoweringReport() if report is None else report
 
     def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
-        offloaded = tag_joint(joint, plan, check_layout=check_layout)
-        fw, bw = default_partition(joint, joint_inputs, **kwargs)
+        _sizes_not_tensors(joint.graph)
+        keyed = all(t.key is not None for t in plan.tensors)
+        keys = op_keys(joint.graph) if keyed else {}
+        offloaded = tag_joint(joint, plan, check_layout=check_layout, skipped=report.skipped if keyed else None)
+        with _static_rng_state():
+            fw, bw = default_partition(joint, joint_inputs, **kwargs)
         for gm in (fw, bw):  # as the planner's trace: no unused copy of a multi-output op (attention)
             gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
             gm.recompile()
@@ -111,7 +125,10 @@ def plan_partition(plan: Plan, *, offload_mode: str, check_layout: bool,
         saved = _saved_outputs(fw, kwargs["num_fwd_outputs"])
         report.saved = [n.name for n in saved]
         primals = {_storage(p) for p in fw.graph.find_nodes(op="placeholder")}
-        report.saved_bytes = sum(_nbytes(n) for n in {_storage(n): n for n in saved if _storage(n) not in primals}.values())
+        report.saved_bytes = sum(_nbytes(n) for n in {_storage(n): n for n in saved
+                                                      if _storage(n) not in primals}.values())
+        if keyed:
+            _refuse_unplanned(fw, saved, primals, keys, {t.key.partition("[")[0] for t in plan.tensors})
         offloads = _offloads(fw, saved, offloaded) if offload_mode in _OFFLOAD else []
         if offloads:
             _OFFLOAD[offload_mode](fw, bw, offloads)
@@ -127,6 +144,88 @@ def plan_partition(plan: Plan, *, offload_mode: str, check_layout: bool,
 
 
 _RECOMPUTE = (CheckpointPolicy.MUST_RECOMPUTE, CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+@contextlib.contextmanager
+def _static_rng_state() -> Any:
+    """The partitioner fakes the RNG state it saves for a replayed random op with the tracing fake
+    mode; under symbolic sizes that would give the state (a fixed-size byte tensor) a size symbol of
+    its own, which nothing binds (Inductor refuses such a graph)."""
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode()
+    if mode is None or mode.static_shapes:
+        yield
+        return
+    mode.static_shapes = True
+    try:
+        yield
+    finally:
+        mode.static_shapes = False
+
+
+def _sizes_not_tensors(graph: fx.Graph) -> None:
+    """In a trace with symbolic sizes the backward reads some sizes off forward tensors
+    (``sym_size(logits, 1)``), and the partitioner then saves the whole tensor for its size. Read
+    each such size from a forward size node of the same value, or off an input, instead: the
+    backward then saves an integer, as a trace with static sizes saves nothing."""
+    forward_sizes: dict[Any, fx.Node] = {}
+    input_sizes: dict[Any, tuple[fx.Node, int]] = {}
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and not _is_tangent(node) and isinstance(val, torch.Tensor):
+            for dim, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                    input_sizes.setdefault(size.node.expr, (node, dim))
+        elif isinstance(val, torch.SymInt) and node.op == "call_function" and not _is_backward(node):
+            forward_sizes.setdefault(val.node.expr, node)
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.aten.sym_size.int or not _is_backward(node):
+            continue
+        source = node.args[0]
+        if source.op == "placeholder" or _is_backward(source):
+            continue
+        expr = node.meta["val"].node.expr
+        if expr in forward_sizes:
+            node.replace_all_uses_with(forward_sizes[expr])
+        elif expr in input_sizes:
+            node.args = input_sizes[expr]
+        else:
+            continue
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _is_backward(node: fx.Node) -> bool:
+    return node.meta.get("partitioner_tag") == "is_backward"
+
+
+def _refuse_unplanned(fw: fx.GraphModule, saved: list[fx.Node], primals: set[Any], keys: dict[str, str],
+                      planned: set[str]) -> None:
+    """Every activation the forward hands to the backward must be one the plan decided on."""
+    carriers: dict[Any, fx.Node] = {}
+    for node in fw.graph.nodes:
+        if node.op == "call_function":
+            carriers.setdefault(_storage(node), node)
+    for node in saved:
+        storage = _storage(node)
+        carrier = carriers.get(storage)
+        if storage in primals or carrier is None or _makes_rng_state(carrier):
+            continue
+        key = keys.get(carrier.name)
+        if key is not None and key not in planned:
+            raise PlanMismatchError(
+                f"this training step saves {carrier.name} ({carrier.target} in "
+                f"{key.rpartition(':')[0] or 'the model'}, key {key}) for its backward, which the plan has no "
+                "decision on: the step is another program than the one planned (a changed train/eval mode, "
+                "dropout or adapter flag, or another model)")
+
+
+def _makes_rng_state(node: fx.Node) -> bool:
+    """The partitioner's own RNG-state saves for replayed random ops (not in the plan's trace)."""
+    while node.target is operator.getitem:
+        node = node.args[0]
+    return node.target is torch._prims.rng_prims.run_and_save_rng_state
 
 
 def _refuse_constants(*modules: fx.GraphModule) -> None:
@@ -146,10 +245,15 @@ def _is_recomputed(node: fx.Node) -> bool:
     return node.meta.get("recompute") in _RECOMPUTE or node.target is torch._prims.rng_prims.run_with_rng_state
 
 
-def tag_joint(joint: fx.GraphModule, plan: Plan, *, check_layout: bool = True) -> set[int]:
-    """Tag ``joint``'s forward nodes with the plan's policies; return the offloaded storages' keys."""
+def tag_joint(joint: fx.GraphModule, plan: Plan, *, check_layout: bool = True,
+              skipped: list[str] | None = None) -> set[int]:
+    """Tag ``joint``'s forward nodes with the plan's policies; return the offloaded storages' keys.
+
+    ``skipped``: where given, decisions on tensors the graph does not make are appended there (by
+    name) instead of raising ``PlanMismatchError``."""
     forward = _forward_nodes(joint)
     by_name = {n.name: n for n in forward}
+    by_key = {key: by_name[name] for name, key in op_keys(joint.graph).items() if name in by_name}
     storage_nodes: dict[int, list[fx.Node]] = {}
     for node in forward:
         key = _storage(node)
@@ -157,7 +261,16 @@ def tag_joint(joint: fx.GraphModule, plan: Plan, *, check_layout: bool = True) -
             storage_nodes.setdefault(key, []).append(node)
     action: dict[int, str] = {}
     for decision in plan.tensors:
-        node = _node_of(decision, by_name)
+        node = _node_of(decision, by_name, by_key)
+        if node is None:
+            if skipped is None:
+                raise PlanMismatchError(
+                    f"the plan decides on tensor {decision.name!r} ({decision.op} in {decision.module or 'the model'}"
+                    f"{'' if decision.key is None else f', key {decision.key}'}), which this training step does not "
+                    "make: the step is another program than the one planned (another model or method, or a changed "
+                    "train/eval mode, dropout or adapter flag)")
+            skipped.append(decision.name)
+            continue
         _check(decision, node, check_layout)
         action[_storage(node)] = decision.action
     available = {key for key, a in action.items() if a in _SAVED}
@@ -199,36 +312,42 @@ def _forward_nodes(joint: fx.GraphModule) -> list[fx.Node]:
     return out
 
 
-def _node_of(decision: TensorDecision, by_name: dict[str, fx.Node]) -> fx.Node:
-    name, index = decision.name, None
-    if name.endswith("]") and "[" in name:  # output ``index`` of a multi-output op
-        name, _, rest = name.partition("[")
+def _node_of(decision: TensorDecision, by_name: dict[str, fx.Node], by_key: dict[str, fx.Node]) -> fx.Node | None:
+    """The node holding the decided tensor: found by key (by fx node name for a plan without keys)."""
+    ident, table = (decision.name, by_name) if decision.key is None else (decision.key, by_key)
+    index = None
+    if ident.endswith("]") and "[" in ident:  # output ``index`` of a multi-output op
+        ident, _, rest = ident.partition("[")
         index = int(rest[:-1])
-    node = by_name.get(name)
+    node = table.get(ident)
     if node is not None and index is not None:
         node = next((u for u in node.users if u.target is operator.getitem and u.args[1] == index), None)
-    if node is None:
-        raise PlanMismatchError(
-            f"the plan decides on tensor {decision.name!r} ({decision.op} in {decision.module or 'the model'}), "
-            "which this model's training step does not make: the plan was made for another model or method; "
-            "make a new one with memopt.optimize"
-        )
     return node
 
 
 def _check(decision: TensorDecision, node: fx.Node, check_layout: bool) -> None:
     producer = node.args[0] if node.target is operator.getitem else node
     target = str(producer.target)
-    if target != decision.op:
+    if _packet(target) != _packet(decision.op):
         raise PlanMismatchError(f"the plan's tensor {decision.name!r} is made by {decision.op}, here by {target}: "
                                 "the plan was made for another model; make a new one with memopt.optimize")
     val = node.meta.get("val")
     if check_layout and isinstance(val, torch.Tensor):
-        shape, dtype = tuple(int(s) for s in val.shape), str(val.dtype).replace("torch.", "")
+        shape, dtype = tuple(_hint(s) for s in val.shape), str(val.dtype).replace("torch.", "")
         if shape != tuple(decision.shape) or dtype != decision.dtype:
             raise PlanMismatchError(
                 f"the plan's tensor {decision.name!r} is {decision.dtype}{list(decision.shape)}, here "
                 f"{dtype}{list(shape)}: the plan was made for other input shapes or dtypes")
+
+
+def _packet(op: str) -> str:
+    """``aten.mul.Tensor`` -> ``aten.mul``: a symbolic size turns ``mul.Scalar`` into ``mul.Tensor``."""
+    return op.rsplit(".", 1)[0] if op.count(".") >= 2 else op
+
+
+def _hint(size: Any) -> int:
+    """A size as an int: a symbolic one at the value the trace was made with (no guard added)."""
+    return size if isinstance(size, int) else int(size.node.hint)
 
 
 def _storage(node: fx.Node) -> int | None:
@@ -240,7 +359,7 @@ def _storage(node: fx.Node) -> int | None:
 
 def _nbytes(node: fx.Node) -> int:
     val = node.meta.get("val")
-    return val.untyped_storage().nbytes() if isinstance(val, torch.Tensor) else 0
+    return _hint(val.untyped_storage().nbytes()) if isinstance(val, torch.Tensor) else 0
 
 
 def _flops(node: fx.Node) -> int:

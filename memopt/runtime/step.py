@@ -1,21 +1,31 @@
-"""Running a model's forward through a lowered Plan: one traced step per input signature.
+"""Running a model's forward through a lowered Plan: traced once, reused for every batch it covers.
 
 Design note. ``PlannedStep(model, plan, compilers)`` replaces ``model(*args, **kwargs)`` while
-autograd records (training): the forward runs as the forward graph of the step AOTAutograd traced
+autograd records (training). The forward runs as the forward graph of the step AOTAutograd traced
 from ``functional_call(model, parameters and buffers, args, kwargs)``, partitioned by
-:func:`memopt.runtime.partition.plan_partition`, and ``loss.backward()`` runs its backward graph;
-gradients land in the parameters' ``.grad`` as usual and mutated buffers are written back. The
-graphs go to ``compilers`` (``memopt.runtime.eager``: run op by op; ``memopt.runtime.compiled``:
-Inductor). Without grad (evaluation, ``torch.no_grad``) the model's own forward runs unchanged.
-A model that returns its own ``loss`` returns its other outputs (logits, ...) detached: the step
-backpropagates from the loss, as planned (``_loss_only``).
+:func:`memopt.runtime.partition.plan_partition`; ``backward()`` runs its backward graph. Gradients
+land in ``.grad`` as usual and mutated buffers are written back. The graphs go to ``compilers``
+(``memopt.runtime.eager``: op by op; ``memopt.runtime.compiled``: Inductor). Without grad
+(evaluation, ``torch.no_grad``) the model's own forward runs unchanged.
 
-One trace per *signature*: the tree of the inputs, each tensor's shape, dtype, device and
-``requires_grad``, the non-tensor values, ``model.training`` and whether the tensors are fake.
-HF models that take ``use_cache`` get ``use_cache=False`` unless the caller sets it
-(``memopt.memory.inputs.training_kwargs``), as the plan was made. The Plan holds for its input shapes; inputs with a dimension larger than planned raise
-:class:`~memopt.errors.PlanMismatchError` (or, with ``larger_inputs="replan"``, get a new Plan
-from ``replan``); smaller ones run with the same decisions.
+* **Every output keeps its gradient.** The planned region is the model's forward and backward:
+  logits, hidden states and the model's own ``loss`` are all differentiable, so a loss computed in
+  the user's code gets exact gradients. Outputs the loss does not reach get no zero gradient
+  tensor: their tangents are folded out of the backward (:mod:`memopt.runtime.tangents`).
+* **One trace for many sizes.** The step is traced with *symbolic* sizes for every input
+  dimension (a ``ShapeEnv``, as ``torch.compile(dynamic=True)`` does), and the trace is reused for
+  every call whose sizes satisfy the guards the trace recorded (e.g. batch 1 specializes, a
+  padded length does not). A model whose step cannot be traced symbolically, a simulated step
+  (fake tensors) and a plan without decision keys (format v3) are traced at the call's exact
+  sizes instead. Traces live in a bounded LRU cache (``max_traces``).
+* **Guards.** A trace is reused only for the same input structure (tree, dtypes, devices,
+  ``requires_grad``, non-tensor values) and the same :func:`memopt.runtime.guards.step_state`
+  (training flags, dropout probabilities, adapter flags, autocast, parameter dtypes, ...); any
+  change traces again. A trace in which the plan's tensors are not found (another program: an
+  adapter disabled, dropout switched on) raises :class:`~memopt.errors.PlanMismatchError`, which
+  ``OptimizedModel`` answers by re-planning.
+* **Autocast.** A step traced under autocast records the casts; its backward is traced without
+  autocast, as eager autograd runs a backward called outside the autocast region.
 """
 
 from __future__ import annotations
@@ -23,28 +33,33 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 import torch
+import torch.fx.traceback as fx_traceback
 from torch import nn
 from torch._export.utils import _compiling_state_context
 from torch._functorch.aot_autograd import aot_function
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor
-from torch.utils._pytree import tree_flatten, tree_map_only, tree_unflatten
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from memopt.errors import MemoptError, PlanMismatchError, UnsupportedModelError
+from memopt.ir.joint import module_annotations
 from memopt.kernels.dequant import simulating
 from memopt.memory.inputs import input_shapes, training_kwargs
 from memopt.memory.tracker import not_counted
 from memopt.planner.plan import Plan
+from memopt.runtime.guards import step_state
 from memopt.runtime.partition import LoweringReport, plan_partition
+from memopt.runtime.tangents import BackwardVariants
 
-__all__ = ["LARGER_INPUTS", "Compilers", "PlannedStep", "ShapeGuard"]
+__all__ = ["Compilers", "PlannedStep", "MAX_TRACES"]
 
 log = logging.getLogger("memopt")
 
-LARGER_INPUTS = ("error", "replan")
+MAX_TRACES = 8  # traced steps kept per lowered plan (each holds its graphs and compiled code)
 
 
 @dataclass(frozen=True)
@@ -57,20 +72,35 @@ class Compilers:
     runs_fake: bool  # can the compiled code run on fake tensors (a simulated step)?
 
 
+@dataclass
+class _Trace:
+    """One traced step: the AOT function, what its lowering did, and the sizes it covers."""
+
+    fn: Callable[..., Any]
+    report: LoweringReport
+    covers: Callable[[list[torch.Tensor]], bool]  # do these input tensors' sizes satisfy its guards?
+    symbolic: bool
+
+
 class PlannedStep:
     """``model``'s forward lowered by ``plan``; see the module docstring."""
 
-    def __init__(self, model: nn.Module, plan: Plan, compilers: Compilers) -> None:
+    def __init__(self, model: nn.Module, plan: Plan, compilers: Compilers, *, max_traces: int = MAX_TRACES) -> None:
+        if max_traces < 1:
+            raise ValueError(f"max_traces must be >= 1, got {max_traces}")
         self.model = model
         self.plan = plan
         self.compilers = compilers
+        self.max_traces = max_traces
         self._signature = inspect.signature(model.forward)
-        self._cache: dict[Any, tuple[Callable, LoweringReport]] = {}
+        self._traces: OrderedDict[tuple[Hashable, int], _Trace] = OrderedDict()
+        self._serial = 0
+        self.traces_made = 0
 
     @property
     def reports(self) -> list[LoweringReport]:
-        """What each traced signature's lowering did (recomputed nodes, saved, offloaded)."""
-        return [report for _, report in self._cache.values()]
+        """What each cached trace's lowering did (recomputed nodes, saved, offloaded), oldest first."""
+        return [trace.report for trace in self._traces.values()]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         params = dict(self.model.named_parameters())
@@ -81,22 +111,28 @@ class PlannedStep:
         leaves, spec = tree_flatten((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         fake = any(isinstance(t, FakeTensor) for t in [*tensors, *params.values()])
-        key = (spec, tuple(_describe(x) for x in leaves), self.model.training, fake,
-               tuple(p.requires_grad for p in params.values()))
-        entry = self._cache.get(key)
-        if entry is not None:
-            return entry[0](params, buffers, tensors)
-        fn, report, output = self._lower(args, kwargs, fake, leaves, spec, (params, buffers, tensors))
-        self._cache[key] = (fn, report)
+        device = next((t.device for t in [*tensors, *params.values()]), torch.device("cpu"))
+        key = (spec, tuple(_describe(x, exact=fake) for x in leaves), fake, step_state(self.model, device.type))
+        for cache_key, trace in self._traces.items():
+            if cache_key[0] == key and trace.covers(tensors):
+                self._traces.move_to_end(cache_key)
+                return trace.fn(params, buffers, tensors)
+        trace, output = self._lower(args, kwargs, fake, leaves, spec, (params, buffers, tensors), device)
+        self._serial += 1
+        self._traces[(key, self._serial)] = trace
+        while len(self._traces) > self.max_traces:
+            self._traces.popitem(last=False)
         return output
 
+    # ------------------------------------------------------------------------- tracing
+
     def _lower(self, args: tuple, kwargs: dict, fake: bool, leaves: list, spec: Any,
-               inputs: tuple[dict, dict, list]) -> tuple[Callable, LoweringReport, Any]:
+               inputs: tuple[dict, dict, list], device: torch.device) -> tuple[_Trace, Any]:
         """Trace, partition and compile the step for these inputs, and run it on them once."""
         if fake and not self.compilers.runs_fake:
             raise MemoptError(f"the {self.compilers.name} lowering cannot run on fake tensors; simulate the eager one")
-        at_plan_shapes = self._at_plan_shapes(args, kwargs)
-        device = next((t.device for t in leaves if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        shapes = input_shapes(self._signature.bind(*args, **kwargs))
+        at_plan_shapes = shapes == {k: tuple(v) for k, v in self.plan.input_shapes.items()}
         mode = "simulated" if fake else ("cuda" if device.type == "cuda" else "host")
         model, constants = self.model, [None if isinstance(x, torch.Tensor) else x for x in leaves]
 
@@ -104,103 +140,171 @@ class PlannedStep:
             it = iter(tensors)
             call_args, call_kwargs = tree_unflatten([next(it) if c is None and isinstance(x, torch.Tensor) else c
                                                      for c, x in zip(constants, leaves)], spec)
-            return _loss_only(torch.func.functional_call(model, {**params, **buffers}, call_args, call_kwargs))
+            return torch.func.functional_call(model, {**params, **buffers}, call_args, call_kwargs)
 
+        self.traces_made += 1
+        # A plan without keys (format v3) names fx nodes of a trace at exact sizes.
+        if not fake and all(t.key is not None for t in self.plan.tensors):
+            try:
+                return self._trace_symbolic(step, inputs, mode, at_plan_shapes)
+            except (MemoptError, torch.OutOfMemoryError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the exact-size trace below reports real failures
+                log.info("memopt: %s's step could not be traced with symbolic sizes (%s: %s); tracing it at "
+                         "these sizes (one trace per size)", type(model).__name__, type(exc).__name__,
+                         _first_line(exc))
+        return self._trace_exact(step, inputs, mode, at_plan_shapes, fake)
+
+    def _aot(self, step: Callable, partition: Callable, resume: Callable[[], None] | None) -> Callable[..., Any]:
+        """The AOT function of ``step``; ``resume`` (if given) is called once compiled, before the
+        forward first runs (a simulated step counts from there)."""
+        compilers = self.compilers
+        first_call = [True]
+
+        def forward_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+            compiled = compilers.forward(gm, example_inputs)
+            if resume is not None:
+                resume()
+            if compilers.runs_fake:
+                return compiled
+            eager = _boxed(gm)
+
+            def run(args: list) -> Any:  # AOTAutograd runs the forward once on the trace's fakes
+                if first_call[0]:
+                    first_call[0] = False
+                    if any(isinstance(a, FakeTensor) for a in args):
+                        return eager(args)
+                return compiled(args)
+
+            run._boxed_call = True  # type: ignore[attr-defined]
+            return run
+
+        def backward_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+            return BackwardVariants(gm, example_inputs, compilers.backward)
+
+        fn = aot_function(step, fw_compiler=forward_compiler, bw_compiler=backward_compiler, partition_fn=partition)
+        return _without_zero_gradients(fn)
+
+    def _trace_symbolic(self, step: Callable, inputs: tuple[dict, dict, list], mode: str,
+                        at_plan_shapes: bool) -> tuple[_Trace, Any]:
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+        params, buffers, tensors = inputs
         report = LoweringReport()
         partition = plan_partition(self.plan, offload_mode=mode, check_layout=at_plan_shapes, report=report)
+        shape_env = ShapeEnv()
+        fake_mode = FakeTensorMode(shape_env=shape_env)
+        with fake_mode:
+            fparams = {n: fake_mode.from_tensor(p, static_shapes=True) for n, p in params.items()}
+            fbuffers = {n: fake_mode.from_tensor(b, static_shapes=True) for n, b in buffers.items()}
+            ftensors = [fake_mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(
+                dynamic_sizes=[DimDynamic.DUCK] * t.dim())) for t in tensors]
+        fn = None
+        for exporting in (False, True):
+            with not_counted():  # nothing of the trace, its fake run included, is a real allocation
+                fn = self._aot(step, partition, None)
+                try:
+                    with self._tracing(exporting), fake_mode:
+                        fn(fparams, fbuffers, ftensors)
+                    break
+                except DataDependentOutputException:
+                    if exporting:
+                        raise
+                except Exception as exc:  # noqa: BLE001
+                    if exporting or not _data_dependent(exc):
+                        raise
+        guards = shape_env.produce_guards_expression(ftensors)
+
+        def covers(actual: list[torch.Tensor]) -> bool:
+            return guards is None or bool(shape_env.evaluate_guards_expression(guards, actual))
+
+        output = fn(params, buffers, tensors)
+        log.debug("memopt: traced the planned step with symbolic sizes (guards: %s)", guards)
+        return _Trace(fn, report, covers, symbolic=True), output
+
+    def _trace_exact(self, step: Callable, inputs: tuple[dict, dict, list], mode: str, at_plan_shapes: bool,
+                     fake: bool) -> tuple[_Trace, Any]:
+        report = LoweringReport()
+        partition = plan_partition(self.plan, offload_mode=mode, check_layout=at_plan_shapes, report=report)
+        sizes = [tuple(t.shape) for t in inputs[2]]
         for exporting in (False, True):
             # Tracing makes fake tensors a simulated step must not count: count from the first op run.
             with not_counted() as resume:
-                def forward_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-                    compiled = self.compilers.forward(gm, example_inputs)
-                    resume()
-                    return compiled
-
+                fn = self._aot(step, partition, resume)
                 try:
-                    # Traced as the planner traced it: quantized matmuls as the target device runs them.
-                    with simulating(self.plan.device.kind), \
-                            _compiling_state_context() if exporting else contextlib.nullcontext():
-                        fn = aot_function(step, fw_compiler=forward_compiler, bw_compiler=self.compilers.backward,
-                                          partition_fn=partition)
-                        return fn, report, fn(*inputs)
+                    with self._tracing(exporting):
+                        output = fn(*inputs)
+                    return _Trace(fn, report, lambda actual: [tuple(t.shape) for t in actual] == sizes,
+                                  symbolic=False), output
                 except DataDependentOutputException:
                     if exporting:
                         raise
                 except (MemoptError, torch.OutOfMemoryError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - tracing failures are reported with the way out
-                    if isinstance(exc.__cause__ or exc.__context__, DataDependentOutputException) and not exporting:
+                    if _data_dependent(exc) and not exporting:
                         continue
                     raise UnsupportedModelError(
-                        f"memopt could not lower the plan onto {type(model).__name__}'s training step: "
-                        f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                    ) from exc
+                        f"memopt could not lower the plan onto {type(self.model).__name__}'s training step: "
+                        f"{type(exc).__name__}: {_first_line(exc)}") from exc
         raise AssertionError("unreachable")
 
-    def _at_plan_shapes(self, args: tuple, kwargs: dict) -> bool:
-        """Are these the inputs the plan was made for (so every decided tensor has its planned layout)?"""
-        shapes = input_shapes(self._signature.bind(*args, **kwargs))
-        return all(shapes.get(name) == tuple(shape) for name, shape in self.plan.input_shapes.items())
+    @contextlib.contextmanager
+    def _tracing(self, exporting: bool) -> Any:
+        """Traced as the planner traced it: module annotations for the plan's keys, quantized matmuls
+        as the target device runs them, data-dependent branches as export takes them (``exporting``),
+        and the backward outside autocast, as eager autograd runs it."""
+        with simulating(self.plan.device.kind), fx_traceback.preserve_node_meta(), \
+                module_annotations(self.model), \
+                torch._functorch.config.patch(backward_pass_autocast="off"), \
+                (_compiling_state_context() if exporting else contextlib.nullcontext()):
+            yield
 
 
-class ShapeGuard:
-    """Checks a training step's inputs against the plan's: larger ones raise ``PlanMismatchError``
-    or, with ``larger_inputs="replan"``, get a new Plan from ``replan(args, kwargs)``."""
+def _without_zero_gradients(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``'s outputs, with autograd told to pass ``None`` for the gradient of an output the loss
+    does not reach (instead of a zero tensor of its size): the backward folds those tangents away."""
 
-    def __init__(self, signature: inspect.Signature, larger_inputs: str = "error",
-                 replan: Callable[[tuple, dict], Plan] | None = None) -> None:
-        if larger_inputs not in LARGER_INPUTS:
-            raise ValueError(f"larger_inputs must be one of {LARGER_INPUTS}, got {larger_inputs!r}")
-        if larger_inputs == "replan" and replan is None:
-            raise ValueError("larger_inputs='replan' needs a replan function")
-        self.signature = signature
-        self.larger_inputs = larger_inputs
-        self.replan = replan
-
-    def check(self, plan: Plan, args: tuple, kwargs: dict) -> Plan | None:
-        """None if ``plan`` holds for these inputs; else the new plan (or PlanMismatchError)."""
-        try:
-            shapes = input_shapes(self.signature.bind(*args, **kwargs))
-        except TypeError:
-            return None  # the model's own call reports a bad call
-        larger = {name: (shape, plan.input_shapes[name]) for name, shape in shapes.items()
-                  if name in plan.input_shapes and _exceeds(shape, plan.input_shapes[name])}
-        if not larger:
-            return None
-        if self.larger_inputs == "replan":
-            assert self.replan is not None
-            log.info("memopt: inputs larger than planned (%s); re-planning", _describe_shapes(larger))
-            return self.replan(args, kwargs)
-        raise PlanMismatchError(
-            f"inputs larger than the plan was made for: {_describe_shapes(larger)}. The plan's peak holds "
-            "only up to the planned shapes; call memopt.optimize with a batch of the new size, or pass "
-            "larger_inputs='replan'")
-
-
-def _loss_only(output: Any) -> Any:
-    """A model that returns its own loss (HF, given labels): the other outputs, detached.
-
-    The step the plan was made for backpropagates from the loss. Were the logits differentiable
-    outputs of the traced step, autograd would hand its backward a zero gradient for them (a
-    logits-sized tensor at the start of the backward, outside the plan)."""
-    loss = output.get("loss") if isinstance(output, Mapping) else None
-    if not isinstance(loss, torch.Tensor):
+    def call(*args: Any) -> Any:
+        output = fn(*args)
+        seen: set[int] = set()
+        for t in tree_leaves(output):
+            node = t.grad_fn if isinstance(t, torch.Tensor) else None
+            for candidate in (node, *(f for f, _ in (node.next_functions if node is not None else ()))):
+                if candidate is not None and id(candidate) not in seen and \
+                        type(candidate).__name__ == "CompiledFunctionBackward":
+                    seen.add(id(candidate))
+                    candidate.set_materialize_grads(False)
         return output
-    for key in list(output.keys()):
-        if key != "loss":
-            output[key] = tree_map_only(torch.Tensor, torch.Tensor.detach, output[key])
-    return output
+
+    return call
 
 
-def _describe(x: Any) -> Any:
+def _boxed(gm: torch.fx.GraphModule) -> Callable[[list], Any]:
+    def run(args: list) -> Any:
+        return torch.fx.Interpreter(gm).boxed_run(args)
+
+    return run
+
+
+
+def _data_dependent(exc: BaseException) -> bool:
+    """Did tracing stop on a value-dependent branch (HF: "is the attention mask all ones?")?"""
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(exc, DataDependentOutputException) or isinstance(cause, DataDependentOutputException) or \
+        "data-dependent" in str(exc).lower() or "GuardOnDataDependentSymNode" in type(exc).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _describe(x: Any, *, exact: bool) -> Any:
     if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.dtype, x.device.type, x.requires_grad)
+        return (tuple(x.shape) if exact else x.dim(), x.dtype, x.device.type, x.requires_grad)
     return ("value", repr(x))
 
 
-def _exceeds(shape: tuple[int, ...], planned: tuple[int, ...]) -> bool:
-    return len(shape) != len(planned) or any(s > p for s, p in zip(shape, planned))
-
-
-def _describe_shapes(larger: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> str:
+def describe_shapes(larger: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]]) -> str:
     return ", ".join(f"{name} {list(shape)} (planned {list(planned)})" for name, (shape, planned) in larger.items())

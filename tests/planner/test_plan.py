@@ -26,7 +26,7 @@ def plans():
 def test_a_plan_round_trips_through_json_exactly(plans, tmp_path):
     for plan in plans:
         assert memopt.load_plan(plan.save(tmp_path / "plan.json")) == plan
-        assert json.loads(plan.to_json())["version"] == PLAN_FORMAT_VERSION == 3
+        assert json.loads(plan.to_json())["version"] == PLAN_FORMAT_VERSION == 4
 
 
 def test_a_roomy_budget_keeps_everything_and_says_it_is_applied(plans):

@@ -79,9 +79,14 @@ def test_cuda_offload_is_torch_async_copies_one_per_storage_prefetched_one_ahead
         return torch.func.functional_call(inner, {**p, **b}, (), {**kwargs, "use_cache": False}).loss
 
     fn = aot_function(step, fw_compiler=None, partition_fn=capture)
+    import torch.fx.traceback as fx_traceback
     from torch._export.utils import _compiling_state_context
 
-    with pytest.raises(_Done), _compiling_state_context():
+    from memopt.ir.joint import module_annotations
+
+    # Traced as the runtime traces: module annotations give the ops the keys the plan names.
+    with pytest.raises(_Done), _compiling_state_context(), fx_traceback.preserve_node_meta(), \
+            module_annotations(inner):
         fn(dict(inner.named_parameters()), dict(inner.named_buffers()), batch)
     fw = graphs["fw"]
     targets = [n.target for n in fw.graph.nodes]

@@ -139,14 +139,16 @@ def test_without_grad_the_model_runs_as_it_is(planned_llama):
     assert len(optimized.runtime.reports) == traced
 
 
-def test_smaller_inputs_run_with_the_same_decisions_and_larger_ones_are_refused(planned_llama):
-    optimized, batch = planned_llama
+def test_smaller_inputs_run_with_the_same_decisions_and_larger_ones_are_refused_when_asked():
+    model, batch = llama()
+    optimized = planned(model, batch, 0.3)
+    optimized.use_plan(optimized.plan, larger_inputs="error")
     small = {k: v[:2, :16] for k, v in batch.items()}
     loss_ref, ref = gradients(optimized.model, optimized.model, small)
     loss, got = gradients(optimized, optimized.model, small)
     assert torch.equal(loss, loss_ref) and all(torch.equal(got[n], ref[n]) for n in ref)
     large = lm_batch(optimized.model, batch=8, seq=32)
-    with pytest.raises(PlanMismatchError, match=r"larger than the plan.*input_ids \[8, 32\] \(planned \[4, 32\]\)"):
+    with pytest.raises(PlanMismatchError, match=r"larger than planned: input_ids \[8, 32\] \(planned \[4, 32\]\)"):
         optimized(**large)
 
 
@@ -154,7 +156,7 @@ def test_larger_inputs_are_replanned_when_asked():
     model, batch = llama()
     large = lm_batch(model, batch=8, seq=32)
     budget = budget_between(model, large, 0.3, device="cpu")  # the large batch needs recomputation there
-    optimized = memopt.optimize(model, budget_gb=budget, example_inputs=batch, device="cpu", larger_inputs="replan")
+    optimized = memopt.optimize(model, budget_gb=budget, example_inputs=batch, device="cpu")  # the default
     before = optimized.plan
     assert optimized.runtime is None  # the planned batch fits as it is
     loss_ref, ref = gradients(optimized.model, optimized.model, large)
@@ -189,24 +191,36 @@ def test_a_plan_for_another_model_is_refused(planned_llama):
     other = memopt.optimize(other_model, budget_gb=1, example_inputs=other_batch, device="cpu", rank=4)
     with pytest.raises(PlanMismatchError, match="structural fingerprint"):
         other.use_plan(optimized.plan)
-    # Without a fingerprint (an upgraded v2 plan) the decisions themselves are checked.
+    # Without a fingerprint and keys (an upgraded v2 plan) the decisions themselves are checked, by name.
     mismatched = dataclasses.replace(optimized.plan, fingerprint=None,
                                      tensors=(dataclasses.replace(optimized.plan.tensors[0], name="no_such_node",
-                                                                         action="recompute"),))
+                                                                         action="recompute", key=None),))
     with pytest.raises(PlanMismatchError, match="no_such_node"):
         other.use_plan(mismatched)(**other_batch)
 
 
 def test_an_older_plan_format_is_upgraded_or_refused(planned_llama, tmp_path):
-    plan = planned_llama[0].plan
+    optimized, batch = planned_llama
+    plan = optimized.plan
     data = plan.to_dict()
+    for field in ("training", "autocast", "input_dtypes"):  # what v4 added
+        del data[field]
+    for tensor in data["tensors"]:
+        del tensor["key"]
+    data["version"] = 3
+    v3 = load_plan(tmp_path.joinpath("v3.json").write_text(json.dumps(data)) and tmp_path / "v3.json")
+    assert v3.version == 4 and v3.training is None and all(t.key is None for t in v3.tensors)
+    assert v3.tensors == tuple(dataclasses.replace(t, key=None) for t in plan.tensors)
+    # A v3 plan's decisions are found by fx node name, and carried out all the same.
+    loss_ref, ref = gradients(optimized.model, optimized.model, batch)
+    optimized.use_plan(v3)
+    loss, got = gradients(optimized, optimized.model, batch)
+    assert torch.equal(loss, loss_ref) and all(torch.equal(got[n], ref[n]) for n in ref)
+    assert optimized.runtime.reports[0].recomputed_nodes
     data["version"] = 2
     del data["fingerprint"], data["recompute_flops"]
-    path = tmp_path / "v2.json"
-    path.write_text(json.dumps(data))
-    upgraded = load_plan(path)
-    assert upgraded.version == 3 and upgraded.fingerprint is None and upgraded.recompute_flops is None
-    assert upgraded.tensors == plan.tensors
+    upgraded = Plan.from_dict(data)
+    assert upgraded.version == 4 and upgraded.fingerprint is None and upgraded.recompute_flops is None
     data["version"] = 1
     with pytest.raises(ValueError, match="version 1 plans hold no activation decisions"):
         Plan.from_dict(data)
