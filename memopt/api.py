@@ -15,7 +15,7 @@ import torch.nn as nn
 from memopt.config import GIB, OptimizeConfig, QuantizeConfig
 from memopt.errors import InfeasibleBudgetError
 from memopt.ir.capture import CapturedGraph
-from memopt.ir.joint import JointTrace, trace_joint
+from memopt.ir.joint import JointGraph, JointTrace, trace_joint_graph
 from memopt.ir.structure import ModelGraph, build_model_graph
 from memopt.kernels.dequant import simulating
 from memopt.memory.autocast import autocast_state, on_target
@@ -25,11 +25,12 @@ from memopt.memory.simulate import simulate_step
 from memopt.passes import QUANTIZE, REWRITTEN, ModuleDecision, PassResult, RewriteLog, get_pass
 from memopt.passes.quantize import QuantLinear
 from memopt.planner.plan import Plan
-from memopt.planner.problem import PlanningProblem, build_problem, calibrated
+from memopt.planner.problem import Choice, PlanningProblem, build_problem, step_peak, with_optimizer_peak
 from memopt.planner.report import format_bytes
-from memopt.planner.solve import ActivationPlan, PlannerConfig, plan_activations, plan_fields
+from memopt.planner.solve import ActivationPlan, PlannerConfig, decisions_for, plan_activations, plan_fields
 from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.optimized import LARGER_INPUTS, OptimizedModel, wrap
+from memopt.runtime.partition import plan_partition
 
 __all__ = ["optimize", "plan_only"]
 
@@ -147,14 +148,14 @@ def optimize(
         rewrites = RewriteLog(model)
         try:
             plan = _plan(model, cfg, planner or PlannerConfig(), graph, bound, (args, kwargs), loss_fn, rewrites,
-                         simulate=True)
+                         simulate=True, lower=compile)
         except BaseException:
             rewrites.undo()
             raise
     log.info("memopt: %s on %s, predicted peak %.3f GiB of %.3f GiB usable", cfg.method,
              type(model).__name__, plan.predicted_peak_bytes / GIB, plan.usable_bytes / GIB)
     optimized = wrap(model, plan, _merge_fn(cfg), rewrites.original_requires_grad())
-    replan = functools.partial(_replan, model, cfg, planner or PlannerConfig(), loss_fn)
+    replan = functools.partial(_replan, model, cfg, planner or PlannerConfig(), loss_fn, compile)
     return optimized.use_plan(plan, compile=compile, larger_inputs=larger_inputs, replan=replan)
 
 
@@ -194,14 +195,14 @@ def plan_only(
 
 def _plan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, graph: ModelGraph,
           bound: inspect.BoundArguments, inputs: tuple[tuple, dict], loss_fn: Any, rewrites: RewriteLog, *,
-          simulate: bool, progress: Callable[[str], None] | None = None) -> Plan:
+          simulate: bool, progress: Callable[[str], None] | None = None, lower: bool = False) -> Plan:
     """The stages after capture: rewrite, (simulate), trace, plan. Requires ``graph`` of ``model``.
 
     ``quantize="auto"`` plans unquantized, then int8, then nf4 (least lossy first), undoing the
     rewrites between tries, and keeps the first that fits; the Plan's notes say why.
     """
     attempt = functools.partial(_plan_with, model, cfg, planner=planner, graph=graph, bound=bound, inputs=inputs,
-                                loss_fn=loss_fn, rewrites=rewrites, simulate=simulate, progress=progress)
+                                loss_fn=loss_fn, rewrites=rewrites, simulate=simulate, progress=progress, lower=lower)
     if cfg.quantize == "auto":
         return _plan_auto(attempt, cfg, rewrites, progress)
     return attempt(cfg.quantize)
@@ -209,7 +210,7 @@ def _plan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, graph: 
 
 def _plan_with(model: nn.Module, cfg: OptimizeConfig, quant: QuantizeConfig | None, *, planner: PlannerConfig,
                graph: ModelGraph, bound: inspect.BoundArguments, inputs: tuple[tuple, dict], loss_fn: Any,
-               rewrites: RewriteLog, simulate: bool, progress: Callable[[str], None] | None,
+               rewrites: RewriteLog, simulate: bool, progress: Callable[[str], None] | None, lower: bool = False,
                weights_must_fit: bool = False) -> Plan:
     """One plan of ``cfg.method`` on weights quantized by ``quant`` (None: as they are)."""
     # Rewrite in place through the undo log; everything after measures the rewritten model.
@@ -218,14 +219,18 @@ def _plan_with(model: nn.Module, cfg: OptimizeConfig, quant: QuantizeConfig | No
     if weights_must_fit and (weights := _weight_bytes(model)) > cfg.usable_bytes:  # a lower bound: skip the trace
         raise _WeightsExceed(weights)
     memory, trace, activations = _plan_step(model, cfg, planner, inputs, loss_fn, simulate=simulate,
-                                            progress=progress)
+                                            progress=progress, lower=lower)
     return _make_plan(model, cfg, bound, graph.captured, result, memory, trace, activations)
 
 
 def _plan_step(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, inputs: tuple[tuple, dict],
-               loss_fn: Any, *, simulate: bool,
-               progress: Callable[[str], None] | None) -> tuple[MemoryReport | None, JointTrace, ActivationPlan]:
-    """(Simulate,) trace and plan the training step of the rewritten ``model`` on ``inputs``."""
+               loss_fn: Any, *, simulate: bool, progress: Callable[[str], None] | None,
+               lower: bool = False) -> tuple[MemoryReport | None, JointTrace, ActivationPlan]:
+    """(Simulate,) trace and plan the training step of the rewritten ``model`` on ``inputs``.
+
+    The plan's peak is measured, not modelled: each candidate plan is lowered onto the traced
+    joint graph as the runtime lowers it and its liveness swept (``_measure``); the model as it is
+    is measured by the simulated eager step. ``lower``: the step is lowered whatever the plan."""
     memory = None
     # Quantized GEMMs as the target device runs them (CUDA: fused, no W), under its autocast.
     with simulating(cfg.device.kind), on_target(cfg.device.kind):
@@ -236,17 +241,36 @@ def _plan_step(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, in
                                    device=cfg.device.kind, round_to=cfg.device.alloc_granularity)
         # The same step as one joint graph: what backward needs, when, and what recomputing it costs.
         _say(progress, "tracing the joint forward + backward step")
-        trace = trace_joint(model, inputs, loss_fn=loss_fn, optimizer=cfg.optimizer,
-                            device=cfg.device.kind, granularity=cfg.device.alloc_granularity)
+        trace, joint = trace_joint_graph(model, inputs, loss_fn=loss_fn, optimizer=cfg.optimizer,
+                                         device=cfg.device.kind, granularity=cfg.device.alloc_granularity)
     problem = _problem(trace, cfg, planner)
-    if memory is not None:  # calibrate: keep-all predicts the simulated step exactly
-        problem = calibrated(problem, _step_peak(memory), memory.phase_peaks.get("optimizer"))
+    if memory is not None:  # the optimizer step runs as it is: its simulated peak
+        problem = with_optimizer_peak(problem, memory.phase_peaks.get("optimizer"))
     # Keep / recompute / offload each saved activation: the fastest plan inside the budget.
     _say(progress, f"planning {len(problem.candidates)} saved tensors ({problem.num_classes} decision classes) "
                    f"for {cfg.usable_bytes / GIB:.2f} GiB usable (traced in {trace.trace_seconds:.1f} s)")
     activations = plan_activations(problem, cfg.usable_bytes, planner, reserve_bytes=cfg.reserve_bytes,
-                                   what=f"{cfg.method} on {type(model).__name__}", progress=progress)
+                                   what=f"{cfg.method} on {type(model).__name__}", progress=progress,
+                                   as_is_bytes=None if memory is None else _step_peak(memory),
+                                   measure=_measure(joint, problem), lower=lower)
     return memory, trace, activations
+
+
+def _measure(joint: JointGraph, problem: PlanningProblem) -> Callable[[tuple[Choice, ...]], int]:
+    """The exact forward + backward peak of an assignment's lowered step: the traced joint graph
+    partitioned by it as the runtime partitions it (recomputation placed by torch's partitioner,
+    RNG state saved for replayed random ops, offload copies), its liveness swept."""
+    cache: dict[tuple[Choice, ...], int] = {}
+
+    def measure(choices: tuple[Choice, ...]) -> int:
+        if choices not in cache:
+            partition = plan_partition(decisions_for(problem, choices), offload_mode="simulated", check_layout=True,
+                                       allow_constants=True)
+            cache[choices] = step_peak(joint.partitioned(partition))[0]
+        return cache[choices]
+
+    return measure
+
 
 def _rewrite(model: nn.Module, graph: ModelGraph, cfg: OptimizeConfig, quant: QuantizeConfig | None,
              rewrites: RewriteLog) -> PassResult:
@@ -319,8 +343,8 @@ def _plan_auto(attempt: Callable[..., Plan], cfg: OptimizeConfig, rewrites: Rewr
                 raise InfeasibleBudgetError(
                     f"quantize='auto': no option fits ({'; '.join(tried)}); nf4, the most compressed: "
                     f"{str(exc).splitlines()[0]}", predicted_bytes=exc.predicted_bytes, budget_bytes=exc.budget_bytes,
-                    min_budget_gb=exc.min_budget_gb, breakdown=exc.breakdown) from exc
-            tried.append(f"{label} needs a budget of {format_bytes(int(exc.min_budget_gb * GIB))} > "
+                    min_budget_bytes=exc.min_budget_bytes, breakdown=exc.breakdown) from exc
+            tried.append(f"{label} needs a budget of {format_bytes(exc.min_budget_bytes)} > "
                          f"{format_bytes(cfg.budget_bytes)}")
         else:
             fits = f"{label} fits at a predicted peak of {format_bytes(plan.predicted_peak_bytes)} of {usable}"
@@ -375,7 +399,7 @@ def _make_plan(model: nn.Module, cfg: OptimizeConfig, bound: inspect.BoundArgume
     notes.append("offload timing: each copy is on device for its own transfer time; queueing behind other copies "
                  "adds exposed time, not residency")
     if memory is None:
-        notes.append("not calibrated to a simulated eager step (planned from the joint trace alone)")
+        notes.append("the model as it is was not simulated (planned from the joint trace alone)")
     return Plan(
         model=type(model).__name__,
         method=cfg.method,
@@ -406,7 +430,7 @@ def _merge_fn(cfg: OptimizeConfig) -> Callable[[nn.Module], nn.Module]:
     return get_pass(cfg.method).merge
 
 
-def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_fn: Any, old: Plan,
+def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_fn: Any, lower: bool, old: Plan,
             args: tuple, kwargs: dict, why: str) -> Plan:
     """A new Plan for the already rewritten ``model`` as it is now (train/eval mode, autocast, flags),
     for the widest of ``old``'s shapes and these inputs': the rewrite stays (``old``'s module
@@ -416,7 +440,7 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)
     memory, trace, activations = _plan_step(model, cfg, planner, (args, kwargs), loss_fn, simulate=True,
-                                            progress=None)
+                                            progress=None, lower=lower)
     notes = tuple(n for n in old.notes if not n.startswith("re-planned")) + (
         f"re-planned for inputs {input_shapes(bound)} in {'train' if model.training else 'eval'} mode"
         f"{'' if autocast_state(cfg.device.kind) is None else ' under autocast ' + str(autocast_state(cfg.device.kind))}"

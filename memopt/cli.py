@@ -94,7 +94,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from memopt.api import plan_only
     from memopt.config import DEVICE_PRESETS
-    from memopt.errors import InfeasibleBudgetError
+    from memopt.errors import InfeasibleBudgetError, gib_up
     from memopt.planner.solve import PlannerConfig
 
     if args.device.lower() not in DEVICE_PRESETS:
@@ -113,7 +113,7 @@ def _plan(args: argparse.Namespace) -> int:
                          reserve_gb=args.reserve, planner=planner, progress=progress, **options)
     except InfeasibleBudgetError as exc:
         print(f"memopt plan: {exc}", file=sys.stderr)
-        print(f"smallest feasible budget: {exc.min_budget_gb:.2f} GiB")
+        print(f"smallest feasible budget: {gib_up(exc.min_budget_bytes, 2)} GiB")
         return EXIT_INFEASIBLE
     except (ValueError, TypeError) as exc:
         raise BadInput(str(exc)) from None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
-__all__ = ["MemoptError", "InfeasibleBudgetError", "PlanMismatchError", "UnsupportedModelError"]
+__all__ = ["MemoptError", "InfeasibleBudgetError", "PlanMismatchError", "UnsupportedModelError", "gib_up"]
 
 _GIB = 2**30
 
@@ -20,9 +21,11 @@ class UnsupportedModelError(MemoptError):
 class InfeasibleBudgetError(MemoptError):
     """The training step cannot fit the budget.
 
-    ``min_budget_gb`` is the smallest budget (GiB, including the device reserve) that memopt
-    predicts to be feasible with what it is allowed to do; ``breakdown`` maps memory categories to
-    bytes at the predicted peak, so the dominating term can be read off.
+    ``min_budget_bytes`` is the smallest budget (bytes, including the device reserve) at which
+    memopt finds a plan with what it is allowed to do — the same bytes every call — and
+    ``min_budget_gb`` the same in GiB, exactly (``optimize(..., budget_gb=err.min_budget_gb)``
+    plans); the message rounds it *up*, so a budget typed from it fits too. ``breakdown`` maps
+    memory categories to bytes at the predicted peak, so the dominating term can be read off.
     """
 
     def __init__(
@@ -31,22 +34,34 @@ class InfeasibleBudgetError(MemoptError):
         *,
         predicted_bytes: int,
         budget_bytes: int,
-        min_budget_gb: float,
         breakdown: Mapping[str, int],
+        min_budget_bytes: int | None = None,
+        min_budget_gb: float | None = None,
     ) -> None:
+        if (min_budget_bytes is None) == (min_budget_gb is None):
+            raise TypeError("give exactly one of min_budget_bytes and min_budget_gb")
         self.predicted_bytes = int(predicted_bytes)
         self.budget_bytes = int(budget_bytes)
-        self.min_budget_gb = float(min_budget_gb)
+        self.min_budget_bytes = int(min_budget_bytes if min_budget_bytes is not None else
+                                    math.ceil(min_budget_gb * _GIB))  # type: ignore[operator]
+        self.min_budget_gb = self.min_budget_bytes / _GIB
         self.breakdown = dict(breakdown)
         dominant = max(self.breakdown, key=self.breakdown.__getitem__) if self.breakdown else None
         parts = ", ".join(f"{k} {v / _GIB:.3f} GiB" for k, v in self.breakdown.items())
         detail = (
             f"{message}\n  predicted peak {self.predicted_bytes / _GIB:.3f} GiB > usable budget "
-            f"{self.budget_bytes / _GIB:.3f} GiB; smallest feasible budget {self.min_budget_gb:.3f} GiB"
+            f"{self.budget_bytes / _GIB:.3f} GiB; smallest feasible budget {gib_up(self.min_budget_bytes)} GiB "
+            f"({self.min_budget_bytes:,} bytes)"
         )
         if parts:
             detail += f"\n  at the peak: {parts}" + (f" (dominated by {dominant})" if dominant else "")
         super().__init__(detail)
+
+
+def gib_up(nbytes: int, decimals: int = 3) -> str:
+    """``nbytes`` in GiB, rounded *up* at ``decimals`` (a budget typed from it is never too small)."""
+    scale = 10**decimals
+    return f"{math.ceil(nbytes * scale / _GIB) / scale:.{decimals}f}"
 
 
 class PlanMismatchError(MemoptError):

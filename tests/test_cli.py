@@ -33,7 +33,7 @@ def test_plan_prints_a_summary_saves_json_and_inspect_prints_it_again(tiny_confi
     assert printed.out.strip() == plan.summary().strip()
     assert "tracing the joint forward + backward step" in printed.err  # progress goes to stderr
     assert plan.device.name == "rtx4090" and plan.input_shapes == {"input_ids": (2, 16), "labels": (2, 16)}
-    assert plan.memory is None and any("not calibrated" in n for n in plan.notes)
+    assert plan.memory is None and any("was not simulated" in n for n in plan.notes)
     assert main(["inspect", str(out)]) == 0
     assert capsys.readouterr().out.strip() == plan.summary().strip()
 

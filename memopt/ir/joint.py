@@ -18,7 +18,9 @@ What comes out is plain data (:class:`JointTrace`), no torch objects:
 * ``storages`` — every distinct storage (views share their base's), with exact bytes from the fake
   tensors' storage sizes, rounded up to the device's allocation granularity, and what it is:
   parameter / buffer / input (resident for the step), activation (made by a forward op),
-  gradient (a backward output: a parameter's ``.grad``) or temporary (made by a backward op).
+  gradient (a backward output: a parameter's ``.grad``), temporary (made by a backward op),
+  output (what the step returns — the loss: held by the caller until the step ends) or tangent
+  (the gradient autograd hands the backward for an output: held for the whole backward).
 * ``saved`` — the activation storages the forward hands to the backward, in forward order.
 * ``key`` of an activation storage — a name-free identity of the op that made it,
   ``"<module>:<op>#<ordinal>"`` (:func:`op_keys`): the runtime finds the plan's tensors in its own
@@ -33,6 +35,7 @@ Lifetimes are program points: op ``i`` of ``ops`` is point ``i``; forward points
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import operator
 import re
@@ -56,13 +59,13 @@ from memopt.memory.inputs import normalize_inputs
 from memopt.memory.simulate import OPTIMIZERS, LossFn, _fake_inputs, _fake_like, _loss_of
 from memopt.memory.tracker import MemoryTracker
 
-__all__ = ["TracedOp", "Storage", "JointTrace", "trace_joint", "op_keys", "module_annotations", "OUTSIDE",
-           "STORAGE_KINDS", "TAGS"]
+__all__ = ["TracedOp", "Storage", "JointTrace", "JointGraph", "trace_joint", "trace_joint_graph", "op_keys",
+           "module_annotations", "OUTSIDE", "STORAGE_KINDS", "TAGS"]
 
 log = logging.getLogger("memopt")
 
-STORAGE_KINDS = ("parameter", "buffer", "input", "activation", "gradient", "temporary")
-TAGS = ("rng", "view", "mutation", "collective")
+STORAGE_KINDS = ("parameter", "buffer", "input", "activation", "gradient", "temporary", "output", "tangent")
+TAGS = ("rng", "seeded", "view", "mutation", "collective")
 _MODULE_KEY = "memopt_module"
 _BLOCK = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")  # the outermost numbered container: "model.layers.3.mlp"
 OUTSIDE = "<outside>"  # the module part of a key made outside the model's forward (a loss_fn)
@@ -117,6 +120,7 @@ class JointTrace:
     optimizer_step_bytes: int
     block_prefix: str | None = None  # "model.layers": the container whose children are blocks
     trace_seconds: float = field(default=0.0, compare=False)
+    rng_state_bytes: int = 0  # what torch's partitioner saves to replay one recomputed seeded op
 
     @property
     def num_points(self) -> int:
@@ -143,6 +147,37 @@ class JointTrace:
         return sorted({op.block for op in self.ops if op.block is not None})
 
 
+@dataclass(frozen=True)
+class JointGraph:
+    """The joint forward + backward graph a trace was made from, kept to be partitioned again:
+    ``partitioned(partition_fn)`` is the step as another partition (a plan's lowering) runs it,
+    as a JointTrace — what that lowering allocates, op by op (its recomputations, the RNG state it
+    saves for replayed random ops, its offload copies)."""
+
+    gm: torch.fx.GraphModule
+    inputs: tuple
+    kwargs: Mapping[str, Any]
+    kinds: tuple[str, ...]
+    granularity: int
+    optimizer: str
+    state_bytes: int
+    step_bytes: int
+    fake_mode: Any
+
+    def partitioned(self, partition_fn: Callable[..., Any]) -> JointTrace:
+        graph = torch.fx.Graph()
+        output, old_output = graph.graph_copy(self.gm.graph, {}, return_output_node=True)
+        graph.output(output).meta = dict(old_output.meta)
+        gm = torch.fx.GraphModule(self.gm, graph)
+        with self.fake_mode:
+            fw, bw = partition_fn(gm, list(self.inputs), **self.kwargs)
+        for module in (fw, bw):
+            module.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+        return _Builder(self.granularity, op_keys(gm.graph)).build(fw, bw, list(self.kinds), self.optimizer,
+                                                                   self.state_bytes, self.step_bytes,
+                                                                   self.kwargs["num_fwd_outputs"])
+
+
 def trace_joint(
     model: nn.Module,
     example_inputs: Any,
@@ -153,7 +188,23 @@ def trace_joint(
     granularity: int = 1,
     partition_fn: Callable[..., Any] = default_partition,
 ) -> JointTrace:
-    """Trace one training step of ``model`` on fake tensors; see the module docstring.
+    """Trace one training step of ``model`` on fake tensors; see the module docstring."""
+    return trace_joint_graph(model, example_inputs, loss_fn=loss_fn, optimizer=optimizer, device=device,
+                             granularity=granularity, partition_fn=partition_fn)[0]
+
+
+def trace_joint_graph(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    loss_fn: LossFn | None = None,
+    optimizer: str = "adamw",
+    device: str = "cuda",
+    granularity: int = 1,
+    partition_fn: Callable[..., Any] = default_partition,
+) -> tuple[JointTrace, JointGraph]:
+    """Trace one training step of ``model`` on fake tensors; see the module docstring. Also
+    returns the joint graph, to measure other partitions of the same step (``JointGraph``).
 
     ``partition_fn`` splits the joint graph (torch's partitioner signature); the default saves what
     eager-like autograd would. Another partitioner (e.g. torch's min-cut) gives its own saved set,
@@ -166,7 +217,8 @@ def trace_joint(
     args, kwargs = normalize_inputs(example_inputs)
     names = [n for n, _ in model.named_parameters()]
     buffer_names = [n for n, _ in model.named_buffers()]
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
         params = {n: _fake_like(p) for n, p in model.named_parameters()}
         buffers = {n: _fake_like(b) for n, b in model.named_buffers()}
         fargs, fkwargs = _fake_inputs((args, kwargs))
@@ -177,11 +229,15 @@ def trace_joint(
         state_bytes, step_bytes = _optimizer_bytes(trainable, optimizer, device, granularity)
         done = _partitioned(model, params, buffers, fargs, fkwargs, loss_fn, partition_fn)
     kinds = ["parameter"] * len(names) + ["buffer"] * len(buffer_names)
-    trace = _Builder(granularity, done.keys).build(done.fw, done.bw, kinds, optimizer, state_bytes, step_bytes)
+    trace = _Builder(granularity, done.keys).build(done.fw, done.bw, kinds, optimizer, state_bytes, step_bytes,
+                                                   done.kwargs["num_fwd_outputs"])
     trace = _with_time(trace, time.perf_counter() - start)
+    trace = dataclasses.replace(trace, rng_state_bytes=-(-torch.get_rng_state().nbytes // granularity) * granularity)
     log.debug("memopt: traced the joint step in %.1f s: %d forward + %d backward ops, %d saved storages",
               trace.trace_seconds, trace.num_forward, len(trace.ops) - trace.num_forward, len(trace.saved))
-    return trace
+    joint = JointGraph(done.joint, tuple(done.joint_inputs), dict(done.kwargs), tuple(kinds), granularity, optimizer,
+                       state_bytes, step_bytes, fake_mode)
+    return trace, joint
 
 
 def _with_time(trace: JointTrace, seconds: float) -> JointTrace:
@@ -196,20 +252,26 @@ def _with_time(trace: JointTrace, seconds: float) -> JointTrace:
 class _Partitioned(Exception):
     """Raised from our partition_fn once the graphs are recorded: nothing needs compiling."""
 
-    def __init__(self, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, keys: dict[str, str]) -> None:
+    def __init__(self, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, keys: dict[str, str],
+                 joint: torch.fx.GraphModule, joint_inputs: Any, kwargs: dict) -> None:
         super().__init__("partitioned")
         self.fw, self.bw, self.keys = fw, bw, keys
+        self.joint, self.joint_inputs, self.kwargs = joint, joint_inputs, kwargs
 
 
 def _partition_and_stop(partition_fn: Callable[..., Any]) -> Callable[..., Any]:
     def partition(joint: torch.fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> Any:
         keys = op_keys(joint.graph)  # before the partitioner copies nodes into the backward
+        graph = torch.fx.Graph()
+        output, old_output = graph.graph_copy(joint.graph, {}, return_output_node=True)
+        graph.output(output).meta = dict(old_output.meta)
+        kept = torch.fx.GraphModule(joint, graph)  # untouched by the partitioner's tags
         fw, bw = partition_fn(joint, joint_inputs, **kwargs)
         # The default partitioner copies multi-output ops whose getitems it saves into the
         # backward, unused; compilers drop them and so do we (they would read q, k, v there).
         for gm in (fw, bw):  # an unused attention op draws no random numbers worth keeping
             gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
-        raise _Partitioned(fw, bw, keys)
+        raise _Partitioned(fw, bw, keys, kept, joint_inputs, kwargs)
 
     return partition
 
@@ -325,7 +387,7 @@ class _Builder:
         self.outputs: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (graph, node) -> [(key, sid)]
 
     def build(self, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, kinds: list[str], optimizer: str,
-              state_bytes: int, step_bytes: int) -> JointTrace:
+              state_bytes: int, step_bytes: int, num_fwd_outputs: int = 0) -> JointTrace:
         primal_keys: dict[int, int] = {}  # inputs that share a storage (labels a view of input_ids) share it here
         for i, node in enumerate(n for n in fw.graph.nodes if n.op == "placeholder"):
             kind = kinds[i] if i < len(kinds) else "input"
@@ -337,6 +399,19 @@ class _Builder:
         for node in bw.graph.nodes:
             if node.op == "placeholder" and ("fw", node.name) in self.outputs:
                 self.outputs["bw", node.name] = self.outputs["fw", node.name]
+        # The partitioner's RNG states for replayed random ops enter the backward under names of
+        # their own (``rng_state_output_i``), in the order the forward returns them.
+        states = [n for n in tree_leaves(next(n for n in fw.graph.nodes if n.op == "output").args)
+                  if isinstance(n, torch.fx.Node) and n.target is operator.getitem
+                  and n.args[0].target is torch._prims.rng_prims.run_and_save_rng_state and n.args[1] == 0]
+        inputs = [n for n in bw.graph.nodes if n.op == "placeholder" and n.name.startswith("rng_state_output")]
+        for state, node in zip(states, inputs):
+            self.outputs["bw", node.name] = self.outputs["fw", state.name]
+        self._mark_outputs(fw, num_fwd_outputs)
+        for node in bw.graph.nodes:
+            if node.op == "placeholder" and node.name.startswith("tangents"):
+                self.outputs["bw", node.name] = [(k, self._new(node.name, t, "tangent", num_forward))
+                                                 for k, t in _keyed(node)]
         self._run(bw, "bw", "backward")
         self._mark_gradients(bw)
         storages = tuple(Storage(id=i, **s) for i, s in enumerate(self.storages))
@@ -396,6 +471,14 @@ class _Builder:
                     if self.storages[sid]["kind"] == "activation":
                         saved[sid] = None
         return tuple(sorted(saved, key=lambda sid: self.storages[sid]["producer"]))
+
+    def _mark_outputs(self, fw: torch.fx.GraphModule, num_fwd_outputs: int) -> None:
+        out = next(n for n in fw.graph.nodes if n.op == "output")
+        for value in tree_leaves(out.args)[:num_fwd_outputs]:
+            if isinstance(value, torch.fx.Node):
+                for _, sid in self.outputs.get(("fw", value.name), ()):
+                    if self.storages[sid]["kind"] == "activation":
+                        self.storages[sid]["kind"] = "output"
 
     def _mark_gradients(self, bw: torch.fx.GraphModule) -> None:
         out = next(n for n in bw.graph.nodes if n.op == "output")
@@ -488,6 +571,8 @@ def _tags(node: torch.fx.Node, allocates: tuple[int, ...]) -> frozenset[str]:
     if isinstance(target, torch._ops.OpOverload):
         if _draws_random(node, target):
             tags.add("rng")
+        if torch.Tag.nondeterministic_seeded in target.tags:  # recomputed, torch replays its RNG state
+            tags.add("seeded")
         if any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments):
             tags.add("mutation")
         if target.namespace in ("_c10d_functional", "c10d", "c10d_functional", "_dtensor"):

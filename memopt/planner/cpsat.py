@@ -200,7 +200,8 @@ class _Model:
 
     def upper_bound(self) -> int:
         p = self.problem
-        total = p.static.resident + max(p.base, default=0) + sum(c.nbytes + c.recompute_bytes for c in p.candidates)
+        total = p.static.resident + max(p.base, default=0) + sum(c.nbytes + c.recompute_bytes + c.replay_bytes
+                                                                 for c in p.candidates)
         return -(-total // self.quantum)
 
     def segments(self) -> list[tuple[dict[int, tuple[cp_model.IntVar, int]], int]]:
@@ -230,6 +231,7 @@ class _Model:
             for j, m in enumerate(c.points):
                 interval(m, c.last_backward, ("at", c.index, j), c.nbytes)
                 interval(m, m, ("at", c.index, j), c.recompute_bytes)
+                interval(c.define, m, ("at", c.index, j), c.replay_bytes)
         forward = itertools.accumulate(delta[:-1])
         constant = [p.static.resident + p.offset_bytes + b + x for b, x in zip(p.base, forward)]
         return constant, events

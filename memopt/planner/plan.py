@@ -112,7 +112,8 @@ class SolverReport:
     candidates: int
     classes: int
     quantum: int  # bytes per unit in the CP-SAT model
-    calibration_bytes: int  # added at every point so that keep-all matches the simulated step
+    calibration_bytes: int  # added at every point of the model (0: plans are measured on the lowered step)
+    rounds: int = 1  # solves until the lowered step's measured peak fitted the budget
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -155,6 +156,7 @@ class Plan:
     training: bool | None = None  # the train/eval mode the step was planned in (None: a v3 plan)
     autocast: str | None = None  # the autocast dtype the step was planned under ("bfloat16"; None: off)
     input_dtypes: Mapping[str, str] | None = None  # of the planned inputs, by name (None: a v3 plan)
+    lowered: bool | None = None  # must the model run the lowered step? (None: a v3 plan: if it recomputes/offloads)
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @property
@@ -177,8 +179,10 @@ class Plan:
 
     @property
     def needs_runtime(self) -> bool:
-        """Does carrying out this plan take more than autograd does by itself (keep / drop)?"""
-        return any(t.action in ("recompute", "offload") for t in self.tensors)
+        """Does carrying out this plan take the lowered step? Yes when it recomputes or offloads,
+        and when the model as it is would not fit (the lowered step saves what torch's
+        partitioner saves, which can be less than eager autograd)."""
+        return bool(self.lowered) or any(t.action in ("recompute", "offload") for t in self.tensors)
 
     @property
     def fully_applied(self) -> bool:
@@ -248,6 +252,7 @@ class Plan:
             "training": self.training,
             "autocast": self.autocast,
             "input_dtypes": None if self.input_dtypes is None else dict(self.input_dtypes),
+            "lowered": self.lowered,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -300,6 +305,7 @@ class Plan:
             training=data.get("training"),
             autocast=data.get("autocast"),
             input_dtypes=optional("input_dtypes", dict),
+            lowered=data.get("lowered"),
             version=PLAN_FORMAT_VERSION,  # an older plan is upgraded as it is read
         )
 

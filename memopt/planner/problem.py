@@ -12,7 +12,9 @@ DeviceSpec). Program points are the trace's ops: forward first, then backward. E
   ``m``; so ``m`` may be moved earlier, to a point where a dependent is recomputed. While it runs,
   the most bytes its closure holds at once (replayed in forward order, each temporary freed after
   its last reader) are counted at ``m``; its time is counted once per recomputed tensor (an upper
-  bound when closures overlap). A closure may not reach into another layer (what that layer made
+  bound when closures overlap). Every seeded op in the closure (dropout, and attention kernels
+  that take a seed even at dropout 0) makes torch's partitioner save the RNG state to replay it,
+  from the forward to ``m`` (``replay_bytes``; once per tensor: an upper bound when closures share one). A closure may not reach into another layer (what that layer made
   is not saved) and has at most ``_MAX_CLOSURE_OPS`` ops.
 * **offload** — copied to host on a copy engine that overlaps compute, as soon as it is made; on
   device until the copy has had time to finish (``ready``, its own transfer time after the
@@ -55,11 +57,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from memopt.ir.joint import OUTSIDE, JointTrace, TracedOp
+from memopt.ir.joint import OUTSIDE, JointTrace, Storage, TracedOp
 from memopt.planner.costmodel import DeviceSpec, op_time_us, transfer_time_us
 
 __all__ = ["ACTIONS", "StaticMemory", "Candidate", "PlanningProblem", "Choice", "Evaluation",
-           "build_problem", "calibrated", "evaluate", "keep_all"]
+           "build_problem", "with_optimizer_peak", "evaluate", "keep_all", "step_peak"]
 
 ACTIONS = ("keep", "recompute", "offload", "drop")
 _MAX_POINTS = 4  # materialize points per saved tensor: its first backward use and 3 earlier ones
@@ -133,6 +135,7 @@ class Candidate:
     reasons: Mapping[str, str] = field(default_factory=dict)
     klass: int = -1
     extra: bool = False  # not needed by the backward itself: a recompute source ("keep" or "drop")
+    replay_bytes: int = 0  # RNG states saved from the forward to ``m`` to replay its seeded ops
     key: str | None = None  # the producing op's name-free identity (``memopt.ir.joint.op_keys``)
 
 
@@ -321,6 +324,7 @@ def _draft(trace: JointTrace, sid: int, used_at: list[int], saved: Mapping[int, 
         recompute_us=sum(point_us[i] for i in closure),
         recompute_flops=sum(trace.ops[i].flops for i in closure),
         recompute_bytes=_replay_peak(trace, closure, sid),
+        replay_bytes=trace.rng_state_bytes * sum("seeded" in trace.ops[i].tags for i in closure),
         reasons=reasons, extra=extra,
     )
 
@@ -416,17 +420,27 @@ def _fetch_start(m: int, transfer: int, after: Sequence[int], num_forward: int) 
 
 
 def _base(trace: JointTrace, uses: Mapping[int, list[int]],
-          kinds: tuple[str, ...] = ("activation", "temporary", "gradient"), skip: set[int] = frozenset()) -> tuple[int, ...]:
-    """Bytes at each point of storages no decision changes (temporaries and gradients)."""
+          kinds: tuple[str, ...] = ("activation", "temporary", "gradient", "output", "tangent"),
+          skip: set[int] = frozenset(), with_saved: bool = False) -> tuple[int, ...]:
+    """Bytes at each point of storages no decision changes (temporaries, gradients, the loss);
+    ``with_saved``: and of the saved activations as the trace keeps them (from producer to last reader)."""
     delta = [0] * (trace.num_points + 1)
-    saved = set(trace.saved) | set(skip)
+    saved = set(skip) if with_saved else set(trace.saved) | set(skip)
     for s in trace.storages:
         if s.producer is None or s.id in saved or s.kind not in kinds:
             continue
-        last = trace.num_points - 1 if s.kind == "gradient" else max(uses.get(s.id, [s.producer])[-1], s.producer)
         delta[s.producer] += s.nbytes
-        delta[last + 1] -= s.nbytes
+        delta[_last_point(trace, s, uses) + 1] -= s.nbytes
     return tuple(itertools.accumulate(delta[:-1]))
+
+
+def _last_point(trace: JointTrace, s: Storage, uses: Mapping[int, list[int]]) -> int:
+    """Where a storage no decision changes dies: gradients and what the step returns (the loss,
+    which the caller holds) live to the end; a tangent for the whole backward; the rest after
+    their last reader."""
+    if s.kind in ("gradient", "output", "tangent"):
+        return trace.num_points - 1
+    return max(uses.get(s.id, [s.producer])[-1], s.producer)
 
 
 def _static(trace: JointTrace) -> StaticMemory:
@@ -471,18 +485,23 @@ def _block_signature(trace: JointTrace, block: int, members: list[Candidate]) ->
             tuple((c.nbytes, c.target, tuple(sorted(c.allowed))) for c in members))
 
 
-def calibrated(problem: PlanningProblem, step_peak: int, optimizer_peak: int | None = None) -> PlanningProblem:
-    """Shift every point so that keeping everything peaks at a measured ``step_peak`` (forward +
-    backward of the eager step) and the optimizer step at ``optimizer_peak``.
-
-    The trace is what AOTAutograd's partitioner saves; eager autograd saves slightly different
-    tensors (it saves op inputs, the partitioner chooses), so the two peaks differ by a few blocks.
-    A uniform shift makes the keep-all prediction exact and carries the difference to every plan."""
-    offset = step_peak - evaluate(dataclasses.replace(problem, offset_bytes=0), keep_all(problem)).peak_bytes
+def with_optimizer_peak(problem: PlanningProblem, optimizer_peak: int | None) -> PlanningProblem:
+    """``problem`` with the optimizer step's peak a simulation measured (the step runs as it is)."""
+    if optimizer_peak is None:
+        return problem
     static = problem.static
-    if optimizer_peak is not None:
-        static = dataclasses.replace(static, optimizer_step=max(0, optimizer_peak - static.resident - static.gradients))
-    return dataclasses.replace(problem, offset_bytes=offset, static=static)
+    return dataclasses.replace(problem, static=dataclasses.replace(
+        static, optimizer_step=max(0, optimizer_peak - static.resident - static.gradients)))
+
+
+def step_peak(trace: JointTrace) -> tuple[int, int]:
+    """(peak bytes, program point) of the step exactly as traced: every storage from the op that
+    makes it to its last reader (gradients to the end of the step), plus what is resident. For a
+    trace of a lowered plan (``JointGraph.partitioned``) this is what the lowered step allocates."""
+    live = list(_base(trace, trace.uses(), with_saved=True)) or [0]
+    static = _static(trace)
+    point = max(range(len(live)), key=live.__getitem__)
+    return static.resident + live[point], point
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -524,6 +543,7 @@ def evaluate(problem: PlanningProblem, choices: Sequence[Choice]) -> Evaluation:
         add(choice.point if choice.action == "recompute" else c.fetch_start, c.last_backward, c.nbytes)
         if choice.action == "recompute":
             spikes[choice.point] += c.recompute_bytes
+            add(c.define, choice.point, c.replay_bytes)
             issues += _missing_deps(problem, c, choice.point, choices)
     static = problem.static.resident + problem.offset_bytes
     live = np.cumsum(np.asarray(delta[:-1], dtype=np.int64))

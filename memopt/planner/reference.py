@@ -106,6 +106,8 @@ def _bytes_at(problem: PlanningProblem, x: dict, p: int):
                 total = total + c.nbytes * x[c.index, i]
             if ch.action == "recompute" and ch.point == p:
                 total = total + c.recompute_bytes * x[c.index, i]
+            if ch.action == "recompute" and c.define <= p <= ch.point:
+                total = total + c.replay_bytes * x[c.index, i]
     return total
 
 

@@ -1,13 +1,24 @@
 """Plan the saved activations of one step inside a byte budget: the planner's entry point.
 
-Design note. ``plan_activations`` is pure (a PlanningProblem and integers in, an ActivationPlan
-out) and runs the two phases of REFERENCES.md's CP-SAT notes:
+Design note. ``plan_activations`` is pure (a PlanningProblem, integers and an optional measure
+in, an ActivationPlan out) and runs the two phases of REFERENCES.md's CP-SAT notes:
 
-1. the smallest peak any plan reaches (CP-SAT, greedy warm start) — with the optimizer step's
-   own peak, the smallest feasible budget. Below it: ``InfeasibleBudgetError`` naming it and what
-   dominates it;
-2. if keeping everything fits, that is the plan (nothing is faster); otherwise the fastest plan at
-   the budget (CP-SAT, warm-started with the better of the greedy plan and phase 1's).
+1. the smallest peak any plan reaches (CP-SAT, greedy warm start, a *deterministic* time limit:
+   the same problem gives the same plan and the same smallest feasible budget every call) — with
+   the optimizer step's own peak, the smallest feasible budget. Below it:
+   ``InfeasibleBudgetError`` naming it, the solver's status and what dominates it;
+2. if the model as it is fits (``as_is_bytes``: its simulated eager step), that is the plan
+   (nothing is faster) and nothing is lowered; otherwise the fastest plan at the budget (CP-SAT,
+   warm-started with the better of the greedy plan and phase 1's), carried out by the lowered step.
+
+**The budget promise.** The CP-SAT model prices each decision from the trace; the lowered step
+places recomputations where torch's partitioner puts them and saves RNG state for replayed
+random ops. ``measure(choices)`` — where given — returns the exact peak of the lowered step for
+an assignment (``memopt.api`` partitions the traced joint graph by it and sweeps its liveness).
+Every plan is measured before it is returned: one over the budget is solved again at a capacity
+lowered by its excess, up to ``_ROUNDS`` times, then phase 1's plan is taken. The smallest
+feasible budget is phase 1's measured peak. So a returned plan's peak is what its lowered step
+allocates, and never above the budget.
 
 ``PlannerConfig(enabled=False)`` is the kill switch: keep everything, only check that it fits.
 """
@@ -27,7 +38,8 @@ from memopt.planner.problem import Candidate, Choice, Evaluation, PlanningProble
 if TYPE_CHECKING:
     from memopt.planner.plan import MemoryTimeline, TensorDecision
 
-__all__ = ["PlannerConfig", "ActivationPlan", "plan_activations", "plan_fields", "recompute_flops", "tensor_decisions", "timeline"]
+__all__ = ["PlannerConfig", "ActivationPlan", "Measure", "plan_activations", "plan_fields", "recompute_flops",
+           "decisions_for", "tensor_decisions", "timeline"]
 
 log = logging.getLogger("memopt")
 _GIB = 2**30
@@ -57,24 +69,37 @@ class PlannerConfig:
         return SolverOptions(self.time_limit_s, self.workers, self.seed)
 
 
+_ROUNDS = 4  # solves at a tightened capacity before phase 1's plan is taken
+
+Measure = Callable[[tuple[Choice, ...]], int]  # the exact forward + backward peak of a lowered assignment
+
+
 @dataclass(frozen=True)
 class ActivationPlan:
-    """The chosen assignment with its exact evaluation, and how it was found."""
+    """The chosen assignment with its exact evaluation, and how it was found.
+
+    ``lowered``: the returned model must run the step lowered by these decisions (the model as it
+    is would not fit); ``step_bytes``: the forward + backward peak of the step that runs —
+    measured on the lowered step, or the model as it is (``as_is_bytes``)."""
 
     problem: PlanningProblem
     choices: tuple[Choice, ...]
     evaluation: Evaluation
     keep_all: Evaluation
-    min_peak_bytes: int  # the smallest peak of the forward + backward any plan reaches
+    min_peak_bytes: int  # the smallest forward + backward peak found (phase 1's, measured)
     min_peak_status: str
     status: str
     seconds: float
     quantum: int
+    lowered: bool = True
+    step_bytes: int | None = None
+    rounds: int = 1  # solves until the measured peak fitted
 
     @property
     def peak_bytes(self) -> int:
         """Predicted peak of the whole step: forward + backward, or the optimizer step."""
-        return max(self.evaluation.peak_bytes, self.problem.static.optimizer_phase_peak)
+        step = self.evaluation.peak_bytes if self.step_bytes is None else self.step_bytes
+        return max(step, self.problem.static.optimizer_phase_peak)
 
     @property
     def min_feasible_bytes(self) -> int:
@@ -83,28 +108,62 @@ class ActivationPlan:
 
 def plan_activations(problem: PlanningProblem, usable_bytes: int, config: PlannerConfig = PlannerConfig(), *,
                      reserve_bytes: int = 0, what: str = "the training step",
-                     progress: Callable[[str], None] | None = None) -> ActivationPlan:
-    """Requires: ``usable_bytes`` = budget - reserve (what tracked tensors may occupy).
-    Ensures: the returned plan's ``peak_bytes <= usable_bytes``, or InfeasibleBudgetError."""
+                     progress: Callable[[str], None] | None = None, as_is_bytes: int | None = None,
+                     measure: Measure | None = None, lower: bool = False) -> ActivationPlan:
+    """Requires: ``usable_bytes`` = budget - reserve (what tracked tensors may occupy);
+    ``as_is_bytes``: the forward + backward peak of the model as it is (default: the trace's
+    keep-everything); ``measure``: see the module docstring; ``lower``: the step is lowered
+    whatever the plan (``compile=True``).
+    Ensures: the returned plan's ``peak_bytes <= usable_bytes`` (measured, where ``measure`` is
+    given), or InfeasibleBudgetError."""
     start = time.perf_counter()
     keep = evaluate(problem, keep_all(problem))
+    measure = measure or (lambda choices: evaluate(problem, choices).peak_bytes)
+    as_is = keep.peak_bytes if as_is_bytes is None else as_is_bytes
+    optimizer_peak = problem.static.optimizer_phase_peak
     if not config.enabled:
-        return _keep_everything(problem, keep, usable_bytes, reserve_bytes, what, start)
+        return _keep_everything(problem, keep, as_is, usable_bytes, reserve_bytes, what, start, lower, measure)
     phase1 = _min_peak(problem, config, progress)
-    minimum = evaluate(problem, phase1.choices)
-    if max(minimum.peak_bytes, problem.static.optimizer_phase_peak) > usable_bytes:
-        raise _infeasible(problem, minimum, usable_bytes, reserve_bytes, what)
-    if keep.peak_bytes <= usable_bytes:
-        choices, status, quantum = keep_all(problem), "OPTIMAL", phase1.quantum
-    else:
-        choices, status, quantum = _min_time(problem, usable_bytes, config, progress, phase1)
+    minimum = measure(phase1.choices)
+    smallest = minimum if lower else min(minimum, as_is)  # the model as it is may be the smallest
+    if not lower and max(as_is, optimizer_peak) <= usable_bytes:  # the model as it is fits: nothing to lower
+        return ActivationPlan(problem, keep_all(problem), keep, keep, smallest, phase1.status, "OPTIMAL",
+                              time.perf_counter() - start, phase1.quantum, lowered=False, step_bytes=as_is)
+    if max(minimum, optimizer_peak) > usable_bytes:  # (as_is does not fit either: checked above)
+        raise _infeasible(problem, evaluate(problem, phase1.choices), smallest, usable_bytes, reserve_bytes, what,
+                          phase1.status)
+    choices, status, quantum, peak, rounds = _fitting(problem, usable_bytes, config, progress, phase1, minimum,
+                                                      measure)
     result = evaluate(problem, choices)
-    assert result.valid and result.peak_bytes <= usable_bytes, result.problems
-    plan = ActivationPlan(problem, choices, result, keep, minimum.peak_bytes, phase1.status, status,
-                          time.perf_counter() - start, quantum)
+    assert result.valid and peak <= usable_bytes, result.problems
+    plan = ActivationPlan(problem, choices, result, keep, smallest, phase1.status, status,
+                          time.perf_counter() - start, quantum, lowered=True, step_bytes=peak, rounds=rounds)
     log.debug("memopt: activation plan: memory reduced from %.3f GiB -> %.3f GiB (+%d us per step, %s)",
-              keep.peak_bytes / _GIB, result.peak_bytes / _GIB, result.overhead_us, status)
+              as_is / _GIB, peak / _GIB, result.overhead_us, status)
     return plan
+
+
+def _fitting(problem: PlanningProblem, usable: int, config: PlannerConfig, progress: Callable[[str], None] | None,
+             phase1: SolveResult, minimum: int,
+             measure: Measure) -> tuple[tuple[Choice, ...], str, int, int, int]:
+    """The fastest assignment whose *measured* peak fits ``usable`` (see the module docstring):
+    (choices, status, quantum, measured peak, solves)."""
+    capacity = usable
+    floor = evaluate(problem, phase1.choices).peak_bytes
+    for round_ in range(1, _ROUNDS + 1):
+        if evaluate(problem, keep_all(problem)).peak_bytes <= capacity:
+            choices, status, quantum = keep_all(problem), "OPTIMAL", phase1.quantum
+        else:
+            choices, status, quantum = _min_time(problem, capacity, config, progress, phase1)
+        peak = measure(choices)
+        if peak <= usable:
+            return choices, status, quantum, peak, round_
+        # The lowered step needs this much more than the model priced: ask for a plan the model
+        # prices that much lower than this one (which excludes this one).
+        capacity = min(capacity, evaluate(problem, choices).peak_bytes) - (peak - usable)
+        if capacity < floor:
+            break
+    return phase1.choices, f"{phase1.status}: the minimum-peak plan", phase1.quantum, minimum, _ROUNDS
 
 
 def _min_peak(problem: PlanningProblem, config: PlannerConfig, progress: Callable[[str], None] | None) -> SolveResult:
@@ -123,30 +182,35 @@ def _min_time(problem: PlanningProblem, usable: int, config: PlannerConfig,
     return phase1.choices, f"{result.status}: the minimum-peak plan", phase1.quantum
 
 
-def _keep_everything(problem: PlanningProblem, keep: Evaluation, usable: int, reserve: int, what: str,
-                     start: float) -> ActivationPlan:
-    if max(keep.peak_bytes, problem.static.optimizer_phase_peak) > usable:
-        raise _infeasible(problem, keep, usable, reserve, what + " (planner switched off: everything kept)")
-    return ActivationPlan(problem, keep_all(problem), keep, keep, keep.peak_bytes, "DISABLED", "DISABLED",
-                          time.perf_counter() - start, 1)
+def _keep_everything(problem: PlanningProblem, keep: Evaluation, as_is: int, usable: int, reserve: int, what: str,
+                     start: float, lower: bool, measure: Measure) -> ActivationPlan:
+    step = measure(keep_all(problem)) if lower else as_is
+    if max(step, problem.static.optimizer_phase_peak) > usable:
+        raise _infeasible(problem, keep, step, usable, reserve, what + " (planner switched off: everything kept)",
+                          "DISABLED")
+    return ActivationPlan(problem, keep_all(problem), keep, keep, step, "DISABLED", "DISABLED",
+                          time.perf_counter() - start, 1, lowered=lower, step_bytes=step)
 
 
-def _infeasible(problem: PlanningProblem, best: Evaluation, usable: int, reserve: int,
-                what: str) -> InfeasibleBudgetError:
+def _infeasible(problem: PlanningProblem, best: Evaluation, step_bytes: int, usable: int, reserve: int,
+                what: str, status: str) -> InfeasibleBudgetError:
+    """``step_bytes``: the smallest forward + backward peak found (measured); ``best``: its plan's
+    evaluation, for the breakdown at the peak."""
     static = problem.static
-    if static.optimizer_phase_peak > best.peak_bytes:
+    if static.optimizer_phase_peak > step_bytes:
         needed = static.optimizer_phase_peak
         breakdown = {"parameters": static.parameters, "buffers": static.buffers, "inputs": static.inputs,
                      "optimizer": static.optimizer, "gradients": static.gradients,
                      "temporaries": static.optimizer_step}
         where = "the optimizer step"
     else:
-        needed, breakdown = best.peak_bytes, best.breakdown(problem)
+        needed, breakdown = step_bytes, best.breakdown(problem)
+        breakdown["temporaries"] += needed - sum(breakdown.values())  # what the lowered step adds, measured
         where = "backward" if best.peak_point >= problem.num_forward else "forward"
     return InfeasibleBudgetError(
         f"{what} does not fit: even with every saved activation recomputed or offloaded where allowed, "
-        f"the peak (in {where}) is {needed / _GIB:.3f} GiB",
-        predicted_bytes=needed, budget_bytes=usable, min_budget_gb=(needed + reserve) / _GIB, breakdown=breakdown,
+        f"the peak (in {where}) is {needed / _GIB:.3f} GiB (solver: {status})",
+        predicted_bytes=needed, budget_bytes=usable, min_budget_bytes=needed + reserve, breakdown=breakdown,
     )
 
 
@@ -155,18 +219,24 @@ def _infeasible(problem: PlanningProblem, best: Evaluation, usable: int, reserve
 
 def tensor_decisions(plan: ActivationPlan) -> tuple["TensorDecision", ...]:
     """One TensorDecision per saved tensor, with the reason for its action."""
+    fits = not plan.lowered or plan.keep_all.peak_bytes <= plan.evaluation.peak_bytes
+    return decisions_for(plan.problem, plan.choices,
+                         lambda c: _reason(plan.problem, c, plan.choices, fits))
+
+
+def decisions_for(problem: PlanningProblem, choices: Sequence[Choice],
+                  reason: "Callable[[Candidate], str]" = lambda c: "") -> tuple["TensorDecision", ...]:
+    """The TensorDecisions of an assignment (what a lowering reads)."""
     from memopt.planner.plan import TensorDecision
 
-    problem = plan.problem
-    fits = plan.keep_all.peak_bytes <= plan.evaluation.peak_bytes
     out = []
-    for c, choice in zip(problem.candidates, plan.choices):
+    for c, choice in zip(problem.candidates, choices):
         action = "save" if c.extra and choice.action == "keep" else choice.action
         out.append(TensorDecision(
             name=c.name, module=c.module, block=c.block, op=c.target, shape=c.shape, dtype=c.dtype,
             nbytes=c.nbytes, action=action, point=choice.point, recompute_us=c.recompute_us,
             recompute_flops=c.recompute_flops, transfer_us=c.transfer_us, klass=c.klass,
-            reason=_reason(problem, c, plan.choices, fits), key=c.key,
+            reason=reason(c), key=c.key,
         ))
     return tuple(out)
 
@@ -229,9 +299,10 @@ def plan_fields(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_pea
             status=plan.status, min_peak_status=plan.min_peak_status, min_feasible_bytes=plan.min_feasible_bytes,
             trace_ms=round(trace_seconds * 1000), solve_ms=round(plan.seconds * 1000),
             candidates=len(problem.candidates), classes=problem.num_classes, quantum=plan.quantum,
-            calibration_bytes=problem.offset_bytes,
+            calibration_bytes=problem.offset_bytes, rounds=plan.rounds,
         ),
         runtime_applies=("keep", "drop"),
+        lowered=plan.lowered,
         applied_peak_bytes=max(plan.keep_all.peak_bytes, problem.static.optimizer_phase_peak)
         if applied_peak_bytes is None else applied_peak_bytes,
         recompute_flops=None if op_flops is None else recompute_flops(plan, op_flops),

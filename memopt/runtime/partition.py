@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -98,26 +98,33 @@ def _(token: torch.Tensor, size: list[int], stride: list[int], dtype: torch.dtyp
 
 # ----------------------------------------------------------------------------- the partition function
 
-def plan_partition(plan: Plan, *, offload_mode: str, check_layout: bool,
-                   report: LoweringReport | None = None) -> Callable[..., tuple[fx.GraphModule, fx.GraphModule]]:
-    """A partition function (torch's signature) that carries out ``plan``'s decisions.
+def plan_partition(plan: "Plan | Sequence[TensorDecision]", *, offload_mode: str, check_layout: bool,
+                   report: LoweringReport | None = None,
+                   allow_constants: bool = False) -> Callable[..., tuple[fx.GraphModule, fx.GraphModule]]:
+    """A partition function (torch's signature) that carries out ``plan``'s decisions (a Plan,
+    or its ``tensors``).
 
     ``check_layout``: the graph is traced at the plan's input shapes, so every decided tensor must
     have the planned shape and dtype too (off for a graph traced at smaller shapes).
+    ``allow_constants``: a simulated lowering whose graphs hold tensor constants is only measured
+    (``memopt.ir.joint.JointGraph.partitioned``), not run.
     """
+    decisions = tuple(plan.tensors if isinstance(plan, Plan) else plan)
     if offload_mode not in OFFLOAD_MODES:
         raise ValueError(f"offload_mode must be one of {OFFLOAD_MODES}, got {offload_mode!r}")
     report = LoweringReport() if report is None else report
 
     def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
         _sizes_not_tensors(joint.graph)
-        keyed = all(t.key is not None for t in plan.tensors)
+        _no_full_slices(joint.graph)
+        keyed = all(t.key is not None for t in decisions)
         keys = op_keys(joint.graph) if keyed else {}
-        offloaded = tag_joint(joint, plan, check_layout=check_layout, skipped=report.skipped if keyed else None)
+        offloaded = tag_joint(joint, decisions, check_layout=check_layout, skipped=report.skipped if keyed else None)
         with _static_rng_state():
             fw, bw = default_partition(joint, joint_inputs, **kwargs)
         for gm in (fw, bw):  # as the planner's trace: no unused copy of a multi-output op (attention)
             gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+            _sizes_early(gm.graph)
             gm.recompile()
         recomputed = [n for n in bw.graph.nodes if _is_recomputed(n)]
         report.recomputed_nodes = [n.name for n in recomputed]
@@ -128,7 +135,7 @@ def plan_partition(plan: Plan, *, offload_mode: str, check_layout: bool,
         report.saved_bytes = sum(_nbytes(n) for n in {_storage(n): n for n in saved
                                                       if _storage(n) not in primals}.values())
         if keyed:
-            _refuse_unplanned(fw, saved, primals, keys, {t.key.partition("[")[0] for t in plan.tensors})
+            _refuse_unplanned(fw, saved, primals, keys, {t.key.partition("[")[0] for t in decisions})
         offloads = _offloads(fw, saved, offloaded) if offload_mode in _OFFLOAD else []
         if offloads:
             _OFFLOAD[offload_mode](fw, bw, offloads)
@@ -136,7 +143,7 @@ def plan_partition(plan: Plan, *, offload_mode: str, check_layout: bool,
             bw.recompile()
         report.offloaded = [o.carrier.name for o in offloads]
         report.host_bytes = sum(_nbytes(o.carrier) for o in offloads)
-        if offload_mode == "simulated":
+        if offload_mode == "simulated" and not allow_constants:
             _refuse_constants(fw, bw)
         return fw, bw
 
@@ -196,6 +203,44 @@ def _sizes_not_tensors(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
+_SIZE_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
+             torch.ops.aten.sym_storage_offset.default)
+
+
+def _sizes_early(graph: fx.Graph) -> None:
+    """Read each symbolic size right where its tensor is made: a size read late (the partitioner
+    puts the sizes it hands to the backward at the end of the forward) would keep the tensor alive
+    until then — memory a trace with static sizes does not hold."""
+    placeholders = graph.find_nodes(op="placeholder")
+    for node in list(graph.nodes):
+        if node.target in _SIZE_OPS and isinstance(node.args[0], fx.Node):
+            source = node.args[0]
+            (placeholders[-1] if source.op == "placeholder" else source).append(node)
+
+
+_FULL = 2**62  # a slice's end at or past this is "to the end" (Python's ``x[:, i:]``)
+
+
+def _no_full_slices(graph: fx.Graph) -> None:
+    """``x[:, 0:]`` traced with static sizes is ``x`` itself; with symbolic sizes it is a slice op,
+    and its backward a ``slice_backward`` that copies the whole gradient into a new tensor. Both
+    are the identity: drop them, so the symbolic step is the static one."""
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target is aten.slice.Tensor:
+            _, dim, start, end, step = list(node.args) + [0, None, None, 1][len(node.args) - 1:]
+        elif node.target is aten.slice_backward.default:
+            _, sizes, dim, start, end, step = node.args
+            val = node.args[0].meta.get("val")
+            if not (isinstance(val, torch.Tensor) and val.shape == node.meta["val"].shape):
+                continue
+        else:
+            continue
+        if start in (0, None) and step == 1 and (end is None or (isinstance(end, int) and end >= _FULL)):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
 def _is_backward(node: fx.Node) -> bool:
     return node.meta.get("partitioner_tag") == "is_backward"
 
@@ -245,7 +290,7 @@ def _is_recomputed(node: fx.Node) -> bool:
     return node.meta.get("recompute") in _RECOMPUTE or node.target is torch._prims.rng_prims.run_with_rng_state
 
 
-def tag_joint(joint: fx.GraphModule, plan: Plan, *, check_layout: bool = True,
+def tag_joint(joint: fx.GraphModule, plan: "Plan | Sequence[TensorDecision]", *, check_layout: bool = True,
               skipped: list[str] | None = None) -> set[int]:
     """Tag ``joint``'s forward nodes with the plan's policies; return the offloaded storages' keys.
 
@@ -260,7 +305,7 @@ def tag_joint(joint: fx.GraphModule, plan: Plan, *, check_layout: bool = True,
         if key is not None:
             storage_nodes.setdefault(key, []).append(node)
     action: dict[int, str] = {}
-    for decision in plan.tensors:
+    for decision in (plan.tensors if isinstance(plan, Plan) else plan):
         node = _node_of(decision, by_name, by_key)
         if node is None:
             if skipped is None:

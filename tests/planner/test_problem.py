@@ -11,7 +11,7 @@ from memopt.ir.joint import trace_joint
 from memopt.ir.structure import build_model_graph
 from memopt.passes import RewriteLog, get_pass
 from memopt.planner.costmodel import DEVICE_PRESETS
-from memopt.planner.problem import Choice, build_problem, calibrated, evaluate, keep_all
+from memopt.planner.problem import Choice, build_problem, evaluate, keep_all, step_peak, with_optimizer_peak
 from memopt.planner.reference import _resident
 from tests.models import lm_batch, tiny_llama
 from tests.planner._synthetic import chain_trace
@@ -119,8 +119,16 @@ def test_lora_dropout_makes_its_dependents_keep_or_offload_only(llama3):
     assert all("offload" in c.allowed for c in blocked)
 
 
-def test_calibration_makes_keep_all_match_a_measured_step(llama3):
-    problem = calibrated(llama3, step_peak=10**7, optimizer_peak=9 * 10**6)
-    assert evaluate(problem, keep_all(problem)).peak_bytes == 10**7
+def test_a_simulated_optimizer_peak_replaces_the_traced_one(llama3):
+    problem = with_optimizer_peak(llama3, 9 * 10**6)
     assert problem.static.optimizer_phase_peak == 9 * 10**6
-    assert problem.offset_bytes == 10**7 - evaluate(dataclasses.replace(llama3, offset_bytes=0), keep_all(llama3)).peak_bytes
+    assert evaluate(problem, keep_all(problem)).memory == evaluate(llama3, keep_all(llama3)).memory
+    assert with_optimizer_peak(llama3, None) is llama3
+
+
+def test_the_step_peak_of_a_trace_is_keep_all_with_every_storage_to_its_last_reader():
+    trace = chain_trace(6, 3)
+    problem = build_problem(trace, RTX)
+    peak, point = step_peak(trace)
+    assert peak == evaluate(problem, keep_all(problem)).peak_bytes
+    assert 0 <= point < trace.num_points

@@ -25,7 +25,8 @@ _RANGES: dict[tuple, tuple[int, int]] = {}
 def budget_between(model: nn.Module, batch: Any, fraction: float, **options: Any) -> float:
     """A budget (GiB) ``fraction`` of the way from the smallest feasible one to keeping everything
     (the range is planned once per model structure, inputs and options)."""
-    key = (repr(model), repr(model.config) if hasattr(model, "config") else None, next(model.parameters()).dtype,
+    config = getattr(model, "config", None)
+    key = (repr(model), repr(config), getattr(config, "_attn_implementation", None), next(model.parameters()).dtype,
            tuple((k, tuple(v.shape)) for k, v in sorted(batch.items())) if isinstance(batch, dict) else
            tuple(tuple(v.shape) for v in batch), repr(sorted(options.items())))
     if key not in _RANGES:
