@@ -220,7 +220,7 @@ def _plan_with(model: nn.Module, cfg: OptimizeConfig, quant: QuantizeConfig | No
         raise _WeightsExceed(weights)
     memory, trace, activations = _plan_step(model, cfg, planner, inputs, loss_fn, simulate=simulate,
                                             progress=progress, lower=lower)
-    return _make_plan(model, cfg, bound, graph.captured, result, memory, trace, activations)
+    return _make_plan(model, cfg, bound, graph, result, memory, trace, activations)
 
 
 def _plan_step(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, inputs: tuple[tuple, dict],
@@ -389,10 +389,11 @@ def _step_peak(memory: MemoryReport) -> int:
     return max(memory.phase_peaks.get(phase, 0) for phase in ("forward", "backward"))
 
 
-def _make_plan(model: nn.Module, cfg: OptimizeConfig, bound: inspect.BoundArguments, captured: CapturedGraph,
+def _make_plan(model: nn.Module, cfg: OptimizeConfig, bound: inspect.BoundArguments, graph: ModelGraph,
                result: PassResult, memory: MemoryReport | None, trace: JointTrace, activations: ActivationPlan) -> Plan:
     params = list(model.parameters())
-    notes = list(captured.notes) + list(result.notes)
+    captured = graph.captured
+    notes = list(captured.notes) + list(graph.notes) + list(result.notes)
     if cfg.device.kind == "cuda":
         notes.append(f"device reserve {cfg.reserve_bytes / GIB:.3f} GiB for the CUDA context and allocator slack; "
                      f"every block rounded up to {cfg.device.alloc_granularity} bytes")

@@ -281,11 +281,17 @@ def _partitioned(model: nn.Module, params: dict, buffers: dict, args: tuple, kwa
     partition = _partition_and_stop(partition_fn)
     try:
         return _trace_once(model, params, buffers, args, kwargs, loss_fn, partition, exporting=False)
-    except DataDependentOutputException:
-        # The model branched on a tensor's value (HF: "is the attention mask all ones?"). Models ask
-        # torch.compiler.is_exporting() first and take the value-free branch (an explicit mask, as
-        # the fake eager simulation does too): say so, for this trace only, as non-strict export does.
-        return _trace_once(model, params, buffers, args, kwargs, loss_fn, partition, exporting=True)
+    except (DataDependentOutputException, UnsupportedModelError) as first:
+        # The model branched on a tensor's value (HF: "is the attention mask all ones?") or took a
+        # path fake tensors cannot run (HF MoE: a grouped GEMM whose fake kernel wants bf16).
+        # Models ask torch.compiler.is_exporting() first and take the value-free, traceable branch
+        # (an explicit mask; a custom op): say so, for this trace only, as non-strict export does.
+        try:
+            return _trace_once(model, params, buffers, args, kwargs, loss_fn, partition, exporting=True)
+        except UnsupportedModelError as second:
+            if isinstance(first, UnsupportedModelError):
+                raise UnsupportedModelError(f"{first} (as torch.export traces it, too: {str(second)[:300]})") from first
+            raise
 
 
 def _trace_once(model: nn.Module, params: dict, buffers: dict, args: tuple, kwargs: dict, loss_fn: LossFn | None,

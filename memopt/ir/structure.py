@@ -130,6 +130,7 @@ class ModelGraph:
     attention: tuple[AttentionInfo, ...]
     mlps: tuple[MLPInfo, ...]
     couplings: tuple[Coupling, ...]
+    notes: tuple[str, ...] = ()  # weights left alone, and why (see ``_left_alone``)
 
     def linear(self, name: str) -> LinearLayer:
         """The Linear-like layer named ``name`` (module FQN)."""
@@ -168,9 +169,43 @@ def analyze(captured: CapturedGraph, model: nn.Module) -> ModelGraph:
     mlps = _find_mlps(graph, cores, roles)
     roles.update(_lm_heads(graph, model, roles))
     linears = _annotate(graph, roles, cores, attention)
-    result = ModelGraph(captured, linears, tuple(attention), tuple(mlps), _couplings(attention, mlps))
+    result = ModelGraph(captured, linears, tuple(attention), tuple(mlps), _couplings(attention, mlps),
+                        _left_alone(graph, captured, model))
     log.debug("memopt: structure of %s\n%s", type(model).__name__, result.summary())
     return result
+
+
+def _left_alone(graph: "_Graph", captured: CapturedGraph, model: nn.Module) -> tuple[str, ...]:
+    """Notes on weights a pass will not rewrite: used like a Linear's by a module that is not
+    Linear-like (a MoE router, a custom module), read without calling their module
+    (``nn.MultiheadAttention``'s ``out_proj``), or 3-D (MoE experts)."""
+    notes: dict[str, str] = {}
+    modules = dict(model.named_modules())
+    for call in graph.calls.values():
+        fqn = captured.param_of_node.get(getattr(call.weight, "name", ""), "")
+        if call.module is not None or not fqn:
+            continue
+        owner = fqn.rpartition(".")[0]
+        module = modules.get(owner)
+        if module is None or getattr(module, "weight", None) is not _parameter(model, fqn):
+            continue
+        if is_linear_like(module):
+            parent = type(modules.get(owner.rpartition(".")[0], model)).__name__
+            notes[owner] = (f"{owner} ({type(module).__name__}) left alone: {parent} reads its weight without calling "
+                            "it, so a rewrite of it would be bypassed")
+        else:
+            notes[owner] = (f"{owner} ({type(module).__name__}) left alone: it uses its weight like a Linear but is "
+                            "not nn.Linear or Conv1D (a MoE router, or a custom layer whose forward memopt cannot "
+                            "see into)")
+    experts: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 3:
+            owner, _, attr = name.rpartition(".")
+            experts.setdefault(owner, []).append(attr)
+    for owner, attrs in experts.items():
+        notes[owner] = (f"{owner} ({type(modules[owner]).__name__}) left alone: its weights ({', '.join(attrs)}) are "
+                        "3-D (mixture-of-experts experts), not Linear layers; they stay frozen")
+    return tuple(notes.values())
 
 
 # ----------------------------------------------------------------------------- the graph view
@@ -184,6 +219,7 @@ class _Call:
     input: Node
     module: str | None
     kind: str
+    weight: Node | None
     in_features: int
     out_features: int
     bias: bool
@@ -220,18 +256,30 @@ def _linear_call(
 ) -> _Call | None:
     if node.op == "call_module" and op == "linear":
         module = modules[str(node.target)]
-        return _make_call(node, node.args[0], str(node.target), module, "linear")
-    # aten.linear(x, W[out, in]); Conv1D: addmm(bias, x, W[in, out]) or mm/matmul(x, W[in, out])
+        return _make_call(node, node.args[0], str(node.target), module, "linear", None)
+    # aten.linear(x, W[out, in]); x @ W.T (FalconLinear); Conv1D: addmm(bias, x, W[in, out]) or mm(x, W[in, out])
     weight_pos, input_pos, kind = {"linear": (1, 0, "linear"), "addmm": (2, 1, "conv1d")}.get(op, (1, 0, "conv1d"))
     if op not in ("linear", "addmm", *_MATMULS) or len(node.args) <= weight_pos:
         return None
     weight = node.args[weight_pos]
+    if kind == "conv1d" and isinstance(weight, Node) and _transposes_2d(weight):  # x @ W.T: a Linear's layout
+        weight, kind = weight.args[0], "linear"
     fqn = param_of_node.get(weight.name) if isinstance(weight, Node) else None
     param = _parameter(model, fqn)
     if param is None or param.dim() != 2:
         return None
     owner = _owner(node, fqn, param, modules, kind)
-    return _make_call(node, node.args[input_pos], owner, modules[owner] if owner is not None else None, kind)
+    return _make_call(node, node.args[input_pos], owner, modules[owner] if owner is not None else None, kind, weight)
+
+
+def _transposes_2d(node: Node) -> bool:
+    """``t(W)``, ``W.T``, ``transpose(W, 0, 1)`` or ``permute(W, [1, 0])`` of a 2-D tensor."""
+    name = str(getattr(getattr(node.target, "overloadpacket", node.target), "__name__", node.target)).lstrip("_")
+    if name in ("t", "numpy_T", "T"):
+        return True
+    if name == "transpose" and len(node.args) >= 3:
+        return sorted(d % 2 for d in node.args[1:3]) == [0, 1]
+    return name == "permute" and len(node.args) >= 2 and [d % 2 for d in node.args[1]] == [1, 0]
 
 
 def _parameter(model: nn.Module, fqn: str | None) -> torch.Tensor | None:
@@ -243,29 +291,41 @@ def _parameter(model: nn.Module, fqn: str | None) -> torch.Tensor | None:
         return None  # a buffer, not a parameter
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """``nn.Linear`` (any subclass: FalconLinear, NonDynamicallyQuantizableLinear) or HF's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
 def _owner(
     node: Node, fqn: str, param: torch.Tensor, modules: Mapping[str, nn.Module], kind: str
 ) -> str | None:
-    """The module holding ``param`` as ``.weight``: the FQN's owner, else the innermost on the call stack."""
+    """The Linear-like module (``is_linear_like``) holding ``param`` as ``.weight`` that the model
+    *calls* here: the FQN's owner, else the innermost on the call stack. A module whose weight the
+    forward reads without calling it (``nn.MultiheadAttention``'s ``out_proj``) is no owner: a
+    rewrite of it would be bypassed."""
     stack = node.meta.get("nn_module_stack") or {}
+    called = {str(path) for path, _ in stack.values()}
     candidates = [fqn.rpartition(".")[0], *reversed([str(path) for path, _ in stack.values()])]
     for name in candidates:
         module = modules.get(name)
-        if module is None or isinstance(module, nn.Embedding) or getattr(module, "weight", None) is not param:
+        if module is None or not is_linear_like(module) or getattr(module, "weight", None) is not param:
+            continue
+        if called and name not in called:
             continue
         if kind == "linear" or not isinstance(module, nn.Linear):
             return name
     return None
 
 
-def _make_call(node: Node, input_arg: object, name: str | None, module: nn.Module | None, kind: str) -> _Call:
+def _make_call(node: Node, input_arg: object, name: str | None, module: nn.Module | None, kind: str,
+               weight: Node | None) -> _Call:
     assert isinstance(input_arg, Node), f"Linear-like op without a tensor input: {node.format_node()}"
     if module is None:
-        return _Call(node, input_arg, None, kind, 0, 0, False)
+        return _Call(node, input_arg, None, kind, weight, 0, 0, False)
     rows, cols = module.weight.shape
     n_in, n_out = (cols, rows) if kind == "linear" else (rows, cols)
     has_bias = getattr(module, "bias", None) is not None
-    return _Call(node, input_arg, name, kind, int(n_in), int(n_out), has_bias)
+    return _Call(node, input_arg, name, kind, weight, int(n_in), int(n_out), has_bias)
 
 
 # ----------------------------------------------------------------------------- graph walks

@@ -35,6 +35,7 @@ first — the peak a training loop actually reaches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from types import MappingProxyType
@@ -114,10 +115,30 @@ def simulate_step(
     the output's ``loss`` (HF models given ``labels``); else the output if it is a scalar tensor.
     """
     start = time.perf_counter()
+    try:
+        report = _simulate(model, example_inputs, loss_fn, optimizer, optimizer_kwargs, device, round_to, steady_state,
+                           exporting=False)
+    except MemoptError:
+        raise
+    except Exception:  # noqa: BLE001 - a path fake tensors cannot run: try the one torch.export takes
+        # Models ask torch.compiler.is_exporting() first and take a value-free, traceable branch
+        # (HF: an explicit causal mask; MoE experts through a custom op), as the joint trace does.
+        report = _simulate(model, example_inputs, loss_fn, optimizer, optimizer_kwargs, device, round_to, steady_state,
+                           exporting=True)
+    _log.debug("simulated one step on %s in %.1f s: %s", device, time.perf_counter() - start, report.summary())
+    return report
+
+
+def _simulate(model: nn.Module, example_inputs: Any, loss_fn: LossFn | None, optimizer: str,
+              optimizer_kwargs: Mapping[str, Any] | None, device: str, round_to: int | None, steady_state: bool,
+              *, exporting: bool) -> MemoryReport:
+    from torch._export.utils import _compiling_state_context
+
     args, kwargs = normalize_inputs(example_inputs)
     make_optimizer = _optimizer_factory(optimizer)
     rounding = _default_round_to(device) if round_to is None else round_to
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    state = _compiling_state_context() if exporting else contextlib.nullcontext()
+    with state, FakeTensorMode(allow_non_fake_inputs=True):
         # Stand-ins first, outside the tracker: they exist before the step, like the real weights.
         params = {name: _fake_like(p) for name, p in model.named_parameters()}
         buffers = {name: _fake_like(b) for name, b in model.named_buffers()}
@@ -136,9 +157,7 @@ def simulate_step(
         )
         with tracker:
             _train_step(model, {**params, **buffers}, args, kwargs, loss_fn, opt)
-    report = tracker.report(device)
-    _log.debug("simulated one step on %s in %.1f s: %s", device, time.perf_counter() - start, report.summary())
-    return report
+    return tracker.report(device)
 
 
 def _optimizer_factory(name: str) -> OptimizerFactory:

@@ -11,11 +11,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+import torch
 import torch.nn as nn
 
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
 
-__all__ = ["ModuleDecision", "PassResult", "RewriteLog", "merge_wrapped", "select_targets"]
+__all__ = ["ModuleDecision", "PassResult", "RewriteLog", "WrappedLinear", "merge_wrapped", "select_targets"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,39 @@ class PassResult:
     @property
     def modified(self) -> bool:
         return bool(self.decisions)
+
+
+class WrappedLinear(nn.Module):
+    """What memopt's layer wrappers share (LoRA, PaCA, QPaCA, S²FT): a frozen Linear-like
+    ``base_layer`` inside a module that takes its place.
+
+    * ``weight`` and ``bias`` are the base layer's (PEFT's convention), so code that reads them
+      off a projection keeps working — T5 checks ``self.wo.weight.dtype``, torch's
+      ``TransformerEncoderLayer`` gathers ``linear1.weight`` for its fused inference path.
+    * No fused path computes around the wrapper with those raw weights: torch's fused encoder-layer
+      kernel (eval mode, no grad) would bypass the adapter and return the base model's outputs. It
+      is skipped for any layer holding a module with a forward pre-hook, so every wrapper carries a
+      no-op one (``_keeps_fused_paths_off``).
+    """
+
+    base_layer: nn.Module
+
+    def _wrap(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        self.register_forward_pre_hook(_keeps_fused_paths_off)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+
+def _keeps_fused_paths_off(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook that does nothing; its presence turns fused fast paths off (``WrappedLinear``)."""
+    return None
 
 
 class RewriteLog:

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from memopt.config import LoraConfig
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, merge_wrapped, select_targets
+from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, WrappedLinear, merge_wrapped, select_targets
 from memopt.passes.quantize import QuantLinear
 
 __all__ = ["LoraLinear", "apply_lora", "merge_lora"]
@@ -30,13 +30,13 @@ def _factory(base_layer: nn.Module) -> dict:
     return {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(WrappedLinear):
     """A frozen Linear-like ``base_layer`` plus a trainable rank-``r`` update ``lora_B·lora_A``."""
 
     def __init__(self, base_layer: nn.Module, kind: str, in_features: int, out_features: int,
                  cfg: LoraConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        self._wrap(base_layer)
         self.kind = kind
         self.in_features, self.out_features = in_features, out_features
         self.rank = cfg.rank

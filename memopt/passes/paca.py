@@ -58,7 +58,7 @@ from torch.autograd.function import once_differentiable
 from memopt.config import PacaConfig
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
 from memopt.kernels.paca import paca_forward
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, merge_wrapped, select_targets
+from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, WrappedLinear, merge_wrapped, select_targets
 from memopt.passes.quantize import QPacaLinear, QuantLinear
 
 __all__ = ["PacaLinear", "apply_paca", "merge_paca", "module_seed", "paca_linear", "random_columns", "select_columns"]
@@ -188,13 +188,13 @@ def _columns(weight: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor
     return weight.detach().index_select(1, idx) if kind == "linear" else weight.detach().index_select(0, idx).t().contiguous()
 
 
-class PacaLinear(nn.Module):
+class PacaLinear(WrappedLinear):
     """A frozen Linear-like ``base_layer`` whose input columns ``paca_idx`` are ``scaling·paca_P``."""
 
     def __init__(self, base_layer: nn.Module, kind: str, in_features: int, out_features: int,
                  idx: torch.Tensor, scaling: float) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        self._wrap(base_layer)
         self.kind = kind
         self.in_features, self.out_features = in_features, out_features
         self.rank, self.scaling = idx.numel(), scaling

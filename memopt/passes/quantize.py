@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from memopt.config import QuantizeConfig
 from memopt.ir.structure import LinearLayer, ModelGraph
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, select_targets
+from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, WrappedLinear, select_targets
 from memopt.passes.quant_format import QuantizedWeight, dequantize_columns, quantize_int8, quantize_nf4
 
 __all__ = ["QPacaLinear", "QuantLinear", "QuantizeConfig", "apply_quantize", "dequantize_model", "quant_linear"]
@@ -213,12 +213,12 @@ def _delta(qw: QuantizedWeight, idx: torch.Tensor, cols: torch.Tensor, scaling: 
     return (cols.detach().float() * scaling - dequantize_columns(qw, idx, scales)).to(dtype)
 
 
-class QPacaLinear(nn.Module):
+class QPacaLinear(WrappedLinear):
     """PaCA on a ``QuantLinear`` base: columns ``paca_idx`` of deq(W) are ``scaling·paca_P``; W's bytes never change."""
 
     def __init__(self, base_layer: QuantLinear, idx: torch.Tensor, scaling: float) -> None:
         super().__init__()
-        self.base_layer = base_layer
+        self._wrap(base_layer)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.rank, self.scaling = idx.numel(), scaling
         # [out, r] of deq(W) in the compute dtype, read from those columns' bytes: the quantized function at init

@@ -34,6 +34,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from memopt.passes.base import WrappedLinear
+
 __all__ = ["S2ftLinear", "permute_weight_", "row_block_linear", "column_block_linear"]
 
 _Pieces = list[tuple[int, int, bool]]  # (lo, hi, is_block) along the blocked axis
@@ -194,7 +196,7 @@ def _logical(weight: torch.Tensor, kind: str) -> torch.Tensor:
     return weight if kind == "linear" else weight.t()  # [out, in]
 
 
-class S2ftLinear(nn.Module):
+class S2ftLinear(WrappedLinear):
     """A frozen Linear-like ``base_layer`` whose weight was permuted along ``axis`` by ``perm``.
 
     With ``block=(start, size)``, rows (``axis="out"``) or columns (``axis="in"``)
@@ -207,7 +209,8 @@ class S2ftLinear(nn.Module):
         super().__init__()
         if axis not in ("out", "in"):
             raise ValueError(f"axis must be 'out' or 'in', got {axis!r}")
-        self.base_layer, self.kind, self.axis = base_layer, kind, axis
+        self._wrap(base_layer)
+        self.kind, self.axis = kind, axis
         device = base_layer.weight.device
         self.register_buffer("s2ft_perm", perm.to(device=device, dtype=torch.long))
         self.register_buffer("s2ft_selected", selected.to(device=device, dtype=torch.long))

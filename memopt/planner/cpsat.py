@@ -37,13 +37,15 @@ __all__ = ["SolveResult", "SolverOptions", "solve_min_peak", "solve_min_time", "
 
 log = logging.getLogger("memopt")
 
+_WALL_CLOCK_FACTOR = 10  # the wall-clock safety net, in multiples of the deterministic time limit
 # 2**20 quanta span the keep-all peak: rounding each of a few hundred terms up costs < 0.1 %.
 _QUANTA = 2**20
 
 
 @dataclass(frozen=True)
 class SolverOptions:
-    """``time_limit_s`` per phase; ``workers`` CP-SAT search workers (0: one per CPU core)."""
+    """``time_limit_s`` per phase, in CP-SAT's deterministic time (about seconds); ``workers``
+    CP-SAT search workers (0: one per CPU core; with 1 the search is repeatable)."""
 
     time_limit_s: float = 10.0
     workers: int = 0
@@ -378,7 +380,11 @@ class _Model:
     def run(self, options: SolverOptions, phase: str, progress: Callable[[str], None] | None,
             unit: Callable[[float], str] = str) -> SolveResult:
         solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = options.time_limit_s
+        # A deterministic time limit (CP-SAT's work units, about seconds): with one worker the same
+        # problem gives the same plan every call, however loaded the machine; the wall-clock limit
+        # is only a safety net.
+        solver.parameters.max_deterministic_time = options.time_limit_s
+        solver.parameters.max_time_in_seconds = options.time_limit_s * _WALL_CLOCK_FACTOR
         solver.parameters.num_workers = options.workers or max(1, os.cpu_count() or 1)
         solver.parameters.random_seed = options.seed
         # Probing (trying each boolean both ways in presolve) costs seconds on a model this size

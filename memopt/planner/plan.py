@@ -114,6 +114,7 @@ class SolverReport:
     quantum: int  # bytes per unit in the CP-SAT model
     calibration_bytes: int  # added at every point of the model (0: plans are measured on the lowered step)
     rounds: int = 1  # solves until the lowered step's measured peak fitted the budget
+    min_peak_bound: int | None = None  # the solver's proven lower bound on the modelled minimum peak
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -94,6 +94,7 @@ class ActivationPlan:
     lowered: bool = True
     step_bytes: int | None = None
     rounds: int = 1  # solves until the measured peak fitted
+    min_peak_bound: int | None = None  # the solver's proven lower bound on the modelled minimum peak
 
     @property
     def peak_bytes(self) -> int:
@@ -128,16 +129,18 @@ def plan_activations(problem: PlanningProblem, usable_bytes: int, config: Planne
     smallest = minimum if lower else min(minimum, as_is)  # the model as it is may be the smallest
     if not lower and max(as_is, optimizer_peak) <= usable_bytes:  # the model as it is fits: nothing to lower
         return ActivationPlan(problem, keep_all(problem), keep, keep, smallest, phase1.status, "OPTIMAL",
-                              time.perf_counter() - start, phase1.quantum, lowered=False, step_bytes=as_is)
+                              time.perf_counter() - start, phase1.quantum, lowered=False, step_bytes=as_is,
+                              min_peak_bound=phase1.bound)
     if max(minimum, optimizer_peak) > usable_bytes:  # (as_is does not fit either: checked above)
         raise _infeasible(problem, evaluate(problem, phase1.choices), smallest, usable_bytes, reserve_bytes, what,
-                          phase1.status)
+                          phase1.status + ("" if phase1.bound is None else f", proven bound {phase1.bound:,} bytes"))
     choices, status, quantum, peak, rounds = _fitting(problem, usable_bytes, config, progress, phase1, minimum,
                                                       measure)
     result = evaluate(problem, choices)
     assert result.valid and peak <= usable_bytes, result.problems
     plan = ActivationPlan(problem, choices, result, keep, smallest, phase1.status, status,
-                          time.perf_counter() - start, quantum, lowered=True, step_bytes=peak, rounds=rounds)
+                          time.perf_counter() - start, quantum, lowered=True, step_bytes=peak, rounds=rounds,
+                          min_peak_bound=phase1.bound)
     log.debug("memopt: activation plan: memory reduced from %.3f GiB -> %.3f GiB (+%d us per step, %s)",
               as_is / _GIB, peak / _GIB, result.overhead_us, status)
     return plan
@@ -299,7 +302,7 @@ def plan_fields(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_pea
             status=plan.status, min_peak_status=plan.min_peak_status, min_feasible_bytes=plan.min_feasible_bytes,
             trace_ms=round(trace_seconds * 1000), solve_ms=round(plan.seconds * 1000),
             candidates=len(problem.candidates), classes=problem.num_classes, quantum=plan.quantum,
-            calibration_bytes=problem.offset_bytes, rounds=plan.rounds,
+            calibration_bytes=problem.offset_bytes, rounds=plan.rounds, min_peak_bound=plan.min_peak_bound,
         ),
         runtime_applies=("keep", "drop"),
         lowered=plan.lowered,

@@ -41,13 +41,22 @@ def _decomposed(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.Grap
 def _inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
     from torch._inductor.compile_fx import compile_fx_inner
 
-    return compile_fx_inner(_decomposed(gm, example_inputs), example_inputs)
+    with _eager_random():
+        return compile_fx_inner(_decomposed(gm, example_inputs), example_inputs)
 
 
 def _inductor_backward(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
     from torch._inductor.compile_fx import compile_fx_inner
 
-    return compile_fx_inner(_decomposed(gm, example_inputs), example_inputs, is_backward=True)
+    with _eager_random():
+        return compile_fx_inner(_decomposed(gm, example_inputs), example_inputs, is_backward=True)
+
+
+def _eager_random() -> contextlib.AbstractContextManager:
+    """Random ops (dropout) as eager kernels: Inductor's own random ops are installed by its joint
+    graph passes, which the plan's partition replaces, and the eager kernels draw the same numbers
+    as the unplanned model (and as the RNG state replayed for a recomputed op). Scoped to the call."""
+    return torch._inductor.config.patch(fallback_random=True)
 
 
 INDUCTOR = Compilers(name="compiled", forward=_inductor, backward=_inductor_backward, runs_fake=False)

@@ -277,11 +277,16 @@ def test_roles_come_from_dataflow_not_module_names():
     assert graph.mlps[0].activation == "gelu"
 
 
-def test_multihead_attention_reports_out_proj_only_since_in_proj_is_a_packed_parameter():
+def test_multihead_attention_projections_are_left_alone_since_it_reads_their_weights_directly():
+    """``nn.MultiheadAttention`` reads ``out_proj.weight`` without calling ``out_proj`` (and packs
+    q/k/v into one parameter): a rewrite of out_proj would be bypassed, so it is no Linear layer
+    here, and a note says why."""
     graph = build_model_graph(M.MHABlock(), (torch.randn(2, 8, 32),))
-    assert _roles(graph) == {"attn.out_proj": O, "fc1": UP, "fc2": DOWN}
+    assert _roles(graph) == {"fc1": UP, "fc2": DOWN}
+    assert any(n.startswith("attn.out_proj (NonDynamicallyQuantizableLinear) left alone: MultiheadAttention reads")
+               for n in graph.notes)
     (attn,) = graph.attention
-    assert (attn.q, attn.k, attn.v, attn.qkv, attn.o) == (None, None, None, None, "attn.out_proj")
+    assert (attn.q, attn.k, attn.v, attn.qkv, attn.o) == (None, None, None, None, None)
     assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (4, 4, 8)
     assert [(c.producer, c.consumer, c.kind) for c in graph.couplings] == [("fc1", "fc2", "up->down")]
 

@@ -1,0 +1,222 @@
+"""The loop the user has, not the one the plan was made for: every case trains a planned model (a
+budget that recomputes) the way a user's loop does, and compares the loss and every gradient with
+the unplanned rewritten model run by plain autograd — bit for bit (the same aten ops in the same
+order; random ops replay the same numbers)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+import memopt
+from memopt.errors import PlanMismatchError
+from tests.models import lm_batch, tiny_gpt2, tiny_llama
+from tests.runtime._planned import budget_between
+
+
+def _step(run, params: torch.nn.Module, batch: dict, loss_of, seed: int = 0):
+    """Loss and gradients of ``loss_of(run(**batch))``, from a fixed RNG state."""
+    for p in params.parameters():
+        p.grad = None
+    torch.manual_seed(seed)
+    loss = loss_of(run(**batch))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in params.named_parameters() if p.grad is not None}
+    for p in params.parameters():
+        p.grad = None
+    return loss.detach(), grads
+
+
+def _assert_exact(optimized: memopt.OptimizedModel, batch: dict, loss_of=lambda out: out.loss) -> None:
+    inner = optimized.model
+    loss_ref, ref = _step(inner, inner, batch, loss_of)
+    loss, got = _step(optimized, inner, batch, loss_of)
+    assert torch.equal(loss, loss_ref)
+    assert got.keys() == ref.keys() and ref
+    for name in ref:
+        assert torch.equal(got[name], ref[name]), name
+
+
+def _planned(model: torch.nn.Module, batch: dict, fraction: float = 0.3, **options) -> memopt.OptimizedModel:
+    options.setdefault("device", "cpu")
+    optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, fraction, **options),
+                                example_inputs=batch, **options)
+    assert optimized.plan.needs_runtime and optimized.runtime is not None
+    return optimized
+
+
+@pytest.fixture(scope="module")
+def llama_plan():
+    model = tiny_llama(num_hidden_layers=3)
+    batch = lm_batch(model, batch=4, seq=32)
+    return _planned(model, batch), batch
+
+
+def test_a_padded_loader_of_many_lengths_runs_one_trace_and_never_replans(llama_plan):
+    optimized, _ = llama_plan
+    traces, replans = optimized.runtime.traces_made, len(optimized.replans)
+    for seq in (32, 17, 25, 9, 31, 32):  # a loader that pads each batch to its longest sequence
+        _assert_exact(optimized, lm_batch(optimized.model, batch=4, seq=seq))
+    _assert_exact(optimized, lm_batch(optimized.model, batch=2, seq=20))  # a smaller last batch
+    assert optimized.runtime.traces_made - traces <= 1  # sizes are symbolic: one trace covers them all
+    assert len(optimized.replans) == replans
+
+
+def test_every_output_keeps_its_gradient_so_a_loss_on_the_logits_is_exact(llama_plan):
+    optimized, batch = llama_plan
+    # the model's own loss plus a z-loss on the logits (the term a detached output would lose)
+    _assert_exact(optimized, batch, lambda out: out.loss + 1e-2 * torch.logsumexp(out.logits, -1).pow(2).mean())
+
+
+def test_a_call_without_labels_and_a_loss_of_the_users_own_is_exact(llama_plan, caplog):
+    optimized, batch = llama_plan
+    ids = batch["input_ids"]
+    no_labels = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+
+    def dpo_like(out):  # log-probabilities of the next tokens, the way DPO and custom losses use them
+        logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
+        return -logp.gather(-1, ids[:, 1:, None]).mean()
+
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        _assert_exact(optimized, no_labels, dpo_like)
+    assert "has no labels, which the plan was made with" in caplog.text
+
+
+def test_batch_one_gets_a_plan_of_its_own_and_is_exact(llama_plan):
+    optimized, _ = llama_plan
+    _assert_exact(optimized, lm_batch(optimized.model, batch=1, seq=24))
+
+
+def test_disabling_an_adapter_runs_the_base_layers_never_a_stale_trace(llama_plan):
+    optimized, batch = llama_plan
+    lora = next(m for m in optimized.model.modules() if type(m).__name__ == "LoraLinear")
+    with torch.no_grad():
+        lora.lora_B.weight.normal_()  # a trained adapter: disabling it changes the output
+    try:
+        lora.enabled = False
+        _assert_exact(optimized, batch)
+        with torch.no_grad():
+            off = optimized(**batch).logits
+        lora.enabled = True
+        _assert_exact(optimized, batch)
+        with torch.no_grad():
+            on = optimized(**batch).logits
+        assert not torch.equal(on, off)
+    finally:
+        lora.enabled = True
+        with torch.no_grad():
+            lora.lora_B.weight.zero_()
+
+
+@pytest.mark.slow
+def test_a_model_optimized_in_eval_mode_trains_after_train_and_in_eval_mode_too():
+    # Dropout 0.1 in the residual stream and embeddings: train and eval are different steps. (GPT-2's
+    # attention dropout draws through SDPA's math kernel, whose traced form draws other numbers.)
+    model = tiny_gpt2(n_layer=2, attn_pdrop=0.0)
+    batch = lm_batch(model, batch=4, seq=32)
+    model.eval()  # what from_pretrained returns
+    optimized = _planned(model, batch)
+    assert optimized.plan.training is True and not optimized.model.training  # planned in train mode, mode kept
+    optimized.train()
+    _assert_exact(optimized, batch)
+    optimized.eval()  # a training step in eval mode (no dropout) is another step: re-planned, never stale
+    _assert_exact(optimized, batch)
+    assert optimized.plan.training is False and any("eval mode" in why for why in optimized.replans)
+    optimized.train()
+    _assert_exact(optimized, batch)  # back: the train-mode plan is kept, not made again
+    assert sum("eval mode" in why or "train mode" in why for why in optimized.replans) == 1
+
+
+@pytest.mark.slow
+def test_changing_a_dropout_probability_retraces_the_step():
+    model = tiny_llama(num_hidden_layers=2, attention_dropout=0.0)
+    batch = lm_batch(model, batch=4, seq=32)
+    optimized = _planned(model, batch, dropout=0.1, rank=4)
+    _assert_exact(optimized, batch)
+    traces = optimized.runtime.traces_made
+    for module in optimized.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.3
+    _assert_exact(optimized, batch)
+    assert optimized.runtime.traces_made > traces or optimized.replans
+
+
+def test_autocast_around_the_forward_is_planned_for_and_exact():
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=4, seq=32)
+    optimized = _planned(model, batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inner = optimized.model
+        loss_ref, ref = _step(inner, inner, batch, lambda out: out.loss)
+        loss, got = _step(optimized, inner, batch, lambda out: out.loss)
+    assert torch.equal(loss, loss_ref) and all(torch.equal(got[n], ref[n]) for n in ref)
+    assert optimized.plan.autocast == "bfloat16"  # re-planned for the autocast step
+    assert optimized.plan.fits
+
+
+def test_torch_compile_around_a_planned_model_trains():
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=4, seq=32)
+    optimized = _planned(model, batch)
+    compiled = torch.compile(optimized)  # the lowered step runs as memopt lowered it (a graph break)
+    losses = []
+    opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = compiled(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_compile_true_with_active_dropout_trains():
+    model = tiny_gpt2(n_layer=2)
+    batch = lm_batch(model, batch=2, seq=16)
+    optimized = _planned(model, batch, compile=True)
+    for _ in range(2):
+        loss = optimized(**batch).loss
+        loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_a_larger_batch_replans_by_default_and_says_so(caplog):
+    model = tiny_llama(num_hidden_layers=3)
+    batch = lm_batch(model, batch=4, seq=32)
+    optimized = _planned(model, batch, 0.9)
+    large = lm_batch(optimized.model, batch=4, seq=48)
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        _assert_exact(optimized, large)
+    assert "re-planned in" in caplog.text and "inputs larger than planned" in caplog.text
+    assert optimized.plan.input_shapes["input_ids"] == (4, 48) and optimized.plan.fits
+    optimized.use_plan(optimized.plan, larger_inputs="error")
+    with pytest.raises(PlanMismatchError, match=r"larger than planned: input_ids \[4, 64\] \(planned \[4, 48\]\)"):
+        optimized(**lm_batch(optimized.model, batch=4, seq=64))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_an_input_of_the_wrong_dtype_or_rank_is_named(llama_plan):
+    optimized, batch = llama_plan
+    with pytest.raises(ValueError, match=r"input 'input_ids' is float32\[4, 32\]; the plan was made for int64"):
+        optimized(**{**batch, "input_ids": batch["input_ids"].float()})
+    with pytest.raises(ValueError, match=r"input 'input_ids' has shape \[128\] \(1 dimensions\); the plan was made "
+                                         r"for \[4, 32\] \(2 dimensions\)"):
+        optimized(**{**batch, "input_ids": batch["input_ids"].flatten()})
+
+
+def test_optimize_refuses_an_empty_batch_sequences_past_the_positions_and_a_rewritten_model(llama_plan):
+    model = tiny_llama(num_hidden_layers=1)
+    with pytest.raises(ValueError, match="example input 'input_ids' is empty"):
+        memopt.optimize(copy.deepcopy(model), 1, lm_batch(model, batch=0, seq=8), device="cpu")
+    with pytest.raises(ValueError, match=r"80 tokens long, but LlamaForCausalLM's positions end at 64 "
+                                         r"\(config.max_position_embeddings\)"):
+        memopt.optimize(copy.deepcopy(model), 1, lm_batch(model, batch=1, seq=80), device="cpu")
+    optimized, batch = llama_plan
+    with pytest.raises(TypeError, match="already rewritten by memopt .*LoraLinear"):
+        memopt.optimize(optimized.model, 1, batch, device="cpu")
