@@ -323,11 +323,13 @@ def tag_joint(joint: fx.GraphModule, plan: "Plan | Sequence[TensorDecision]", *,
     for key in available:
         for node in storage_nodes[key]:
             _tag(node, CheckpointPolicy.MUST_SAVE)
-    # The closure of every recomputed tensor: walk back to what is available.
+    # The closure of every recomputed tensor: walk back to what is available. Sizes (SymInt nodes
+    # of a trace with symbolic sizes) are not walked through: the partitioner hands them to the
+    # backward as integers; walking into the tensor a size was read from would recompute it too.
     stack, seen = list(recomputed), set()
     while stack:
         node = stack.pop()
-        if node in seen or _is_primal(node) or node.op != "call_function":
+        if node in seen or _is_primal(node) or node.op != "call_function" or _is_size(node):
             continue
         seen.add(node)
         if _storage(node) in available:
@@ -335,6 +337,10 @@ def tag_joint(joint: fx.GraphModule, plan: "Plan | Sequence[TensorDecision]", *,
         _tag(node, CheckpointPolicy.MUST_RECOMPUTE)
         stack.extend(node.all_input_nodes)
     return {key for key, a in action.items() if a == "offload"}
+
+
+def _is_size(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def _tag(node: fx.Node, policy: CheckpointPolicy) -> None:
