@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.memopt-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-all clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) examples/finetune.py
 
+# `make test` (CI): everything but the tests marked slow — a representative subset, under 20 minutes on
+# 2 cores. `make test-all`: the whole suite (the slow scenario tests too).
 test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
 	$(PY) -m pytest -q
 
 clean:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
 
-__all__ = ["ModuleDecision", "PassResult", "RewriteLog", "WrappedLinear", "merge_wrapped", "select_targets"]
+__all__ = ["ModuleDecision", "PassResult", "RewriteLog", "WrappedLinear", "as_output", "merge_wrapped", "select_targets"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,13 @@ class WrappedLinear(nn.Module):
 def _keeps_fused_paths_off(module: nn.Module, args: Any) -> None:
     """A forward pre-hook that does nothing; its presence turns fused fast paths off (``WrappedLinear``)."""
     return None
+
+
+def as_output(y2d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A custom Function's [M, out] result in ``x``'s leading shape, as a tensor of its own rather
+    than a view: an output a Function returns as a view may not be modified in place (Falcon's
+    ``mlp_output += attention_output``), a fresh one may."""
+    return torch.ops.aten._unsafe_view.default(y2d, [*x.shape[:-1], y2d.shape[-1]])
 
 
 class RewriteLog:

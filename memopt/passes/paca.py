@@ -58,7 +58,8 @@ from torch.autograd.function import once_differentiable
 from memopt.config import PacaConfig
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
 from memopt.kernels.paca import paca_forward
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, WrappedLinear, merge_wrapped, select_targets
+from memopt.passes.base import (ModuleDecision, PassResult, RewriteLog, WrappedLinear, as_output, merge_wrapped,
+                                select_targets)
 from memopt.passes.quantize import QPacaLinear, QuantLinear
 
 __all__ = ["PacaLinear", "apply_paca", "merge_paca", "module_seed", "paca_linear", "random_columns", "select_columns"]
@@ -130,7 +131,7 @@ class _PacaMatmul(torch.autograd.Function):
             y2d, x_idx = paca_forward(x2d, w, b, idx, kind, gather=ctx.needs_input_grad[3])
         ctx.save_for_backward(x_idx, cols)  # x_idx [M, r] is a copy, never a view of x
         ctx.weight, ctx.idx, ctx.scaling, ctx.kind, ctx.x_shape = weight, idx, scaling, kind, x.shape
-        return y2d.view(*x.shape[:-1], y2d.shape[-1])
+        return as_output(y2d, x)
 
     @staticmethod
     @once_differentiable

@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from memopt.config import QuantizeConfig
 from memopt.ir.structure import LinearLayer, ModelGraph
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, WrappedLinear, select_targets
+from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, WrappedLinear, as_output, select_targets
 from memopt.passes.quant_format import QuantizedWeight, dequantize_columns, quantize_int8, quantize_nf4
 
 __all__ = ["QPacaLinear", "QuantLinear", "QuantizeConfig", "apply_quantize", "dequantize_model", "quant_linear"]
@@ -57,7 +57,7 @@ class _QuantMatmul(torch.autograd.Function):
             x2d, bias = x2d.to(dtype), None if bias is None else bias.to(dtype)
         y2d = qw.matmul(x2d, bias)  # [M, out]; the dequantized W (if any) dies here
         ctx.qw, ctx.x_shape = qw, x.shape
-        return y2d.view(*x.shape[:-1], y2d.shape[-1])
+        return as_output(y2d, x)
 
     @staticmethod
     @once_differentiable
@@ -187,7 +187,7 @@ class _QPacaMatmul(torch.autograd.Function):
         y2d = qw.matmul(x2d, bias, scales=scales).addmm_(x_idx, delta.t())  # [M, out]
         ctx.save_for_backward(x_idx if ctx.needs_input_grad[2] else None, cols)
         ctx.qw, ctx.idx, ctx.scaling, ctx.x_shape = qw, idx, scaling, x.shape
-        return y2d.view(*x.shape[:-1], y2d.shape[-1])
+        return as_output(y2d, x)
 
     @staticmethod
     @once_differentiable

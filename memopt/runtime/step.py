@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping
@@ -43,6 +44,7 @@ from torch import nn
 from torch._export.utils import _compiling_state_context
 from torch._functorch.aot_autograd import aot_function
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from memopt.errors import MemoptError, PlanMismatchError, UnsupportedModelError
@@ -96,6 +98,7 @@ class PlannedStep:
         self._traces: OrderedDict[tuple[Hashable, int], _Trace] = OrderedDict()
         self._serial = 0
         self.traces_made = 0
+        self.trace_seconds = 0.0  # spent tracing, partitioning and compiling (each trace's first call included)
 
     @property
     def reports(self) -> list[LoweringReport]:
@@ -117,7 +120,9 @@ class PlannedStep:
             if cache_key[0] == key and trace.covers(tensors):
                 self._traces.move_to_end(cache_key)
                 return trace.fn(params, buffers, tensors)
+        start = time.perf_counter()
         trace, output = self._lower(args, kwargs, fake, leaves, spec, (params, buffers, tensors), device)
+        self.trace_seconds += time.perf_counter() - start
         self._serial += 1
         self._traces[(key, self._serial)] = trace
         while len(self._traces) > self.max_traces:
@@ -144,7 +149,7 @@ class PlannedStep:
 
         self.traces_made += 1
         # A plan without keys (format v3) names fx nodes of a trace at exact sizes.
-        if not fake and all(t.key is not None for t in self.plan.tensors) and not __import__("os").environ.get("MEMOPT_STATIC"):
+        if not fake and all(t.key is not None for t in self.plan.tensors):
             try:
                 return self._trace_symbolic(step, inputs, mode, at_plan_shapes)
             except (MemoptError, torch.OutOfMemoryError):
@@ -194,26 +199,32 @@ class PlannedStep:
         partition = plan_partition(self.plan, offload_mode=mode, check_layout=at_plan_shapes, report=report)
         shape_env = ShapeEnv()
         fake_mode = FakeTensorMode(shape_env=shape_env)
-        with fake_mode:
-            fparams = {n: fake_mode.from_tensor(p, static_shapes=True) for n, p in params.items()}
-            fbuffers = {n: fake_mode.from_tensor(b, static_shapes=True) for n, b in buffers.items()}
-            ftensors = [fake_mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(
-                dynamic_sizes=[DimDynamic.DUCK] * t.dim())) for t in tensors]
-        fn = None
-        for exporting in (False, True):
-            with not_counted():  # nothing of the trace, its fake run included, is a real allocation
-                fn = self._aot(step, partition, None)
-                try:
-                    with self._tracing(exporting), fake_mode:
-                        fn(fparams, fbuffers, ftensors)
-                    break
-                except DataDependentOutputException:
-                    if exporting:
-                        raise
-                except Exception as exc:  # noqa: BLE001
-                    if exporting or not _data_dependent(exc):
-                        raise
-        guards = shape_env.produce_guards_expression(ftensors)
+        # The trace runs on fakes of its own, outside any dispatch mode the caller has on (a memory
+        # tracker, a FLOP counter): what it does is not the step, and such a mode would see real
+        # tensors the trace makes (the RNG state saved for a replayed op) in the fake mode.
+        with _disable_current_modes():
+            with fake_mode:
+                fparams = {n: fake_mode.from_tensor(p, static_shapes=True) for n, p in params.items()}
+                fbuffers = {n: fake_mode.from_tensor(b, static_shapes=True) for n, b in buffers.items()}
+                ftensors = [fake_mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(
+                    dynamic_sizes=[DimDynamic.DUCK] * t.dim())) for t in tensors]
+            fn = None
+            for exporting in (False, True):
+                with not_counted():  # nothing of the trace, its fake run included, is a real allocation
+                    fn = self._aot(step, partition, None)
+                    try:
+                        # The caller's saved-tensor hooks (a tracker's) see no fake tensor either.
+                        with self._tracing(exporting), fake_mode, \
+                                torch.autograd.graph.saved_tensors_hooks(_same, _same):
+                            fn(fparams, fbuffers, ftensors)
+                        break
+                    except DataDependentOutputException:
+                        if exporting:
+                            raise
+                    except Exception as exc:  # noqa: BLE001
+                        if exporting or not _data_dependent(exc):
+                            raise
+            guards = shape_env.produce_guards_expression(ftensors)
 
         def covers(actual: list[torch.Tensor]) -> bool:
             return guards is None or bool(shape_env.evaluate_guards_expression(guards, actual))
@@ -259,6 +270,10 @@ class PlannedStep:
                 torch._functorch.config.patch(backward_pass_autocast="off"), \
                 (_compiling_state_context() if exporting else contextlib.nullcontext()):
             yield
+
+
+def _same(t: Any) -> Any:
+    return t
 
 
 def _without_zero_gradients(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,0 +1,117 @@
+"""Model families beyond Llama, each with each method, at a budget that recomputes: optimize, then
+one training step against the unplanned rewritten model. A representative subset runs in ``make
+test``; ``make test-all`` runs the whole table."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import memopt
+from tests import families as F
+from tests.models import lm_batch
+
+GIB = 2**30
+
+_BUILD = {"t5": F.tiny_t5, "bart": F.tiny_bart, "mixtral": F.tiny_mixtral, "qwen2-moe": F.tiny_qwen2_moe,
+          "olmoe": F.tiny_olmoe, "falcon": F.tiny_falcon, "torch-encoder": F.TorchEncoderLM}
+_FAST = {("t5", "lora"), ("mixtral", "lora"), ("torch-encoder", "lora"), ("falcon", "paca")}
+
+
+def _batch(family: str, model: torch.nn.Module) -> dict:
+    if family in ("t5", "bart"):
+        return F.seq2seq_batch(model)
+    if family == "torch-encoder":
+        ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+        return {"input_ids": ids, "labels": ids.clone()}
+    return lm_batch(model, batch=2, seq=16)
+
+
+def _loss(out) -> torch.Tensor:
+    return out["loss"] if isinstance(out, dict) else out.loss
+
+
+def _cases():
+    for family in _BUILD:
+        for method in ("lora", "paca", "s2ft"):
+            marks = () if (family, method) in _FAST else (pytest.mark.slow,)
+            yield pytest.param(family, method, id=f"{family}-{method}", marks=marks)
+
+
+@pytest.mark.parametrize("family, method", list(_cases()))
+def test_the_family_plans_lowers_and_trains_with_the_unplanned_gradients(family, method):
+    model = _BUILD[family]()
+    batch = _batch(family, model)
+    probe = memopt.optimize(copy.deepcopy(model), budget_gb=64, example_inputs=batch, method=method, device="cpu").plan
+    budget = probe.min_budget_bytes + 0.3 * (probe.predicted_peak_bytes + probe.reserve_bytes - probe.min_budget_bytes)
+    optimized = memopt.optimize(model, budget_gb=budget / GIB, example_inputs=batch, method=method, device="cpu")
+    assert optimized.plan.needs_runtime and optimized.plan.fits
+    inner = optimized.model
+
+    def step(run):
+        for p in inner.parameters():
+            p.grad = None
+        loss = _loss(run(**batch))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}
+
+    loss_ref, ref = step(inner)
+    loss, got = step(optimized)
+    assert torch.equal(loss, loss_ref) and got.keys() == ref.keys() and ref
+    for name in ref:
+        if family in ("t5", "bart"):
+            # An encoder output feeds every decoder layer: the traced backward sums those gradients
+            # in another order than autograd's engine does (a few ulps).
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6 * ref[name].abs().max().item())
+        else:
+            assert torch.equal(got[name], ref[name]), name
+
+
+def test_moe_routers_and_experts_are_left_alone_with_a_note():
+    model = F.tiny_mixtral()
+    optimized = memopt.optimize(model, budget_gb=1, example_inputs=lm_batch(model, batch=2, seq=16), device="cpu")
+    adapted = {d.name for d in optimized.plan.modules if d.method == "lora"}
+    assert adapted and not any(".mlp." in name for name in adapted)  # attention projections only
+    notes = "\n".join(optimized.plan.notes)
+    assert "model.layers.0.mlp.gate (MixtralTopKRouter) left alone" in notes
+    assert "model.layers.0.mlp.experts (MixtralExperts) left alone: its weights (gate_up_proj, down_proj) are 3-D" in notes
+
+
+def test_a_custom_module_owning_a_weight_is_left_alone_and_keeps_its_function():
+    model = F.CustomLinearish()
+    x = torch.randn(4, 64)
+    before = model(x).detach()
+    optimized = memopt.optimize(model, budget_gb=1, example_inputs=(x,), method="paca", rank=4, device="cpu",
+                                loss_fn=lambda out, _: out.pow(2).mean())
+    assert {d.name for d in optimized.plan.modules if d.method == "paca"} == {"up", "down"}
+    assert any(n.startswith("custom (_Scaled) left alone") for n in optimized.plan.notes)
+    torch.testing.assert_close(optimized(x), before, rtol=1e-6, atol=1e-6)  # PaCA's P round trip: ulps
+
+
+def test_torchs_fused_encoder_path_never_bypasses_an_adapter():
+    model = F.TorchEncoderLM()
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    optimized = memopt.optimize(model, budget_gb=1, example_inputs={"input_ids": ids, "labels": ids}, device="cpu")
+    for module in optimized.model.modules():
+        if type(module).__name__ == "LoraLinear":
+            with torch.no_grad():
+                module.lora_B.weight.normal_()  # a trained adapter
+    optimized.eval()
+    with torch.no_grad():
+        out = optimized(input_ids=ids)["logits"]
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            unfused = optimized(input_ids=ids)["logits"]
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)
+        for module in optimized.model.modules():
+            if type(module).__name__ == "LoraLinear":
+                module.enabled = False
+        base = optimized(input_ids=ids)["logits"]
+    # The attention block may still take its own fused kernel (a few ulps); the adapters always count.
+    torch.testing.assert_close(out, unfused, rtol=1e-5, atol=1e-5)
+    assert (out - base).abs().max() > 100 * (out - unfused).abs().max()
+    assert any("out_proj (NonDynamicallyQuantizableLinear) left alone" in n for n in optimized.plan.notes)
