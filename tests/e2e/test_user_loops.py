@@ -65,6 +65,32 @@ def test_a_padded_loader_of_many_lengths_runs_one_trace_and_never_replans(llama_
     assert len(optimized.replans) == replans
 
 
+def test_every_step_of_a_padded_loader_measures_inside_the_budget_with_one_trace():
+    """The plan is made for the longest batch; every shorter, padded one (attention mask 0 and
+    labels -100 on the padding) runs the same trace and peaks at or below the plan, measured."""
+    from memopt.memory.tracker import MemoryTracker
+
+    model = tiny_llama(num_hidden_layers=3)
+    optimized = _planned(model, lm_batch(model, batch=4, seq=48))
+    opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad])
+    gen = torch.Generator().manual_seed(0)
+    peaks = []
+    for step in range(6):
+        lengths = torch.randint(8, 49, (4,), generator=gen).tolist()
+        batch = lm_batch(optimized.model, batch=4, seq=max(lengths))
+        for row, n in enumerate(lengths):
+            batch["attention_mask"][row, n:] = 0
+            batch["labels"][row, n:] = -100
+        with MemoryTracker(optimized, opt, inputs=batch) as tracker:  # a dispatch mode while the step traces
+            optimized(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if step:  # the first step makes the optimizer states the plan counts as resident
+            peaks.append(tracker.report().peak_bytes)
+    assert optimized.runtime.traces_made == 1 and not optimized.replans
+    assert max(peaks) <= optimized.plan.predicted_peak_bytes <= optimized.plan.usable_bytes
+
+
 def test_every_output_keeps_its_gradient_so_a_loss_on_the_logits_is_exact(llama_plan):
     optimized, batch = llama_plan
     # the model's own loss plus a z-loss on the logits (the term a detached output would lose)
