@@ -14,7 +14,6 @@ import torch.nn as nn
 
 from memopt.config import GIB, OptimizeConfig, QuantizeConfig
 from memopt.errors import InfeasibleBudgetError
-from memopt.ir.capture import CapturedGraph
 from memopt.ir.joint import JointGraph, JointTrace, trace_joint_graph
 from memopt.ir.structure import ModelGraph, build_model_graph
 from memopt.kernels.dequant import simulating
@@ -180,7 +179,7 @@ def plan_only(
     plan counts the quantized bytes exactly. ``model`` is rewritten in place and not restored
     (build a fresh one per call). Without
     ``simulate`` the eager step is not simulated: the prediction is the joint trace's alone
-    (uncalibrated, ``plan.memory`` is None), which is what makes 70B-sized plans quick.
+    (not measured: ``plan.memory`` is None), which is what makes 70B-sized plans quick.
     """
     cfg = OptimizeConfig.from_options(method, budget_gb, optimizer=optimizer, device=device,
                                       reserve_gb=reserve_gb, **options)

@@ -235,7 +235,7 @@ class _Model:
                 interval(m, m, ("at", c.index, j), c.recompute_bytes)
                 interval(c.define, m, ("at", c.index, j), c.replay_bytes)
         forward = itertools.accumulate(delta[:-1])
-        constant = [p.static.resident + p.offset_bytes + b + x for b, x in zip(p.base, forward)]
+        constant = [p.static.resident + b + x for b, x in zip(p.base, forward)]
         return constant, events
 
     def _sweep(self, constant: list[int], events: dict) -> list[tuple[dict[int, tuple[cp_model.IntVar, int]], int]]:

@@ -112,7 +112,6 @@ class SolverReport:
     candidates: int
     classes: int
     quantum: int  # bytes per unit in the CP-SAT model
-    calibration_bytes: int  # added at every point of the model (0: plans are measured on the lowered step)
     rounds: int = 1  # solves until the lowered step's measured peak fitted the budget
     min_peak_bound: int | None = None  # the solver's proven lower bound on the modelled minimum peak
 
@@ -121,6 +120,8 @@ class SolverReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SolverReport":
+        data = dict(data)
+        data.pop("calibration_bytes", None)  # plans before v4 were calibrated to a simulated step
         return cls(**data)
 
 

@@ -153,7 +153,6 @@ class PlanningProblem:
     device: DeviceSpec
     num_classes: int
     class_blocks: Mapping[int, tuple[int | None, ...]]  # class -> the blocks sharing it
-    offset_bytes: int = 0  # added at every point: the calibration to a measured step (may be < 0)
 
     @property
     def forward_us(self) -> int:
@@ -545,7 +544,7 @@ def evaluate(problem: PlanningProblem, choices: Sequence[Choice]) -> Evaluation:
             spikes[choice.point] += c.recompute_bytes
             add(c.define, choice.point, c.replay_bytes)
             issues += _missing_deps(problem, c, choice.point, choices)
-    static = problem.static.resident + problem.offset_bytes
+    static = problem.static.resident
     live = np.cumsum(np.asarray(delta[:-1], dtype=np.int64))
     total = problem.base_array + live + np.asarray(spikes, dtype=np.int64) + static
     memory = tuple(total.tolist())

@@ -99,7 +99,7 @@ def _recompute_inputs(problem: PlanningProblem, solver: pywraplp.Solver, x: dict
 
 
 def _bytes_at(problem: PlanningProblem, x: dict, p: int):
-    total = problem.static.resident + problem.offset_bytes + problem.base[p]
+    total = problem.static.resident + problem.base[p]
     for c in problem.candidates:
         for i, ch in enumerate(_options(c)):
             if _resident(problem, c, ch, p):

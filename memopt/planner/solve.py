@@ -302,7 +302,7 @@ def plan_fields(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_pea
             status=plan.status, min_peak_status=plan.min_peak_status, min_feasible_bytes=plan.min_feasible_bytes,
             trace_ms=round(trace_seconds * 1000), solve_ms=round(plan.seconds * 1000),
             candidates=len(problem.candidates), classes=problem.num_classes, quantum=plan.quantum,
-            calibration_bytes=problem.offset_bytes, rounds=plan.rounds, min_peak_bound=plan.min_peak_bound,
+            rounds=plan.rounds, min_peak_bound=plan.min_peak_bound,
         ),
         runtime_applies=("keep", "drop"),
         lowered=plan.lowered,

@@ -47,7 +47,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
-from memopt.errors import MemoptError, PlanMismatchError, UnsupportedModelError
+from memopt.errors import MemoptError, UnsupportedModelError
 from memopt.ir.joint import module_annotations
 from memopt.kernels.dequant import simulating
 from memopt.memory.inputs import input_shapes, training_kwargs

@@ -32,7 +32,7 @@ def test_a_plan_round_trips_through_json_exactly(plans, tmp_path):
 def test_a_roomy_budget_keeps_everything_and_says_it_is_applied(plans):
     roomy, _ = plans
     assert {t.action for t in roomy.tensors} == {"keep", "drop"} and roomy.fully_applied
-    assert roomy.predicted_peak_bytes == roomy.memory.peak_bytes  # calibrated to the simulated step
+    assert roomy.predicted_peak_bytes == roomy.memory.peak_bytes  # keeping everything: the simulated step itself
     assert roomy.overhead_us == 0 and roomy.solver.status == "OPTIMAL"
     assert "everything in this plan is applied" in roomy.summary()
 
