@@ -4,7 +4,7 @@
     print(model.plan.summary())
 """
 
-from memopt.api import optimize
+from memopt.api import from_pretrained, optimize
 from memopt.config import (
     DEVICE_PRESETS, DeviceSpec, LoraConfig, OptimizeConfig, PacaConfig, QuantizeConfig, S2ftConfig,
 )
@@ -15,6 +15,7 @@ from memopt.runtime.optimized import OptimizedModel
 
 __all__ = [
     "optimize",
+    "from_pretrained",
     "OptimizeConfig",
     "LoraConfig",
     "PacaConfig",

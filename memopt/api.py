@@ -153,9 +153,106 @@ def optimize(
             raise
     log.info("memopt: %s on %s, predicted peak %.3f GiB of %.3f GiB usable", cfg.method,
              type(model).__name__, plan.predicted_peak_bytes / GIB, plan.usable_bytes / GIB)
-    optimized = wrap(model, plan, _merge_fn(cfg), rewrites.original_requires_grad())
+    optimized = wrap(model, plan, _merge_fn(cfg), rewrites.original_requires_grad(),
+                     config=(cfg, _applied_quantize(cfg, model)))
     replan = functools.partial(_replan, model, cfg, planner or PlannerConfig(), loss_fn, compile)
     return optimized.use_plan(plan, compile=compile, larger_inputs=larger_inputs, replan=replan)
+
+
+def from_pretrained(
+    model: nn.Module,
+    directory: Any,
+    budget_gb: float | None = None,
+    example_inputs: Any = None,
+    *,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    device: Any = None,
+    planner: PlannerConfig | None = None,
+    compile: bool = False,
+    larger_inputs: str = "replan",
+) -> OptimizedModel:
+    """``model`` (a fresh base model, as the trained one was before ``optimize``) rebuilt with the
+    trained tensors saved in ``directory`` by ``OptimizedModel.save_pretrained``; its outputs equal
+    the saved model's.
+
+    The saved method and options rewrite ``model`` in place (the seeds draw the same indices and
+    permutations; they are checked against the saved ones), the trained tensors are loaded, and
+    the saved plan is carried out after checking it was made for this model. Given ``budget_gb``
+    and ``example_inputs``, the model is planned for them instead. A LoRA adapter directory
+    written by PEFT loads too (``budget_gb`` and ``example_inputs`` needed: it holds no plan).
+
+    Raises ``MemoptError`` naming what is wrong: missing files, a directory saved for another base
+    model (the first tensor whose shape, index or base-weight checksum differs), a PEFT adapter
+    type memopt does not support.
+    """
+    from memopt.checkpoint import load_trained, read_checkpoint
+
+    if isinstance(model, OptimizedModel):
+        raise TypeError("from_pretrained takes the base model (as it was before optimize), not an OptimizedModel")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if (budget_gb is None) != (example_inputs is None):
+        raise TypeError("give both budget_gb and example_inputs (to plan again), or neither (to use the saved plan)")
+    checkpoint = read_checkpoint(directory)
+    options = dict(checkpoint.options)
+    quantize = checkpoint.quantize
+    if quantize is not None:
+        options["quantize"] = QuantizeConfig(**quantize)
+    if budget_gb is not None:
+        plan = checkpoint.plan
+        if device is None and plan is not None:
+            device = plan.device
+        optimized = optimize(model, budget_gb, example_inputs, checkpoint.method, loss_fn=loss_fn,
+                             optimizer=plan.optimizer if plan is not None else "adamw", device=device,
+                             planner=planner, compile=compile, larger_inputs=larger_inputs, **options)
+        try:
+            load_trained(optimized.model, checkpoint)
+        except BaseException:
+            optimized.merge()
+            raise
+        return optimized
+    plan = checkpoint.plan
+    if plan is None:
+        raise TypeError(f"{directory} holds no memopt plan (a PEFT adapter): give budget_gb and example_inputs")
+    _refuse_rewritten(model)
+    cfg = OptimizeConfig.from_options(checkpoint.method, plan.budget_bytes / GIB, optimizer=plan.optimizer,
+                                      device=plan.device if device is None else device,
+                                      reserve_gb=plan.reserve_bytes / GIB, **options)
+    kwargs = _inputs_of(plan, _parameter_device(model))
+    bound = _bind_inputs(model, (), kwargs)
+    kwargs = training_kwargs(bound.signature, kwargs)
+    with _train_mode(model):
+        graph = build_model_graph(model, (), kwargs)
+        rewrites = RewriteLog(model)
+        try:
+            _rewrite(model, graph, cfg, cfg.quantize if isinstance(cfg.quantize, QuantizeConfig) else None, rewrites)
+            load_trained(model, checkpoint)
+            optimized = wrap(model, plan, _merge_fn(cfg), rewrites.original_requires_grad(),
+                             config=(cfg, _applied_quantize(cfg, model)))
+            replan = functools.partial(_replan, model, cfg, planner or PlannerConfig(), loss_fn, compile)
+            return optimized.use_plan(plan, compile=compile, larger_inputs=larger_inputs, replan=replan)
+        except BaseException:
+            rewrites.undo()
+            raise
+
+
+def _inputs_of(plan: Plan, device: str) -> dict[str, torch.Tensor]:
+    """Inputs of the plan's shapes and dtypes (zeros; masks all ones) to capture the model's structure."""
+    dtypes = plan.input_dtypes or {}
+    out = {}
+    for name, shape in plan.input_shapes.items():
+        dtype = getattr(torch, dtypes.get(name, "int64"))
+        make = torch.ones if "mask" in name else torch.zeros
+        out[name] = make(tuple(shape), dtype=dtype, device=device)
+    return out
+
+
+def _applied_quantize(cfg: OptimizeConfig, model: nn.Module) -> QuantizeConfig | None:
+    """The quantization the rewrite applied (``"auto"`` resolved to the format it chose)."""
+    if isinstance(cfg.quantize, QuantizeConfig):
+        return cfg.quantize
+    formats = {m.fmt for m in model.modules() if isinstance(m, QuantLinear)}
+    return QuantizeConfig(format=formats.pop()) if formats else None
 
 
 def plan_only(

@@ -289,10 +289,18 @@ class OptimizeConfig:
     def from_options(cls, method: str, budget_gb: Any, *, optimizer: str = "adamw", device: Any = "cpu",
                      reserve_gb: float | None = None, quantize: Any = None,
                      **method_options: Any) -> "OptimizeConfig":
-        """Build from `optimize`'s keyword options; unknown options are an error, never ignored."""
+        """Build from `optimize`'s keyword options; unknown options are an error, never ignored.
+
+        ``method`` may be a ``peft.LoraConfig`` (its r, lora_alpha, lora_dropout, target_modules and
+        exclude_modules become LoRA's options; a feature memopt's LoRA lacks is an error), and
+        LoRA's options may be given under PEFT's names (``r``, ``lora_alpha``, ``lora_dropout``)."""
+        if _is_peft_config(method):
+            method, method_options = "lora", {**from_peft_config(method), **method_options}
         if not isinstance(method, str) or method not in METHOD_CONFIGS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_CONFIGS)}")
         method_cls = METHOD_CONFIGS[method]
+        if method == "lora":
+            method_options = _peft_names(method_options)
         names = {f.name for f in dataclasses.fields(method_cls)}
         unknown = sorted(set(method_options) - names)
         if unknown:
@@ -305,3 +313,50 @@ class OptimizeConfig:
             reserve_gb=reserve_gb,
             quantize=quantize,
         )
+
+
+PEFT_LORA_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}
+
+
+def _peft_names(options: dict[str, Any]) -> dict[str, Any]:
+    """LoRA's options with PEFT's names (``r``, ``lora_alpha``, ``lora_dropout``) as memopt's."""
+    out = dict(options)
+    for peft_name, name in PEFT_LORA_NAMES.items():
+        if peft_name in out:
+            if name in out:
+                raise TypeError(f"give {name}= or PEFT's {peft_name}=, not both")
+            out[name] = out.pop(peft_name)
+    if "modules_to_save" in out:
+        if out.pop("modules_to_save"):
+            raise TypeError("modules_to_save (training whole modules beside the adapters) is not supported by "
+                            "memopt's LoRA; leave it None")
+    return out
+
+
+def _is_peft_config(value: Any) -> bool:
+    return type(value).__module__.startswith("peft.") and hasattr(value, "peft_type")
+
+
+def from_peft_config(config: Any) -> dict[str, Any]:
+    """memopt LoRA options from a ``peft.LoraConfig``; what memopt's LoRA cannot do is an error."""
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind != "LORA":
+        raise TypeError(f"a PEFT {kind} config: memopt takes PEFT's LoraConfig (or method='lora' | 'paca' | 's2ft')")
+    unsupported = {name: getattr(config, name) for name in ("use_dora", "use_rslora", "modules_to_save",
+                                                          "layers_to_transform", "rank_pattern", "alpha_pattern")
+                   if getattr(config, name, None)}
+    if getattr(config, "bias", "none") != "none":
+        unsupported["bias"] = config.bias
+    if unsupported:
+        raise TypeError(f"this peft.LoraConfig sets {unsupported}, which memopt's LoRA does not support; it "
+                        "supports r, lora_alpha, lora_dropout, target_modules and exclude_modules")
+    targets = config.target_modules
+    if targets is None:
+        raise TypeError("this peft.LoraConfig has target_modules=None (PEFT then picks defaults per architecture); "
+                        "name them for memopt: target_modules=['q_proj', 'v_proj'] or 'all-linear'")
+    options = {"rank": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+               "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude:
+        options["exclude_modules"] = sorted(exclude) if isinstance(exclude, (set, list, tuple)) else exclude
+    return options

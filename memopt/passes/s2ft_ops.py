@@ -216,6 +216,9 @@ class S2ftLinear(WrappedLinear):
         self.register_buffer("s2ft_selected", selected.to(device=device, dtype=torch.long))
         self.block_start, self.block_size = block if block is not None else (0, 0)
         self.s2ft_block = nn.Parameter(self._block_view().clone()) if block is not None else None
+        # Off: the base layer's permuted weight (its block slice still holds the original values);
+        # with every layer of a coupled group off, the model computes its original function.
+        self.enabled = True
 
     def _block_view(self) -> torch.Tensor:
         w = _logical(self.base_layer.weight, self.kind)
@@ -223,7 +226,7 @@ class S2ftLinear(WrappedLinear):
         return w[lo:hi] if self.axis == "out" else w[:, lo:hi]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.s2ft_block is None:
+        if self.s2ft_block is None or not self.enabled:
             return self.base_layer(x)
         weight = _logical(self.base_layer.weight, self.kind)
         bias = getattr(self.base_layer, "bias", None)

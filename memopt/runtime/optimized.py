@@ -26,13 +26,15 @@ lowered step, which runs as memopt lowered it (a graph break; ``compile=True`` i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import logging
 import time
+import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 import torch.nn as nn
@@ -59,9 +61,10 @@ class OptimizedModel(nn.Module):
     """A model rewritten by memopt. ``.model`` is the rewritten module, ``.plan`` what was done."""
 
     def __init__(self, model: nn.Module, plan: Plan, merge_fn: Callable[[nn.Module], nn.Module],
-                 original_requires_grad: dict[int, bool], runtime: Any = None) -> None:
+                 original_requires_grad: dict[int, bool], runtime: Any = None, config: Any = None) -> None:
         super().__init__()
         self.model = model
+        self._config = config  # (OptimizeConfig, the QuantizeConfig applied or None): what save_pretrained writes
         self._plan = plan
         self.runtime = runtime
         self._merge_fn = merge_fn
@@ -218,23 +221,112 @@ class OptimizedModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
-    def merge(self) -> nn.Module:
+    def save_pretrained(self, directory: Any, **ignored: Any) -> Any:
+        """Write what was trained, and what rebuilds the rest, to ``directory`` (``memopt.checkpoint``):
+        never the frozen base weights. LoRA is written in PEFT's format. Reload with
+        ``memopt.from_pretrained(base_model, directory)``; for a full model, ``merge(inplace=False)``
+        and save that. Keyword arguments of HF's ``save_pretrained`` are accepted and ignored."""
+        from memopt.checkpoint import save_pretrained
+
+        if self._merged:
+            raise MemoptError("this OptimizedModel was merged; save the plain model merge() returned")
+        if self._config is None:
+            raise MemoptError("this OptimizedModel was not made by memopt.optimize / from_pretrained: its method "
+                              "options are unknown, so it cannot be saved in a form that rebuilds it")
+        if ignored:
+            log.info("memopt: save_pretrained ignores %s (only the trained tensors are written)", sorted(ignored))
+        return save_pretrained(self, directory, *self._config)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model computes the original model's function (LoRA's updates off,
+        PaCA's original columns, S²FT's base weights) — e.g. a DPO reference model's logits."""
+        from memopt.passes.base import WrappedLinear
+
+        layers = [m for m in self.model.modules() if isinstance(m, WrappedLinear) and hasattr(m, "enabled")]
+        before = [m.enabled for m in layers]
+        for m in layers:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m, flag in zip(layers, before):
+                m.enabled = flag
+
+    def merge(self, inplace: bool = True) -> nn.Module:
         """Fold the trained parameterization back into a plain model and return it.
 
-        The wrapped module is changed in place (adapter layers replaced by their merged base
-        layers) and its parameters get back the ``requires_grad`` flags they had before
-        `optimize`. This wrapper cannot be used afterwards.
+        ``inplace=True``: the wrapped module is changed in place (adapter layers replaced by their
+        merged base layers, parameters given back the ``requires_grad`` flags they had before
+        ``optimize``) and this wrapper cannot be used afterwards. ``inplace=False``: a merged copy
+        is returned (its memory is a second model's) and this model is left as it is, trainable.
+
+        A base weight adapted through more than one layer (tied or shared) cannot hold two updates:
+        ``MemoptError`` names the layers.
         """
         if self._merged:
             raise MemoptError("merge() was already called on this model")
+        _refuse_shared_bases(self.model)
+        if not inplace:
+            import copy
+
+            clone = copy.deepcopy(self.model)
+            flags = {id(c): self._original_requires_grad.get(id(p))
+                     for p, c in zip(self.model.parameters(), clone.parameters())}
+            return _merged(self._merge_fn(clone), flags)
         self.runtime = None
-        plain = self._merge_fn(self.model)
-        for p in plain.parameters():
-            flag = self._original_requires_grad.get(id(p))
-            if flag is not None:
-                p.requires_grad_(flag)
+        plain = _merged(self._merge_fn(self.model), self._original_requires_grad)
         self._merged = True
         return plain
+
+    def merge_and_unload(self) -> nn.Module:
+        """PEFT's name for ``merge()``."""
+        return self.merge()
+
+
+def _merged(plain: nn.Module, flags: dict[int, bool | None]) -> nn.Module:
+    for p in plain.parameters():
+        flag = flags.get(id(p))
+        if flag is not None:
+            p.requires_grad_(flag)
+    _restore_save(plain)
+    return plain
+
+
+def _refuse_shared_bases(model: nn.Module) -> None:
+    from memopt.passes.base import WrappedLinear
+
+    by_weight: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, WrappedLinear) and isinstance(getattr(m.base_layer, "weight", None), torch.Tensor):
+            by_weight.setdefault(id(m.base_layer.weight), []).append(name)
+    shared = [names for names in by_weight.values() if len(names) > 1]
+    if shared:
+        raise MemoptError(
+            "cannot merge: one base weight is adapted through several layers ("
+            + "; ".join(" and ".join(names) for names in shared)
+            + "), each with its own trained update, and one weight cannot hold both. Keep the OptimizedModel "
+            "(save_pretrained writes the updates), or exclude all but one of them when optimizing "
+            "(exclude_modules=...)")
+
+
+def _route_save(owner: "weakref.ref[OptimizedModel]", directory: Any, *args: Any, **kwargs: Any) -> Any:
+    """The wrapped model's own ``save_pretrained``, routed to the OptimizedModel's: the model's
+    would write adapter key names that its ``from_pretrained`` does not know (the trained work
+    would reload as random weights)."""
+    optimized = owner()
+    if optimized is None or optimized._merged:
+        raise MemoptError("this model was rewritten by memopt; save the OptimizedModel (save_pretrained) or the "
+                          "plain model merge() returned")
+    log.warning("memopt: %s.save_pretrained on a model rewritten by memopt writes only the trained tensors, through "
+                "OptimizedModel.save_pretrained (reload with memopt.from_pretrained(base_model, dir)); for a full "
+                "checkpoint save optimized.merge(inplace=False)", type(optimized.model).__name__)
+    return optimized.save_pretrained(directory, *args, **kwargs)
+
+
+def _restore_save(model: nn.Module) -> None:
+    if "save_pretrained" in model.__dict__:
+        del model.__dict__["save_pretrained"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -276,5 +368,8 @@ def _state_change(plan: Plan, training: bool, autocast: str | None) -> str:
 
 
 def wrap(model: nn.Module, plan: Plan, merge_fn: Callable[[nn.Module], nn.Module],
-         original_requires_grad: dict[int, bool], runtime: Any = None) -> OptimizedModel:
-    return _class_for(type(model))(model, plan, merge_fn, original_requires_grad, runtime)
+         original_requires_grad: dict[int, bool], runtime: Any = None, config: Any = None) -> OptimizedModel:
+    optimized = _class_for(type(model))(model, plan, merge_fn, original_requires_grad, runtime, config)
+    if callable(getattr(model, "save_pretrained", None)):
+        object.__setattr__(model, "save_pretrained", functools.partial(_route_save, weakref.ref(optimized)))
+    return optimized

@@ -1,0 +1,298 @@
+"""Saving what was trained, and rebuilding it on a fresh base model.
+
+A directory written by ``OptimizedModel.save_pretrained(dir)`` holds only what training changed
+and what rebuilds the rest — never the frozen base weights:
+
+* ``memopt_config.json``: the format version, the method and its options, the quantization, the
+  optimizer and device the plan was made for, and one checksum per adapted base weight (the float64
+  sum of its original values: S²FT's permutations leave it unchanged, PaCA's overlaid columns are
+  taken from ``paca_orig``), so a different base model is caught at load;
+* the trained tensors: for LoRA, PEFT's own files (``adapter_config.json``,
+  ``adapter_model.safetensors`` with PEFT's key names, ``base_model.model.<module>.lora_A.weight``),
+  so ``peft.PeftModel.from_pretrained(base, dir)`` loads them; for the other methods
+  ``memopt_model.safetensors``: every trainable tensor and the method's index buffers
+  (``paca_idx``, ``s2ft_perm``, ``s2ft_selected``);
+* ``plan.json``: the plan the model carried out.
+
+``memopt.from_pretrained(base, dir)`` rewrites ``base`` with the saved method and options (the
+seeds make the same indices and permutations, which are checked against the saved ones), loads the
+trained tensors, and carries out the saved plan after checking it was made for this model
+(``budget_gb`` / ``example_inputs`` given there plan again instead). A LoRA directory written by
+PEFT loads too, planned for the ``budget_gb`` and ``example_inputs`` given.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from memopt.errors import MemoptError
+
+if TYPE_CHECKING:
+    from memopt.config import OptimizeConfig, QuantizeConfig
+    from memopt.runtime.optimized import OptimizedModel
+
+__all__ = ["save_pretrained", "read_checkpoint", "load_trained", "Checkpoint", "METHOD_BUFFERS"]
+
+FORMAT = 1
+CONFIG_FILE = "memopt_config.json"
+TENSORS_FILE = "memopt_model.safetensors"
+PLAN_FILE = "plan.json"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_TENSORS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+METHOD_BUFFERS = ("paca_idx", "s2ft_perm", "s2ft_selected")  # what a rewrite draws; checked at load
+
+
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trainable parameter (a tied one once, under its first name) and every method buffer."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[name] = p
+    for name, b in model.named_buffers():
+        if name.rpartition(".")[2] in METHOD_BUFFERS:
+            out[name] = b
+    return out
+
+
+def base_checksums(model: nn.Module) -> dict[str, list[float]]:
+    """[sum, sum of |w|] in float64 of each adapted layer's original base weight (module docstring)."""
+    from memopt.passes.base import WrappedLinear
+
+    sums = {}
+    for name, module in model.named_modules():
+        if isinstance(module, WrappedLinear):
+            weight = _stored_weight(module.base_layer)
+            if weight is None or weight.device.type == "meta":
+                continue
+            w = weight.detach().double()
+            total, size = w.sum(), w.abs().sum()
+            idx, orig = getattr(module, "paca_idx", None), getattr(module, "paca_orig", None)
+            if idx is not None and orig is not None:  # PaCA writes its P into these columns
+                cols = w.index_select(1 if module.kind == "linear" else 0, idx)
+                total = total - cols.sum() + orig.double().sum()
+                size = size - cols.abs().sum() + orig.double().abs().sum()
+            sums[name] = [float(total), float(size)]
+    return sums
+
+
+def _stored_weight(layer: nn.Module) -> torch.Tensor | None:
+    """What the layer stores as its weight: the codes of a quantized layer, else ``weight``."""
+    qweight = getattr(layer, "qweight", None)
+    if isinstance(qweight, torch.Tensor):
+        return qweight
+    weight = getattr(layer, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def save_pretrained(optimized: "OptimizedModel", directory: "str | Path", config: "OptimizeConfig",
+                    quantize: "QuantizeConfig | None") -> Path:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = optimized.model
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in trained_tensors(model).items()}
+    method = config.method
+    meta = {
+        "format": FORMAT,
+        "memopt_version": _version(),
+        "model_class": type(model).__name__,
+        "method": method,
+        "options": _options(config.method_config),
+        "quantize": None if quantize is None else _options(quantize),
+        "optimizer": config.optimizer,
+        "base_checksums": base_checksums(model),
+        "tensors": sorted(tensors),
+    }
+    if method == "lora":
+        save_file({PEFT_PREFIX + name: t for name, t in tensors.items()}, str(directory / PEFT_TENSORS_FILE),
+                  metadata={"format": "pt"})
+        (directory / PEFT_CONFIG_FILE).write_text(json.dumps(_peft_config(model, config), indent=2) + "\n")
+    else:
+        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    optimized.plan.save(directory / PLAN_FILE)
+    return directory
+
+
+def _version() -> str:
+    import memopt
+
+    return memopt.__version__
+
+
+def _options(config: Any) -> dict[str, Any]:
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _peft_config(model: nn.Module, config: "OptimizeConfig") -> dict[str, Any]:
+    """PEFT's ``LoraConfig`` as ``adapter_config.json`` holds it, for the layers memopt adapted."""
+    from memopt.passes.lora import LoraLinear
+
+    cfg = config.method_config
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+    kinds = {m.kind for m in layers.values()}
+    if len(kinds) > 1:
+        raise MemoptError("this LoRA model adapts both nn.Linear and Conv1D layers; PEFT's format has one "
+                          "fan_in_fan_out flag for all of them, so it cannot be written in PEFT's format")
+    hf_config = getattr(model, "config", None)
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(hf_config, "_name_or_path", None) or None,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(layers),
+        "fan_in_fan_out": kinds == {"conv1d"},
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+
+
+class Checkpoint:
+    """A saved directory, read: its method and options, trained tensors, checksums and plan."""
+
+    def __init__(self, directory: Path, meta: dict[str, Any] | None, tensors: dict[str, torch.Tensor],
+                 plan: Any) -> None:
+        self.directory, self.meta, self.tensors, self.plan = directory, meta, tensors, plan
+
+    @property
+    def method(self) -> str:
+        return self.meta["method"]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.meta["options"])
+
+    @property
+    def quantize(self) -> dict[str, Any] | None:
+        return self.meta.get("quantize")
+
+
+def read_checkpoint(directory: "str | Path") -> Checkpoint:
+    """Read a directory written by ``save_pretrained`` (or a LoRA adapter written by PEFT)."""
+    from safetensors.torch import load_file
+
+    from memopt.planner.plan import load_plan
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory (write one with OptimizedModel.save_pretrained)")
+    if not (directory / CONFIG_FILE).exists():
+        if (directory / PEFT_CONFIG_FILE).exists():
+            return _read_peft(directory)
+        raise MemoptError(f"{directory} holds neither {CONFIG_FILE} (memopt's save_pretrained) nor "
+                          f"{PEFT_CONFIG_FILE} (a PEFT adapter)")
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise MemoptError(f"{directory / CONFIG_FILE} is format {meta.get('format')!r}; this memopt reads format {FORMAT}")
+    files = [PEFT_TENSORS_FILE, PEFT_CONFIG_FILE] if meta["method"] == "lora" else [TENSORS_FILE]
+    missing = [name for name in [*files, PLAN_FILE] if not (directory / name).exists()]
+    if missing:
+        raise MemoptError(f"{directory} is missing {', '.join(missing)} (written by save_pretrained with "
+                          f"{CONFIG_FILE}); copy the whole directory")
+    tensors = load_file(str(directory / files[0]))
+    if meta["method"] == "lora":
+        tensors = _from_peft_names(tensors, directory)
+    return Checkpoint(directory, meta, tensors, load_plan(directory / PLAN_FILE))
+
+
+def _read_peft(directory: Path) -> Checkpoint:
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / PEFT_CONFIG_FILE).read_text())
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise MemoptError(f"{directory} holds a PEFT {kind} adapter; memopt loads PEFT's LORA adapters "
+                          "(and its own save_pretrained directories for lora, paca and s2ft)")
+    unsupported = {k: config[k] for k in ("use_dora", "use_rslora") if config.get(k)}
+    if config.get("modules_to_save"):
+        unsupported["modules_to_save"] = config["modules_to_save"]
+    if config.get("bias", "none") != "none":
+        unsupported["bias"] = config["bias"]
+    if unsupported:
+        raise MemoptError(f"{directory}: this PEFT LoRA adapter uses {unsupported}, which memopt's LoRA does not "
+                          "support (it supports r, lora_alpha, lora_dropout and target_modules)")
+    path = directory / PEFT_TENSORS_FILE
+    if not path.exists():
+        raise MemoptError(f"{directory} is missing {PEFT_TENSORS_FILE}")
+    targets = config.get("target_modules")
+    options = {"rank": config["r"], "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
+               "target_modules": list(targets) if isinstance(targets, (list, tuple, set)) else targets}
+    meta = {"method": "lora", "options": options, "quantize": None, "base_checksums": {}}
+    return Checkpoint(directory, meta, _from_peft_names(load_file(str(path)), directory), None)
+
+
+def _from_peft_names(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise MemoptError(f"{directory / PEFT_TENSORS_FILE}: key {key!r} is not one of PEFT's (they begin with "
+                              f"{PEFT_PREFIX!r})")
+        out[key[len(PEFT_PREFIX):]] = value
+    return out
+
+
+def load_trained(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Copy the checkpoint's trained tensors into the rebuilt ``model``, after checking the base
+    model and the rewrite are the ones they were trained on."""
+    _check_base(model, checkpoint)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    saved = checkpoint.tensors
+    expected = set(trained_tensors(model))
+    missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - set(params) - set(buffers))
+    if unexpected:
+        raise MemoptError(f"{checkpoint.directory}: tensor {unexpected[0]!r} (of {len(unexpected)} unknown) has no "
+                          "place in this model: it was saved for another base model or other method options")
+    if missing:
+        raise MemoptError(f"{checkpoint.directory}: this model trains {missing[0]!r} (and {len(missing) - 1} more) "
+                          "but the directory has no such tensor: it was saved for another base model or options")
+    for name in sorted(saved):
+        target = params.get(name, buffers.get(name))
+        value = saved[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise MemoptError(f"{checkpoint.directory}: tensor {name!r} was saved with shape {tuple(value.shape)}, this "
+                              f"model's is {tuple(target.shape)}: the directory was saved for another base model")
+        if name.rpartition(".")[2] in METHOD_BUFFERS and not torch.equal(value.to(target.device), target):
+            raise MemoptError(f"{checkpoint.directory}: {name!r} drawn for this model differs from the saved one: "
+                              "the base model (or the method's seed) differs from the one trained")
+    with torch.no_grad():
+        for name, value in saved.items():
+            if name in params:
+                params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+
+
+def _check_base(model: nn.Module, checkpoint: Checkpoint) -> None:
+    saved = checkpoint.meta.get("base_checksums") or {}
+    if not saved:
+        return
+    mine = base_checksums(model)
+    for name, (total, size) in saved.items():
+        got = mine.get(name)
+        if got is None:
+            raise MemoptError(f"{checkpoint.directory}: layer {name!r} was adapted when saved but is not in this model")
+        # float64 sums of the same values: equal up to summation order (another device)
+        if abs(got[0] - total) > 1e-9 * max(size, 1e-30) or not math.isclose(got[1], size, rel_tol=1e-9):
+            raise MemoptError(f"{checkpoint.directory}: the base weight of {name!r} differs from the one the saved "
+                              f"tensors were trained on (sum {got[0]!r}, saved {total!r}): load them onto the same "
+                              "base model")
