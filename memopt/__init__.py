@@ -33,4 +33,13 @@ __all__ = [
     "UnsupportedModelError",
 ]
 
-__version__ = "0.1.0"
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("memopt")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "0.1.0"
+
+
+__version__ = _version()

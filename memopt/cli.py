@@ -63,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memopt", description="Plan PyTorch training steps inside a memory budget.")
+    parser.add_argument("--version", action="version", version=f"memopt {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="plan one training step of a Hugging Face causal LM (dry run, on meta)")
     plan.add_argument("--hf-config", required=True,
@@ -133,9 +134,23 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     return {**options, "rank": args.rank}
 
 
+def _version() -> str:
+    import memopt
+
+    return memopt.__version__
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise BadInput("planning a Hugging Face model needs transformers: pip install 'memopt[hf]'") from None
+    return transformers
+
+
 def _hf_config(spec: str) -> Any:
     """A transformers config from a preset name or a config.json path."""
-    from transformers import AutoConfig
+    AutoConfig = _transformers().AutoConfig
 
     if spec.lower() in HF_PRESETS:
         data = dict(HF_PRESETS[spec.lower()])
@@ -164,7 +179,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def _meta_model(config: Any, batch: int, seq: int, dtype: Any) -> tuple[Any, dict[str, Any]]:
     import torch
-    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM = _transformers().AutoModelForCausalLM
 
     try:
         with torch.device("meta"):

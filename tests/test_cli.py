@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -104,3 +105,14 @@ def test_an_unknown_quantize_format_is_refused_by_the_parser(tiny_config, capsys
         main(_plan_args(tiny_config, "1", "--quantize", "fp4"))
     assert info.value.code == EXIT_BAD_INPUT
     assert "argument --quantize: invalid choice: 'fp4'" in capsys.readouterr().err
+
+
+def test_version_and_a_missing_transformers_named_with_its_extra(tiny_config, capsys, monkeypatch):
+    import memopt
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"memopt {memopt.__version__}"
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    code = main(["plan", "--hf-config", str(tiny_config), "--batch", "1", "--seq", "16", "--budget", "1"])
+    assert code == 2 and "pip install 'memopt[hf]'" in capsys.readouterr().err

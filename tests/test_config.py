@@ -27,8 +27,11 @@ def test_unknown_method_lists_the_methods():
 
 
 def test_unknown_option_is_an_error_not_ignored():
-    with pytest.raises(TypeError, match=r"unknown option\(s\) \['r'\].*rank"):
-        OptimizeConfig.from_options("lora", 8, r=4)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rnak'\].*rank"):
+        OptimizeConfig.from_options("lora", 8, rnak=4)
+    assert OptimizeConfig.from_options("lora", 8, r=4, lora_alpha=8).method_config.rank == 4  # PEFT's names
+    with pytest.raises(TypeError, match="not both"):
+        OptimizeConfig.from_options("lora", 8, r=4, rank=4)
 
 
 @pytest.mark.parametrize("kwargs,match", [

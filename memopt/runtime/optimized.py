@@ -294,12 +294,16 @@ def _merged(plain: nn.Module, flags: dict[int, bool | None]) -> nn.Module:
 
 
 def _refuse_shared_bases(model: nn.Module) -> None:
+    from memopt.checkpoint import _stored_weight
     from memopt.passes.base import WrappedLinear
 
     by_weight: dict[int, list[str]] = {}
+    held = []  # the weights stay referenced, so no id is reused while grouping
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, WrappedLinear) and isinstance(getattr(m.base_layer, "weight", None), torch.Tensor):
-            by_weight.setdefault(id(m.base_layer.weight), []).append(name)
+        weight = _stored_weight(m.base_layer) if isinstance(m, WrappedLinear) else None
+        if weight is not None:
+            held.append(weight)
+            by_weight.setdefault(id(weight), []).append(name)
     shared = [names for names in by_weight.values() if len(names) > 1]
     if shared:
         raise MemoptError(
