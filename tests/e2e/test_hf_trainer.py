@@ -48,3 +48,32 @@ def test_trainer_trains_only_the_adapters_and_the_loss_falls(tmp_path, planned):
             assert torch.equal(p, frozen[name]), name
     trainer.save_model(str(tmp_path / "saved"))
     assert any((tmp_path / "saved").iterdir())
+
+
+def test_checkpoints_hold_only_the_trained_tensors_and_resume_to_the_same_losses(tmp_path):
+    from memopt.integrations.hf import Trainer
+
+    def run(out, steps, resume=None):
+        model = tiny_llama()
+        batch = lm_batch(model, batch=4, seq=16)
+        optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, 0.3, device="cpu"),
+                                    example_inputs=batch, device="cpu")
+        args = transformers.TrainingArguments(
+            output_dir=str(out), per_device_train_batch_size=2, max_steps=steps, learning_rate=1e-2,
+            logging_steps=1, report_to=[], use_cpu=True, save_strategy="steps", save_steps=3, seed=0,
+        )
+        trainer = Trainer(model=optimized, args=args, train_dataset=_Batches(batch))
+        trainer.train(resume_from_checkpoint=resume)
+        return {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log}, optimized
+
+    straight, optimized = run(tmp_path / "a", 6)
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    files = sorted(p.name for p in checkpoint.iterdir())
+    assert "memopt_config.json" in files and "model.safetensors" not in files
+    weights = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    trainable = sum(p.numel() * p.element_size() for p in optimized.parameters() if p.requires_grad)
+    assert weights < trainable + 64 * 1024  # the adapters (plus safetensors' header), no frozen weight
+    resumed, _ = run(tmp_path / "a", 6, resume=str(checkpoint))
+    assert resumed.keys() == straight.keys() == {1, 2, 3, 4, 5, 6}  # steps 1-3 from the checkpoint's state
+    assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-6)
+    assert len(set(straight.values())) > 1

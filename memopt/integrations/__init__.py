@@ -1,0 +1,1 @@
+"""memopt beside other libraries' training loops (``memopt.integrations.hf``: HF Trainer)."""

@@ -1,0 +1,57 @@
+"""HF ``Trainer`` whose checkpoints of a memopt model hold only what was trained.
+
+``transformers.Trainer`` saves any model that is not a ``PreTrainedModel`` / ``PeftModel`` as its
+whole ``state_dict`` — every frozen weight in every checkpoint (and tied weights refuse to be
+written to safetensors). This subclass saves an ``OptimizedModel`` with its own
+``save_pretrained`` (the trained tensors, the method, the plan: ``memopt.checkpoint``) and resumes
+from such a checkpoint by loading them back (optimizer, scheduler and RNG states resume as
+Trainer's own). Any other model is Trainer's business, unchanged.
+
+    from memopt.integrations.hf import Trainer
+    Trainer(model=optimized, args=args, train_dataset=data).train(resume_from_checkpoint=True)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import transformers
+
+from memopt.checkpoint import CONFIG_FILE, load_trained, read_checkpoint
+from memopt.runtime.optimized import OptimizedModel
+
+__all__ = ["Trainer"]
+
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+class Trainer(transformers.Trainer):
+    """``transformers.Trainer``; an ``OptimizedModel``'s checkpoints hold only its trained tensors."""
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not isinstance(self.model, OptimizedModel):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        self.model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        target = self.model if model is None else model
+        if isinstance(target, OptimizedModel) and os.path.isfile(os.path.join(resume_from_checkpoint, CONFIG_FILE)):
+            load_trained(target.model, read_checkpoint(resume_from_checkpoint))
+            return None
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if isinstance(self.model, OptimizedModel) and best and os.path.isfile(os.path.join(best, CONFIG_FILE)):
+            load_trained(self.model.model, read_checkpoint(best))
+            return None
+        return super()._load_best_model()
