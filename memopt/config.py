@@ -87,8 +87,11 @@ class LoraConfig(MethodConfig):
     target_modules: Any = "all-linear"
     exclude_modules: Any = None
     seed: int | None = None
+    adapter_dtype: str = "float32"  # over a 16-bit model: "float32" (PEFT's default) or "model" (its dtype)
 
     def __post_init__(self) -> None:
+        if self.adapter_dtype not in ("float32", "model"):
+            raise ValueError(f"adapter_dtype must be 'float32' or 'model', got {self.adapter_dtype!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:

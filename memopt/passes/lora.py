@@ -23,11 +23,17 @@ from memopt.passes.quantize import QuantLinear
 __all__ = ["LoraLinear", "apply_lora", "merge_lora"]
 
 
-def _factory(base_layer: nn.Module) -> dict:
-    """The device and dtype of the base weight (a ``QuantLinear``'s compute dtype, without dequantizing it)."""
+def _factory(base_layer: nn.Module, adapter_dtype: str) -> dict:
+    """The adapters' device and dtype: the base weight's device; its dtype (a ``QuantLinear``'s
+    compute dtype, without dequantizing it), or float32 over a 16-bit base when ``adapter_dtype``
+    is ``"float32"`` (PEFT's default, ``autocast_adapter_dtype=True``)."""
     if isinstance(base_layer, QuantLinear):
-        return {"device": base_layer.qweight.device, "dtype": base_layer.compute_dtype}
-    return {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        device, dtype = base_layer.qweight.device, base_layer.compute_dtype
+    else:
+        device, dtype = base_layer.weight.device, base_layer.weight.dtype
+    if adapter_dtype == "float32" and dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    return {"device": device, "dtype": dtype}
 
 
 class LoraLinear(WrappedLinear):
@@ -41,7 +47,7 @@ class LoraLinear(WrappedLinear):
         self.in_features, self.out_features = in_features, out_features
         self.rank = cfg.rank
         self.scaling = cfg.scaling
-        factory = _factory(base_layer)
+        factory = _factory(base_layer, cfg.adapter_dtype)
         self.lora_A = nn.Linear(in_features, cfg.rank, bias=False, **factory)
         self.lora_B = nn.Linear(cfg.rank, out_features, bias=False, **factory)
         self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
@@ -61,7 +67,11 @@ class LoraLinear(WrappedLinear):
         result = self.base_layer(x)
         if not self.enabled:
             return result
-        return result + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # PEFT's order: the input in the adapters' dtype (fp32 adapters on a 16-bit model), the sum
+        # in the promoted dtype, the result back in the base layer's.
+        dtype = self.lora_A.weight.dtype
+        update = self.lora_B(self.lora_A(self.lora_dropout(x if x.dtype == dtype else x.to(dtype)))) * self.scaling
+        return (result + update).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scaling · B·A in the base weight's layout ([out, in], or [in, out] for Conv1D)."""

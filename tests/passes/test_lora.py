@@ -153,8 +153,28 @@ def test_seed_makes_adapter_initialisation_reproducible():
         assert na == nb and torch.equal(pa, pb)
 
 
-def test_adapters_follow_the_base_weight_dtype():
+@pytest.mark.parametrize("adapter_dtype,expected", [("float32", torch.float32), ("model", torch.bfloat16)])
+def test_adapters_on_a_16_bit_model_are_fp32_as_peft_makes_them_unless_asked(adapter_dtype, expected):
     model = tiny_mlp().to(torch.bfloat16)
     apply_lora(model, build_model_graph(model, (torch.randn(2, 32, dtype=torch.bfloat16),)),
-               LoraConfig(rank=2), RewriteLog(model))
-    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+               LoraConfig(rank=2, adapter_dtype=adapter_dtype), RewriteLog(model))
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {expected}
+    out = model(torch.randn(2, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16  # the layer's output keeps the model's dtype
+
+
+def test_a_bf16_model_equals_peft_with_its_default_fp32_adapters_bit_for_bit():
+    ours, theirs = tiny_llama().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)
+    result, _, batch = _lora(ours, rank=4, alpha=8, target_modules="all-linear")
+    targets = sorted({d.name.rpartition(".")[2] for d in result.decisions if d.method == "lora"})
+    peft_model = get_peft_model(theirs, PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
+    _randomise_lora(ours)
+    _copy_lora_into_peft(ours, peft_model)
+    logits_ours, grads_ours = _grads(ours, batch)
+    logits_peft, grads_peft = _grads(peft_model, batch)
+    assert torch.equal(logits_ours, logits_peft)
+    for name, grad in grads_ours.items():
+        part = "lora_A" if ".lora_A." in name else "lora_B"
+        module = name.rpartition(f".{part}.")[0]
+        assert torch.equal(grad, grads_peft[f"base_model.model.{module}.{part}.default.weight"]), name

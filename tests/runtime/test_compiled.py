@@ -107,7 +107,9 @@ def test_cuda_offload_is_torch_async_copies_one_per_storage_prefetched_one_ahead
         assert wait.next.target in (torch.ops.aten.as_strided.default, torch.ops.ao.wait_tensor.default)
     # Prefetch: a copy back is issued before the previous one is waited for.
     assert any(order[r] < order[w] for r, w in zip(reloads[1:], waits))
-    assert report.host_bytes == sum(t.nbytes for t in offloaded)
+    # One host copy per offloaded storage: its raw bytes (the plan counts device blocks of 512 bytes).
+    planned = sum(t.nbytes for t in offloaded)
+    assert planned - 512 * len(offloaded) < report.host_bytes <= planned
 
 
 class _Done(Exception):

@@ -51,7 +51,8 @@ def test_a_gpu_plan_with_offload_runs_simulated_within_its_prediction(fraction):
     print(f"cuda budget {plan.budget_bytes:,} predicted {plan.predicted_peak_bytes:,} measured {measured:,}")
     assert measured == plan.predicted_peak_bytes <= plan.usable_bytes
     report = optimized.runtime.reports[-1]
-    assert report.host_bytes == offloaded  # one host copy per offloaded storage, exactly the planned bytes
+    # One host copy per offloaded storage, of its raw bytes (the plan counts device blocks of 512 bytes).
+    assert offloaded - 512 * len(report.offloaded) < report.host_bytes <= offloaded
     assert len(report.offloaded) == sum(t.action == "offload" for t in plan.tensors)
 
 

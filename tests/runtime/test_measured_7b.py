@@ -31,5 +31,6 @@ def test_llama2_7b_plan_is_what_the_simulated_step_measures():
           f"{plan.predicted_peak_bytes / GIB:.3f}, measured {measured / GIB:.3f} GiB")
     assert measured == plan.predicted_peak_bytes <= plan.usable_bytes
     report = optimized.runtime.reports[-1]
-    assert report.host_bytes == actions["offload"]
+    # One host copy per offloaded storage, of its raw bytes (the plan counts device blocks of 512 bytes).
+    assert actions["offload"] - 512 * len(report.offloaded) < report.host_bytes <= actions["offload"]
     assert report.recompute_flops == plan.recompute_flops
