@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import memopt  # noqa: E402
-from memopt.memory.tracker import MemoryTracker  # noqa: E402
+from benchmarks.plan_vs_measured import real_step_peak as steady_peak  # noqa: E402
 from tests.models import lm_batch, tiny_gpt2, tiny_llama, tiny_qwen2  # noqa: E402
 
 GIB, KIB = 2**30, 2**10
@@ -38,20 +38,6 @@ FAMILIES = {
     "gpt2-dropout": lambda: tiny_gpt2(n_layer=3, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1),
 }
 METHODS = ("lora", "paca", "s2ft")
-
-
-def steady_peak(optimized: memopt.OptimizedModel, batch: dict) -> int:
-    """Tracker peak of a real step after two (traced, optimizer states made)."""
-    opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad])
-    for _ in range(2):
-        optimized(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    with MemoryTracker(optimized, opt, inputs=batch) as tracker:
-        optimized(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return tracker.report().peak_bytes
 
 
 def sweep(family: str, method: str, budgets: int) -> list[dict]:
