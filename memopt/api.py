@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from memopt.config import GIB, OptimizeConfig, QuantizeConfig
-from memopt.errors import InfeasibleBudgetError
+from memopt.errors import InfeasibleBudgetError, UnsupportedModelError
 from memopt.ir.joint import JointGraph, JointTrace, trace_joint_graph
 from memopt.ir.structure import ModelGraph, build_model_graph
 from memopt.kernels.dequant import simulating
@@ -142,12 +142,13 @@ def optimize(
     kwargs = training_kwargs(bound.signature, kwargs)  # the step as the returned model runs it
     _check_example(model, bound)
     with _train_mode(model):  # a training step's mode, whatever mode the model came in
-        # Capture once, before rewriting: the structure (roles, heads, couplings) comes from dataflow.
-        graph = build_model_graph(model, args, kwargs)
         rewrites = RewriteLog(model)
         try:
+            # Capture once, before rewriting: the structure (roles, heads, couplings) comes from dataflow.
+            graph, notes = _capture(model, args, kwargs, cfg, rewrites)
             plan = _plan(model, cfg, planner or PlannerConfig(), graph, bound, (args, kwargs), loss_fn, rewrites,
                          simulate=True, lower=compile)
+            plan = dataclasses.replace(plan, notes=notes + plan.notes) if notes else plan
         except BaseException:
             rewrites.undo()
             raise
@@ -222,9 +223,9 @@ def from_pretrained(
     bound = _bind_inputs(model, (), kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)
     with _train_mode(model):
-        graph = build_model_graph(model, (), kwargs)
         rewrites = RewriteLog(model)
         try:
+            graph, _ = _capture(model, (), kwargs, cfg, rewrites)
             _rewrite(model, graph, cfg, cfg.quantize if isinstance(cfg.quantize, QuantizeConfig) else None, rewrites)
             load_trained(model, checkpoint)
             optimized = wrap(model, plan, _merge_fn(cfg), rewrites.original_requires_grad(),
@@ -234,6 +235,29 @@ def from_pretrained(
         except BaseException:
             rewrites.undo()
             raise
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict, cfg: OptimizeConfig,
+             rewrites: RewriteLog) -> tuple[ModelGraph, tuple[str, ...]]:
+    """The model's structure, captured before rewriting. Layers loaded quantized by bitsandbytes
+    are shadowed by memory-free Linears for the capture, then become ``QuantLinear`` layers over
+    their own bytes (``memopt.passes.bitsandbytes``); the notes say so."""
+    from memopt.passes.bitsandbytes import adopt_shadowed, bitsandbytes_layers, shadow_for_capture
+
+    if not bitsandbytes_layers(model):
+        return build_model_graph(model, args, kwargs), ()
+    if cfg.quantize is not None:
+        raise ValueError("this model was loaded quantized by bitsandbytes; its layers are taken as they are, so "
+                         "leave quantize= unset")
+    if cfg.method == "s2ft":
+        raise UnsupportedModelError("S²FT permutes and trains blocks of the weights themselves, which a model loaded "
+                                    "quantized by bitsandbytes cannot give; use method='lora' or 'paca' (QLoRA / "
+                                    "QPaCA), or load the model in full precision")
+    layers = shadow_for_capture(model, rewrites)
+    graph = build_model_graph(model, args, kwargs)
+    adopt_shadowed(model, layers, rewrites)
+    return graph, (f"{len(layers)} layers loaded by bitsandbytes in NF4 (double quantization) taken as they are: "
+                   "memopt's NF4 is their byte format, nothing dequantized or copied",)
 
 
 def _inputs_of(plan: Plan, device: str) -> dict[str, torch.Tensor]:
@@ -249,8 +273,8 @@ def _inputs_of(plan: Plan, device: str) -> dict[str, torch.Tensor]:
 
 def _applied_quantize(cfg: OptimizeConfig, model: nn.Module) -> QuantizeConfig | None:
     """The quantization the rewrite applied (``"auto"`` resolved to the format it chose)."""
-    if isinstance(cfg.quantize, QuantizeConfig):
-        return cfg.quantize
+    if cfg.quantize is None or isinstance(cfg.quantize, QuantizeConfig):
+        return cfg.quantize  # None also for layers that came quantized (bitsandbytes): the base brings them
     formats = {m.fmt for m in model.modules() if isinstance(m, QuantLinear)}
     return QuantizeConfig(format=formats.pop()) if formats else None
 

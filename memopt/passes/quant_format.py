@@ -39,6 +39,13 @@ def dynamic_code() -> tuple[float, ...]:
     Exponent i in 0..6 scales ``2**i`` fraction means of ``linspace(0.1, 1)`` by ``10**(i - 6)``,
     both signs; then 0 and 1.0 (the positive side has one value more than the negative side).
     """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():  # real values even when first asked for inside a fake-tensor simulation
+        return _dynamic_code()
+
+
+def _dynamic_code() -> tuple[float, ...]:
     data: list[float] = []
     for i in range(7):
         bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
