@@ -614,6 +614,13 @@ def _refuse_rewritten(model: nn.Module) -> None:
         kind = type(model.get_submodule(name)).__name__
         raise TypeError(f"model was already rewritten by memopt (it holds a {kind} at {name!r}): pass the original "
                         "model, or merge() the OptimizedModel first and optimize the plain model it returns")
+    name = next((n for n, m in model.named_modules() if type(m).__module__.startswith("peft.")), None)
+    if name is not None:
+        raise TypeError(
+            f"model is wrapped by PEFT ({type(model.get_submodule(name)).__name__} at {name or 'the top'!r}); memopt "
+            "applies the adapters itself. Pass the base model with the PEFT config: memopt.optimize("
+            "peft_model.unload(), ..., method=peft_config) for new adapters, or memopt.from_pretrained(base_model, "
+            "adapter_dir, budget_gb, example_inputs) to go on training a saved PEFT LoRA adapter")
 
 
 def _check_example(model: nn.Module, bound: inspect.BoundArguments) -> None:

@@ -224,3 +224,14 @@ def test_peft_configs_and_peft_option_names_are_accepted():
                         method=peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(TypeError, match="target_modules=None"):
         memopt.optimize(_base(), budget_gb=1, example_inputs=batch, device="cpu", method=peft.LoraConfig(r=4))
+
+
+def test_a_model_already_wrapped_by_peft_is_refused_with_the_way_to_pass_it():
+    peft = pytest.importorskip("peft")
+    base = _base()
+    batch = lm_batch(base, batch=2, seq=16)
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(TypeError, match=r"wrapped by PEFT.*method=peft_config.*from_pretrained"):
+        memopt.optimize(wrapped, budget_gb=1, example_inputs=batch, device="cpu")
+    with pytest.raises(TypeError, match="wrapped by PEFT"):  # its inner model too
+        memopt.optimize(wrapped.base_model.model, budget_gb=1, example_inputs=batch, device="cpu")
