@@ -55,8 +55,11 @@ def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).logits
 
 
-@pytest.mark.parametrize("method,options", [("lora", {}), ("paca", {}), ("s2ft", {}), ("lora", {"quantize": "nf4"}),
-                                            ("paca", {"quantize": "int8"})], ids=["lora", "paca", "s2ft", "qlora", "qpaca"])
+@pytest.mark.parametrize("method,options", [
+    ("lora", {}), ("paca", {}), ("s2ft", {}),
+    pytest.param("lora", {"quantize": "nf4"}, id="qlora", marks=pytest.mark.slow),
+    pytest.param("paca", {"quantize": "int8"}, id="qpaca", marks=pytest.mark.slow),
+], ids=["lora", "paca", "s2ft", "qlora", "qpaca"])
 def test_a_reload_on_a_fresh_base_gives_the_trained_outputs_exactly(method, options, tmp_path):
     optimized, batch, fresh = _trained(method, **options)
     optimized.save_pretrained(tmp_path)
@@ -103,7 +106,7 @@ def test_a_new_process_reloads_every_method_and_keeps_training(tmp_path):
     assert done.stdout.split() == ["lora", "ok", "paca", "ok", "s2ft", "ok"]
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_peft_loads_a_memopt_lora_and_memopt_loads_a_peft_one(kind, tmp_path):
     peft = pytest.importorskip("peft")
     optimized, batch, fresh = _trained("lora", kind)

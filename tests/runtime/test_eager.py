@@ -139,6 +139,7 @@ def test_without_grad_the_model_runs_as_it_is(planned_llama):
     assert len(optimized.runtime.reports) == traced
 
 
+@pytest.mark.slow  # make test: tests/e2e/test_user_loops.py's padded loader and larger batch cover it
 def test_smaller_inputs_run_with_the_same_decisions_and_larger_ones_are_refused_when_asked():
     model, batch = llama()
     optimized = planned(model, batch, 0.3)
@@ -152,6 +153,7 @@ def test_smaller_inputs_run_with_the_same_decisions_and_larger_ones_are_refused_
         optimized(**large)
 
 
+@pytest.mark.slow  # make test: tests/e2e/test_user_loops.py's larger-batch test covers it
 def test_larger_inputs_are_replanned_when_asked():
     model, batch = llama()
     large = lm_batch(model, batch=8, seq=32)
