@@ -231,6 +231,11 @@ def from_pretrained(
             optimized = wrap(model, plan, _merge_fn(cfg), rewrites.original_requires_grad(),
                              config=(cfg, _applied_quantize(cfg, model)))
             replan = functools.partial(_replan, model, cfg, planner or PlannerConfig(), loss_fn, compile)
+            if plan.fingerprint is not None and plan.fingerprint != structural_fingerprint(model):
+                # The same model in other dtypes (a base loaded in bf16 for adapters trained on fp32): the
+                # saved decisions are for other bytes, so plan again at the saved budget and shapes.
+                log.info("memopt: the base model's dtypes differ from the saved plan's; planning again")
+                plan = replan(plan, (), kwargs, "the base model's dtypes differ from the saved plan's")
             return optimized.use_plan(plan, compile=compile, larger_inputs=larger_inputs, replan=replan)
         except BaseException:
             rewrites.undo()
@@ -560,8 +565,8 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     args, kwargs = _widest(bound, old.input_shapes)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)
-    memory, trace, activations = _plan_step(model, cfg, planner, (args, kwargs), loss_fn, simulate=True,
-                                            progress=None, lower=lower)
+    memory, trace, activations = _plan_step(model, cfg, planner, (args, kwargs), loss_fn or _own_loss_or_every_output,
+                                            simulate=True, progress=None, lower=lower)
     notes = tuple(n for n in old.notes if not n.startswith("re-planned")) + (
         f"re-planned for inputs {input_shapes(bound)} in {'train' if model.training else 'eval'} mode"
         f"{'' if autocast_state(cfg.device.kind) is None else ' under autocast ' + str(autocast_state(cfg.device.kind))}"
@@ -571,6 +576,21 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     return dataclasses.replace(old, input_shapes=input_shapes(bound), input_dtypes=input_dtypes(bound), memory=memory,
                                notes=notes, fingerprint=structural_fingerprint(model), training=model.training,
                                autocast=autocast_state(cfg.device.kind), **fields)
+
+
+def _own_loss_or_every_output(output: Any, inputs: Any) -> torch.Tensor:
+    """A re-plan's loss without ``loss_fn``: the model's own ``loss`` when this call makes one (it
+    had labels), else one that reads every differentiable output (the user's loss is unknown; every
+    output's gradient flows back, as in the step the user runs)."""
+    from torch.utils._pytree import tree_leaves
+
+    own = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    if isinstance(own, torch.Tensor):
+        return own
+    leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+    if not leaves:
+        raise TypeError("the model's outputs carry no gradient, so there is no training step to plan")
+    return sum(t.float().mean() for t in leaves)
 
 
 def _widest(bound: inspect.BoundArguments, planned: Any) -> tuple[tuple, dict]:

@@ -24,7 +24,6 @@ PEFT loads too, planned for the ``budget_gb`` and ``example_inputs`` given.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +81,30 @@ def base_checksums(model: nn.Module) -> dict[str, list[float]]:
     return sums
 
 
+def frozen_checksum(model: nn.Module) -> list[float]:
+    """[sum, sum of |w|, eps] over every frozen parameter outside the adapted layers (embeddings,
+    norms, the LM head, layers left alone); eps: the coarsest dtype's machine epsilon among them."""
+    from memopt.passes.base import WrappedLinear
+
+    adapted = [name + "." for name, m in model.named_modules() if isinstance(m, WrappedLinear)]
+    total = size = 0.0
+    eps = 0.0
+    for name, p in model.named_parameters():
+        if p.requires_grad or p.device.type == "meta" or any(name.startswith(a) for a in adapted):
+            continue
+        w = p.detach().double()
+        total, size = total + float(w.sum()), size + float(w.abs().sum())
+        eps = max(eps, torch.finfo(p.dtype).eps if p.is_floating_point() else 0.0)
+    return [total, size, eps]
+
+
+def _same_sum(got: list[float], saved: list[float], eps: float) -> bool:
+    """Equal sums of the same values, up to summation order (1e-9) and, when the base was cast to
+    another dtype, rounding of each element (eps/2 of its magnitude at most)."""
+    slack = max(1e-9, eps / 2) * max(got[1], saved[1], 1e-30)
+    return abs(got[0] - saved[0]) <= slack and abs(got[1] - saved[1]) <= slack
+
+
 def _stored_weight(layer: nn.Module) -> torch.Tensor | None:
     """What the layer stores as its weight: the codes of a quantized layer, else ``weight``."""
     qweight = getattr(layer, "qweight", None)
@@ -109,8 +132,12 @@ def save_pretrained(optimized: "OptimizedModel", directory: "str | Path", config
         "quantize": None if quantize is None else _options(quantize),
         "optimizer": config.optimizer,
         "base_checksums": base_checksums(model),
+        "frozen_checksum": frozen_checksum(model),
         "tensors": sorted(tensors),
     }
+    for stale in (PEFT_TENSORS_FILE, PEFT_CONFIG_FILE, TENSORS_FILE):  # another method's save, here before
+        if (directory / stale).exists():
+            (directory / stale).unlink()
     if method == "lora":
         save_file({PEFT_PREFIX + name: t for name, t in tensors.items()}, str(directory / PEFT_TENSORS_FILE),
                   metadata={"format": "pt"})
@@ -224,22 +251,34 @@ def _read_peft(directory: Path) -> Checkpoint:
     if kind != "LORA":
         raise MemoptError(f"{directory} holds a PEFT {kind} adapter; memopt loads PEFT's LORA adapters "
                           "(and its own save_pretrained directories for lora, paca and s2ft)")
-    unsupported = {k: config[k] for k in ("use_dora", "use_rslora") if config.get(k)}
-    if config.get("modules_to_save"):
-        unsupported["modules_to_save"] = config["modules_to_save"]
-    if config.get("bias", "none") != "none":
-        unsupported["bias"] = config["bias"]
+    unsupported = peft_unsupported(config)
     if unsupported:
         raise MemoptError(f"{directory}: this PEFT LoRA adapter uses {unsupported}, which memopt's LoRA does not "
-                          "support (it supports r, lora_alpha, lora_dropout and target_modules)")
+                          "support (it supports r, lora_alpha, lora_dropout, target_modules and exclude_modules)")
     path = directory / PEFT_TENSORS_FILE
     if not path.exists():
         raise MemoptError(f"{directory} is missing {PEFT_TENSORS_FILE}")
     targets = config.get("target_modules")
     options = {"rank": config["r"], "alpha": config["lora_alpha"], "dropout": config.get("lora_dropout", 0.0),
-               "target_modules": list(targets) if isinstance(targets, (list, tuple, set)) else targets}
+               "target_modules": sorted(targets) if isinstance(targets, (list, tuple, set)) else targets}
+    exclude = config.get("exclude_modules")
+    if exclude:
+        options["exclude_modules"] = sorted(exclude) if isinstance(exclude, (list, tuple, set)) else exclude
     meta = {"method": "lora", "options": options, "quantize": None, "base_checksums": {}}
     return Checkpoint(directory, meta, _from_peft_names(load_file(str(path)), directory), None)
+
+
+def peft_unsupported(config: Any) -> dict[str, Any]:
+    """The settings of a PEFT LoRA config (a ``LoraConfig`` or its JSON dict) memopt's LoRA does not do."""
+    get = config.get if isinstance(config, dict) else (lambda name, default=None: getattr(config, name, default))
+    out = {name: get(name) for name in ("use_dora", "use_rslora", "modules_to_save", "layers_to_transform",
+                                        "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias",
+                                        "use_qalora", "target_parameters", "trainable_token_indices") if get(name)}
+    if get("bias", "none") != "none":
+        out["bias"] = get("bias")
+    if get("init_lora_weights", True) is not True:  # gaussian, pissa, olora, loftq, ...: another init or base
+        out["init_lora_weights"] = get("init_lora_weights")
+    return out
 
 
 def _from_peft_names(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
@@ -287,12 +326,17 @@ def _check_base(model: nn.Module, checkpoint: Checkpoint) -> None:
     if not saved:
         return
     mine = base_checksums(model)
+    eps = max(checkpoint.meta.get("frozen_checksum", [0, 0, 0])[2], frozen_checksum(model)[2])
     for name, (total, size) in saved.items():
         got = mine.get(name)
         if got is None:
             raise MemoptError(f"{checkpoint.directory}: layer {name!r} was adapted when saved but is not in this model")
-        # float64 sums of the same values: equal up to summation order (another device)
-        if abs(got[0] - total) > 1e-9 * max(size, 1e-30) or not math.isclose(got[1], size, rel_tol=1e-9):
+        if not _same_sum(got, [total, size], eps):
             raise MemoptError(f"{checkpoint.directory}: the base weight of {name!r} differs from the one the saved "
                               f"tensors were trained on (sum {got[0]!r}, saved {total!r}): load them onto the same "
                               "base model")
+    frozen = checkpoint.meta.get("frozen_checksum")
+    if frozen and not _same_sum(frozen_checksum(model), frozen, eps):
+        raise MemoptError(f"{checkpoint.directory}: the base model's other frozen weights (embeddings, norms, LM head, "
+                          "layers left alone) differ from the ones the saved tensors were trained with: load them "
+                          "onto the same base model")

@@ -345,11 +345,9 @@ def from_peft_config(config: Any) -> dict[str, Any]:
     kind = str(getattr(config.peft_type, "value", config.peft_type))
     if kind != "LORA":
         raise TypeError(f"a PEFT {kind} config: memopt takes PEFT's LoraConfig (or method='lora' | 'paca' | 's2ft')")
-    unsupported = {name: getattr(config, name) for name in ("use_dora", "use_rslora", "modules_to_save",
-                                                          "layers_to_transform", "rank_pattern", "alpha_pattern")
-                   if getattr(config, name, None)}
-    if getattr(config, "bias", "none") != "none":
-        unsupported["bias"] = config.bias
+    from memopt.checkpoint import peft_unsupported
+
+    unsupported = peft_unsupported(config)
     if unsupported:
         raise TypeError(f"this peft.LoraConfig sets {unsupported}, which memopt's LoRA does not support; it "
                         "supports r, lora_alpha, lora_dropout, target_modules and exclude_modules")

@@ -238,3 +238,36 @@ def test_a_model_already_wrapped_by_peft_is_refused_with_the_way_to_pass_it():
         memopt.optimize(wrapped, budget_gb=1, example_inputs=batch, device="cpu")
     with pytest.raises(TypeError, match="wrapped by PEFT"):  # its inner model too
         memopt.optimize(wrapped.base_model.model, budget_gb=1, example_inputs=batch, device="cpu")
+
+
+def test_a_base_cast_to_another_dtype_loads_and_another_frozen_weight_is_caught(tmp_path):
+    optimized, batch, fresh = _trained("lora")
+    optimized.save_pretrained(tmp_path)
+    other = copy.deepcopy(fresh)
+    cast = memopt.from_pretrained(fresh.to(torch.bfloat16), tmp_path).eval()  # a dtype cast is no other model
+    torch.testing.assert_close(_logits(cast, batch).float(), _logits(optimized, batch), rtol=0.05, atol=0.05)
+    with torch.no_grad():
+        other.lm_head.weight.add_(1.0)  # not adapted, but part of the base the adapters were trained with
+    with pytest.raises(memopt.MemoptError, match="other frozen weights"):
+        memopt.from_pretrained(other, tmp_path)
+
+
+def test_saving_another_method_into_the_same_directory_leaves_no_stale_files(tmp_path):
+    _trained("lora")[0].save_pretrained(tmp_path)
+    _trained("paca")[0].save_pretrained(tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists() and not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_peft_settings_memopt_lacks_are_named_in_configs_and_directories(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = _base()
+    batch = lm_batch(base, batch=2, seq=16)
+    for setting in (dict(init_lora_weights="pissa"), dict(lora_bias=True)):
+        with pytest.raises(TypeError, match=next(iter(setting))):
+            memopt.optimize(_base(), budget_gb=1, example_inputs=batch, device="cpu",
+                            method=peft.LoraConfig(r=4, target_modules=["q_proj"], **setting))
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        alpha_pattern={"v_proj": 32}))
+    wrapped.save_pretrained(tmp_path)
+    with pytest.raises(memopt.MemoptError, match="alpha_pattern"):
+        memopt.from_pretrained(_base(), tmp_path, budget_gb=1, example_inputs=batch)

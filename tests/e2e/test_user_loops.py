@@ -248,3 +248,14 @@ def test_optimize_refuses_an_empty_batch_sequences_past_the_positions_and_a_rewr
     optimized, batch = llama_plan
     with pytest.raises(TypeError, match="already rewritten by memopt .*LoraLinear"):
         memopt.optimize(optimized.model, 1, batch, device="cpu")
+
+
+def test_a_grad_recording_call_in_eval_mode_without_labels_is_planned_for_it():
+    model = tiny_llama(num_hidden_layers=3)
+    batch = lm_batch(model, batch=2, seq=16)
+    optimized = _planned(model, batch)
+    optimized.eval()
+    out = optimized(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out.logits.float().pow(2).mean().backward()  # the user's own loss, no labels, eval mode
+    assert any(p.grad is not None for p in optimized.parameters() if p.requires_grad)
+    assert optimized.replans and "eval" in optimized.plan.notes[-1]
