@@ -8,7 +8,7 @@ configuration then runs in its own process (so each peak is its own) and prints 
 * ``nf4-optimize``: ``from_pretrained(dir, quantization_config=BitsAndBytesConfig(nf4, double quant))``
   then ``memopt.optimize(model, budget_gb=..., method="lora")`` on CPU.
 
-    python benchmarks/bench_bnb_rss.py                 # hidden 1024, 12 layers (~170 M parameters)
+    python benchmarks/bench_bnb_rss.py                 # hidden 512, 4 layers (~45 M parameters, 32k vocabulary)
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ def _child(kind: str, path: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
