@@ -168,7 +168,7 @@ def test_a_failed_load_leaves_the_base_model_as_it_was(tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)
 
 
-@pytest.mark.parametrize("method", ["lora", "paca", "s2ft"])
+@pytest.mark.parametrize("method", ["lora", "paca", pytest.param("s2ft", marks=pytest.mark.slow)])
 def test_disable_adapter_gives_the_base_models_function(method):
     optimized, batch, fresh = _trained(method)
     trained = _logits(optimized, batch)
@@ -179,7 +179,7 @@ def test_disable_adapter_gives_the_base_models_function(method):
     assert torch.equal(_logits(optimized, batch), trained)  # back on after the block
 
 
-@pytest.mark.parametrize("method", ["lora", "paca", "s2ft"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("paca", marks=pytest.mark.slow), "s2ft"])
 def test_merge_can_leave_the_trained_model_intact(method):
     optimized, batch, _ = _trained(method)
     trained = _logits(optimized, batch)

@@ -63,8 +63,10 @@ def test_training_steps_follow_the_unplanned_trajectory_exactly():
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("method, options", [("paca", {}), ("s2ft", {}), ("lora", {"quantize": "nf4"})],
-                         ids=["paca", "s2ft", "qlora-nf4"])
+# make test runs S²FT here; PaCA and QLoRA exactness run there in tests/e2e (families, quantized)
+@pytest.mark.parametrize("method, options", [
+    pytest.param("paca", {}, id="paca", marks=pytest.mark.slow), pytest.param("s2ft", {}, id="s2ft"),
+    pytest.param("lora", {"quantize": "nf4"}, id="qlora-nf4", marks=pytest.mark.slow)])
 def test_every_method_runs_planned_with_the_unplanned_gradients(method, options):
     """PaCA writes into W in eager and not when traced (a graph may not); S²FT shares buffers
     between modules; QLoRA dequantizes inside its op: each runs planned, bit for bit."""

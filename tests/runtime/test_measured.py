@@ -23,7 +23,8 @@ def _measured(optimized: memopt.OptimizedModel, batch: dict, device: str, round_
     return simulate_step(optimized, batch, optimizer="adamw", device=device, round_to=round_to).peak_bytes
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.7])
+@pytest.mark.parametrize("fraction", [pytest.param(0.0, marks=pytest.mark.slow), 0.3,
+                                      pytest.param(0.7, marks=pytest.mark.slow)])
 def test_small_llama_on_cpu_measured_peak_matches_the_plan(fraction):
     model, batch = llama()
     budget = budget_between(model, batch, fraction, device="cpu")
@@ -37,7 +38,7 @@ def test_small_llama_on_cpu_measured_peak_matches_the_plan(fraction):
     assert plan.memory.peak_bytes > plan.usable_bytes
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.4])
+@pytest.mark.parametrize("fraction", [pytest.param(0.0, marks=pytest.mark.slow), 0.4])
 def test_a_gpu_plan_with_offload_runs_simulated_within_its_prediction(fraction):
     model = tiny_llama(num_hidden_layers=3).to(torch.bfloat16)
     batch = lm_batch(model, batch=4, seq=64)
