@@ -1,16 +1,21 @@
 """memopt with HF Trainer: optimize the model once, hand it to Trainer as usual.
 
+``memopt.integrations.hf.Trainer`` is transformers' Trainer whose checkpoints of a memopt model hold
+only the trained tensors (and resume from them); plain ``transformers.Trainer`` trains it too.
+
 Run: ``python examples/hf_trainer.py`` (a small Llama, byte tokens from the Python stdlib).
 """
 
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import memopt
+from memopt.integrations.hf import Trainer
 from finetune import stdlib_bytes
 
 
@@ -32,11 +37,12 @@ def main() -> None:
     data = ByteChunks(stdlib_bytes(200_000), seq=128)
     example = {k: torch.stack([data[i][k] for i in range(8)]) for k in ("input_ids", "labels")}
     model = memopt.optimize(model, budget_gb=1, example_inputs=example, method="lora", rank=8)
-    print(next(line for line in model.plan.summary().splitlines() if line.startswith("predicted peak")))
+    print(next(line for line in model.plan.summary().splitlines() if "predicted peak" in line))
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=30, learning_rate=3e-3,
-                                 logging_steps=10, report_to=[], use_cpu=True, save_strategy="no")
+                                 logging_steps=10, report_to=[], use_cpu=True, save_strategy="steps", save_steps=15)
         Trainer(model=model, args=args, train_dataset=data).train()
+        print("checkpoint-15:", sorted(p.name for p in Path(out, "checkpoint-15").iterdir()))
 
 
 if __name__ == "__main__":
