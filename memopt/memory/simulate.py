@@ -239,7 +239,15 @@ def _train_step(
 
 def _loss_of(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any], loss_fn: LossFn | None) -> torch.Tensor:
     if loss_fn is not None:
-        loss = loss_fn(output, (args, kwargs))
+        from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+        try:
+            loss = loss_fn(output, (args, kwargs))
+        except (DynamicOutputShapeException, DataDependentOutputException) as exc:
+            raise MemoptError(
+                f"loss_fn computes a shape or value from the data ({exc.func}: boolean indexing, nonzero, .item()), "
+                "which the simulated step on fake tensors cannot do; write it with masks, e.g. "
+                "cross_entropy(logits, labels.masked_fill(~mask, -100), ignore_index=-100)") from exc
     else:
         loss = _builtin_loss(output)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

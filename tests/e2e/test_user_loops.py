@@ -259,3 +259,15 @@ def test_a_grad_recording_call_in_eval_mode_without_labels_is_planned_for_it():
     out.logits.float().pow(2).mean().backward()  # the user's own loss, no labels, eval mode
     assert any(p.grad is not None for p in optimized.parameters() if p.requires_grad)
     assert optimized.replans and "eval" in optimized.plan.notes[-1]
+
+
+def test_a_loss_fn_with_a_data_dependent_shape_is_named_with_the_way_out():
+    model = tiny_llama(num_hidden_layers=1)
+    batch = lm_batch(model, batch=2, seq=16)
+
+    def loss_fn(output, inputs):  # boolean indexing: the shape depends on the mask's values
+        keep = inputs[1]["attention_mask"].bool()
+        return output.logits[keep].float().logsumexp(-1).mean()
+
+    with pytest.raises(memopt.MemoptError, match="write it with masks"):
+        memopt.optimize(model, budget_gb=1, example_inputs=batch, device="cpu", loss_fn=loss_fn)
