@@ -95,7 +95,8 @@ def optimize(
     tags; recomputed random ops replay their RNG state); otherwise the model runs as it is.
     Every output keeps its gradient, so a loss computed from the logits in your loop is exact;
     the plan counts the loss it was given (the model's own ``loss`` when ``example_inputs`` has
-    labels, else ``loss_fn``, else a loss that reads every output). The step is planned in train
+    labels, else ``loss_fn``; a re-plan for a call that has neither counts a loss reading every
+    output). The step is planned in train
     mode (a training step's mode; the model's own mode is restored) and under the autocast state
     of the call (``torch.autocast`` around ``optimize`` plans an autocast step); a training step
     in another mode or autocast state, or one whose program no longer matches the plan (an

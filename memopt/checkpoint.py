@@ -67,7 +67,7 @@ def base_checksums(model: nn.Module) -> dict[str, list[float]]:
     sums = {}
     for name, module in model.named_modules():
         if isinstance(module, WrappedLinear):
-            weight = _stored_weight(module.base_layer)
+            weight = stored_weight(module.base_layer)
             if weight is None or weight.device.type == "meta":
                 continue
             w = weight.detach().double()
@@ -105,7 +105,7 @@ def _same_sum(got: list[float], saved: list[float], eps: float) -> bool:
     return abs(got[0] - saved[0]) <= slack and abs(got[1] - saved[1]) <= slack
 
 
-def _stored_weight(layer: nn.Module) -> torch.Tensor | None:
+def stored_weight(layer: nn.Module) -> torch.Tensor | None:
     """What the layer stores as its weight: the codes of a quantized layer, else ``weight``."""
     qweight = getattr(layer, "qweight", None)
     if isinstance(qweight, torch.Tensor):

@@ -303,13 +303,13 @@ def _merged(plain: nn.Module, flags: dict[int, bool | None]) -> nn.Module:
 
 
 def _refuse_shared_bases(model: nn.Module) -> None:
-    from memopt.checkpoint import _stored_weight
+    from memopt.checkpoint import stored_weight
     from memopt.passes.base import WrappedLinear
 
     by_weight: dict[int, list[str]] = {}
     held = []  # the weights stay referenced, so no id is reused while grouping
     for name, m in model.named_modules(remove_duplicate=False):
-        weight = _stored_weight(m.base_layer) if isinstance(m, WrappedLinear) else None
+        weight = stored_weight(m.base_layer) if isinstance(m, WrappedLinear) else None
         if weight is not None:
             held.append(weight)
             by_weight.setdefault(id(weight), []).append(name)
