@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from memopt.config import GIB, OptimizeConfig, QuantizeConfig
+from memopt.config import GIB, OptimizeConfig, QuantizeConfig, with_peft_default_targets
 from memopt.errors import InfeasibleBudgetError, UnsupportedModelError
 from memopt.ir.joint import JointGraph, JointTrace, trace_joint_graph
 from memopt.ir.structure import ModelGraph, build_model_graph
@@ -136,6 +136,7 @@ def optimize(
     if larger_inputs not in LARGER_INPUTS:
         raise ValueError(f"larger_inputs must be one of {LARGER_INPUTS}, got {larger_inputs!r}")
     _refuse_rewritten(model)
+    method = with_peft_default_targets(method, model)
     cfg = OptimizeConfig.from_options(method, budget_gb, optimizer=optimizer,
                                       device=device or _parameter_device(model), reserve_gb=reserve_gb, **options)
     args, kwargs = normalize_inputs(example_inputs)
@@ -248,7 +249,7 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, cfg: OptimizeConfig,
     """The model's structure, captured before rewriting. Layers loaded quantized by bitsandbytes
     are shadowed by memory-free Linears for the capture, then become ``QuantLinear`` layers over
     their own bytes (``memopt.passes.bitsandbytes``); the notes say so."""
-    from memopt.passes.bitsandbytes import adopt_shadowed, bitsandbytes_layers, shadow_for_capture
+    from memopt.passes.bitsandbytes import adopt_shadowed, bitsandbytes_layers, describe, shadow_for_capture
 
     if not bitsandbytes_layers(model):
         return build_model_graph(model, args, kwargs), ()
@@ -262,8 +263,8 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, cfg: OptimizeConfig,
     layers = shadow_for_capture(model, rewrites)
     graph = build_model_graph(model, args, kwargs)
     adopt_shadowed(model, layers, rewrites)
-    return graph, (f"{len(layers)} layers loaded by bitsandbytes in NF4 (double quantization) taken as they are: "
-                   "memopt's NF4 is their byte format, nothing dequantized or copied",)
+    return graph, (f"layers loaded by bitsandbytes taken as they are: {describe(layers)}; memopt reads their "
+                   "bytes in place, nothing dequantized or copied",)
 
 
 def _inputs_of(plan: Plan, device: str) -> dict[str, torch.Tensor]:
@@ -308,8 +309,8 @@ def plan_only(
     ``simulate`` the eager step is not simulated: the prediction is the joint trace's alone
     (not measured: ``plan.memory`` is None), which is what makes 70B-sized plans quick.
     """
-    cfg = OptimizeConfig.from_options(method, budget_gb, optimizer=optimizer, device=device,
-                                      reserve_gb=reserve_gb, **options)
+    cfg = OptimizeConfig.from_options(with_peft_default_targets(method, model), budget_gb, optimizer=optimizer,
+                                      device=device, reserve_gb=reserve_gb, **options)
     args, kwargs = normalize_inputs(example_inputs)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)  # the step as the returned model runs it

@@ -7,6 +7,7 @@ silently rewritten. ``to_dict`` / ``from_dict`` round-trip exactly so a Plan can
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -82,7 +83,7 @@ class LoraConfig(MethodConfig):
 
     method: ClassVar[str] = "lora"
     rank: int = 8
-    alpha: float = 16.0
+    alpha: float = 8.0  # PEFT's default (lora_alpha=8): scaling 1 at the default rank
     dropout: float = 0.0
     target_modules: Any = "all-linear"
     exclude_modules: Any = None
@@ -340,6 +341,25 @@ def _is_peft_config(value: Any) -> bool:
     return type(value).__module__.startswith("peft.") and hasattr(value, "peft_type")
 
 
+def with_peft_default_targets(method: Any, model: Any) -> Any:
+    """``method`` as given, except a ``peft.LoraConfig`` with ``target_modules=None``: a copy targeting
+    what PEFT targets on ``model``'s architecture (its table by ``config.model_type``, e.g. q_proj and
+    v_proj on Llama), as ``peft.get_peft_model`` would; an architecture PEFT has no default for is an
+    error, as it is in PEFT."""
+    if not _is_peft_config(method) or method.target_modules is not None:
+        return method
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in defaults:
+        raise TypeError(f"this peft.LoraConfig has target_modules=None and PEFT has no default targets for "
+                        f"{'model_type ' + repr(model_type) if model_type else type(model).__name__}; name them: "
+                        "target_modules=['q_proj', 'v_proj'] or 'all-linear'")
+    resolved = copy.copy(method)
+    resolved.target_modules = set(defaults[model_type])
+    return resolved
+
+
 def from_peft_config(config: Any) -> dict[str, Any]:
     """memopt LoRA options from a ``peft.LoraConfig``; what memopt's LoRA cannot do is an error."""
     kind = str(getattr(config.peft_type, "value", config.peft_type))
@@ -353,8 +373,9 @@ def from_peft_config(config: Any) -> dict[str, Any]:
                         "supports r, lora_alpha, lora_dropout, target_modules and exclude_modules")
     targets = config.target_modules
     if targets is None:
-        raise TypeError("this peft.LoraConfig has target_modules=None (PEFT then picks defaults per architecture); "
-                        "name them for memopt: target_modules=['q_proj', 'v_proj'] or 'all-linear'")
+        raise TypeError("this peft.LoraConfig has target_modules=None (PEFT picks them per architecture from the "
+                        "model, which memopt was not given here); name them: target_modules=['q_proj', 'v_proj'] "
+                        "or 'all-linear'")
     options = {"rank": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                "target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}
     exclude = getattr(config, "exclude_modules", None)

@@ -1,4 +1,4 @@
-"""Dequantize-matmul for frozen quantized weights (NF4, int8): ``y = x·deq(W)ᵀ`` and ``g·deq(W)``.
+"""Dequantize-matmul for frozen quantized weights (NF4, FP4, int8): ``y = x·deq(W)ᵀ`` and ``g·deq(W)``.
 
 Design note. A quantized Linear never keeps a full-precision copy of its weight: each GEMM
 dequantizes what it needs and drops it. On CUDA the Triton kernel here dequantizes one
@@ -9,10 +9,11 @@ in memory at all; elsewhere the torch reference dequantizes the whole W (one tra
 
 Formats (the bytes are made by ``memopt.passes.quant_format``). W is logically [N, K] = [out, in],
 row-major, flat index ``f = n·K + k``.
-* ``"nf4"``: ``packed`` uint8 [ceil(N·K / 2)], element f in the high nibble of byte f//2 when f is
-  even, the low nibble when odd (bitsandbytes' order); ``absmax`` fp32 [ceil(N·K / block)], the
-  scale of the flat block f // block (already undone from its double quantization, see
-  ``nf4_absmax``); ``w = NF4[code] · absmax`` in fp32, then cast to the compute dtype.
+* ``"nf4"`` / ``"fp4"``: ``packed`` uint8 [ceil(N·K / 2)], element f in the high nibble of byte f//2
+  when f is even, the low nibble when odd (bitsandbytes' order); ``absmax`` fp32 [ceil(N·K / block)],
+  the scale of the flat block f // block (already undone from any double quantization, see
+  ``nf4_absmax``); ``w = CODE[code] · absmax`` in fp32, then cast to the compute dtype, where CODE is
+  the format's 16-value table (``CODES``; bitsandbytes' NF4 and FP4 tables).
 * ``"int8"``: ``q`` int8 [N, K], ``scale`` fp32 [N] (absmax / 127 per output row);
   ``w = q · scale`` in fp32, then cast.
 
@@ -51,8 +52,9 @@ except ImportError:  # pragma: no cover
     triton = tl = None
 
 __all__ = [
-    "NF4_CODE", "dequant_matmul", "dequant_matmul_reference", "dequant_matmul_triton", "dequantize_int8",
-    "dequantize_nf4", "simulating", "uses_dequant_triton",
+    "CODES", "FOUR_BIT", "FP4_CODE", "NF4_CODE", "dequant_matmul", "dequant_matmul_reference",
+    "dequant_matmul_triton", "dequantize_int8",
+    "dequantize_4bit", "simulating", "uses_dequant_triton",
 ]
 
 # The 16 NF4 values of QLoRA (Dettmers et al. 2023, appendix E), as bitsandbytes stores them (fp32).
@@ -62,6 +64,14 @@ NF4_CODE = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 )
+# bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit; code 0b0001 is its subnormal 1/192), as it stores
+# them: index = sign·8 + magnitude code, so the table is not sorted.
+FP4_CODE = (
+    0.0, 0.005208333333333333, 0.6666666666666666, 1.0, 0.3333333333333333, 0.5, 0.16666666666666666, 0.25,
+    -0.0, -0.005208333333333333, -0.6666666666666666, -1.0, -0.3333333333333333, -0.5, -0.16666666666666666, -0.25,
+)
+CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}  # the 4-bit formats by name
+FOUR_BIT = tuple(CODES)
 
 _BLOCKS = {torch.float32: Blocks(m=64, n=64, k=32, num_warps=4), torch.float16: Blocks(m=64, n=64, k=64, num_warps=4),
            torch.bfloat16: Blocks(m=64, n=64, k=64, num_warps=4)}
@@ -98,21 +108,21 @@ def _real_table(values: tuple[float, ...], device: torch.device) -> torch.Tensor
         return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def _nf4_table(device: torch.device) -> torch.Tensor:
-    return real_table(NF4_CODE, device)
+def _code_table(fmt: str, device: torch.device) -> torch.Tensor:
+    return real_table(CODES[fmt], device)
 
 
-def _nf4_pair_table(device: torch.device) -> torch.Tensor:
-    """[256, 2] fp32: the two NF4 values of every byte (high nibble first)."""
+def _pair_table(fmt: str, device: torch.device) -> torch.Tensor:
+    """[256, 2] fp32: the two 4-bit values of every byte (high nibble first)."""
     if _strict_fake_mode():
-        return _pairs(_nf4_table(device))
-    return _real_nf4_pair_table(torch.device(device))
+        return _pairs(_code_table(fmt, device))
+    return _real_pair_table(fmt, torch.device(device))
 
 
 @functools.cache
-def _real_nf4_pair_table(device: torch.device) -> torch.Tensor:
+def _real_pair_table(fmt: str, device: torch.device) -> torch.Tensor:
     with unset_fake_temporarily():
-        return _pairs(_nf4_table(device))
+        return _pairs(_code_table(fmt, device))
 
 
 def _pairs(table: torch.Tensor) -> torch.Tensor:
@@ -120,14 +130,14 @@ def _pairs(table: torch.Tensor) -> torch.Tensor:
     return table[torch.stack((byte >> 4, byte & 0xF), dim=1)]
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], block: int,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """W [N, K] in ``dtype`` from NF4 bytes and per-block fp32 absmax (computed in fp32, cast once)."""
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], block: int,
+                    dtype: torch.dtype, fmt: str = "nf4") -> torch.Tensor:
+    """W [N, K] in ``dtype`` from 4-bit bytes of ``fmt`` and per-block fp32 absmax (fp32, cast once)."""
     n = shape[0] * shape[1]
     if packed.device.type == "meta":  # shapes only (a model built to be planned): no chunk loop
         return torch.empty(shape, dtype=dtype, device="meta")
     out = torch.empty(n, dtype=dtype, device=packed.device)
-    pairs = _nf4_pair_table(packed.device)
+    pairs = _pair_table(fmt, packed.device)
     step = _CHUNK - _CHUNK % block if block <= _CHUNK else block  # whole blocks, an even count of elements
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -150,8 +160,8 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 def _dequantize(fmt: str, data: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], block: int,
                 dtype: torch.dtype) -> torch.Tensor:
-    if fmt == "nf4":
-        return dequantize_nf4(data, scales, shape, block, dtype)
+    if fmt in FOUR_BIT:
+        return dequantize_4bit(data, scales, shape, block, dtype, fmt)
     return dequantize_int8(data, scales, dtype)
 
 
@@ -241,9 +251,9 @@ def dequant_matmul_triton(a: torch.Tensor, fmt: str, data: torch.Tensor, scales:
     out = torch.empty((m, out_cols), device=a.device, dtype=a.dtype)
     grid = (_cdiv(m, blocks.m) * _cdiv(out_cols, blocks.n),)
     _kernel()[grid](
-        a, data, scales, _nf4_table(a.device), bias if bias is not None else out, out,
+        a, data, scales, _code_table(fmt if fmt in FOUR_BIT else "nf4", a.device), bias if bias is not None else out, out,
         m, out_cols, red, k_w, block, a.stride(0), a.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP_M=blocks.group_m, NF4=fmt == "nf4",
+        BLOCK_M=blocks.m, BLOCK_N=blocks.n, BLOCK_K=blocks.k, GROUP_M=blocks.group_m, FOUR=fmt in FOUR_BIT,
         TRANSPOSE=transpose, HAS_BIAS=bias is not None, PRECISION=_precision(a.dtype),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )
@@ -258,7 +268,7 @@ def _kernel() -> Any:
 def _dequant_matmul_kernel(a_ptr, q_ptr, s_ptr, code_ptr, b_ptr, c_ptr, M, N, K, KW, QBLOCK,
                            stride_am, stride_ak, stride_cm, stride_cn,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr, NF4: tl.constexpr, TRANSPOSE: tl.constexpr,
+                           GROUP_M: tl.constexpr, FOUR: tl.constexpr, TRANSPOSE: tl.constexpr,
                            HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of C = A·B (+ bias); B[k, n] = W[n, k] if TRANSPOSE else W[k, n]."""
     pid = tl.program_id(0)
@@ -282,7 +292,7 @@ def _dequant_matmul_kernel(a_ptr, q_ptr, s_ptr, code_ptr, b_ptr, c_ptr, M, N, K,
         else:  # B[k, n] = W[k, n]
             w_row, w_col = ks[:, None], cols[None, :]
         flat = w_row.to(tl.int64) * KW + w_col  # [BLOCK_K, BLOCK_N] flat indices into W
-        if NF4:
+        if FOUR:
             byte = tl.load(q_ptr + flat // 2, mask=mask_b, other=0).to(tl.int32)
             code = tl.where(flat % 2 == 0, byte >> 4, byte & 0xF)
             scale = tl.load(s_ptr + flat // QBLOCK, mask=mask_b, other=0.0)

@@ -1,5 +1,8 @@
 """The bytes of a quantized frozen weight: NF4 with double quantization (QLoRA), and int8.
 
+(Adopted from bitsandbytes-loaded models, ``memopt.passes.bitsandbytes``, also: FP4, and NF4 / FP4
+without double quantization, whose per-block absmax is kept as fp32 in ``scale``.)
+
 NF4 (Dettmers et al. 2023, "QLoRA", §3 and appendix E; bitsandbytes is the reference code). W is
 taken in its logical [out, in] layout, row-major, flattened; every run of ``block`` (64) elements
 is scaled by its absmax into [-1, 1] and each element stored as the index of the nearest of the 16
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memopt.kernels.dequant import NF4_CODE, dequant_matmul, dequantize_int8, dequantize_nf4, real_table
+from memopt.kernels.dequant import CODES, FOUR_BIT, NF4_CODE, dequant_matmul, dequantize_4bit, dequantize_int8, real_table
 
 __all__ = ["QuantizedWeight", "dequantize_columns", "dequantize_with_overlay", "dynamic_code", "quantize_int8", "quantize_nf4", "nf4_absmax"]
 
@@ -82,9 +85,11 @@ def _quantize_to_code(flat: torch.Tensor, block: int, code: torch.Tensor) -> tup
 class QuantizedWeight:
     """A frozen weight's quantized bytes (the tensors are the owning module's buffers).
 
-    ``fmt`` "nf4": ``data`` packed uint8, ``absmax_q`` uint8 codes, ``absmax_scale`` fp32 per 256
-    codes, ``absmax_offset`` fp32 scalar. ``fmt`` "int8": ``data`` int8 [out, in], ``scale`` fp32
-    [out]. ``shape`` is the logical [out, in]; ``dtype`` the compute (original) dtype.
+    ``fmt`` "nf4" / "fp4": ``data`` packed uint8 and either the double-quantized absmax
+    (``absmax_q`` uint8 codes, ``absmax_scale`` fp32 per 256 codes, ``absmax_offset`` fp32 scalar) or,
+    without double quantization, ``scale`` the fp32 absmax per block. ``fmt`` "int8": ``data`` int8
+    [out, in], ``scale`` fp32 [out]. ``shape`` is the logical [out, in]; ``dtype`` the compute
+    (original) dtype.
     """
 
     fmt: str
@@ -99,14 +104,18 @@ class QuantizedWeight:
     scaler_block: int = 256
 
     def scales(self) -> torch.Tensor:
-        """Per-block (NF4, double quantization undone) or per-row (int8) fp32 scales."""
-        return nf4_absmax(self) if self.fmt == "nf4" else self.scale
+        """Per-block (4-bit, double quantization undone) or per-row (int8) fp32 scales."""
+        return nf4_absmax(self) if self.double_quantized else self.scale
+
+    @property
+    def double_quantized(self) -> bool:
+        return self.absmax_q is not None
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full-precision W [out, in] (a new tensor, in ``dtype`` or the compute dtype)."""
         dtype = dtype or self.dtype
-        if self.fmt == "nf4":
-            return dequantize_nf4(self.data, self.scales(), self.shape, self.block, dtype)
+        if self.fmt in FOUR_BIT:
+            return dequantize_4bit(self.data, self.scales(), self.shape, self.block, dtype, self.fmt)
         return dequantize_int8(self.data, self.scale, dtype)
 
     def matmul(self, a: torch.Tensor, bias: torch.Tensor | None = None, transpose: bool = True,
@@ -162,7 +171,7 @@ def dequantize_with_overlay(qw: QuantizedWeight, idx: torch.Tensor, cols: torch.
 def dequantize_columns(qw: QuantizedWeight, idx: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     """deq(W)[:, idx] as fp32 [out, r], read from the bytes of those columns only (bit-equal to ``dequantize``).
 
-    ``scales``: ``qw.scales()`` if the caller has it already; else only the columns' NF4 blocks undo
+    ``scales``: ``qw.scales()`` if the caller has it already; else only the columns' 4-bit blocks undo
     their double quantization.
     """
     if qw.fmt == "int8":
@@ -172,7 +181,8 @@ def dequantize_columns(qw: QuantizedWeight, idx: torch.Tensor, scales: torch.Ten
     byte = qw.data[flat // 2]
     codes = torch.where(flat % 2 == 0, byte >> 4, byte & 0xF)
     blk = flat // qw.block
-    if scales is None:  # the same fp32 arithmetic as nf4_absmax, for these blocks only
+    values = _table(CODES[qw.fmt], byte.device)[codes.long()]
+    if scales is None and qw.double_quantized:  # the same fp32 arithmetic as nf4_absmax, for these blocks only
         code8 = _table(dynamic_code(), byte.device)[qw.absmax_q[blk].long()]
-        return _table(NF4_CODE, byte.device)[codes.long()] * (code8 * qw.absmax_scale[blk // qw.scaler_block] + qw.absmax_offset)
-    return _table(NF4_CODE, byte.device)[codes.long()] * scales[blk]
+        return values * (code8 * qw.absmax_scale[blk // qw.scaler_block] + qw.absmax_offset)
+    return values * (qw.scale if scales is None else scales)[blk]

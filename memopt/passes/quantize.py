@@ -98,7 +98,7 @@ class QuantLinear(nn.Module):
         self.block_size, self.scaler_block_size = qw.block, qw.scaler_block
         self.weight_requires_grad = weight_requires_grad
         self.register_buffer("qweight", qw.data)
-        if qw.fmt == "nf4":
+        if qw.double_quantized:
             self.register_buffer("absmax_q", qw.absmax_q)
             self.register_buffer("absmax_scale", qw.absmax_scale)
             self.register_buffer("absmax_offset", qw.absmax_offset)
@@ -135,7 +135,7 @@ class QuantLinear(nn.Module):
         """A view of the buffers as a ``QuantizedWeight`` (no copy)."""
         common = dict(fmt=self.fmt, shape=(self.out_features, self.in_features), dtype=self.compute_dtype,
                       data=self.qweight, block=self.block_size, scaler_block=self.scaler_block_size)
-        if self.fmt == "nf4":
+        if "absmax_q" in self._buffers:
             return QuantizedWeight(**common, absmax_q=self.absmax_q, absmax_scale=self.absmax_scale,
                                    absmax_offset=self.absmax_offset)
         return QuantizedWeight(**common, scale=self.scale)

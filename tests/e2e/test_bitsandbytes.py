@@ -1,5 +1,5 @@
 """A model loaded already quantized by bitsandbytes (how QLoRA users load large models) is taken as
-it is: its NF4 bytes become memopt's quantized layers without a copy, outputs equal the
+it is: its NF4 / FP4 / int8 bytes become memopt's quantized layers without a copy, outputs equal the
 bitsandbytes model's, the methods train on it, and what memopt cannot take is refused by name.
 
 bitsandbytes runs on CPU, so the real loader runs here: a tiny Llama saved to a temporary directory
@@ -76,16 +76,51 @@ def test_an_nf4_model_is_taken_as_it_is_equals_bitsandbytes_and_trains(saved, me
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("quant,match", [
-    (dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True), "fp4"),
-    (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False), "without double"),
-    (dict(load_in_8bit=True), "8-bit"),
-], ids=["fp4", "nf4-single", "int8"])
-def test_formats_memopt_cannot_take_as_they_are_are_refused_and_the_model_left_alone(saved, quant, match):
+_OTHER_FORMATS = {
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32),
+    "nf4-single": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+                       bnb_4bit_compute_dtype=torch.float32),
+    "fp4-single-bf16-storage": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
+                                    bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.bfloat16),
+    "int8": dict(load_in_8bit=True),
+}
+
+
+@pytest.mark.parametrize("fmt", [
+    "fp4", pytest.param("nf4-single", marks=pytest.mark.slow),
+    pytest.param("fp4-single-bf16-storage", marks=pytest.mark.slow), "int8"])
+def test_every_bitsandbytes_format_is_taken_as_it_is_and_equals_bitsandbytes(saved, fmt):
+    from memopt.passes.quantize import QuantLinear
+
+    quant = _OTHER_FORMATS[fmt]
+    reference = _load(saved, **quant)
+    batch = lm_batch(reference, batch=2, seq=16)
+    expected = _logits(reference, batch)  # train() mode: bitsandbytes' CPU training path for int8
     model = _load(saved, **quant)
+    weights = {name: m.weight.data for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")}
+    optimized = memopt.optimize(model, budget_gb=1, example_inputs=batch, device="cpu")
+    assert torch.equal(_logits(optimized, batch), expected)
+    quantized = {name.replace(".base_layer", ""): m for name, m in optimized.model.named_modules()
+                 if isinstance(m, QuantLinear)}
+    assert quantized.keys() == weights.keys()
+    for name, w in weights.items():  # the same bytes, read in place
+        assert quantized[name].qweight.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+        assert quantized[name].fmt == ("int8" if fmt == "int8" else fmt[:3])
+    note = next(n for n in optimized.plan.notes if "bitsandbytes" in n)
+    assert ("int8" if fmt == "int8" else fmt[:3].upper()) in note
+    loss = optimized(**batch).loss
+    loss.backward()
+    assert all(p.grad is not None for p in optimized.parameters() if p.requires_grad)
+
+
+def test_a_4bit_layer_with_a_code_table_memopt_does_not_know_is_refused(saved):
+    model = _load(saved, **NF4_DQ)
+    layer = next(m for m in model.modules() if type(m).__name__ == "Linear4bit")
+    layer.weight.quant_state.code = layer.weight.quant_state.code.flip(0)
     batch = lm_batch(model, batch=2, seq=16)
     before = [type(m) for m in model.modules()]
-    with pytest.raises(memopt.UnsupportedModelError, match=match):
+    with pytest.raises(memopt.UnsupportedModelError, match="code table"):
         memopt.optimize(model, budget_gb=1, example_inputs=batch, device="cpu")
     assert [type(m) for m in model.modules()] == before
 

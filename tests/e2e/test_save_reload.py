@@ -225,8 +225,19 @@ def test_peft_configs_and_peft_option_names_are_accepted():
     with pytest.raises(TypeError, match="use_dora"):
         memopt.optimize(_base(), budget_gb=1, example_inputs=batch, device="cpu",
                         method=peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(TypeError, match="target_modules=None"):
-        memopt.optimize(_base(), budget_gb=1, example_inputs=batch, device="cpu", method=peft.LoraConfig(r=4))
+
+    # PEFT's defaults: LoraConfig() adapts what get_peft_model adapts on this architecture, at its r and alpha.
+    defaults = memopt.optimize(_base(), budget_gb=1, example_inputs=batch, device="cpu", method=peft.LoraConfig())
+    by_peft = peft.get_peft_model(_base(), peft.LoraConfig())
+    peft_adapted = sorted(n.removeprefix("base_model.model.") for n, m in by_peft.named_modules()
+                          if hasattr(m, "lora_A") and n.count("lora_") == 0)
+    assert sorted(d.name for d in defaults.plan.modules if d.trainable_params) == peft_adapted
+    assert (defaults.plan.method_config["rank"], defaults.plan.method_config["alpha"]) == (8, 8)
+    native = memopt.LoraConfig()
+    assert (native.rank, native.alpha) == (peft.LoraConfig().r, peft.LoraConfig().lora_alpha)
+    with pytest.raises(TypeError, match="no default targets.*target_modules="):
+        memopt.optimize(torch.nn.Sequential(torch.nn.Linear(4, 4)), budget_gb=1, example_inputs=torch.ones(2, 4),
+                        device="cpu", method=peft.LoraConfig())
 
 
 def test_a_model_already_wrapped_by_peft_is_refused_with_the_way_to_pass_it():

@@ -26,13 +26,15 @@ _SMALL = Blocks(m=16, n=16, k=16, group_m=2, num_warps=1, num_stages=1)
 def _operands(fmt: str, dtype: torch.dtype, transpose: bool, bias: bool, m: int = 37, n: int = 24, k: int = 41):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=gen)  # [out, in] = 984 elements: 15 whole 64-blocks + 24
-    qw = quantize_nf4(w) if fmt == "nf4" else quantize_int8(w)
+    qw = quantize_int8(w) if fmt == "int8" else quantize_nf4(w)
+    if fmt == "fp4":  # the same codes read through FP4's table, fp32 absmax (a bitsandbytes layout memopt adopts)
+        qw = quant_format.QuantizedWeight("fp4", qw.shape, qw.dtype, qw.data, scale=qw.scales())
     a = torch.randn(m, k if transpose else n, generator=gen).to(dtype)
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
     return a, qw, b
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int8"])
 @pytest.mark.parametrize("transpose, bias", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernel_matches_the_reference(fmt, transpose, bias, dtype):
