@@ -9,7 +9,7 @@ from memopt.config import (
     DEVICE_PRESETS, DeviceSpec, LoraConfig, OptimizeConfig, PacaConfig, QuantizeConfig, S2ftConfig,
 )
 from memopt.errors import InfeasibleBudgetError, MemoptError, PlanMismatchError, UnsupportedModelError
-from memopt.planner.plan import Plan, load_plan
+from memopt.planner.plan import Action, Plan, PlanFileError, load_plan
 from memopt.planner.solve import PlannerConfig
 from memopt.runtime.optimized import OptimizedModel
 
@@ -26,6 +26,8 @@ __all__ = [
     "Plan",
     "PlannerConfig",
     "load_plan",
+    "Action",
+    "PlanFileError",
     "OptimizedModel",
     "MemoptError",
     "InfeasibleBudgetError",

@@ -25,6 +25,7 @@ and the step's ``training`` / ``autocast`` state. A v2 or v3 plan is read with w
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +36,33 @@ from memopt.memory.report import MemoryReport
 from memopt.passes.base import ModuleDecision
 from memopt.planner.problem import StaticMemory
 
-__all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Plan", "TensorDecision", "MemoryTimeline", "SolverReport", "load_plan"]
+__all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Action", "Plan", "PlanFileError", "TensorDecision",
+           "MemoryTimeline", "SolverReport", "load_plan"]
 
 PLAN_FORMAT_VERSION = 4
 _UPGRADABLE = (2, 3)  # older versions read by filling in the fields they lack
+
+
+class Action(str, enum.Enum):
+    """What happens to a saved activation between forward and backward (a ``str``: ``Action.KEEP == "keep"``).
+
+    keep: stays in device memory; recompute: dropped after its last forward use and recomputed in the
+    backward from what is available; offload: copied to the host and back; save: a recompute source
+    (a tensor others are recomputed from) kept in addition; drop: a recompute source not kept."""
+
+    KEEP = "keep"
+    RECOMPUTE = "recompute"
+    OFFLOAD = "offload"
+    SAVE = "save"
+    DROP = "drop"
+
+
 RUNTIME_ACTIONS = ("keep", "drop", "save", "recompute", "offload")
+assert set(RUNTIME_ACTIONS) == {a.value for a in Action}
+
+
+class PlanFileError(ValueError):
+    """A plan file (or dict) that is not a valid memopt plan; the message names the file and the field."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,19 @@ class TensorDecision:
         out = dict(self.__dict__)
         out["shape"] = list(self.shape)
         return out
+
+    def __post_init__(self) -> None:
+        if self.action not in RUNTIME_ACTIONS:
+            raise ValueError(f"unknown action {self.action!r} for tensor {self.name!r}; the actions are "
+                             f"{', '.join(RUNTIME_ACTIONS)}")
+        for name in ("nbytes", "recompute_us", "recompute_flops", "transfer_us", "klass"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} of tensor {self.name!r} must be a non-negative integer, got {value!r}")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in self.shape):
+            raise ValueError(f"shape of tensor {self.name!r} must hold non-negative integers, got {self.shape!r}")
+        if self.point is not None and (isinstance(self.point, bool) or not isinstance(self.point, int)):
+            raise ValueError(f"point of tensor {self.name!r} must be an integer or null, got {self.point!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TensorDecision":
@@ -268,66 +304,134 @@ class Plan:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
         if not isinstance(data, Mapping) or not {"version", "method", "budget_bytes"} <= set(data):
-            raise ValueError("not a memopt plan: it has no 'version', 'method' and 'budget_bytes' fields")
+            raise PlanFileError("not a memopt plan: it has no 'version', 'method' and 'budget_bytes' fields")
         version = data["version"]
         if version != PLAN_FORMAT_VERSION and version not in _UPGRADABLE:
-            raise ValueError(
+            raise PlanFileError(
                 f"plan format version {version!r} is not supported by this memopt (it reads versions "
                 f"{', '.join(map(str, (*_UPGRADABLE, PLAN_FORMAT_VERSION)))}); version 1 plans hold no "
                 "activation decisions to apply: re-plan with memopt.optimize or `memopt plan`"
             )
-        optional = lambda key, parse: None if data.get(key) is None else parse(data[key])  # noqa: E731
+        def req(key: str, parse: Any = lambda v: v) -> Any:
+            if key not in data:
+                raise PlanFileError(f"field {key!r} is missing")
+            return _parsed(key, data[key], parse)
+
+        def opt(key: str, parse: Any = lambda v: v) -> Any:
+            return None if data.get(key) is None else _parsed(key, data[key], parse)
+
         return cls(
-            model=data["model"],
-            method=data["method"],
-            method_config=_lists_to_tuples(data["method_config"]),
-            optimizer=data["optimizer"],
-            device=DeviceSpec.from_dict(data["device"]),
-            budget_bytes=int(data["budget_bytes"]),
-            reserve_bytes=int(data["reserve_bytes"]),
-            input_shapes={k: tuple(v) for k, v in data["input_shapes"].items()},
-            capture=data["capture"],
-            modules=tuple(ModuleDecision.from_dict(m) for m in data["modules"]),
-            trainable_params=int(data["trainable_params"]),
-            total_params=int(data["total_params"]),
-            predicted_peak_bytes=int(data["predicted_peak_bytes"]),
-            memory=optional("memory", MemoryReport.from_dict),
-            static=optional("static", StaticMemory.from_dict),
-            tensors=tuple(TensorDecision.from_dict(t) for t in data["tensors"]),
-            timeline=optional("timeline", MemoryTimeline.from_dict),
-            compute_us=int(data["compute_us"]),
-            recompute_us=int(data["recompute_us"]),
-            exposed_transfer_us=int(data["exposed_transfer_us"]),
-            solver=optional("solver", SolverReport.from_dict),
-            runtime_applies=tuple(data["runtime_applies"]),
-            applied_peak_bytes=optional("applied_peak_bytes", int),
-            notes=tuple(data["notes"]),
-            fingerprint=data.get("fingerprint"),
-            recompute_flops=optional("recompute_flops", int),
-            training=data.get("training"),
-            autocast=data.get("autocast"),
-            input_dtypes=optional("input_dtypes", dict),
-            lowered=data.get("lowered"),
+            model=req("model", _str),
+            method=req("method", _str),
+            method_config=req("method_config", _lists_to_tuples),
+            optimizer=req("optimizer", _str),
+            device=req("device", DeviceSpec.from_dict),
+            budget_bytes=req("budget_bytes", _count),
+            reserve_bytes=req("reserve_bytes", _count),
+            input_shapes=req("input_shapes", lambda v: {k: tuple(_count(d) for d in s) for k, s in v.items()}),
+            capture=req("capture", _str),
+            modules=req("modules", lambda v: _each(v, ModuleDecision.from_dict)),
+            trainable_params=req("trainable_params", _count),
+            total_params=req("total_params", _count),
+            predicted_peak_bytes=req("predicted_peak_bytes", _count),
+            memory=opt("memory", MemoryReport.from_dict),
+            static=opt("static", StaticMemory.from_dict),
+            tensors=req("tensors", lambda v: _each(v, TensorDecision.from_dict)),
+            timeline=opt("timeline", MemoryTimeline.from_dict),
+            compute_us=req("compute_us", _count),
+            recompute_us=req("recompute_us", _count),
+            exposed_transfer_us=req("exposed_transfer_us", _count),
+            solver=opt("solver", SolverReport.from_dict),
+            runtime_applies=req("runtime_applies", lambda v: tuple(Action(a).value for a in v)),
+            applied_peak_bytes=opt("applied_peak_bytes", _count),
+            notes=req("notes", lambda v: tuple(_str(n) for n in v)),
+            fingerprint=opt("fingerprint", _str),
+            recompute_flops=opt("recompute_flops", _count),
+            training=opt("training", _bool),
+            autocast=opt("autocast", _str),
+            input_dtypes=opt("input_dtypes", dict),
+            lowered=opt("lowered", _bool),
             version=PLAN_FORMAT_VERSION,  # an older plan is upgraded as it is read
         )
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(json.loads(text, parse_constant=_no_constant))
 
 
 def _lists_to_tuples(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
-def load_plan(path: "str | Path") -> Plan:
-    """Read a Plan written by ``Plan.save`` / ``Plan.to_json``."""
-    path = Path(path)
+def _parsed(key: str, value: Any, parse: Any) -> Any:
+    """``parse(value)``, its failure named by the field (and the list index, for decision lists)."""
     try:
-        text = path.read_text()
+        return parse(value)
+    except PlanFileError as exc:
+        raise PlanFileError(f"field {key!r}{exc}" if str(exc).startswith("[") else f"field {key!r}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise PlanFileError(f"field {key!r}: {detail}") from None
+
+
+def _each(values: Any, parse: Any) -> tuple:
+    if not isinstance(values, list):
+        raise TypeError(f"expected a list, got {type(values).__name__}")
+    out = []
+    for i, value in enumerate(values):
+        try:
+            out.append(parse(value))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise PlanFileError(f"[{i}]: {detail}") from None
+    return tuple(out)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a value a plan holds")
+
+
+def load_plan(path: "str | Path") -> Plan:
+    """Read a Plan written by ``Plan.save`` / ``Plan.to_json``; every field is checked, and an error
+    (``PlanFileError``, a ``ValueError``) names the file and the field."""
+    path = Path(path)
+    if path.is_dir():
+        raise PlanFileError(f"{path} is a directory; a plan is one JSON file (`memopt plan ... --json PATH` "
+                            "or Plan.save(PATH) writes one)")
+    try:
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"no plan file at {path}") from None
+    except UnicodeDecodeError as exc:
+        raise PlanFileError(f"{path} is not a memopt plan: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        return Plan.from_json(text)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{path} is not a memopt plan: {type(exc).__name__}: {exc}") from None
+        data = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise PlanFileError(f"{path} is not a memopt plan: invalid JSON at line {exc.lineno} column {exc.colno} "
+                            f"({exc.msg})") from None
+    except ValueError as exc:  # NaN / Infinity
+        raise PlanFileError(f"{path} is not a memopt plan: {exc}") from None
+    except RecursionError:
+        raise PlanFileError(f"{path} is not a memopt plan: its JSON is nested too deeply") from None
+    try:
+        return Plan.from_dict(data)
+    except (PlanFileError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise PlanFileError(f"{path} is not a valid memopt plan: {exc}") from None

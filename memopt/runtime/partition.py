@@ -262,8 +262,9 @@ def _refuse_unplanned(fw: fx.GraphModule, saved: list[fx.Node], primals: set[Any
             raise PlanMismatchError(
                 f"this training step saves {carrier.name} ({carrier.target} in "
                 f"{key.rpartition(':')[0] or 'the model'}, key {key}) for its backward, which the plan has no "
-                "decision on: the step is another program than the one planned (a changed train/eval mode, "
-                "dropout or adapter flag, or another model)")
+                "decision on: the plan does not cover this step (a plan file edited or cut short), or the step is "
+                "another program than the one planned (a changed train/eval mode, dropout or adapter flag, or "
+                "another model)")
 
 
 def _makes_rng_state(node: fx.Node) -> bool:

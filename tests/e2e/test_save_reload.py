@@ -179,7 +179,8 @@ def test_disable_adapter_gives_the_base_models_function(method):
     assert torch.equal(_logits(optimized, batch), trained)  # back on after the block
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("paca", marks=pytest.mark.slow), "s2ft"])
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow),
+                                    pytest.param("paca", marks=pytest.mark.slow), "s2ft"])
 def test_merge_can_leave_the_trained_model_intact(method):
     optimized, batch, _ = _trained(method)
     trained = _logits(optimized, batch)
@@ -251,6 +252,7 @@ def test_a_model_already_wrapped_by_peft_is_refused_with_the_way_to_pass_it():
         memopt.optimize(wrapped.base_model.model, budget_gb=1, example_inputs=batch, device="cpu")
 
 
+@pytest.mark.slow  # a re-plan on reload; the checksum refusal is in test_loading_onto_another_base_...
 def test_a_base_cast_to_another_dtype_loads_and_another_frozen_weight_is_caught(tmp_path):
     optimized, batch, fresh = _trained("lora")
     optimized.save_pretrained(tmp_path)
@@ -263,6 +265,7 @@ def test_a_base_cast_to_another_dtype_loads_and_another_frozen_weight_is_caught(
         memopt.from_pretrained(other, tmp_path)
 
 
+@pytest.mark.slow
 def test_saving_another_method_into_the_same_directory_leaves_no_stale_files(tmp_path):
     _trained("lora")[0].save_pretrained(tmp_path)
     _trained("paca")[0].save_pretrained(tmp_path)

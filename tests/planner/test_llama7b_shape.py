@@ -27,7 +27,7 @@ def problem():
         model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     ids = torch.zeros(1, SEQ, dtype=torch.long, device="meta")
     batch = {"input_ids": ids, "labels": ids.clone()}
-    get_pass("lora").apply(model, build_model_graph(model, (), batch), LoraConfig(rank=RANK), RewriteLog(model))
+    get_pass("lora").apply(model, build_model_graph(model, (), batch), LoraConfig(rank=RANK, adapter_dtype="model"), RewriteLog(model))
     params = sum(-(-p.numel() * 2 // 512) * 512 for p in model.parameters())
     return build_problem(trace_joint(model, batch, device="cuda", granularity=512), RTX), params
 

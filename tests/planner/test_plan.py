@@ -75,3 +75,60 @@ def test_an_old_plan_format_is_refused_with_the_way_out(plans):
     data["version"] = 1
     with pytest.raises(ValueError, match="version 1 is not supported.*re-plan"):
         memopt.Plan.from_dict(data)
+
+
+def _written(tmp_path, data, name="plan.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_plan_file_is_checked_field_by_field_and_errors_name_the_file_and_field(plans, tmp_path):
+    from memopt.planner.plan import PlanFileError
+
+    tight = plans[1].to_dict()
+    bad_action = json.loads(json.dumps(tight))
+    bad_action["tensors"][3]["action"] = "stream"
+    with pytest.raises(PlanFileError, match=r"plan\.json.*field 'tensors'\[3\].*unknown action 'stream'.*keep, drop"):
+        memopt.load_plan(_written(tmp_path, bad_action))
+    negative = json.loads(json.dumps(tight))
+    negative["tensors"][0]["nbytes"] = -5
+    with pytest.raises(PlanFileError, match=r"field 'tensors'\[0\].*nbytes.*non-negative"):
+        memopt.load_plan(_written(tmp_path, negative))
+    missing = {k: v for k, v in tight.items() if k != "predicted_peak_bytes"}
+    with pytest.raises(PlanFileError, match="field 'predicted_peak_bytes' is missing"):
+        memopt.load_plan(_written(tmp_path, missing))
+    wrong_type = {**tight, "budget_bytes": "24GB"}
+    with pytest.raises(PlanFileError, match="field 'budget_bytes'.*'24GB'"):
+        memopt.load_plan(_written(tmp_path, wrong_type))
+    with pytest.raises(PlanFileError, match="is a directory"):
+        memopt.load_plan(tmp_path)
+    (tmp_path / "latin1.json").write_bytes(b'{"version": 4, "model": "\xe9"}')
+    with pytest.raises(PlanFileError, match=r"latin1\.json.*not UTF-8"):
+        memopt.load_plan(tmp_path / "latin1.json")
+    (tmp_path / "nan.json").write_text(plans[1].to_json().replace('"predicted_peak_bytes": ', '"predicted_peak_bytes": NaN, "x": ', 1))
+    with pytest.raises(PlanFileError, match=r"nan\.json.*NaN"):
+        memopt.load_plan(tmp_path / "nan.json")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(PlanFileError, match="nested too deeply"):
+        memopt.load_plan(tmp_path / "deep.json")
+    (tmp_path / "broken.json").write_text(plans[1].to_json()[:-20])
+    with pytest.raises(PlanFileError, match=r"broken\.json.*invalid JSON at line"):
+        memopt.load_plan(tmp_path / "broken.json")
+    assert issubclass(PlanFileError, ValueError) and memopt.PlanFileError is PlanFileError
+
+
+def test_a_plan_whose_decisions_do_not_cover_the_step_is_refused_naming_what_is_missing():
+    model = tiny_llama()
+    batch = lm_batch(model)
+    least = memopt.optimize(tiny_llama(), 1, batch, rank=4).plan
+    budget = (least.min_budget_bytes + (least.predicted_peak_bytes - least.min_budget_bytes) // 2) / 2**30
+    optimized = memopt.optimize(model, budget, batch, rank=4)
+    tight = optimized.plan
+    assert tight.needs_runtime
+    dropped = next(t for t in tight.tensors if t.action == "keep" and t.block == 1)
+    for cut in (dataclasses.replace(tight, tensors=()),
+                dataclasses.replace(tight, tensors=tuple(t for t in tight.tensors if t is not dropped))):
+        with pytest.raises(memopt.PlanMismatchError, match="saves .* which the plan has no decision on.*cut short"):
+            optimized.use_plan(cut)
+            optimized(**batch).loss.backward()
