@@ -139,6 +139,7 @@ def optimize(
     method = with_peft_default_targets(method, model)
     cfg = OptimizeConfig.from_options(method, budget_gb, optimizer=optimizer,
                                       device=device or _parameter_device(model), reserve_gb=reserve_gb, **options)
+    _check_optimizer(cfg.optimizer)
     args, kwargs = normalize_inputs(example_inputs)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)  # the step as the returned model runs it
@@ -311,6 +312,7 @@ def plan_only(
     """
     cfg = OptimizeConfig.from_options(with_peft_default_targets(method, model), budget_gb, optimizer=optimizer,
                                       device=device, reserve_gb=reserve_gb, **options)
+    _check_optimizer(cfg.optimizer)
     args, kwargs = normalize_inputs(example_inputs)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)  # the step as the returned model runs it
@@ -480,6 +482,14 @@ def _plan_auto(attempt: Callable[..., Plan], cfg: OptimizeConfig, rewrites: Rewr
         _say(progress, f"quantize='auto': {tried[-1]}; undoing it, trying the next option")
         rewrites.undo()
     raise AssertionError("unreachable: the last option returns or raises")
+
+
+def _check_optimizer(name: Any) -> None:
+    """An optimizer the plan can count, checked before the model is captured or changed."""
+    from memopt.memory import OPTIMIZERS
+
+    if not isinstance(name, str) or name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
 
 
 def _say(progress: Callable[[str], None] | None, message: str) -> None:

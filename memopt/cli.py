@@ -3,6 +3,7 @@
     memopt plan --hf-config llama-2-7b --batch 4 --seq 2048 --budget 24 --method lora --device rtx4090
     memopt plan --hf-config llama-2-70b --batch 1 --seq 512 --budget 48 --method lora --quantize nf4 --device a100-80gb
     memopt plan --hf-config path/to/config.json ... --json plan.json
+    memopt plan --hf-config path/to/model_dir ... --json -
     memopt inspect plan.json
 
 ``plan`` builds the model on the ``meta`` device (no memory is allocated, nothing is downloaded:
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -51,6 +53,17 @@ class BadInput(Exception):
     """Input the user can fix; the message says what was expected."""
 
 
+_EXAMPLES = """examples:
+  memopt plan --hf-config llama-2-7b --batch 1 --seq 4096 --budget 24 --device rtx4090
+  memopt plan --hf-config llama-2-70b --batch 1 --seq 512 --budget 48 --quantize nf4 --device a100-80gb
+  memopt plan --hf-config path/to/model_dir --batch 2 --seq 1024 --budget 16 --method paca --json plan.json
+  memopt plan --hf-config llama-3-8b --batch 1 --seq 2048 --budget 24 --json - | jq .predicted_peak_bytes
+  memopt inspect plan.json
+
+exit status: 0 a plan fits; 3 the budget is infeasible (the smallest feasible budget is printed, and
+which other choices fit); 2 bad input (with what was expected)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -59,32 +72,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BadInput as exc:
         print(f"memopt {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:  # `memopt inspect plan.json | head`: the reader left; nothing is wrong
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memopt", description="Plan PyTorch training steps inside a memory budget.")
+    from memopt.config import METHOD_CONFIGS
+    from memopt.memory import OPTIMIZERS
+
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="memopt", description="Plan PyTorch training steps inside a memory budget.",
+                                     epilog=_EXAMPLES, formatter_class=raw)
     parser.add_argument("--version", action="version", version=f"memopt {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    plan = sub.add_parser("plan", help="plan one training step of a Hugging Face causal LM (dry run, on meta)")
+    plan = sub.add_parser("plan", help="plan one training step of a Hugging Face causal LM (dry run, on meta)",
+                          description="Build the model on the meta device (nothing allocated or downloaded), apply "
+                          "the method and plan one training step inside --budget.", epilog=_EXAMPLES,
+                          formatter_class=raw)
     plan.add_argument("--hf-config", required=True,
-                      help=f"a config.json path or a preset: {', '.join(HF_PRESETS)}")
+                      help=f"a preset ({', '.join(HF_PRESETS)}), a config.json, or a local model directory "
+                      "holding one")
     plan.add_argument("--batch", type=int, required=True)
     plan.add_argument("--seq", type=int, required=True)
     plan.add_argument("--budget", type=float, required=True, help="device memory in GiB")
-    plan.add_argument("--method", default="lora", help="lora | paca | s2ft")
+    plan.add_argument("--method", default="lora", choices=sorted(METHOD_CONFIGS))
     plan.add_argument("--device", default="rtx4090", help="a device preset (rtx4090, l4, a100-40gb, a100-80gb, h100, ...)")
     plan.add_argument("--rank", type=int, help="adapter rank (lora, paca)")
     plan.add_argument("--quantize", choices=("nf4", "int8", "auto"),
                       help="store the frozen Linear weights quantized (QLoRA / QPaCA); auto: only if needed to fit")
     plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    plan.add_argument("--optimizer", default="adamw")
+    plan.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
     plan.add_argument("--reserve", type=float, help="GiB kept free for the CUDA context (default: the device's)")
     plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per phase")
     plan.add_argument("--no-offload", action="store_true", help="never offload activations to host")
     plan.add_argument("--no-recompute", action="store_true", help="never recompute activations")
-    plan.add_argument("--json", type=Path, help="also write the plan here")
+    plan.add_argument("--json", help="also write the plan here as JSON; '-': the JSON to stdout (the summary "
+                      "then goes to stderr)")
     plan.set_defaults(run=_plan)
-    inspect = sub.add_parser("inspect", help="print a saved plan")
+    inspect = sub.add_parser("inspect", help="print a saved plan", epilog="example: memopt inspect plan.json | less")
     inspect.add_argument("plan", type=Path)
     inspect.set_defaults(run=_inspect)
     return parser
@@ -115,14 +142,47 @@ def _plan(args: argparse.Namespace) -> int:
     except InfeasibleBudgetError as exc:
         print(f"memopt plan: {exc}", file=sys.stderr)
         print(f"smallest feasible budget: {gib_up(exc.min_budget_bytes, 2)} GiB")
+        for line in _alternatives(args, config, options, planner, progress):
+            print(line)
         return EXIT_INFEASIBLE
     except (ValueError, TypeError) as exc:
         raise BadInput(str(exc)) from None
+    if args.json == "-":
+        print(plan.summary(), file=sys.stderr)
+        print(plan.to_json())
+        return 0
     print(plan.summary())
     if args.json is not None:
         plan.save(args.json)
         progress(f"plan written to {args.json}")
     return 0
+
+
+def _alternatives(args: argparse.Namespace, config: Any, options: dict[str, Any], planner: Any,
+                  progress: Callable[[str], None]) -> list[str]:
+    """When the plan does not fit: the smallest budget with quantized frozen weights, if not asked for already."""
+    import torch
+
+    from memopt.api import plan_only
+    from memopt.errors import InfeasibleBudgetError, gib_up
+
+    if args.quantize is not None:
+        return []
+    out = []
+    for fmt in ("int8", "nf4"):
+        progress(f"trying --quantize {fmt}")
+        model, batch = _meta_model(config, args.batch, args.seq, getattr(torch, args.dtype))
+        try:
+            plan = plan_only(model, args.budget, batch, args.method, device=args.device, optimizer=args.optimizer,
+                             reserve_gb=args.reserve, planner=planner, progress=None,
+                             **{**options, "quantize": fmt})
+            least = plan.min_budget_bytes
+        except InfeasibleBudgetError as exc:
+            plan, least = None, exc.min_budget_bytes
+        verdict = "fits" if plan is not None else "does not fit either"
+        out.append(f"with --quantize {fmt}: smallest feasible budget {gib_up(least, 2)} GiB ({verdict} in "
+                   f"{args.budget:g} GiB)")
+    return out
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,9 +216,14 @@ def _hf_config(spec: str) -> Any:
         data = dict(HF_PRESETS[spec.lower()])
     elif Path(spec).is_file():
         data = _read_config(Path(spec))
+    elif Path(spec).is_dir():
+        if not (Path(spec) / "config.json").is_file():
+            raise BadInput(f"{spec} is a directory without a config.json; pass a Hugging Face model directory "
+                           "(as save_pretrained writes it) or the config.json itself")
+        data = _read_config(Path(spec) / "config.json")
     else:
-        raise BadInput(f"{spec!r} is neither a preset nor a file; presets: {', '.join(HF_PRESETS)} "
-                       "(or pass the path of a Hugging Face config.json)")
+        raise BadInput(f"{spec!r} is neither a preset nor a file or directory; presets: {', '.join(HF_PRESETS)} "
+                       "(or pass a Hugging Face config.json or model directory)")
     model_type = data.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **data)

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import memopt
 from memopt.cli import EXIT_BAD_INPUT, EXIT_INFEASIBLE, HF_PRESETS, _hf_config, _meta_model, main
 from memopt.planner.plan import load_plan
 
@@ -39,10 +40,16 @@ def test_plan_prints_a_summary_saves_json_and_inspect_prints_it_again(tiny_confi
     assert capsys.readouterr().out.strip() == plan.summary().strip()
 
 
-def test_an_infeasible_budget_exits_3_with_the_smallest_feasible_budget(tiny_config, capsys):
+def test_an_infeasible_budget_exits_3_with_the_smallest_feasible_budget_and_what_else_fits(tiny_config, capsys):
     assert main(_plan_args(tiny_config, "0.0001")) == EXIT_INFEASIBLE
     printed = capsys.readouterr()
     assert "smallest feasible budget:" in printed.out and "does not fit" in printed.err
+    # Quantized frozen weights: each option's own smallest budget, planned (here none fits 0.1 MiB).
+    assert "with --quantize int8: smallest feasible budget" in printed.out
+    assert "with --quantize nf4: smallest feasible budget" in printed.out and "does not fit either" in printed.out
+    least = float(printed.out.split("smallest feasible budget: ")[1].split()[0])
+    nf4 = float(printed.out.split("with --quantize nf4: smallest feasible budget ")[1].split()[0])
+    assert nf4 <= least
 
 
 def test_quantize_plans_qlora_and_the_plan_says_so(tiny_config, tmp_path, capsys):
@@ -64,8 +71,45 @@ def test_quantize_auto_keeps_the_weights_when_they_fit(tiny_config, tmp_path, ca
     assert {m.method for m in plan.modules if m.role != "lm_head"} == {"lora"}
 
 
+def test_json_dash_writes_the_plan_to_stdout_and_a_model_directory_is_a_config(tiny_config, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(TINY))
+    assert main(_plan_args(str(model_dir), "0.01", "--json", "-")) == 0
+    printed = capsys.readouterr()
+    plan = memopt.Plan.from_json(printed.out)  # stdout is the JSON alone
+    assert plan.summary().strip() in printed.err
+    (tmp_path / "empty").mkdir()
+    assert main(_plan_args(str(tmp_path / "empty"), "0.01")) == EXIT_BAD_INPUT
+    assert "directory without a config.json" in capsys.readouterr().err
+
+
+def test_help_shows_examples_and_a_bad_method_or_optimizer_stops_before_any_model_is_built(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as done:
+        main(["plan", "--help"])
+    assert done.value.code == 0 and "examples:" in capsys.readouterr().out
+    import memopt.cli as cli
+
+    monkeypatch.setattr(cli, "_meta_model", lambda *a: pytest.fail("a model was built"))
+    for bad in (["--method", "dora"], ["--optimizer", "lion"]):
+        with pytest.raises(SystemExit) as done:
+            main(_plan_args("llama-2-7b", "24") + bad)
+        assert done.value.code == EXIT_BAD_INPUT and "invalid choice" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_is_not_a_traceback(tiny_config, tmp_path):
+    import subprocess
+
+    out = tmp_path / "plan.json"
+    assert main(_plan_args(tiny_config, "0.01", "--json", str(out))) == 0
+    # `memopt inspect plan.json | head -1`: the pipe closes after one line
+    script = (f"import sys; from memopt.cli import main; sys.exit(main(['inspect', {str(out)!r}]))")
+    proc = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True, text=True)
+    assert proc.stdout.startswith("memopt plan v4") and "Traceback" not in proc.stderr and "Broken" not in proc.stderr
+
+
 @pytest.mark.parametrize("args,message", [
-    (["--hf-config", "gpt-9"], "neither a preset nor a file; presets: llama-2-7b, llama-2-13b"),
+    (["--hf-config", "gpt-9"], "neither a preset nor a file or directory; presets: llama-2-7b, llama-2-13b"),
     (["--device", "tpu-v9"], "unknown device 'tpu-v9'; presets: a100-40gb"),
     (["--method", "s2ft", "--rank", "8"], "--rank is for lora and paca"),
     (["--method", "s2ft", "--quantize", "nf4", "--rank", "8"], "--rank is for lora and paca"),

@@ -6,6 +6,9 @@ import math
 
 import pytest
 
+import torch
+
+import memopt
 from memopt.config import DEVICE_PRESETS, GIB, LoraConfig, OptimizeConfig, QuantizeConfig, resolve_device
 
 
@@ -111,3 +114,12 @@ def test_quantize_config_is_validated(kwargs, match):
 def test_quantize_config_round_trips_through_a_dict():
     cfg = QuantizeConfig(format="int8", target_modules=["q_proj"], exclude_modules="lm_head")
     assert QuantizeConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["target_modules"] == ["q_proj"]
+
+
+def test_an_unknown_optimizer_is_refused_before_the_model_is_touched(monkeypatch):
+    import memopt.api as api
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    monkeypatch.setattr(api, "_capture", lambda *a, **k: pytest.fail("the model was captured"))
+    with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; choose one of \['adam', 'adamw'"):
+        memopt.optimize(model, 1, torch.ones(2, 4), optimizer="lion", device="cpu")
