@@ -21,12 +21,17 @@ demo: setup
 	$(PY) examples/finetune.py
 
 # `make test` (CI): everything but the tests marked slow — a representative subset, under 20 minutes on
-# 2 cores. `make test-all`: the whole suite (the slow scenario tests too).
+# 2 cores (examples/ included, at a tiny size). `make test-all`: the whole suite (the slow scenario tests too).
+# Tests run in two worker processes (pytest-xdist; `-n 0` in PYTEST_ARGS for one); ruff lints the package first.
+PYTEST_ARGS ?= -n 2 --dist loadscope
+
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m ruff check memopt
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-all: setup
-	$(PY) -m pytest -q
+	$(PY) -m ruff check memopt
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,6 +8,7 @@ Run: ``python examples/hf_trainer.py`` (a small Llama, byte tokens from the Pyth
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,9 @@ class ByteChunks(torch.utils.data.Dataset):
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344,
                                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128))
@@ -39,10 +43,12 @@ def main() -> None:
     model = memopt.optimize(model, budget_gb=1, example_inputs=example, method="lora", rank=8)
     print(next(line for line in model.plan.summary().splitlines() if "predicted peak" in line))
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=30, learning_rate=3e-3,
-                                 logging_steps=10, report_to=[], use_cpu=True, save_strategy="steps", save_steps=15)
-        Trainer(model=model, args=args, train_dataset=data).train()
-        print("checkpoint-15:", sorted(p.name for p in Path(out, "checkpoint-15").iterdir()))
+        half = max(1, args.steps // 2)
+        training = TrainingArguments(output_dir=out, per_device_train_batch_size=8, max_steps=args.steps,
+                                     learning_rate=3e-3, logging_steps=max(1, args.steps // 3), report_to=[],
+                                     use_cpu=True, save_strategy="steps", save_steps=half)
+        Trainer(model=model, args=training, train_dataset=data).train()
+        print(f"checkpoint-{half}:", sorted(p.name for p in Path(out, f"checkpoint-{half}").iterdir()))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,13 @@
 
 from memopt.api import from_pretrained, optimize
 from memopt.config import (
-    DEVICE_PRESETS, DeviceSpec, LoraConfig, OptimizeConfig, PacaConfig, QuantizeConfig, S2ftConfig,
+    DEVICE_PRESETS,
+    DeviceSpec,
+    LoraConfig,
+    OptimizeConfig,
+    PacaConfig,
+    QuantizeConfig,
+    S2ftConfig,
 )
 from memopt.errors import InfeasibleBudgetError, MemoptError, PlanMismatchError, UnsupportedModelError
 from memopt.planner.plan import Action, Plan, PlanFileError, load_plan

@@ -551,7 +551,8 @@ def _traced_op(node: torch.fx.Node, phase: str, reads: tuple[int, ...], allocate
                module: str | None) -> TracedOp:
     tags = _tags(node, allocates)
     inputs = _input_tensors(node)
-    moved = 0 if "view" in tags else sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in _tensors(node.meta.get("val")))
+    outputs = _tensors(node.meta.get("val"))
+    moved = 0 if "view" in tags else sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in outputs)
     return TracedOp(
         name=node.name, target=_target_name(node.target), phase=phase, module=module, block=None,
         reads=reads, allocates=allocates, flops=_flops(node), bytes_moved=moved,

@@ -92,7 +92,8 @@ def paca_forward_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     w_kn = weight.t() if kind == "linear" else weight
     n = w_kn.shape[1]
     if w_kn.shape[0] != k:
-        raise ValueError(f"paca_forward_triton: x has {k} features but the {kind} weight {tuple(weight.shape)} expects {w_kn.shape[0]}")
+        raise ValueError(f"paca_forward_triton: x has {k} features but the {kind} weight {tuple(weight.shape)} "
+                         f"expects {w_kn.shape[0]}")
     blocks = blocks or _BLOCKS[x2d.dtype]
     y = torch.empty((m, n), device=x2d.device, dtype=x2d.dtype)
     r = idx.numel()

@@ -6,9 +6,10 @@ Storages are keyed by the identity of their ``UntypedStorage`` object: torch kee
 object alive exactly as long as the storage, views return the same object (so a view is never
 counted twice), and it works for fake and meta storages, which have no data pointer. Traceable
 wrapper subclasses (``__tensor_flatten__``) are counted through their inner tensors, and the ops
-they run inside are seen too; a uint8 or quantized storage is just bytes. What exists on ``__enter__`` is registered up front: parameters,
-buffers, existing ``.grad``, optimizer state and ``inputs``. Nothing else made before the region is
-counted — as with torch's ``MemTracker``, which this agrees with to the byte on full fine-tuning.
+they run inside are seen too; a uint8 or quantized storage is just bytes. What exists on
+``__enter__`` is registered up front: parameters, buffers, existing ``.grad``, optimizer state and
+``inputs``. Nothing else made before the region is counted — as with torch's ``MemTracker``,
+which this agrees with to the byte on full fine-tuning.
 
 Categories. In the forward a new storage is a TEMPORARY until autograd packs it for backward
 (``saved_tensors_hooks`` → ACTIVATIONS). Hooks installed inside the region — by user code or

@@ -58,8 +58,15 @@ from torch.autograd.function import once_differentiable
 from memopt.config import PacaConfig
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
 from memopt.kernels.paca import paca_forward
-from memopt.passes.base import (ModuleDecision, PassResult, RewriteLog, WrappedLinear, as_output, merge_wrapped,
-                                select_targets)
+from memopt.passes.base import (
+    ModuleDecision,
+    PassResult,
+    RewriteLog,
+    WrappedLinear,
+    as_output,
+    merge_wrapped,
+    select_targets,
+)
 from memopt.passes.quantize import QPacaLinear, QuantLinear
 
 __all__ = ["PacaLinear", "apply_paca", "merge_paca", "module_seed", "paca_linear", "random_columns", "select_columns"]
@@ -186,7 +193,9 @@ def random_columns(in_features: int, rank: int, seed: int) -> torch.Tensor:
 
 def _columns(weight: torch.Tensor, idx: torch.Tensor, kind: str) -> torch.Tensor:
     """W_log[:, idx] as a new [out, r] tensor."""
-    return weight.detach().index_select(1, idx) if kind == "linear" else weight.detach().index_select(0, idx).t().contiguous()
+    if kind == "linear":
+        return weight.detach().index_select(1, idx)
+    return weight.detach().index_select(0, idx).t().contiguous()
 
 
 class PacaLinear(WrappedLinear):

@@ -29,7 +29,8 @@ import torch
 
 from memopt.kernels.dequant import CODES, FOUR_BIT, NF4_CODE, dequant_matmul, dequantize_4bit, dequantize_int8, real_table
 
-__all__ = ["QuantizedWeight", "dequantize_columns", "dequantize_with_overlay", "dynamic_code", "quantize_int8", "quantize_nf4", "nf4_absmax"]
+__all__ = ["QuantizedWeight", "dequantize_columns", "dequantize_with_overlay", "dynamic_code", "quantize_int8",
+           "quantize_nf4", "nf4_absmax"]
 
 _NF4_ZERO = NF4_CODE.index(0.0)  # 7
 _INT8_MAX = 127  # symmetric: -128 is never used, so negation is exact

@@ -14,8 +14,9 @@ DeviceSpec). Program points are the trace's ops: forward first, then backward. E
   its last reader) are counted at ``m``; its time is counted once per recomputed tensor (an upper
   bound when closures overlap). Every seeded op in the closure (dropout, and attention kernels
   that take a seed even at dropout 0) makes torch's partitioner save the RNG state to replay it,
-  from the forward to ``m`` (``replay_bytes``; once per tensor: an upper bound when closures share one). A closure may not reach into another layer (what that layer made
-  is not saved) and has at most ``_MAX_CLOSURE_OPS`` ops.
+  from the forward to ``m`` (``replay_bytes``; once per tensor: an upper bound when closures share
+  one). A closure may not reach into another layer (what that layer made is not saved) and has at
+  most ``_MAX_CLOSURE_OPS`` ops.
 * **offload** — copied to host on a copy engine that overlaps compute, as soon as it is made; on
   device until the copy has had time to finish (``ready``, its own transfer time after the
   producer) or its last forward use, whichever is later; prefetched to arrive by its first
@@ -315,7 +316,8 @@ def _draft(trace: JointTrace, sid: int, used_at: list[int], saved: Mapping[int, 
         for action in ("recompute", "offload"):
             reasons[action] = "made by the loss outside the model's forward, which autograd runs as it is"
     return dict(
-        storage=sid, name=storage.values[0], key=storage.key, target=producer.target, module=producer.module, block=producer.block,
+        storage=sid, name=storage.values[0], key=storage.key, target=producer.target, module=producer.module,
+        block=producer.block,
         nbytes=storage.nbytes, shape=storage.shape, dtype=storage.dtype, define=storage.producer,
         last_forward=max(forward_uses, default=storage.producer),
         first_backward=backward_uses[0] if backward_uses else None,

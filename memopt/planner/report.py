@@ -81,8 +81,9 @@ def _headline(plan: "Plan") -> list[str]:
              f"{format_bytes(plan.usable_bytes)} | predicted peak {format_bytes(plan.predicted_peak_bytes)}{how} | {fit}"]
     if plan.solver is not None:
         s = plan.solver
-        lines.append(f"smallest feasible budget {format_bytes(plan.min_budget_bytes)} (minimum-peak phase {s.min_peak_status}); "
-                     f"plan {s.status}, {len(plan.tensors)} saved tensors in {s.classes} decision classes, "
+        lines.append(f"smallest feasible budget {format_bytes(plan.min_budget_bytes)} "
+                     f"(minimum-peak phase {s.min_peak_status}); plan {s.status}, {len(plan.tensors)} saved tensors "
+                     f"in {s.classes} decision classes, "
                      f"traced in {s.trace_ms / 1e3:.1f} s, solved in {s.solve_ms / 1e3:.1f} s")
     if plan.compute_us:
         share = 100.0 * plan.overhead_us / plan.compute_us
@@ -146,7 +147,8 @@ def _tensor_table(plan: "Plan") -> list[str]:
         f" (decided once for {sharing} identical layers)" if sharing > 1 else "")
     rows = [[t.name, t.op.replace("aten.", ""), t.module or "-", "x".join(map(str, t.shape)), format_bytes(t.nbytes),
              t.action, t.reason] for t in chosen if t.action != "drop"]
-    return [f"saved tensors of {title}:", format_table(["tensor", "op", "module", "shape", "size", "action", "reason"], rows)]
+    header = ["tensor", "op", "module", "shape", "size", "action", "reason"]
+    return [f"saved tensors of {title}:", format_table(header, rows)]
 
 
 def _module_lines(plan: "Plan") -> list[str]:

@@ -4,7 +4,8 @@ The graphs come from :mod:`memopt.runtime.partition` (torch's selective-checkpoi
 partitioner, plus offload nodes); here they are executed by their generated Python code — one
 aten call per node, each intermediate freed after its last use — with no fusion or code
 generation, so the numbers equal eager autograd's bit for bit and the memory is what the planner
-priced: each value is freed after its last use, inputs included (AOTAutograd's boxed convention). Works on fake tensors too (the simulated step).
+priced: each value is freed after its last use, inputs included (AOTAutograd's boxed convention).
+Works on fake tensors too (the simulated step).
 """
 
 from __future__ import annotations
