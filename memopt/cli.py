@@ -108,11 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per phase")
     plan.add_argument("--no-offload", action="store_true", help="never offload activations to host")
     plan.add_argument("--no-recompute", action="store_true", help="never recompute activations")
+    plan.add_argument("--report", help="also draw the plan to this .png or .svg (needs matplotlib: "
+                      "pip install 'memopt[plot]')")
     plan.add_argument("--json", help="also write the plan here as JSON; '-': the JSON to stdout (the summary "
                       "then goes to stderr)")
     plan.set_defaults(run=_plan)
     inspect = sub.add_parser("inspect", help="print a saved plan", epilog="example: memopt inspect plan.json | less")
     inspect.add_argument("plan", type=Path)
+    inspect.add_argument("--report", help="draw the plan to this .png or .svg")
     inspect.set_defaults(run=_inspect)
     return parser
 
@@ -130,6 +133,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.seq < 1:
         raise BadInput(f"--batch and --seq must be positive, got {args.batch} and {args.seq}")
     options = _method_options(args)
+    _check_report(args.report)  # before the long work
     config = _hf_config(args.hf_config)
     progress = _progress()
     progress(f"building {args.hf_config} on the meta device ({args.dtype})")
@@ -150,12 +154,27 @@ def _plan(args: argparse.Namespace) -> int:
     if args.json == "-":
         print(plan.summary(), file=sys.stderr)
         print(plan.to_json())
+        if args.report is not None:
+            plan.draw(args.report)
         return 0
     print(plan.summary())
     if args.json is not None:
         plan.save(args.json)
         progress(f"plan written to {args.json}")
+    if args.report is not None:
+        progress(f"picture of the plan drawn to {plan.draw(args.report)}")
     return 0
+
+
+def _check_report(path: str | None) -> None:
+    if path is None:
+        return
+    from memopt.planner.draw import check_report_path
+
+    try:
+        check_report_path(path)
+    except (ValueError, ImportError) as exc:
+        raise BadInput(f"--report: {exc}") from None
 
 
 def _alternatives(args: argparse.Namespace, config: Any, options: dict[str, Any], planner: Any,
@@ -258,11 +277,14 @@ def _meta_model(config: Any, batch: int, seq: int, dtype: Any) -> tuple[Any, dic
 def _inspect(args: argparse.Namespace) -> int:
     from memopt.planner.plan import load_plan
 
+    _check_report(args.report)
     try:
         plan = load_plan(args.plan)
     except (FileNotFoundError, ValueError) as exc:
         raise BadInput(str(exc)) from None
     print(plan.summary())
+    if args.report is not None:
+        plan.draw(args.report)
     return 0
 
 

@@ -160,3 +160,21 @@ def test_version_and_a_missing_transformers_named_with_its_extra(tiny_config, ca
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
     code = main(["plan", "--hf-config", str(tiny_config), "--batch", "1", "--seq", "16", "--budget", "1"])
     assert code == 2 and "pip install 'memopt[hf]'" in capsys.readouterr().err
+
+
+def test_report_draws_the_plan_and_a_bad_report_path_stops_before_the_work(tiny_config, tmp_path, capsys,
+                                                                          monkeypatch):
+    pytest.importorskip("matplotlib")
+    out, picture = tmp_path / "plan.json", tmp_path / "plan.svg"
+    assert main(_plan_args(tiny_config, "0.01", "--json", str(out), "--report", str(picture))) == 0
+    svg = picture.read_text()
+    assert svg.startswith("<?xml") and "device memory over the step" in svg and "saved activations per layer" in svg
+    assert main(["inspect", str(out), "--report", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import memopt.cli as cli
+
+    monkeypatch.setattr(cli, "_meta_model", lambda *a: pytest.fail("a model was built"))
+    for bad, message in ((tmp_path / "plan.pdf", "is .png or .svg"), (tmp_path / "no" / "plan.png", "does not exist")):
+        capsys.readouterr()
+        assert main(_plan_args(tiny_config, "0.01", "--report", str(bad))) == EXIT_BAD_INPUT
+        assert message in capsys.readouterr().err

@@ -252,6 +252,14 @@ class Plan:
 
         return plan_summary(self)
 
+    def draw(self, path: "str | Path") -> Path:
+        """A picture of the plan (PNG or SVG by suffix; needs matplotlib, ``pip install 'memopt[plot]'``):
+        device memory over the step for the plan and for keep-everything against the usable budget,
+        the peak by kind, and kept / recomputed / offloaded bytes per layer. Returns the path."""
+        from memopt.planner.draw import draw_plan
+
+        return draw_plan(self, path)
+
     def compare(self, other: "Plan") -> str:
         """A readable diff of two plans: peak, time, and the decisions that changed."""
         from memopt.planner.report import compare_plans

@@ -132,3 +132,15 @@ def test_a_plan_whose_decisions_do_not_cover_the_step_is_refused_naming_what_is_
         with pytest.raises(memopt.PlanMismatchError, match="saves .* which the plan has no decision on.*cut short"):
             optimized.use_plan(cut)
             optimized(**batch).loss.backward()
+
+
+def test_a_plan_draws_its_timeline_peak_and_layers(plans, tmp_path):
+    pytest.importorskip("matplotlib")
+    tight = plans[1]
+    svg = tight.draw(tmp_path / "tight.svg").read_text()
+    usable = tight.usable_bytes / 2**20
+    for text in ("the plan", "keep everything", f"usable budget {usable:.2f} MiB", "recompute",
+                 "optimizer states", "layer (- : outside the repeated blocks)"):
+        assert text in svg, text
+    with pytest.raises(ValueError, match=r"is \.png or \.svg"):
+        tight.draw(tmp_path / "tight.jpg")
