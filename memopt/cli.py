@@ -135,22 +135,28 @@ def _plan(args: argparse.Namespace) -> int:
     options = _method_options(args)
     _check_report(args.report)  # before the long work
     config = _hf_config(args.hf_config)
-    progress = _progress()
-    progress(f"building {args.hf_config} on the meta device ({args.dtype})")
-    model, batch = _meta_model(config, args.batch, args.seq, getattr(torch, args.dtype))
     planner = PlannerConfig(allow_offload=not args.no_offload, allow_recompute=not args.no_recompute,
                             time_limit_s=args.time_limit)
-    try:
-        plan = plan_only(model, args.budget, batch, args.method, device=args.device, optimizer=args.optimizer,
-                         reserve_gb=args.reserve, planner=planner, progress=progress, **options)
-    except InfeasibleBudgetError as exc:
-        print(f"memopt plan: {exc}", file=sys.stderr)
-        print(f"smallest feasible budget: {gib_up(exc.min_budget_bytes, 2)} GiB")
-        for line in _alternatives(args, config, options, planner, progress):
-            print(line)
-        return EXIT_INFEASIBLE
-    except (ValueError, TypeError) as exc:
-        raise BadInput(str(exc)) from None
+    with _Progress() as progress:
+        progress(f"building {args.hf_config} on the meta device ({args.dtype})")
+        model, batch = _meta_model(config, args.batch, args.seq, getattr(torch, args.dtype))
+        try:
+            plan = plan_only(model, args.budget, batch, args.method, device=args.device, optimizer=args.optimizer,
+                             reserve_gb=args.reserve, planner=planner, progress=progress, **options)
+        except InfeasibleBudgetError as exc:
+            alternatives = _alternatives(args, config, options, planner, progress)
+            progress.close()
+            print(f"memopt plan: {exc}", file=sys.stderr)
+            print(f"smallest feasible budget: {gib_up(exc.min_budget_bytes, 2)} GiB")
+            for line in alternatives:
+                print(line)
+            return EXIT_INFEASIBLE
+        except (ValueError, TypeError) as exc:
+            raise BadInput(str(exc)) from None
+    start = progress.start
+
+    def progress(message: str) -> None:  # noqa: F811 - the lines after the plan: plain
+        print(f"[{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
     if args.json == "-":
         print(plan.summary(), file=sys.stderr)
         print(plan.to_json())
@@ -288,13 +294,44 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress() -> Callable[[str], None]:
-    start = time.perf_counter()
+class _Progress:
+    """Phase lines on stderr, ``[  12.3 s] tracing ...``; on a terminal (with rich installed) also a
+    live spinner with the current phase's elapsed time, so a long phase is never a silent wait."""
 
-    def say(message: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.live: Any = None
+        self.task: Any = None
+        if sys.stderr.isatty():
+            try:
+                from rich.console import Console
+                from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            except ImportError:
+                return
+            self.live = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=Console(stderr=True), transient=True)
+            self.live.start()
 
-    return say
+    def __call__(self, message: str) -> None:
+        line = f"[{time.perf_counter() - self.start:6.1f} s] {message}"
+        if self.live is None:
+            print(line, file=sys.stderr, flush=True)
+            return
+        self.live.console.print(line, highlight=False, markup=False)
+        if self.task is not None:
+            self.live.remove_task(self.task)
+        self.task = self.live.add_task(message, total=None)
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 if __name__ == "__main__":  # pragma: no cover
