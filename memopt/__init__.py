@@ -4,6 +4,7 @@
     print(model.plan.summary())
 """
 
+from memopt._version import package_version
 from memopt.api import from_pretrained, optimize
 from memopt.config import (
     DEVICE_PRESETS,
@@ -15,7 +16,7 @@ from memopt.config import (
     S2ftConfig,
 )
 from memopt.errors import InfeasibleBudgetError, MemoptError, PlanMismatchError, UnsupportedModelError
-from memopt.planner.plan import Action, Plan, PlanFileError, load_plan
+from memopt.plan import Action, Plan, PlanFileError, load_plan
 from memopt.planner.solve import PlannerConfig
 from memopt.runtime.optimized import OptimizedModel
 
@@ -41,13 +42,4 @@ __all__ = [
     "UnsupportedModelError",
 ]
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("memopt")
-    except PackageNotFoundError:  # a source tree on sys.path, not installed
-        return "0.1.0"
-
-
-__version__ = _version()
+__version__ = package_version()

@@ -23,9 +23,9 @@ from memopt.memory.report import MemoryReport
 from memopt.memory.simulate import simulate_step
 from memopt.passes import QUANTIZE, REWRITTEN, ModuleDecision, PassResult, RewriteLog, get_pass
 from memopt.passes.quantize import QuantLinear
-from memopt.planner.plan import Plan
+from memopt.plan import Plan
+from memopt.plan.report import format_bytes
 from memopt.planner.problem import Choice, PlanningProblem, build_problem, step_peak, with_optimizer_peak
-from memopt.planner.report import format_bytes
 from memopt.planner.solve import ActivationPlan, PlannerConfig, decisions_for, plan_activations, plan_fields
 from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.optimized import LARGER_INPUTS, OptimizedModel, wrap

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from memopt._version import package_version
+from memopt.config import peft_unsupported
 from memopt.errors import MemoptError
 
 if TYPE_CHECKING:
@@ -150,9 +152,7 @@ def save_pretrained(optimized: "OptimizedModel", directory: "str | Path", config
 
 
 def _version() -> str:
-    import memopt
-
-    return memopt.__version__
+    return package_version()
 
 
 def _options(config: Any) -> dict[str, Any]:
@@ -219,7 +219,7 @@ def read_checkpoint(directory: "str | Path") -> Checkpoint:
     """Read a directory written by ``save_pretrained`` (or a LoRA adapter written by PEFT)."""
     from safetensors.torch import load_file
 
-    from memopt.planner.plan import load_plan
+    from memopt.plan import load_plan
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -266,19 +266,6 @@ def _read_peft(directory: Path) -> Checkpoint:
         options["exclude_modules"] = sorted(exclude) if isinstance(exclude, (list, tuple, set)) else exclude
     meta = {"method": "lora", "options": options, "quantize": None, "base_checksums": {}}
     return Checkpoint(directory, meta, _from_peft_names(load_file(str(path)), directory), None)
-
-
-def peft_unsupported(config: Any) -> dict[str, Any]:
-    """The settings of a PEFT LoRA config (a ``LoraConfig`` or its JSON dict) memopt's LoRA does not do."""
-    get = config.get if isinstance(config, dict) else (lambda name, default=None: getattr(config, name, default))
-    out = {name: get(name) for name in ("use_dora", "use_rslora", "modules_to_save", "layers_to_transform",
-                                        "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias",
-                                        "use_qalora", "target_parameters", "trainable_token_indices") if get(name)}
-    if get("bias", "none") != "none":
-        out["bias"] = get("bias")
-    if get("init_lora_weights", True) is not True:  # gaussian, pissa, olora, loftq, ...: another init or base
-        out["init_lora_weights"] = get("init_lora_weights")
-    return out
 
 
 def _from_peft_names(tensors: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:

@@ -175,7 +175,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _check_report(path: str | None) -> None:
     if path is None:
         return
-    from memopt.planner.draw import check_report_path
+    from memopt.plan.draw import check_report_path
 
     try:
         check_report_path(path)
@@ -281,7 +281,7 @@ def _meta_model(config: Any, batch: int, seq: int, dtype: Any) -> tuple[Any, dic
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from memopt.planner.plan import load_plan
+    from memopt.plan import load_plan
 
     _check_report(args.report)
     try:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
-from memopt.planner.costmodel import DEVICE_PRESETS, DeviceSpec, resolve_device
+from memopt.device import DEVICE_PRESETS, DeviceSpec, resolve_device
 
 __all__ = [
     "DeviceSpec",
@@ -35,8 +35,7 @@ __all__ = [
 GIB = 2**30
 MIB = 2**20
 
-# DeviceSpec, its presets and resolve_device are the cost model's: they live in
-# memopt.planner.costmodel and are re-exported here (imported at the top of this module).
+# DeviceSpec, its presets and resolve_device live in memopt.device and are re-exported here.
 
 
 @dataclass(frozen=True)
@@ -362,13 +361,24 @@ def with_peft_default_targets(method: Any, model: Any) -> Any:
     return resolved
 
 
+def peft_unsupported(config: Any) -> dict[str, Any]:
+    """The settings of a PEFT LoRA config (a ``LoraConfig`` or its JSON dict) memopt's LoRA does not do."""
+    get = config.get if isinstance(config, dict) else (lambda name, default=None: getattr(config, name, default))
+    out = {name: get(name) for name in ("use_dora", "use_rslora", "modules_to_save", "layers_to_transform",
+                                        "layers_pattern", "rank_pattern", "alpha_pattern", "lora_bias",
+                                        "use_qalora", "target_parameters", "trainable_token_indices") if get(name)}
+    if get("bias", "none") != "none":
+        out["bias"] = get("bias")
+    if get("init_lora_weights", True) is not True:  # gaussian, pissa, olora, loftq, ...: another init or base
+        out["init_lora_weights"] = get("init_lora_weights")
+    return out
+
+
 def from_peft_config(config: Any) -> dict[str, Any]:
     """memopt LoRA options from a ``peft.LoraConfig``; what memopt's LoRA cannot do is an error."""
     kind = str(getattr(config.peft_type, "value", config.peft_type))
     if kind != "LORA":
         raise TypeError(f"a PEFT {kind} config: memopt takes PEFT's LoraConfig (or method='lora' | 'paca' | 's2ft')")
-    from memopt.checkpoint import peft_unsupported
-
     unsupported = peft_unsupported(config)
     if unsupported:
         raise TypeError(f"this peft.LoraConfig sets {unsupported}, which memopt's LoRA does not support; it "

@@ -9,7 +9,7 @@ import pytest
 
 import memopt
 from memopt.cli import EXIT_BAD_INPUT, EXIT_INFEASIBLE, HF_PRESETS, _hf_config, _meta_model, main
-from memopt.planner.plan import load_plan
+from memopt.plan import load_plan
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 96, "max_position_embeddings": 64}

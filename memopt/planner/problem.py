@@ -59,6 +59,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from memopt.ir.joint import OUTSIDE, JointTrace, Storage, TracedOp
+from memopt.plan.schema import StaticMemory
 from memopt.planner.costmodel import DeviceSpec, op_time_us, transfer_time_us
 
 __all__ = ["ACTIONS", "StaticMemory", "Candidate", "PlanningProblem", "Choice", "Evaluation",
@@ -74,36 +75,6 @@ _FORBIDDEN_IN_RECOMPUTE = {
     "collective": "its recomputation would repeat a collective ({op})",
     "mutation": "its recomputation would repeat an in-place write ({op})",
 }
-
-
-@dataclass(frozen=True)
-class StaticMemory:
-    """Bytes that no planning decision changes. Resident for the whole step: parameters, buffers,
-    inputs, optimizer states. ``gradients`` appear during backward; ``optimizer_step`` is the
-    optimizer step's extra peak (e.g. foreach temporaries)."""
-
-    parameters: int
-    buffers: int
-    inputs: int
-    optimizer: int
-    gradients: int
-    optimizer_step: int
-
-    @property
-    def resident(self) -> int:
-        return self.parameters + self.buffers + self.inputs + self.optimizer
-
-    @property
-    def optimizer_phase_peak(self) -> int:
-        return self.resident + self.gradients + self.optimizer_step
-
-    def to_dict(self) -> dict[str, int]:
-        return {"parameters": self.parameters, "buffers": self.buffers, "inputs": self.inputs,
-                "optimizer": self.optimizer, "gradients": self.gradients, "optimizer_step": self.optimizer_step}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, int]) -> "StaticMemory":
-        return cls(**{k: int(v) for k, v in data.items()})
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from memopt.planner.greedy import greedy_plan
 from memopt.planner.problem import Candidate, Choice, Evaluation, PlanningProblem, evaluate, keep_all
 
 if TYPE_CHECKING:
-    from memopt.planner.plan import MemoryTimeline, TensorDecision
+    from memopt.plan import MemoryTimeline, TensorDecision
 
 __all__ = ["PlannerConfig", "ActivationPlan", "Measure", "plan_activations", "plan_fields", "recompute_flops",
            "decisions_for", "tensor_decisions", "timeline"]
@@ -230,7 +230,7 @@ def tensor_decisions(plan: ActivationPlan) -> tuple["TensorDecision", ...]:
 def decisions_for(problem: PlanningProblem, choices: Sequence[Choice],
                   reason: "Callable[[Candidate], str]" = lambda c: "") -> tuple["TensorDecision", ...]:
     """The TensorDecisions of an assignment (what a lowering reads)."""
-    from memopt.planner.plan import TensorDecision
+    from memopt.plan import TensorDecision
 
     out = []
     for c, choice in zip(problem.candidates, choices):
@@ -266,7 +266,7 @@ def _reason(problem: PlanningProblem, c: "Candidate", choices: tuple[Choice, ...
 
 def timeline(plan: ActivationPlan, buckets: int = 512) -> "MemoryTimeline":
     """The device bytes over the step, as bucket maxima (the peak is always a bucket's value)."""
-    from memopt.planner.plan import MemoryTimeline
+    from memopt.plan import MemoryTimeline
 
     problem = plan.problem
     n = problem.num_points
@@ -287,7 +287,7 @@ def recompute_flops(plan: ActivationPlan, op_flops: "Sequence[int]") -> int:
 def plan_fields(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_peak_bytes: int | None = None,
                 op_flops: "Sequence[int] | None" = None) -> dict:
     """The planner's part of a ``Plan``'s fields, as keyword arguments."""
-    from memopt.planner.plan import SolverReport
+    from memopt.plan import SolverReport
 
     problem = plan.problem
     return dict(

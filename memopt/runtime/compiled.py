@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from memopt.planner.plan import Plan
+from memopt.plan import Plan
 from memopt.runtime.step import Compilers, PlannedStep
 
 __all__ = ["INDUCTOR", "lower_compiled"]

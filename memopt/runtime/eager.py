@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.fx.graph import _BoxedCodeGen
 
-from memopt.planner.plan import Plan
+from memopt.plan import Plan
 from memopt.runtime.step import Compilers, PlannedStep
 
 __all__ = ["EAGER", "lower_eager"]

@@ -42,7 +42,7 @@ import torch.nn as nn
 from memopt.errors import MemoptError, PlanMismatchError
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
-from memopt.planner.plan import RUNTIME_ACTIONS, Plan
+from memopt.plan import RUNTIME_ACTIONS, Plan
 from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.guards import step_state
 from memopt.runtime.step import describe_shapes

@@ -49,7 +49,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from memopt.errors import MemoptError, PlanMismatchError
 from memopt.ir.joint import op_keys
-from memopt.planner.plan import Plan, TensorDecision
+from memopt.plan import Plan, TensorDecision
 
 __all__ = ["OFFLOAD_MODES", "LoweringReport", "plan_partition", "tag_joint"]
 

@@ -52,7 +52,7 @@ from memopt.ir.joint import module_annotations
 from memopt.kernels.dequant import simulating
 from memopt.memory.inputs import input_shapes, training_kwargs
 from memopt.memory.tracker import not_counted
-from memopt.planner.plan import Plan
+from memopt.plan import Plan
 from memopt.runtime.guards import step_state
 from memopt.runtime.partition import LoweringReport, plan_partition
 from memopt.runtime.tangents import BackwardVariants

@@ -8,7 +8,7 @@ import json
 import pytest
 
 import memopt
-from memopt.planner.plan import PLAN_FORMAT_VERSION
+from memopt.plan import PLAN_FORMAT_VERSION
 from tests.models import lm_batch, tiny_llama
 
 
@@ -84,7 +84,7 @@ def _written(tmp_path, data, name="plan.json"):
 
 
 def test_a_plan_file_is_checked_field_by_field_and_errors_name_the_file_and_field(plans, tmp_path):
-    from memopt.planner.plan import PlanFileError
+    from memopt.plan import PlanFileError
 
     tight = plans[1].to_dict()
     bad_action = json.loads(json.dumps(tight))

@@ -12,7 +12,7 @@ from torch import nn
 
 import memopt
 from memopt.errors import PlanMismatchError
-from memopt.planner.plan import Plan, load_plan
+from memopt.plan import Plan, load_plan
 from tests.models import lm_batch
 from tests.runtime._planned import budget_between, gradients, llama, planned
 

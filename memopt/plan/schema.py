@@ -31,13 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from memopt.config import DeviceSpec
+from memopt.device import DeviceSpec
 from memopt.memory.report import MemoryReport
 from memopt.passes.base import ModuleDecision
-from memopt.planner.problem import StaticMemory
 
-__all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Action", "Plan", "PlanFileError", "TensorDecision",
-           "MemoryTimeline", "SolverReport", "load_plan"]
+__all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Action", "Plan", "PlanFileError", "StaticMemory",
+           "TensorDecision", "MemoryTimeline", "SolverReport", "load_plan"]
 
 PLAN_FORMAT_VERSION = 4
 _UPGRADABLE = (2, 3)  # older versions read by filling in the fields they lack
@@ -63,6 +62,36 @@ assert set(RUNTIME_ACTIONS) == {a.value for a in Action}
 
 class PlanFileError(ValueError):
     """A plan file (or dict) that is not a valid memopt plan; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class StaticMemory:
+    """Bytes that no planning decision changes. Resident for the whole step: parameters, buffers,
+    inputs, optimizer states. ``gradients`` appear during backward; ``optimizer_step`` is the
+    optimizer step's extra peak (e.g. foreach temporaries)."""
+
+    parameters: int
+    buffers: int
+    inputs: int
+    optimizer: int
+    gradients: int
+    optimizer_step: int
+
+    @property
+    def resident(self) -> int:
+        return self.parameters + self.buffers + self.inputs + self.optimizer
+
+    @property
+    def optimizer_phase_peak(self) -> int:
+        return self.resident + self.gradients + self.optimizer_step
+
+    def to_dict(self) -> dict[str, int]:
+        return {"parameters": self.parameters, "buffers": self.buffers, "inputs": self.inputs,
+                "optimizer": self.optimizer, "gradients": self.gradients, "optimizer_step": self.optimizer_step}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, int]) -> "StaticMemory":
+        return cls(**{k: int(v) for k, v in data.items()})
 
 
 @dataclass(frozen=True)
@@ -248,7 +277,7 @@ class Plan:
 
     def summary(self) -> str:
         """A per-layer table of decisions, the static breakdown, the predicted peak and overhead."""
-        from memopt.planner.report import plan_summary
+        from memopt.plan.report import plan_summary
 
         return plan_summary(self)
 
@@ -256,13 +285,13 @@ class Plan:
         """A picture of the plan (PNG or SVG by suffix; needs matplotlib, ``pip install 'memopt[plot]'``):
         device memory over the step for the plan and for keep-everything against the usable budget,
         the peak by kind, and kept / recomputed / offloaded bytes per layer. Returns the path."""
-        from memopt.planner.draw import draw_plan
+        from memopt.plan.draw import draw_plan
 
         return draw_plan(self, path)
 
     def compare(self, other: "Plan") -> str:
         """A readable diff of two plans: peak, time, and the decisions that changed."""
-        from memopt.planner.report import compare_plans
+        from memopt.plan.report import compare_plans
 
         return compare_plans(self, other)
 

@@ -19,10 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memopt.planner.report import format_bytes
+from memopt.plan.report import format_bytes
 
 if TYPE_CHECKING:
-    from memopt.planner.plan import Plan
+    from memopt.plan import Plan
 
 __all__ = ["SUFFIXES", "check_report_path", "draw_plan"]
 

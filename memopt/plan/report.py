@@ -6,7 +6,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 if TYPE_CHECKING:
-    from memopt.planner.plan import Plan, TensorDecision
+    from memopt.plan import Plan, TensorDecision
 
 __all__ = ["format_table", "format_bytes", "format_us", "plan_summary", "compare_plans"]
 
