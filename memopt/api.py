@@ -62,7 +62,8 @@ def optimize(
             shapes the plan is made for.
         method: the parameterization, ``"lora"``, ``"paca"`` or ``"s2ft"``; ``**options`` are
             the fields of its config (``LoraConfig``, ``PacaConfig``, ``S2ftConfig``) — unknown
-            options are an error.
+            options are an error. Or the config itself (``method=memopt.PacaConfig(rank=16)``;
+            options beside it override its fields), or a ``peft.LoraConfig``.
         loss_fn: ``loss_fn(output, (args, kwargs)) -> scalar`` for the simulated training step;
             not needed when the model returns its own ``.loss`` (HF models given labels).
         optimizer: the optimizer whose states are counted, ``"adamw"`` by default.

@@ -298,11 +298,18 @@ class OptimizeConfig:
 
         ``method`` may be a ``peft.LoraConfig`` (its r, lora_alpha, lora_dropout, target_modules and
         exclude_modules become LoRA's options; a feature memopt's LoRA lacks is an error), and
-        LoRA's options may be given under PEFT's names (``r``, ``lora_alpha``, ``lora_dropout``)."""
+        LoRA's options may be given under PEFT's names (``r``, ``lora_alpha``, ``lora_dropout``).
+        ``method`` may also be a method config (``memopt.PacaConfig(rank=16)``); options given beside
+        it override its fields."""
         if _is_peft_config(method):
             method, method_options = "lora", {**from_peft_config(method), **method_options}
+        elif isinstance(method, MethodConfig):
+            given = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+            beside = _peft_names(method_options) if method.method == "lora" else method_options
+            method, method_options = method.method, {**given, **beside}
         if not isinstance(method, str) or method not in METHOD_CONFIGS:
-            raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_CONFIGS)}")
+            raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_CONFIGS)}, a method config "
+                             "(memopt.LoraConfig(...), PacaConfig, S2ftConfig) or a peft.LoraConfig")
         method_cls = METHOD_CONFIGS[method]
         if method == "lora":
             method_options = _peft_names(method_options)

@@ -123,3 +123,17 @@ def test_an_unknown_optimizer_is_refused_before_the_model_is_touched(monkeypatch
     monkeypatch.setattr(api, "_capture", lambda *a, **k: pytest.fail("the model was captured"))
     with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; choose one of \['adam', 'adamw'"):
         memopt.optimize(model, 1, torch.ones(2, 4), optimizer="lion", device="cpu")
+
+
+def test_a_method_config_object_is_a_method_and_options_beside_it_override_its_fields():
+    from memopt.config import PacaConfig, S2ftConfig
+
+    cfg = OptimizeConfig.from_options(PacaConfig(rank=16, alpha=4.0), 1)
+    assert cfg.method == "paca" and cfg.method_config == PacaConfig(rank=16, alpha=4.0)
+    assert OptimizeConfig.from_options(PacaConfig(rank=16), 1, rank=2).method_config.rank == 2
+    assert OptimizeConfig.from_options(LoraConfig(rank=4), 1, lora_alpha=2).method_config == LoraConfig(rank=4, alpha=2)
+    assert OptimizeConfig.from_options(S2ftConfig(), 1).method == "s2ft"
+    with pytest.raises(TypeError, match="unknown option"):
+        OptimizeConfig.from_options(PacaConfig(), 1, dropout=0.1)
+    with pytest.raises(ValueError, match="a method config"):
+        OptimizeConfig.from_options(object(), 1)
