@@ -22,16 +22,15 @@ demo: setup
 
 # `make test` (CI): everything but the tests marked slow — a representative subset, under 20 minutes on
 # 2 cores (examples/ included, at a tiny size). `make test-all`: the whole suite (the slow scenario tests too).
-# Tests run in two worker processes (pytest-xdist; `-n 0` in PYTEST_ARGS for one); ruff lints the package first.
-PYTEST_ARGS ?= -n 2 --dist loadscope
-
+# ruff lints the package first. One pytest process: torch already uses both cores, and the
+# longest test modules share module-scoped fixtures (tried: pytest-xdist on 2 cores was slower).
 test: setup
 	$(PY) -m ruff check memopt
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow"
 
 test-all: setup
 	$(PY) -m ruff check memopt
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -104,8 +104,18 @@ def _strict_fake_mode() -> bool:
 
 @functools.cache
 def _real_table(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    with unset_fake_temporarily():
+    with _no_modes():
         return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+@contextlib.contextmanager
+def _no_modes() -> Iterator[None]:
+    """No fake, functional or proxy mode: a cached table is a plain tensor, whichever mode (an
+    AOTAutograd trace, a fake-tensor simulation) asked for it first."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with unset_fake_temporarily(), _disable_current_modes():
+        yield
 
 
 def _code_table(fmt: str, device: torch.device) -> torch.Tensor:
@@ -121,8 +131,8 @@ def _pair_table(fmt: str, device: torch.device) -> torch.Tensor:
 
 @functools.cache
 def _real_pair_table(fmt: str, device: torch.device) -> torch.Tensor:
-    with unset_fake_temporarily():
-        return _pairs(_code_table(fmt, device))
+    with _no_modes():
+        return _pairs(_real_table(CODES[fmt], torch.device(device)))
 
 
 def _pairs(table: torch.Tensor) -> torch.Tensor:

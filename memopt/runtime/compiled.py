@@ -15,7 +15,7 @@ Inductor schedules and fuses the recomputed ops itself; the planner does not mod
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -45,11 +45,48 @@ def _inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         return compile_fx_inner(_decomposed(gm, example_inputs), example_inputs)
 
 
+# The backward's memory as the plan priced it (eager order: each value freed after its last use).
+# Inductor's defaults raise the backward's peak above the plan where much is recomputed:
+# * a multi-user pointwise op (a recomputed LoRA sum ``base + scale * lora``) is inlined into every
+#   consumer, so all its inputs stay live until the last consumer runs, and horizontal fusion then
+#   computes all of a block's gradients in one kernel (every output allocated at once): a 4-layer
+#   Llama's MLP backward held 6 + 5 [tokens x intermediate] buffers where eager holds 5;
+# * buffer reuse keeps a dead buffer for a later one of the same size; its guard is Inductor's own
+#   peak estimate, which counts no input as freeable (they are named ``arg*``), i.e. not the saved
+#   tensors the backward frees as it goes, so buffers were held across layers.
+_BACKWARD_MEMORY = {
+    "realize_reads_threshold": 1,  # a pointwise result read twice is computed once, into a buffer
+    "max_fusion_unique_io_buffers": 6,  # no kernel that makes or holds a block's tensors all at once
+    "allow_buffer_reuse": False,  # freed at last use, as eager
+}
+
+
 def _inductor_backward(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
     from torch._inductor.compile_fx import compile_fx_inner
 
-    with _eager_random():
-        return compile_fx_inner(_decomposed(gm, example_inputs), example_inputs, is_backward=True)
+    decomposed = _decomposed(gm, example_inputs)
+    with _eager_random(), torch._inductor.config.patch(_BACKWARD_MEMORY):
+        compiled = compile_fx_inner(decomposed, example_inputs, is_backward=True)
+    return _dropping_unused(decomposed, example_inputs, compiled)
+
+
+def _dropping_unused(gm: torch.fx.GraphModule, example_inputs: list, compiled: Callable) -> Callable:
+    """``compiled`` (boxed), with the inputs ``gm`` never reads dropped before it runs: Inductor frees
+    an input after its last use but never one it does not read, and a decomposition can leave a saved
+    tensor unread (``nll_loss_backward`` no longer reads the log-probabilities, a [tokens x vocab]
+    tensor whose alias it does read), which would then live until the backward returns."""
+    unused = [i for i, (p, x) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
+              if not p.users and isinstance(x, torch.Tensor)]  # sizes (SymInts) stay: Inductor binds them
+    if not unused:
+        return compiled
+
+    def run(args: list) -> Any:
+        for i in unused:
+            args[i] = None
+        return compiled(args)
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
 
 
 def _eager_random() -> contextlib.AbstractContextManager:

@@ -45,3 +45,19 @@ def test_a_simulated_cuda_step_sees_one_fused_op_with_the_gemm_s_flops():
             y = dequant_matmul(a, "nf4", qw.data, qw.scales(), qw.shape, qw.block)
     assert y.shape == (4, 96) and flops.get_total_flops() == 2 * 4 * 96 * 128
     assert "memopt.dequant_matmul" in str(flops.get_flop_counts())
+
+
+def test_a_table_first_built_inside_a_functional_trace_is_a_plain_tensor_afterwards():
+    # The code tables are cached per device; whichever mode asks first (an AOTAutograd trace
+    # functionalizes) must not leave a FunctionalTensor in the cache for later real runs.
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    from memopt.kernels import dequant
+
+    dequant._real_pair_table.cache_clear()
+    dequant._real_table.cache_clear()
+    with FunctionalTensorMode():
+        dequant._pair_table("fp4", torch.device("cpu"))
+    table = dequant._pair_table("fp4", torch.device("cpu"))
+    assert type(table) is torch.Tensor
+    assert torch.equal(table[0x12], torch.tensor([dequant.FP4_CODE[1], dequant.FP4_CODE[2]]))

@@ -13,14 +13,20 @@ from tests.models import lm_batch, tiny_llama
 
 
 @pytest.fixture(scope="module")
-def plans():
+def optimized():
+    """(the roomy plan, the tightly planned model, its batch)."""
     model = tiny_llama()
     batch = lm_batch(model)
     roomy = memopt.optimize(model, 1, batch, rank=4).plan
     least = roomy.min_budget_bytes
     budget = (least + (roomy.predicted_peak_bytes - least) // 2) / 2**30
-    tight = memopt.optimize(tiny_llama(), budget, batch, rank=4).plan
-    return roomy, tight
+    return roomy, memopt.optimize(tiny_llama(), budget, batch, rank=4), batch
+
+
+@pytest.fixture(scope="module")
+def plans(optimized):
+    roomy, tight, _ = optimized
+    return roomy, tight.plan
 
 
 def test_a_plan_round_trips_through_json_exactly(plans, tmp_path):
@@ -118,12 +124,8 @@ def test_a_plan_file_is_checked_field_by_field_and_errors_name_the_file_and_fiel
     assert issubclass(PlanFileError, ValueError) and memopt.PlanFileError is PlanFileError
 
 
-def test_a_plan_whose_decisions_do_not_cover_the_step_is_refused_naming_what_is_missing():
-    model = tiny_llama()
-    batch = lm_batch(model)
-    least = memopt.optimize(tiny_llama(), 1, batch, rank=4).plan
-    budget = (least.min_budget_bytes + (least.predicted_peak_bytes - least.min_budget_bytes) // 2) / 2**30
-    optimized = memopt.optimize(model, budget, batch, rank=4)
+def test_a_plan_whose_decisions_do_not_cover_the_step_is_refused_naming_what_is_missing(optimized):
+    _, optimized, batch = optimized
     tight = optimized.plan
     assert tight.needs_runtime
     dropped = next(t for t in tight.tensors if t.action == "keep" and t.block == 1)
@@ -132,6 +134,7 @@ def test_a_plan_whose_decisions_do_not_cover_the_step_is_refused_naming_what_is_
         with pytest.raises(memopt.PlanMismatchError, match="saves .* which the plan has no decision on.*cut short"):
             optimized.use_plan(cut)
             optimized(**batch).loss.backward()
+    optimized.use_plan(tight)  # the module's other tests read this model's plan
 
 
 def test_a_plan_draws_its_timeline_peak_and_layers(plans, tmp_path):
