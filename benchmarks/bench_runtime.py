@@ -59,36 +59,20 @@ equal-or-lower-peak comparison at that budget and the line says so (n/a).
     python benchmarks/bench_runtime.py --quick           # one budget (0.5), amb x in 1.0 / 0.5 / 0.1
     python benchmarks/bench_runtime.py --fractions 0.01  # memopt at (nearly) its smallest budget
 
-Measured here (2 CPU cores shared with other engineers' jobs, load average 1.7-4.6; 1 thread per
-worker; torch 2.13.0+cpu; cold Inductor cache; ``python benchmarks/bench_runtime.py``, 8.0 min,
-of which each compiled configuration's first step is 19-35 s). Rise MiB / median step s:
+Measured here (2 CPU cores, load from other jobs; 1 thread per worker; torch 2.13.0+cpu;
+``python benchmarks/bench_runtime.py``, 502 s). Rise MiB / median step s (predicted rise beside):
 
-    budget (MiB)    memopt eager   memopt compiled   HF GC         compile+amb(x) picked
-    0.15 (96.2)     55.5 / 0.998*  85.6 / 0.640      41.9 / 0.807  amb 0.7: 95.4 / 0.556 (none <= 85.6)
-    0.50 (130.9)    90.5 / 0.581   102.7 / 0.542     41.9 / 0.807  amb 0.7: 95.4 / 0.556
-    0.85 (165.5)    125.1 / 0.566  129.0 / 0.533     41.9 / 0.807  amb 1.0: 121.3 / 0.536
-    (* wall under load; its CPU time was 0.692 s. Elsewhere wall and CPU agreed within 1%.)
-    the peer's curve, x: rise / s   1.0: 121.3 / 0.536   0.7: 95.4 / 0.556   0.5: 115.4 / 0.660
-                                    0.3: 116.5 / 0.753   0.1: 100.3 / 0.733
+    budget (MiB)    predicted  memopt eager   memopt compiled   HF GC         compile+amb(x)
+    0.15 (96.2)     57.8       55.7 / 0.931   55.5 / 0.851      41.9 / 1.033  amb 0.7: 95.7 / 0.714
+    0.50 (130.9)    92.4       90.8 / 0.653   90.6 / 0.576      41.9 / 1.033  amb 0.7: 95.7 / 0.714
+    0.85 (165.5)    127.1      125.1 / 0.681  121.1 / 0.619     41.9 / 1.033  amb 1.0: 121.8 / 0.556
 
-Target: met against compile+amb 0.5, 0.3 and 0.1 (memopt at budget 0.5: 0.72-0.82x their time at
-a lower peak); missed against amb 0.7 (memopt eager @0.5: 90.5 MiB at 1.04x its time; the 0.15
-verdict: compiled 85.6 MiB at 1.15x) and amb 1.0 (compiled @0.5, 102.7 MiB, 1.01x: a tie); n/a
-against HF GC at these budgets: its rise (41.9 MiB, every layer recomputed) is below memopt's at
-0.15. ``--fractions 0.01`` (82.3 MiB budget, predicted rise 44.0): memopt eager rose 42.2 MiB at
-0.764 s CPU vs HF GC's 41.9 MiB at 0.814 s: met (0.94x), within the 1 MiB tolerance. What decides
-it:
-* memopt compiled peaks above its plan: rise 85.6 vs 57.8 MiB predicted at 0.15, 102.7 vs 92.4 at
-  0.5, 76.1 vs 44.0 at 0.01, while memopt eager lands within 2 MiB of the prediction at every
-  budget. At its planned 92.4 MiB, compiled @0.5 (0.542 s) would meet the target against amb 0.7.
-  Not investigated; a guess is that Inductor's scheduling of the backward graph moves recomputation
-  away from its first use (compiled.py says Inductor "fuses and reorders inside each graph").
-* activation_memory_budget's peak is not monotone in x (0.7 peaks lowest, 95.4 MiB; 0.5 and 0.3
-  higher): it chooses saved bytes, not the step's peak, so "tuned to the same peak" needs the
-  scan, and 5 points of it are coarse.
-* Recomputation is cheap here: memopt eager's CPU time per step is 0.563 s at 0.85 (15 MiB
-  recomputed), 0.578 s at 0.5 (51 MiB) and 0.692 s at 0.15 (86 MiB).
-Every configuration's first-step loss is the same (7.70633). The peak rises repeat to 0.13 MiB.
+Both memopt lowerings stay under the predicted rise at every budget (compiled: with the backward's
+Inductor settings of ``memopt/runtime/compiled.py``; Inductor's defaults rose 85.6 MiB at 0.15).
+Across budgets, memopt compiled @0.5 (90.6 MiB, 0.576 s) meets the target against compile+amb 0.7,
+0.5, 0.3 and 0.1 (x0.78-0.91 of their time at a lower peak) and misses amb 1.0 (x1.035, at 90.6 vs
+121.8 MiB); n/a against HF GC (every layer recomputed, 41.9 MiB, below memopt's smallest plan
+here). Every configuration's first-step loss is the same (7.70633).
 
 Worker subprocesses run ``python benchmarks/bench_runtime.py --worker '<json>'`` and print one
 JSON line; ``--threads`` (default 1, as in bench_adapters.py: on a shared 2-core machine

@@ -58,11 +58,6 @@ Replan = Callable[[Plan, tuple, dict, str], Plan]
 
 # Measured (benchmarks/bench_runtime.py, CPU): the eager lowering lands at or under the plan; Inductor's
 # compiled graphs carry out the same decisions but rose 28 MiB above a plan that recomputes much.
-_COMPILED_NOTE = ("compile=True: Inductor carries out these decisions but schedules and fuses inside its graphs; "
-                  "its peak is not held to the predicted one (measured up to +50 % of the activation bytes at a "
-                  "budget that recomputes much, CPU). compile=False is held to the prediction.")
-
-
 class OptimizedModel(nn.Module):
     """A model rewritten by memopt. ``.model`` is the rewritten module, ``.plan`` what was done."""
 
@@ -202,9 +197,6 @@ class OptimizedModel(nn.Module):
         from memopt.runtime.eager import lower_eager
 
         self._compile = compile
-        if compile and plan.needs_runtime and _COMPILED_NOTE not in plan.notes:
-            log.warning("memopt: %s", _COMPILED_NOTE)
-            plan = dataclasses.replace(plan, notes=plan.notes + (_COMPILED_NOTE,))
         if compile or plan.needs_runtime:
             self._plan = dataclasses.replace(plan, runtime_applies=RUNTIME_ACTIONS, applied_peak_bytes=None)
             self.runtime = (lower_compiled if compile else lower_eager)(self.model, self._plan)
