@@ -111,6 +111,7 @@ def test_a_call_without_labels_and_a_loss_of_the_users_own_is_exact(llama_plan, 
     assert "has no labels, which the plan was made with" in caplog.text
 
 
+@pytest.mark.slow  # make test-all; CI keeps the other user-loop claims
 def test_batch_one_gets_a_plan_of_its_own_and_is_exact(llama_plan):
     optimized, _ = llama_plan
     _assert_exact(optimized, lm_batch(optimized.model, batch=1, seq=24))
@@ -249,6 +250,7 @@ def test_optimize_refuses_an_empty_batch_sequences_past_the_positions_and_a_rewr
         memopt.optimize(optimized.model, 1, batch, device="cpu")
 
 
+@pytest.mark.slow  # make test-all; CI keeps the other user-loop claims
 def test_a_grad_recording_call_in_eval_mode_without_labels_is_planned_for_it():
     model = tiny_llama(num_hidden_layers=3)
     batch = lm_batch(model, batch=2, seq=16)
