@@ -125,7 +125,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from memopt.api import plan_only
     from memopt.config import DEVICE_PRESETS
-    from memopt.errors import InfeasibleBudgetError, gib_up
+    from memopt.errors import InfeasibleBudgetError
     from memopt.planner.solve import PlannerConfig
 
     if args.device.lower() not in DEVICE_PRESETS:
@@ -134,6 +134,9 @@ def _plan(args: argparse.Namespace) -> int:
         raise BadInput(f"--batch and --seq must be positive, got {args.batch} and {args.seq}")
     options = _method_options(args)
     _check_report(args.report)  # before the long work
+    _check_json(args.json)
+    if not args.budget > 0:
+        raise BadInput(f"--budget must be a positive number of GiB, got {args.budget:g}")
     config = _hf_config(args.hf_config)
     planner = PlannerConfig(allow_offload=not args.no_offload, allow_recompute=not args.no_recompute,
                             time_limit_s=args.time_limit)
@@ -147,7 +150,7 @@ def _plan(args: argparse.Namespace) -> int:
             alternatives = _alternatives(args, config, options, planner, progress)
             progress.close()
             print(f"memopt plan: {exc}", file=sys.stderr)
-            print(f"smallest feasible budget: {gib_up(exc.min_budget_bytes, 2)} GiB")
+            print(f"smallest feasible budget: {_gib(exc.min_budget_bytes)} GiB")
             for line in alternatives:
                 print(line)
             return EXIT_INFEASIBLE
@@ -172,6 +175,26 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gib(nbytes: int) -> str:
+    """A budget in GiB, rounded up: 2 decimals from 1 GiB, 4 below (a tiny model's is not "0.01")."""
+    from memopt.errors import gib_up
+
+    return gib_up(nbytes, 2 if nbytes >= 2**30 else 4)
+
+
+def _check_json(path: str | None) -> None:
+    if path is None or path == "-":
+        return
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise BadInput(f"--json: {path} is a directory; give a file path (or - for stdout)")
+    if not folder.is_dir():
+        raise BadInput(f"--json: cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise BadInput(f"--json: cannot write {path}: not writable")
+
+
 def _check_report(path: str | None) -> None:
     if path is None:
         return
@@ -189,7 +212,7 @@ def _alternatives(args: argparse.Namespace, config: Any, options: dict[str, Any]
     import torch
 
     from memopt.api import plan_only
-    from memopt.errors import InfeasibleBudgetError, gib_up
+    from memopt.errors import InfeasibleBudgetError
 
     if args.quantize is not None:
         return []
@@ -205,7 +228,7 @@ def _alternatives(args: argparse.Namespace, config: Any, options: dict[str, Any]
         except InfeasibleBudgetError as exc:
             plan, least = None, exc.min_budget_bytes
         verdict = "fits" if plan is not None else "does not fit either"
-        out.append(f"with --quantize {fmt}: smallest feasible budget {gib_up(least, 2)} GiB ({verdict} in "
+        out.append(f"with --quantize {fmt}: smallest feasible budget {_gib(least)} GiB ({verdict} in "
                    f"{args.budget:g} GiB)")
     return out
 

@@ -178,3 +178,14 @@ def test_report_draws_the_plan_and_a_bad_report_path_stops_before_the_work(tiny_
         capsys.readouterr()
         assert main(_plan_args(tiny_config, "0.01", "--report", str(bad))) == EXIT_BAD_INPUT
         assert message in capsys.readouterr().err
+
+
+def test_a_json_path_in_a_missing_folder_or_a_negative_budget_stops_before_the_work(tiny_config, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import memopt.cli as cli
+
+    monkeypatch.setattr(cli, "_meta_model", lambda *a: pytest.fail("a model was built"))
+    assert main(_plan_args(tiny_config, "0.01", "--json", str(tmp_path / "no" / "p.json"))) == EXIT_BAD_INPUT
+    assert "the folder" in (err := capsys.readouterr().err) and "does not exist" in err
+    assert main(_plan_args(tiny_config, "-1")) == EXIT_BAD_INPUT
+    assert "--budget must be a positive number" in capsys.readouterr().err

@@ -75,8 +75,8 @@ def plan_summary(plan: "Plan") -> str:
 def _headline(plan: "Plan") -> list[str]:
     fit = ("fits, headroom " + format_bytes(plan.headroom_bytes) if plan.fits
            else "DOES NOT FIT, over by " + format_bytes(-plan.headroom_bytes))
-    how = {True: " (the lowered step, swept op by op)", False: " (the model as it is, simulated)"}.get(
-        plan.lowered, "")
+    as_is = " (the model as it is, simulated)" if plan.memory is not None else " (the model as it is, joint trace)"
+    how = {True: " (the lowered step, swept op by op)", False: as_is}.get(plan.lowered, "")
     lines = [f"budget {format_bytes(plan.budget_bytes)} - reserve {format_bytes(plan.reserve_bytes)} = usable "
              f"{format_bytes(plan.usable_bytes)} | predicted peak {format_bytes(plan.predicted_peak_bytes)}{how} | {fit}"]
     if plan.solver is not None:

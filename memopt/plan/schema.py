@@ -340,8 +340,11 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Plan":
-        if not isinstance(data, Mapping) or not {"version", "method", "budget_bytes"} <= set(data):
-            raise PlanFileError("not a memopt plan: it has no 'version', 'method' and 'budget_bytes' fields")
+        if not isinstance(data, Mapping):
+            raise PlanFileError(f"not a memopt plan: a JSON object is expected, got {type(data).__name__}")
+        lacking = [k for k in ("version", "method", "budget_bytes") if k not in data]
+        if lacking:
+            raise PlanFileError(f"not a memopt plan: field(s) {', '.join(map(repr, lacking))} missing")
         version = data["version"]
         if version != PLAN_FORMAT_VERSION and version not in _UPGRADABLE:
             raise PlanFileError(
