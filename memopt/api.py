@@ -137,10 +137,8 @@ def optimize(
     if larger_inputs not in LARGER_INPUTS:
         raise ValueError(f"larger_inputs must be one of {LARGER_INPUTS}, got {larger_inputs!r}")
     _refuse_rewritten(model)
-    method = with_peft_default_targets(method, model)
-    cfg = OptimizeConfig.from_options(method, budget_gb, optimizer=optimizer,
-                                      device=device or _parameter_device(model), reserve_gb=reserve_gb, **options)
-    _check_optimizer(cfg.optimizer)
+    cfg = _job_config(model, method, budget_gb, optimizer=optimizer, device=device or _parameter_device(model),
+                      reserve_gb=reserve_gb, **options)
     args, kwargs = normalize_inputs(example_inputs)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)  # the step as the returned model runs it
@@ -311,9 +309,7 @@ def plan_only(
     ``simulate`` the eager step is not simulated: the prediction is the joint trace's alone
     (not measured: ``plan.memory`` is None), which is what makes 70B-sized plans quick.
     """
-    cfg = OptimizeConfig.from_options(with_peft_default_targets(method, model), budget_gb, optimizer=optimizer,
-                                      device=device, reserve_gb=reserve_gb, **options)
-    _check_optimizer(cfg.optimizer)
+    cfg = _job_config(model, method, budget_gb, optimizer=optimizer, device=device, reserve_gb=reserve_gb, **options)
     args, kwargs = normalize_inputs(example_inputs)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)  # the step as the returned model runs it
@@ -485,12 +481,16 @@ def _plan_auto(attempt: Callable[..., Plan], cfg: OptimizeConfig, rewrites: Rewr
     raise AssertionError("unreachable: the last option returns or raises")
 
 
-def _check_optimizer(name: Any) -> None:
-    """An optimizer the plan can count, checked before the model is captured or changed."""
+def _job_config(model: nn.Module, method: Any, budget_gb: Any, **options: Any) -> OptimizeConfig:
+    """The call's options as a validated config, before the model is captured or changed: a
+    ``peft.LoraConfig`` without targets gets PEFT's for this model, and the optimizer must be one the
+    plan can count."""
     from memopt.memory import OPTIMIZERS
 
-    if not isinstance(name, str) or name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    cfg = OptimizeConfig.from_options(with_peft_default_targets(method, model), budget_gb, **options)
+    if not isinstance(cfg.optimizer, str) or cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+    return cfg
 
 
 def _say(progress: Callable[[str], None] | None, message: str) -> None:

@@ -121,9 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    import torch
 
-    from memopt.api import plan_only
     from memopt.config import DEVICE_PRESETS
     from memopt.errors import InfeasibleBudgetError
     from memopt.planner.solve import PlannerConfig
@@ -142,10 +140,8 @@ def _plan(args: argparse.Namespace) -> int:
                             time_limit_s=args.time_limit)
     with _Progress() as progress:
         progress(f"building {args.hf_config} on the meta device ({args.dtype})")
-        model, batch = _meta_model(config, args.batch, args.seq, getattr(torch, args.dtype))
         try:
-            plan = plan_only(model, args.budget, batch, args.method, device=args.device, optimizer=args.optimizer,
-                             reserve_gb=args.reserve, planner=planner, progress=progress, **options)
+            plan = _plan_model(args, config, options, planner, progress)
         except InfeasibleBudgetError as exc:
             alternatives = _alternatives(args, config, options, planner, progress)
             progress.close()
@@ -156,23 +152,27 @@ def _plan(args: argparse.Namespace) -> int:
             return EXIT_INFEASIBLE
         except (ValueError, TypeError) as exc:
             raise BadInput(str(exc)) from None
-    start = progress.start
-
-    def progress(message: str) -> None:  # noqa: F811 - the lines after the plan: plain
-        print(f"[{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
+    # progress is closed: from here on it prints plain lines to stderr
+    print(plan.summary(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
-        print(plan.summary(), file=sys.stderr)
         print(plan.to_json())
-        if args.report is not None:
-            plan.draw(args.report)
-        return 0
-    print(plan.summary())
-    if args.json is not None:
-        plan.save(args.json)
-        progress(f"plan written to {args.json}")
+    elif args.json is not None:
+        progress(f"plan written to {plan.save(args.json)}")
     if args.report is not None:
         progress(f"picture of the plan drawn to {plan.draw(args.report)}")
     return 0
+
+
+def _plan_model(args: argparse.Namespace, config: Any, options: dict[str, Any], planner: Any,
+                progress: Callable[[str], None] | None) -> Any:
+    """Build the model on meta and plan it with the command line's choices (``options``: the method's)."""
+    import torch
+
+    from memopt.api import plan_only
+
+    model, batch = _meta_model(config, args.batch, args.seq, getattr(torch, args.dtype))
+    return plan_only(model, args.budget, batch, args.method, device=args.device, optimizer=args.optimizer,
+                     reserve_gb=args.reserve, planner=planner, progress=progress, **options)
 
 
 def _gib(nbytes: int) -> str:
@@ -185,14 +185,12 @@ def _gib(nbytes: int) -> str:
 def _check_json(path: str | None) -> None:
     if path is None or path == "-":
         return
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise BadInput(f"--json: {path} is a directory; give a file path (or - for stdout)")
-    if not folder.is_dir():
-        raise BadInput(f"--json: cannot write {path}: the folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise BadInput(f"--json: cannot write {path}: not writable")
+    from memopt.plan import check_writable
+
+    try:
+        check_writable(path)
+    except ValueError as exc:
+        raise BadInput(f"--json: {exc} (or give - for stdout)") from None
 
 
 def _check_report(path: str | None) -> None:
@@ -209,9 +207,7 @@ def _check_report(path: str | None) -> None:
 def _alternatives(args: argparse.Namespace, config: Any, options: dict[str, Any], planner: Any,
                   progress: Callable[[str], None]) -> list[str]:
     """When the plan does not fit: the smallest budget with quantized frozen weights, if not asked for already."""
-    import torch
 
-    from memopt.api import plan_only
     from memopt.errors import InfeasibleBudgetError
 
     if args.quantize is not None:
@@ -219,11 +215,8 @@ def _alternatives(args: argparse.Namespace, config: Any, options: dict[str, Any]
     out = []
     for fmt in ("int8", "nf4"):
         progress(f"trying --quantize {fmt}")
-        model, batch = _meta_model(config, args.batch, args.seq, getattr(torch, args.dtype))
         try:
-            plan = plan_only(model, args.budget, batch, args.method, device=args.device, optimizer=args.optimizer,
-                             reserve_gb=args.reserve, planner=planner, progress=None,
-                             **{**options, "quantize": fmt})
+            plan = _plan_model(args, config, {**options, "quantize": fmt}, planner, None)
             least = plan.min_budget_bytes
         except InfeasibleBudgetError as exc:
             plan, least = None, exc.min_budget_bytes

@@ -12,8 +12,9 @@ from memopt.plan.schema import (
     SolverReport,
     StaticMemory,
     TensorDecision,
+    check_writable,
     load_plan,
 )
 
 __all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Action", "MemoryTimeline", "Plan", "PlanFileError",
-           "SolverReport", "StaticMemory", "TensorDecision", "load_plan"]
+           "SolverReport", "StaticMemory", "TensorDecision", "check_writable", "load_plan"]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from memopt.plan.report import format_bytes
+from memopt.plan.schema import check_writable
 
 if TYPE_CHECKING:
     from memopt.plan import Plan
@@ -35,15 +36,7 @@ def check_report_path(path: "str | Path") -> Path:
     path = Path(path)
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"a plan picture is {' or '.join(SUFFIXES)} (by the file's suffix), got {path.name!r}")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ValueError(f"cannot write {path}: the folder {folder} does not exist")
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a directory")
-    import os
-
-    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ValueError(f"cannot write {path}: not writable")
+    check_writable(path)
     _pyplot()
     return path
 

@@ -36,7 +36,7 @@ from memopt.memory.report import MemoryReport
 from memopt.passes.base import ModuleDecision
 
 __all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Action", "Plan", "PlanFileError", "StaticMemory",
-           "TensorDecision", "MemoryTimeline", "SolverReport", "load_plan"]
+           "check_writable", "TensorDecision", "MemoryTimeline", "SolverReport", "load_plan"]
 
 PLAN_FORMAT_VERSION = 4
 _UPGRADABLE = (2, 3)  # older versions read by filling in the fields they lack
@@ -50,14 +50,13 @@ class Action(str, enum.Enum):
     (a tensor others are recomputed from) kept in addition; drop: a recompute source not kept."""
 
     KEEP = "keep"
+    DROP = "drop"
+    SAVE = "save"
     RECOMPUTE = "recompute"
     OFFLOAD = "offload"
-    SAVE = "save"
-    DROP = "drop"
 
 
-RUNTIME_ACTIONS = ("keep", "drop", "save", "recompute", "offload")
-assert set(RUNTIME_ACTIONS) == {a.value for a in Action}
+RUNTIME_ACTIONS = tuple(a.value for a in Action)  # ("keep", "drop", "save", "recompute", "offload")
 
 
 class PlanFileError(ValueError):
@@ -129,9 +128,9 @@ class TensorDecision:
                              f"{', '.join(RUNTIME_ACTIONS)}")
         for name in ("nbytes", "recompute_us", "recompute_flops", "transfer_us", "klass"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _is_count(value):
                 raise ValueError(f"{name} of tensor {self.name!r} must be a non-negative integer, got {value!r}")
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in self.shape):
+        if not all(_is_count(d) for d in self.shape):
             raise ValueError(f"shape of tensor {self.name!r} must hold non-negative integers, got {self.shape!r}")
         if self.point is not None and (isinstance(self.point, bool) or not isinstance(self.point, int)):
             raise ValueError(f"point of tensor {self.name!r} must be an integer or null, got {self.point!r}")
@@ -403,32 +402,34 @@ def _lists_to_tuples(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
-def _parsed(key: str, value: Any, parse: Any) -> Any:
-    """``parse(value)``, its failure named by the field (and the list index, for decision lists)."""
+def _located(where: str, parse: Any, value: Any) -> Any:
+    """``parse(value)``; a failure becomes a ``PlanFileError`` prefixed by ``where`` (a field, a list
+    index), so nested failures read ``field 'tensors'[3]: ...``."""
     try:
         return parse(value)
-    except PlanFileError as exc:
-        raise PlanFileError(f"field {key!r}{exc}" if str(exc).startswith("[") else f"field {key!r}: {exc}") from None
+    except PlanFileError as exc:  # already located below: prefix the outer place
+        raise PlanFileError(f"{where}{exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise PlanFileError(f"field {key!r}: {detail}") from None
+        raise PlanFileError(f"{where}: {detail}") from None
+
+
+def _parsed(key: str, value: Any, parse: Any) -> Any:
+    return _located(f"field {key!r}", parse, value)
 
 
 def _each(values: Any, parse: Any) -> tuple:
     if not isinstance(values, list):
         raise TypeError(f"expected a list, got {type(values).__name__}")
-    out = []
-    for i, value in enumerate(values):
-        try:
-            out.append(parse(value))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-            raise PlanFileError(f"[{i}]: {detail}") from None
-    return tuple(out)
+    return tuple(_located(f"[{i}]", parse, value) for i, value in enumerate(values))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _is_count(value):
         raise ValueError(f"expected a non-negative integer, got {value!r}")
     return value
 
@@ -447,6 +448,22 @@ def _bool(value: Any) -> bool:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a value a plan holds")
+
+
+def check_writable(path: "str | Path") -> Path:
+    """``path`` if a file can be written there (not a directory, an existing writable folder), else a
+    ``ValueError`` saying why; checked before long work whose result goes there."""
+    import os
+
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"cannot write {path}: not writable")
+    return path
 
 
 def load_plan(path: "str | Path") -> Plan:
