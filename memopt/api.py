@@ -260,10 +260,10 @@ def _capture(model: nn.Module, args: tuple, kwargs: dict, cfg: OptimizeConfig,
         raise UnsupportedModelError("S²FT permutes and trains blocks of the weights themselves, which a model loaded "
                                     "quantized by bitsandbytes cannot give; use method='lora' or 'paca' (QLoRA / "
                                     "QPaCA), or load the model in full precision")
-    layers = shadow_for_capture(model, rewrites)
+    adopted = shadow_for_capture(model, rewrites)
     graph = build_model_graph(model, args, kwargs)
-    adopt_shadowed(model, layers, rewrites)
-    return graph, (f"layers loaded by bitsandbytes taken as they are: {describe(layers)}; memopt reads their "
+    adopt_shadowed(adopted, rewrites)
+    return graph, (f"layers loaded by bitsandbytes taken as they are: {describe(adopted)}; memopt reads their "
                    "bytes in place, nothing dequantized or copied",)
 
 

@@ -111,10 +111,10 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.get_default_dtype()
 
 
-def describe(layers: dict[str, nn.Module]) -> str:
+def describe(adopted: "Adopted") -> str:
     """What the adopted layers held, e.g. "30 in NF4 (double quantization), 2 in int8 (LLM.int8)"."""
     counts: dict[str, int] = {}
-    for layer in layers.values():
+    for layer, _ in adopted.values():
         if _kind(layer) == "8bit":
             label = "int8 (LLM.int8 codes; computed as W = CB·SCB/127, without int8 activations)"
         else:
@@ -130,25 +130,25 @@ def _zero_weight(out_features: int, in_features: int, dtype: torch.dtype, device
                         requires_grad=False)
 
 
-def shadow_for_capture(model: nn.Module, log: RewriteLog) -> dict[str, nn.Module]:
+Adopted = dict[str, tuple[nn.Module, QuantizedWeight]]  # by name: the bitsandbytes layer and its bytes
+
+
+def shadow_for_capture(model: nn.Module, log: RewriteLog) -> Adopted:
     """Replace each bitsandbytes layer by a memory-free ``nn.Linear`` of its shape (through ``log``);
-    returns the originals by name. Refuses (before any change) a layer memopt cannot adopt."""
-    layers = bitsandbytes_layers(model)
+    returns the originals with their bytes as memopt's, by name. Refuses (before any change) a layer
+    memopt cannot adopt."""
     dtype = model_dtype(model)
-    adopted = {name: _quantized(name, layer, dtype) for name, layer in layers.items()}  # every refusal first
-    for name, layer in layers.items():
-        qw, compute = adopted[name]
+    adopted = {name: (layer, _quantized(name, layer, dtype)) for name, layer in bitsandbytes_layers(model).items()}
+    for name, (layer, (qw, compute)) in adopted.items():  # every refusal came first
         out_features, in_features = qw.shape
         shadow = nn.Linear(in_features, out_features, bias=False, device="meta")
         shadow.weight = _zero_weight(out_features, in_features, compute, layer.weight.device)
         shadow.bias = layer.bias
         log.replace(name, shadow)
-    return layers
+    return {name: (layer, qw) for name, (layer, (qw, _)) in adopted.items()}
 
 
-def adopt_shadowed(model: nn.Module, layers: dict[str, nn.Module], log: RewriteLog) -> None:
+def adopt_shadowed(adopted: Adopted, log: RewriteLog) -> None:
     """Replace each shadow by a ``QuantLinear`` over the original layer's bytes (no copy)."""
-    dtype = model_dtype(model)
-    for name, layer in layers.items():
-        qw, _ = _quantized(name, layer, dtype)
+    for name, (layer, qw) in adopted.items():
         log.replace(name, QuantLinear(qw, layer.bias, "linear", weight_requires_grad=False))
