@@ -37,19 +37,18 @@ def check_report_path(path: "str | Path") -> Path:
     if path.suffix.lower() not in SUFFIXES:
         raise ValueError(f"a plan picture is {' or '.join(SUFFIXES)} (by the file's suffix), got {path.name!r}")
     check_writable(path)
-    _pyplot()
+    _figure_class()
     return path
 
 
-def _pyplot() -> Any:
+def _figure_class() -> Any:
+    """matplotlib's ``Figure``: drawn straight to a file, no pyplot, so the caller's backend and
+    open figures (a notebook's) are left as they are."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, never a window
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         raise ImportError("drawing a plan needs matplotlib: pip install 'memopt[plot]'") from None
-    return plt
+    return Figure
 
 
 def _unit(largest: int) -> tuple[float, str]:
@@ -58,8 +57,7 @@ def _unit(largest: int) -> tuple[float, str]:
 
 def draw_plan(plan: "Plan", path: "str | Path") -> Path:
     path = check_report_path(path)
-    plt = _pyplot()
-    fig = plt.figure(figsize=(13, 8.5), layout="constrained")
+    fig = _figure_class()(figsize=(13, 8.5), layout="constrained")
     grid = fig.add_gridspec(2, 2, height_ratios=(1.15, 1))
     _timeline(plan, fig.add_subplot(grid[0, :]))
     _at_peak(plan, fig.add_subplot(grid[1, 0]))
@@ -68,7 +66,6 @@ def draw_plan(plan: "Plan", path: "str | Path") -> Path:
     fig.suptitle(f"{plan.model}: {plan.method} on {plan.device.name}, {shapes}, budget "
                  f"{format_bytes(plan.budget_bytes)}", fontsize=13)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
