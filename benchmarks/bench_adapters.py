@@ -206,7 +206,8 @@ def breakdown(results: list[Result]) -> str:
 
 def profile(name: str, build: Callable, shape: Shape, rank: int, top: int = 14) -> None:
     """Self CPU time per (op, input shapes) over one steady-state step, for the step-time analysis."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     batch = lm_batch(shape)
     model = build(llama(shape), batch, rank)

@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from memopt.memory import MemoryReport, simulate_step
+from memopt.optim import factory as optim_factory
 
 
 def llama2_7b(layers: int) -> torch.nn.Module:
@@ -31,7 +32,7 @@ def llama2_7b(layers: int) -> torch.nn.Module:
 def timed(model: torch.nn.Module, seq: int) -> tuple[MemoryReport, float]:
     ids = torch.zeros(1, seq, dtype=torch.long, device="meta")
     start = time.perf_counter()
-    report = simulate_step(model, {"input_ids": ids, "labels": ids.clone()}, optimizer="adamw", device="cuda")
+    report = simulate_step(model, {"input_ids": ids, "labels": ids.clone()}, optimizer=optim_factory("adamw"), device="cuda")
     return report, time.perf_counter() - start
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from memopt.optim import factory as optim_factory
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import memopt  # noqa: E402
@@ -51,7 +53,7 @@ def real_step_peak(optimized: memopt.OptimizedModel, batch: dict) -> int:
 def row(name: str, optimized: memopt.OptimizedModel, batch: dict, device: str, real: bool) -> None:
     plan = optimized.plan
     granularity = plan.device.alloc_granularity
-    simulated = simulate_step(optimized, batch, optimizer="adamw", device=device, round_to=granularity).peak_bytes
+    simulated = simulate_step(optimized, batch, optimizer=optim_factory("adamw"), device=device, round_to=granularity).peak_bytes
     measured_real = real_step_peak(optimized, batch) if real else None
     report = optimized.runtime.reports[-1] if optimized.runtime is not None else None
     actions = plan.bytes_by_action()

@@ -9,6 +9,7 @@ from memopt.api import from_pretrained, optimize
 from memopt.config import (
     DEVICE_PRESETS,
     DeviceSpec,
+    FullConfig,
     LoraConfig,
     OptimizeConfig,
     PacaConfig,
@@ -16,6 +17,7 @@ from memopt.config import (
     S2ftConfig,
 )
 from memopt.errors import InfeasibleBudgetError, MemoptError, PlanMismatchError, UnsupportedModelError
+from memopt.optim import OptimizerConfig
 from memopt.plan import Action, Plan, PlanFileError, load_plan
 from memopt.planner.solve import PlannerConfig
 from memopt.runtime.optimized import OptimizedModel
@@ -27,6 +29,8 @@ __all__ = [
     "LoraConfig",
     "PacaConfig",
     "S2ftConfig",
+    "FullConfig",
+    "OptimizerConfig",
     "QuantizeConfig",
     "DeviceSpec",
     "DEVICE_PRESETS",

@@ -12,24 +12,20 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from memopt import pipeline
 from memopt.config import GIB, OptimizeConfig, QuantizeConfig, with_peft_default_targets
-from memopt.errors import InfeasibleBudgetError, UnsupportedModelError
-from memopt.ir.joint import JointGraph, JointTrace, trace_joint_graph
-from memopt.ir.structure import ModelGraph, build_model_graph
-from memopt.kernels.dequant import simulating
-from memopt.memory.autocast import autocast_state, on_target
+from memopt.errors import InfeasibleBudgetError
+from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_dtypes, input_shapes, normalize_inputs, tensor_inputs, training_kwargs
-from memopt.memory.report import MemoryReport
-from memopt.memory.simulate import simulate_step
-from memopt.passes import QUANTIZE, REWRITTEN, ModuleDecision, PassResult, RewriteLog, get_pass
+from memopt.optim import OptimizerConfig
+from memopt.passes import REWRITTEN, RewriteLog, get_pass, rewrite
 from memopt.passes.quantize import QuantLinear
+from memopt.pipeline import Job
 from memopt.plan import Plan
 from memopt.plan.report import format_bytes
-from memopt.planner.problem import Choice, PlanningProblem, build_problem, step_peak, with_optimizer_peak
-from memopt.planner.solve import ActivationPlan, PlannerConfig, decisions_for, plan_activations, plan_fields
+from memopt.planner.solve import PlannerConfig, plan_fields
 from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.optimized import LARGER_INPUTS, OptimizedModel, wrap
-from memopt.runtime.partition import plan_partition
 
 __all__ = ["optimize", "plan_only"]
 
@@ -44,6 +40,7 @@ def optimize(
     *,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     optimizer: str = "adamw",
+    optimizer_options: dict[str, Any] | None = None,
     device: Any = None,
     reserve_gb: float | None = None,
     planner: PlannerConfig | None = None,
@@ -66,7 +63,12 @@ def optimize(
             options beside it override its fields), or a ``peft.LoraConfig``.
         loss_fn: ``loss_fn(output, (args, kwargs)) -> scalar`` for the simulated training step;
             not needed when the model returns its own ``.loss`` (HF models given labels).
-        optimizer: the optimizer whose states are counted, ``"adamw"`` by default.
+        optimizer: the optimizer the plan counts (its states and step transients, measured), a name in
+            ``memopt.optim.OPTIMIZERS`` — ``"adamw"`` (default), ``"adam"``, ``"sgd"``, ``"adamw8bit"``,
+            ``"galore-adamw"``, ``"galore-adamw8bit"``, ``"apollo"``, ``"apollo-mini"``, ... — or a
+            ``memopt.OptimizerConfig``; ``optimizer_options`` are its constructor's options (``rank``,
+            ``update_proj_gap``, ...), checked before anything runs. The returned model's
+            ``make_optimizer(lr=...)`` builds that optimizer over the trainable parameters.
         device: the target device, a preset name (``"rtx4090"``, ``"a100-80gb"``, ``"cuda"``,
             ``"cpu"``) or a ``DeviceSpec``; default: where the parameters live. A plan for a GPU
             can be made on a machine without one.
@@ -137,20 +139,17 @@ def optimize(
     if larger_inputs not in LARGER_INPUTS:
         raise ValueError(f"larger_inputs must be one of {LARGER_INPUTS}, got {larger_inputs!r}")
     _refuse_rewritten(model)
-    cfg = _job_config(model, method, budget_gb, optimizer=optimizer, device=device or _parameter_device(model),
-                      reserve_gb=reserve_gb, **options)
+    cfg = _job_config(model, method, budget_gb, optimizer=optimizer, optimizer_options=optimizer_options,
+                      device=device or _parameter_device(model), reserve_gb=reserve_gb, **options)
     args, kwargs = normalize_inputs(example_inputs)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)  # the step as the returned model runs it
     _check_example(model, bound)
+    job = Job(model, (args, kwargs), bound, cfg, planner or PlannerConfig(), loss_fn, lower=compile)
     with _train_mode(model):  # a training step's mode, whatever mode the model came in
         rewrites = RewriteLog(model)
         try:
-            # Capture once, before rewriting: the structure (roles, heads, couplings) comes from dataflow.
-            graph, notes = _capture(model, args, kwargs, cfg, rewrites)
-            plan = _plan(model, cfg, planner or PlannerConfig(), graph, bound, (args, kwargs), loss_fn, rewrites,
-                         simulate=True, lower=compile)
-            plan = dataclasses.replace(plan, notes=notes + plan.notes) if notes else plan
+            plan = _plan(job, rewrites)
         except BaseException:
             rewrites.undo()
             raise
@@ -206,7 +205,8 @@ def from_pretrained(
         if device is None and plan is not None:
             device = plan.device
         optimized = optimize(model, budget_gb, example_inputs, checkpoint.method, loss_fn=loss_fn,
-                             optimizer=plan.optimizer if plan is not None else "adamw", device=device,
+                             optimizer=plan.optimizer if plan is not None else "adamw",
+                             optimizer_options=dict(plan.optimizer_options) if plan is not None else None, device=device,
                              planner=planner, compile=compile, larger_inputs=larger_inputs, **options)
         try:
             load_trained(optimized.model, checkpoint)
@@ -219,6 +219,7 @@ def from_pretrained(
         raise TypeError(f"{directory} holds no memopt plan (a PEFT adapter): give budget_gb and example_inputs")
     _refuse_rewritten(model)
     cfg = OptimizeConfig.from_options(checkpoint.method, plan.budget_bytes / GIB, optimizer=plan.optimizer,
+                                      optimizer_options=dict(plan.optimizer_options),
                                       device=plan.device if device is None else device,
                                       reserve_gb=plan.reserve_bytes / GIB, **options)
     kwargs = _inputs_of(plan, _parameter_device(model))
@@ -227,8 +228,10 @@ def from_pretrained(
     with _train_mode(model):
         rewrites = RewriteLog(model)
         try:
-            graph, _ = _capture(model, (), kwargs, cfg, rewrites)
-            _rewrite(model, graph, cfg, cfg.quantize if isinstance(cfg.quantize, QuantizeConfig) else None, rewrites)
+            job = Job(model, ((), kwargs), bound, cfg, planner or PlannerConfig(), loss_fn)
+            captured = pipeline.capture(job, rewrites)
+            rewrite(model, captured.graph, cfg.method_config,
+                    cfg.quantize if isinstance(cfg.quantize, QuantizeConfig) else None, rewrites)
             load_trained(model, checkpoint)
             optimized = wrap(model, plan, _merge_fn(cfg), rewrites.original_requires_grad(),
                              config=(cfg, _applied_quantize(cfg, model)))
@@ -242,29 +245,6 @@ def from_pretrained(
         except BaseException:
             rewrites.undo()
             raise
-
-
-def _capture(model: nn.Module, args: tuple, kwargs: dict, cfg: OptimizeConfig,
-             rewrites: RewriteLog) -> tuple[ModelGraph, tuple[str, ...]]:
-    """The model's structure, captured before rewriting. Layers loaded quantized by bitsandbytes
-    are shadowed by memory-free Linears for the capture, then become ``QuantLinear`` layers over
-    their own bytes (``memopt.passes.bitsandbytes``); the notes say so."""
-    from memopt.passes.bitsandbytes import adopt_shadowed, bitsandbytes_layers, describe, shadow_for_capture
-
-    if not bitsandbytes_layers(model):
-        return build_model_graph(model, args, kwargs), ()
-    if cfg.quantize is not None:
-        raise ValueError("this model was loaded quantized by bitsandbytes; its layers are taken as they are, so "
-                         "leave quantize= unset")
-    if cfg.method == "s2ft":
-        raise UnsupportedModelError("S²FT permutes and trains blocks of the weights themselves, which a model loaded "
-                                    "quantized by bitsandbytes cannot give; use method='lora' or 'paca' (QLoRA / "
-                                    "QPaCA), or load the model in full precision")
-    adopted = shadow_for_capture(model, rewrites)
-    graph = build_model_graph(model, args, kwargs)
-    adopt_shadowed(adopted, rewrites)
-    return graph, (f"layers loaded by bitsandbytes taken as they are: {describe(adopted)}; memopt reads their "
-                   "bytes in place, nothing dequantized or copied",)
 
 
 def _inputs_of(plan: Plan, device: str) -> dict[str, torch.Tensor]:
@@ -294,6 +274,7 @@ def plan_only(
     *,
     device: Any,
     optimizer: str = "adamw",
+    optimizer_options: dict[str, Any] | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     reserve_gb: float | None = None,
     planner: PlannerConfig | None = None,
@@ -309,165 +290,47 @@ def plan_only(
     ``simulate`` the eager step is not simulated: the prediction is the joint trace's alone
     (not measured: ``plan.memory`` is None), which is what makes 70B-sized plans quick.
     """
-    cfg = _job_config(model, method, budget_gb, optimizer=optimizer, device=device, reserve_gb=reserve_gb, **options)
+    cfg = _job_config(model, method, budget_gb, optimizer=optimizer, optimizer_options=optimizer_options, device=device,
+                      reserve_gb=reserve_gb, **options)
     args, kwargs = normalize_inputs(example_inputs)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)  # the step as the returned model runs it
-    _say(progress, f"capturing {type(model).__name__}")
-    graph = build_model_graph(model, args, kwargs)
-    return _plan(model, cfg, planner or PlannerConfig(), graph, bound, (args, kwargs), loss_fn, RewriteLog(model),
-                 simulate=simulate, progress=progress)
+    job = Job(model, (args, kwargs), bound, cfg, planner or PlannerConfig(), loss_fn, simulate=simulate,
+              progress=progress)
+    return _plan(job, RewriteLog(model))
 
 
-def _plan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, graph: ModelGraph,
-          bound: inspect.BoundArguments, inputs: tuple[tuple, dict], loss_fn: Any, rewrites: RewriteLog, *,
-          simulate: bool, progress: Callable[[str], None] | None = None, lower: bool = False) -> Plan:
-    """The stages after capture: rewrite, (simulate), trace, plan. Requires ``graph`` of ``model``.
-
-    ``quantize="auto"`` plans unquantized, then int8, then nf4 (least lossy first), undoing the
-    rewrites between tries, and keeps the first that fits; the Plan's notes say why.
-    """
-    attempt = functools.partial(_plan_with, model, cfg, planner=planner, graph=graph, bound=bound, inputs=inputs,
-                                loss_fn=loss_fn, rewrites=rewrites, simulate=simulate, progress=progress, lower=lower)
-    if cfg.quantize == "auto":
-        return _plan_auto(attempt, cfg, rewrites, progress)
-    return attempt(cfg.quantize)
-
-
-def _plan_with(model: nn.Module, cfg: OptimizeConfig, quant: QuantizeConfig | None, *, planner: PlannerConfig,
-               graph: ModelGraph, bound: inspect.BoundArguments, inputs: tuple[tuple, dict], loss_fn: Any,
-               rewrites: RewriteLog, simulate: bool, progress: Callable[[str], None] | None, lower: bool = False,
-               weights_must_fit: bool = False) -> Plan:
-    """One plan of ``cfg.method`` on weights quantized by ``quant`` (None: as they are)."""
-    # Rewrite in place through the undo log; everything after measures the rewritten model.
-    _say(progress, f"applying {cfg.method}" + ("" if quant is None else f" on {quant.format} weights"))
-    result = _rewrite(model, graph, cfg, quant, rewrites)
-    if weights_must_fit and (weights := _weight_bytes(model)) > cfg.usable_bytes:  # a lower bound: skip the trace
-        raise _WeightsExceed(weights)
-    memory, trace, activations = _plan_step(model, cfg, planner, inputs, loss_fn, simulate=simulate,
-                                            progress=progress, lower=lower)
-    return _make_plan(model, cfg, bound, graph, result, memory, trace, activations)
-
-
-def _plan_step(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, inputs: tuple[tuple, dict],
-               loss_fn: Any, *, simulate: bool, progress: Callable[[str], None] | None,
-               lower: bool = False) -> tuple[MemoryReport | None, JointTrace, ActivationPlan]:
-    """(Simulate,) trace and plan the training step of the rewritten ``model`` on ``inputs``.
-
-    The plan's peak is measured, not modelled: each candidate plan is lowered onto the traced
-    joint graph as the runtime lowers it and its liveness swept (``_measure``); the model as it is
-    is measured by the simulated eager step. ``lower``: the step is lowered whatever the plan."""
-    memory = None
-    # Quantized GEMMs as the target device runs them (CUDA: fused, no W), under its autocast.
-    with simulating(cfg.device.kind), on_target(cfg.device.kind):
-        if simulate:
-            # The eager step the user will run, with every activation kept: exact bytes (ground truth).
-            _say(progress, "simulating the eager step")
-            memory = simulate_step(model, inputs, loss_fn=loss_fn, optimizer=cfg.optimizer,
-                                   device=cfg.device.kind, round_to=cfg.device.alloc_granularity)
-        # The same step as one joint graph: what backward needs, when, and what recomputing it costs.
-        _say(progress, "tracing the joint forward + backward step")
-        trace, joint = trace_joint_graph(model, inputs, loss_fn=loss_fn, optimizer=cfg.optimizer,
-                                         device=cfg.device.kind, granularity=cfg.device.alloc_granularity)
-    problem = _problem(trace, cfg, planner)
-    if memory is not None:  # the optimizer step runs as it is: its simulated peak
-        problem = with_optimizer_peak(problem, memory.phase_peaks.get("optimizer"))
-    # Keep / recompute / offload each saved activation: the fastest plan inside the budget.
-    _say(progress, f"planning {len(problem.candidates)} saved tensors ({problem.num_classes} decision classes) "
-                   f"for {cfg.usable_bytes / GIB:.2f} GiB usable (traced in {trace.trace_seconds:.1f} s)")
-    activations = plan_activations(problem, cfg.usable_bytes, planner, reserve_bytes=cfg.reserve_bytes,
-                                   what=f"{cfg.method} on {type(model).__name__}", progress=progress,
-                                   as_is_bytes=None if memory is None else _step_peak(memory),
-                                   measure=_measure(joint, problem), lower=lower)
-    return memory, trace, activations
-
-
-def _measure(joint: JointGraph, problem: PlanningProblem) -> Callable[[tuple[Choice, ...]], int]:
-    """The exact forward + backward peak of an assignment's lowered step: the traced joint graph
-    partitioned by it as the runtime partitions it (recomputation placed by torch's partitioner,
-    RNG state saved for replayed random ops, offload copies), its liveness swept."""
-    cache: dict[tuple[Choice, ...], int] = {}
-
-    def measure(choices: tuple[Choice, ...]) -> int:
-        if choices not in cache:
-            partition = plan_partition(decisions_for(problem, choices), offload_mode="simulated", check_layout=True,
-                                       allow_constants=True)
-            cache[choices] = step_peak(joint.partitioned(partition))[0]
-        return cache[choices]
-
-    return measure
-
-
-def _rewrite(model: nn.Module, graph: ModelGraph, cfg: OptimizeConfig, quant: QuantizeConfig | None,
-             rewrites: RewriteLog) -> PassResult:
-    """The method's pass, composed with the quantize pass when ``quant`` is given."""
-    method = get_pass(cfg.method)
-    if quant is None:
-        return method.apply(model, graph, cfg.method_config, rewrites)
-    if cfg.method == "s2ft":
-        # S²FT permutes weights in place and trains dense blocks of some: it runs first, and the
-        # weights it trains stay in full precision ("all-linear"), or are refused if named.
-        result = method.apply(model, graph, cfg.method_config, rewrites)
-        keep = {d.name: "S²FT trains a dense block of each (a quantized weight cannot be trained)"
-                for d in result.decisions if d.trainable_params} if quant.target_modules == "all-linear" else {}
-        return _combined(result, QUANTIZE.apply(model, graph, quant, rewrites, keep=keep))
-    # QLoRA / QPaCA: quantize the frozen base weights (the method freezes every parameter anyway),
-    # then the adapter wraps each QuantLinear.
-    rewrites.freeze(model.parameters())
-    quantized = QUANTIZE.apply(model, graph, quant, rewrites)
-    return _combined(method.apply(model, graph, cfg.method_config, rewrites), quantized)
-
-
-def _combined(result: PassResult, quantized: PassResult) -> PassResult:
-    """The method's decisions, each quantized layer's marked ``method+format`` with its bytes."""
-    by_name = {d.name: d for d in quantized.decisions}
-    decisions = [_with_format(d, by_name.pop(d.name, None)) for d in result.decisions]
-    return PassResult(result.module, tuple(decisions) + tuple(by_name.values()), result.notes + quantized.notes)
-
-
-def _with_format(decision: ModuleDecision, quantized: ModuleDecision | None) -> ModuleDecision:
-    if quantized is None:
-        return decision
-    q = quantized.details
-    extra = {"quantized_bytes": q["bytes"], "dense_bytes": q["dense_bytes"]}
-    if "last_block" in q:
-        extra["last_block"] = q["last_block"]
-    return dataclasses.replace(decision, method=f"{decision.method}+{q['format']}",
-                               details={**decision.details, **extra})
-
-
-class _WeightsExceed(Exception):
-    """The rewritten model's weights alone exceed the usable budget (``quantize="auto"``'s early out)."""
-
-    def __init__(self, nbytes: int) -> None:
-        super().__init__(nbytes)
-        self.nbytes = nbytes
-
-
-def _weight_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and of the quantized weights' buffers: a lower bound of any step's peak."""
-    quantized = (b for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers(recurse=False))
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *quantized))
+def _plan(job: Job, rewrites: RewriteLog) -> Plan:
+    """Capture once, then the pipeline's plan; ``quantize="auto"`` plans unquantized, then int8, then
+    nf4 (least lossy first), undoing the rewrites between tries, and keeps the first that fits."""
+    captured = pipeline.capture(job, rewrites)
+    attempt = functools.partial(pipeline.plan, job, captured, rewrites)
+    if job.config.quantize == "auto":
+        return _plan_auto(attempt, job, rewrites)
+    return attempt(job.config.quantize)
 
 
 _AUTO_FORMATS = (None, "int8", "nf4")  # least lossy first: int8 keeps ~0.5 % of a weight's error, nf4 ~9 %
 
 
-def _plan_auto(attempt: Callable[..., Plan], cfg: OptimizeConfig, rewrites: RewriteLog,
-               progress: Callable[[str], None] | None) -> Plan:
+def _plan_auto(attempt: Callable[..., Plan], job: Job, rewrites: RewriteLog) -> Plan:
     """``quantize="auto"``: the least lossy of unquantized, int8, nf4 whose plan fits."""
+    cfg = job.config
     usable = f"{format_bytes(cfg.usable_bytes)} usable"
     tried: list[str] = []
-    for fmt in _AUTO_FORMATS:
-        label, last = fmt or "unquantized", fmt == _AUTO_FORMATS[-1]
+    formats = (None,) if get_pass(cfg.method_config).quantize == "never" else _AUTO_FORMATS
+    for fmt in formats:
+        label, last = fmt or "unquantized", fmt == formats[-1]
         try:
             plan = attempt(None if fmt is None else QuantizeConfig(format=fmt), weights_must_fit=not last)
-        except _WeightsExceed as exc:
+        except pipeline.WeightsExceed as exc:
             tried.append(f"{label}: the weights alone take {format_bytes(exc.nbytes)} > {usable}")
         except InfeasibleBudgetError as exc:
             if last:
+                what = "nf4, the most compressed" if fmt == "nf4" else (
+                    f"unquantized, the only option ({get_pass(cfg.method_config).label} trains the weights themselves)")
                 raise InfeasibleBudgetError(
-                    f"quantize='auto': no option fits ({'; '.join(tried)}); nf4, the most compressed: "
+                    f"quantize='auto': no option fits ({'; '.join(tried) or 'nothing else to try'}); {what}: "
                     f"{str(exc).splitlines()[0]}", predicted_bytes=exc.predicted_bytes, budget_bytes=exc.budget_bytes,
                     min_budget_bytes=exc.min_budget_bytes, breakdown=exc.breakdown) from exc
             tried.append(f"{label} needs a budget of {format_bytes(exc.min_budget_bytes)} > "
@@ -476,7 +339,7 @@ def _plan_auto(attempt: Callable[..., Plan], cfg: OptimizeConfig, rewrites: Rewr
             fits = f"{label} fits at a predicted peak of {format_bytes(plan.predicted_peak_bytes)} of {usable}"
             note = f"quantize='auto' chose {fmt or 'no quantization'}: " + "; ".join([*tried, fits])
             return dataclasses.replace(plan, notes=plan.notes + (note,))
-        _say(progress, f"quantize='auto': {tried[-1]}; undoing it, trying the next option")
+        job.say(f"quantize='auto': {tried[-1]}; undoing it, trying the next option")
         rewrites.undo()
     raise AssertionError("unreachable: the last option returns or raises")
 
@@ -485,17 +348,15 @@ def _job_config(model: nn.Module, method: Any, budget_gb: Any, **options: Any) -
     """The call's options as a validated config, before the model is captured or changed: a
     ``peft.LoraConfig`` without targets gets PEFT's for this model, and the optimizer must be one the
     plan can count."""
-    from memopt.memory import OPTIMIZERS
-
-    cfg = OptimizeConfig.from_options(with_peft_default_targets(method, model), budget_gb, **options)
-    if not isinstance(cfg.optimizer, str) or cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+    optimizer, given = options.pop("optimizer", "adamw"), options.pop("optimizer_options", None)
+    if isinstance(optimizer, OptimizerConfig):
+        optimizer, given = optimizer.name, {**optimizer.options, **(given or {})}
+    checked = OptimizerConfig(optimizer, given or {})  # an unknown name or option fails here, before capture
+    cfg = OptimizeConfig.from_options(with_peft_default_targets(method, model), budget_gb, optimizer=checked.name,
+                                      optimizer_options=dict(checked.options), **options)
+    if cfg.quantize not in (None, "auto") and get_pass(cfg.method_config).quantize == "never":
+        raise ValueError(get_pass(cfg.method_config).bitsandbytes)
     return cfg
-
-
-def _say(progress: Callable[[str], None] | None, message: str) -> None:
-    if progress is not None:
-        progress(message)
 
 
 def _parameter_device(model: nn.Module) -> str:
@@ -517,56 +378,9 @@ def _bind_inputs(model: nn.Module, args: tuple, kwargs: dict) -> inspect.BoundAr
         ) from None
 
 
-def _problem(trace: JointTrace, cfg: OptimizeConfig, planner: PlannerConfig) -> PlanningProblem:
-    return build_problem(trace, cfg.device, allow_recompute=planner.allow_recompute,
-                         allow_offload=planner.allow_offload, allow_rng_recompute=planner.allow_rng_recompute)
-
-
-def _step_peak(memory: MemoryReport) -> int:
-    """The simulated eager step's peak over forward and backward (what the activations decide)."""
-    return max(memory.phase_peaks.get(phase, 0) for phase in ("forward", "backward"))
-
-
-def _make_plan(model: nn.Module, cfg: OptimizeConfig, bound: inspect.BoundArguments, graph: ModelGraph,
-               result: PassResult, memory: MemoryReport | None, trace: JointTrace, activations: ActivationPlan) -> Plan:
-    params = list(model.parameters())
-    captured = graph.captured
-    notes = list(captured.notes) + list(graph.notes) + list(result.notes)
-    if cfg.device.kind == "cuda":
-        notes.append(f"device reserve {cfg.reserve_bytes / GIB:.3f} GiB for the CUDA context and allocator slack; "
-                     f"every block rounded up to {cfg.device.alloc_granularity} bytes")
-    notes.append("offload timing: each copy is on device for its own transfer time; queueing behind other copies "
-                 "adds exposed time, not residency")
-    if memory is None:
-        notes.append("the model as it is was not simulated (planned from the joint trace alone)")
-    return Plan(
-        model=type(model).__name__,
-        method=cfg.method,
-        method_config=dataclasses.asdict(cfg.method_config),
-        optimizer=cfg.optimizer,
-        device=cfg.device,
-        budget_bytes=cfg.budget_bytes,
-        reserve_bytes=cfg.reserve_bytes,
-        input_shapes=input_shapes(bound),
-        input_dtypes=input_dtypes(bound),
-        training=model.training,
-        autocast=autocast_state(cfg.device.kind),
-        capture=captured.method,
-        modules=result.decisions,
-        trainable_params=sum(p.numel() for p in params if p.requires_grad),
-        total_params=sum(p.numel() for p in params),
-        memory=memory,
-        notes=tuple(notes),
-        fingerprint=structural_fingerprint(model),
-        **plan_fields(activations, trace_seconds=trace.trace_seconds,
-                      applied_peak_bytes=None if memory is None else memory.peak_bytes,
-                      op_flops=[op.flops for op in trace.ops]),
-    )
-
-
 def _merge_fn(cfg: OptimizeConfig) -> Callable[[nn.Module], nn.Module]:
     """What ``OptimizedModel.merge`` runs: the method's merge."""
-    return get_pass(cfg.method).merge
+    return get_pass(cfg.method_config).merge
 
 
 def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_fn: Any, lower: bool, old: Plan,
@@ -578,8 +392,8 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     args, kwargs = _widest(bound, old.input_shapes)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)
-    memory, trace, activations = _plan_step(model, cfg, planner, (args, kwargs), loss_fn or _own_loss_or_every_output,
-                                            simulate=True, progress=None, lower=lower)
+    job = Job(model, (args, kwargs), bound, cfg, planner, loss_fn or _own_loss_or_every_output, lower=lower)
+    memory, trace, activations = pipeline.plan_step(job)
     notes = tuple(n for n in old.notes if not n.startswith("re-planned")) + (
         f"re-planned for inputs {input_shapes(bound)} in {'train' if model.training else 'eval'} mode"
         f"{'' if autocast_state(cfg.device.kind) is None else ' under autocast ' + str(autocast_state(cfg.device.kind))}"

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -80,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from memopt.config import METHOD_CONFIGS
-    from memopt.memory import OPTIMIZERS
+    from memopt.optim import OPTIMIZERS
 
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="memopt", description="Plan PyTorch training steps inside a memory budget.",
@@ -103,7 +104,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--quantize", choices=("nf4", "int8", "auto"),
                       help="store the frozen Linear weights quantized (QLoRA / QPaCA); auto: only if needed to fit")
     plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    plan.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS))
+    plan.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS),
+                      help="the optimizer the plan counts (full training: galore-adamw8bit, apollo-mini, ...)")
+    plan.add_argument("--optimizer-rank", type=int, help="the projection rank of galore-* and apollo*")
+    plan.add_argument("--optimizer-gap", type=int, help="steps between projection refreshes (update_proj_gap)")
     plan.add_argument("--reserve", type=float, help="GiB kept free for the CUDA context (default: the device's)")
     plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per phase")
     plan.add_argument("--no-offload", action="store_true", help="never offload activations to host")
@@ -131,6 +135,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.seq < 1:
         raise BadInput(f"--batch and --seq must be positive, got {args.batch} and {args.seq}")
     options = _method_options(args)
+    _optimizer_options(args)
     _check_report(args.report)  # before the long work
     _check_json(args.json)
     if not args.budget > 0:
@@ -172,7 +177,8 @@ def _plan_model(args: argparse.Namespace, config: Any, options: dict[str, Any], 
 
     model, batch = _meta_model(config, args.batch, args.seq, getattr(torch, args.dtype))
     return plan_only(model, args.budget, batch, args.method, device=args.device, optimizer=args.optimizer,
-                     reserve_gb=args.reserve, planner=planner, progress=progress, **options)
+                     optimizer_options=_optimizer_options(args), reserve_gb=args.reserve, planner=planner,
+                     progress=progress, **options)
 
 
 def _gib(nbytes: int) -> str:
@@ -206,33 +212,57 @@ def _check_report(path: str | None) -> None:
 
 def _alternatives(args: argparse.Namespace, config: Any, options: dict[str, Any], planner: Any,
                   progress: Callable[[str], None]) -> list[str]:
-    """When the plan does not fit: the smallest budget with quantized frozen weights, if not asked for already."""
-
+    """When the plan does not fit: the smallest budget with quantized frozen weights, if not asked for
+    already; for a method that trains the weights themselves (full), with the leanest optimizers."""
     from memopt.errors import InfeasibleBudgetError
+    from memopt.passes import get_pass
 
-    if args.quantize is not None:
+    if get_pass(args.method).quantize == "never":
+        lean = {"optimizer_rank": None, "optimizer_gap": None}  # each at its own default rank and gap
+        tries = [(f"--optimizer {name} (its default rank)", argparse.Namespace(**{**vars(args), **lean, "optimizer": name}),
+                  options) for name in ("galore-adamw8bit", "apollo-mini") if name != args.optimizer]
+    elif args.quantize is None:
+        tries = [(f"--quantize {fmt}", args, {**options, "quantize": fmt}) for fmt in ("int8", "nf4")]
+    else:
         return []
     out = []
-    for fmt in ("int8", "nf4"):
-        progress(f"trying --quantize {fmt}")
+    for label, tried, tried_options in tries:
+        progress(f"trying {label}")
         try:
-            plan = _plan_model(args, config, {**options, "quantize": fmt}, planner, None)
+            plan = _plan_model(tried, config, tried_options, planner, None)
             least = plan.min_budget_bytes
         except InfeasibleBudgetError as exc:
             plan, least = None, exc.min_budget_bytes
         verdict = "fits" if plan is not None else "does not fit either"
-        out.append(f"with --quantize {fmt}: smallest feasible budget {_gib(least)} GiB ({verdict} in "
-                   f"{args.budget:g} GiB)")
+        out.append(f"with {label}: smallest feasible budget {_gib(least)} GiB ({verdict} in {args.budget:g} GiB)")
     return out
 
 
 def _method_options(args: argparse.Namespace) -> dict[str, Any]:
+    from memopt.config import METHOD_CONFIGS
+
     options: dict[str, Any] = {} if args.quantize is None else {"quantize": args.quantize}
     if args.rank is None:
         return options
-    if args.method == "s2ft":
-        raise BadInput("--rank is for lora and paca; s2ft selects heads and channels by ratio")
+    with_rank = sorted(name for name, cls in METHOD_CONFIGS.items() if "rank" in {f.name for f in fields(cls)})
+    if args.method not in with_rank:
+        raise BadInput(f"--rank is for {' and '.join(with_rank)} (the adapter rank); {args.method} has none"
+                       + (" (the optimizer's rank is --optimizer-rank)" if args.method == "full" else ""))
     return {**options, "rank": args.rank}
+
+
+def _optimizer_options(args: argparse.Namespace) -> dict[str, Any]:
+    from memopt.optim import OPTIMIZERS
+
+    options = {name: value for name, value in (("rank", args.optimizer_rank), ("update_proj_gap", args.optimizer_gap))
+               if value is not None}
+    unknown = sorted(set(options) - OPTIMIZERS[args.optimizer].options)
+    if unknown:
+        flags = {"rank": "--optimizer-rank", "update_proj_gap": "--optimizer-gap"}
+        takes = sorted(n for n, spec in OPTIMIZERS.items() if set(unknown) <= spec.options)
+        raise BadInput(f"{', '.join(flags[u] for u in unknown)} is not an option of --optimizer {args.optimizer}; "
+                       f"optimizers that take it: {', '.join(takes)}")
+    return options
 
 
 def _version() -> str:

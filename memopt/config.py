@@ -24,6 +24,7 @@ __all__ = [
     "LoraConfig",
     "PacaConfig",
     "S2ftConfig",
+    "FullConfig",
     "METHOD_CONFIGS",
     "QUANT_FORMATS",
     "QuantizeConfig",
@@ -179,7 +180,32 @@ class S2ftConfig(MethodConfig):
         _check_seed(self.seed)
 
 
-METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"lora": LoraConfig, "paca": PacaConfig, "s2ft": S2ftConfig}
+@dataclass(frozen=True)
+class FullConfig(MethodConfig):
+    """Full-parameter training: every parameter of the model trains, or with ``target_modules`` only
+    those — a regex fullmatched against parameter names, or a list of module names (every parameter
+    under them). The optimizer is where the memory goes: pair it with ``optimizer="galore-adamw8bit"``
+    or ``"apollo-mini"`` (``memopt.optim``)."""
+
+    method: ClassVar[str] = "full"
+    target_modules: Any = None
+
+    def __post_init__(self) -> None:
+        targets = self.target_modules
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as exc:
+                raise ValueError(f"target_modules={targets!r} is not a valid regular expression: {exc}") from None
+        elif targets is not None:
+            if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ValueError(f"target_modules must be None (every parameter), a regex over parameter names or a "
+                                 f"list of module names, got {targets!r}")
+            object.__setattr__(self, "target_modules", tuple(targets))
+
+
+METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"lora": LoraConfig, "paca": PacaConfig, "s2ft": S2ftConfig,
+                                                  "full": FullConfig}
 
 QUANT_FORMATS = ("nf4", "int8")
 _QUANTIZE_CHOICES = (None, *QUANT_FORMATS, "auto")
@@ -256,6 +282,7 @@ class OptimizeConfig:
     budget_gb: float
     method_config: MethodConfig = field(default_factory=LoraConfig)
     optimizer: str = "adamw"
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
     device: DeviceSpec = field(default_factory=lambda: DEVICE_PRESETS["cpu"])
     reserve_gb: float | None = None
     quantize: QuantizeConfig | str | None = None
@@ -291,7 +318,8 @@ class OptimizeConfig:
         return self.budget_bytes - self.reserve_bytes
 
     @classmethod
-    def from_options(cls, method: str, budget_gb: Any, *, optimizer: str = "adamw", device: Any = "cpu",
+    def from_options(cls, method: str, budget_gb: Any, *, optimizer: str = "adamw",
+                     optimizer_options: Mapping[str, Any] | None = None, device: Any = "cpu",
                      reserve_gb: float | None = None, quantize: Any = None,
                      **method_options: Any) -> "OptimizeConfig":
         """Build from `optimize`'s keyword options; unknown options are an error, never ignored.
@@ -309,7 +337,7 @@ class OptimizeConfig:
             method, method_options = method.method, {**given, **beside}
         if not isinstance(method, str) or method not in METHOD_CONFIGS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_CONFIGS)}, a method config "
-                             "(memopt.LoraConfig(...), PacaConfig, S2ftConfig) or a peft.LoraConfig")
+                             "(memopt.LoraConfig(...), PacaConfig, S2ftConfig, FullConfig) or a peft.LoraConfig")
         method_cls = METHOD_CONFIGS[method]
         if method == "lora":
             method_options = _peft_names(method_options)
@@ -321,6 +349,7 @@ class OptimizeConfig:
             budget_gb=budget_gb,
             method_config=method_cls(**method_options),
             optimizer=optimizer,
+            optimizer_options=dict(optimizer_options or {}),
             device=resolve_device(device),
             reserve_gb=reserve_gb,
             quantize=quantize,

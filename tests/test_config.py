@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 import torch
 
 import memopt
@@ -117,10 +116,10 @@ def test_quantize_config_round_trips_through_a_dict():
 
 
 def test_an_unknown_optimizer_is_refused_before_the_model_is_touched(monkeypatch):
-    import memopt.api as api
+    import memopt.pipeline as pipeline
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    monkeypatch.setattr(api, "_capture", lambda *a, **k: pytest.fail("the model was captured"))
+    monkeypatch.setattr(pipeline, "capture", lambda *a, **k: pytest.fail("the model was captured"))
     with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; choose one of \['adam', 'adamw'"):
         memopt.optimize(model, 1, torch.ones(2, 4), optimizer="lion", device="cpu")
 

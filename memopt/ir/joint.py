@@ -56,10 +56,10 @@ from torch.utils._pytree import tree_flatten, tree_leaves
 
 from memopt.errors import MemoptError, UnsupportedModelError
 from memopt.memory.inputs import normalize_inputs
-from memopt.memory.simulate import OPTIMIZERS, LossFn, _fake_inputs, _fake_like, _loss_of
+from memopt.memory.simulate import ADAMW, LossFn, OptimizerFactory, fake_inputs, fake_like, loss_of
 from memopt.memory.tracker import MemoryTracker
 
-__all__ = ["TracedOp", "Storage", "JointTrace", "JointGraph", "trace_joint", "trace_joint_graph", "op_keys",
+__all__ = ["TracedOp", "Storage", "JointTrace", "JointGraph", "trace_joint", "trace_joint_graph", "op_keys", "op_flops",
            "module_annotations", "OUTSIDE", "STORAGE_KINDS", "TAGS"]
 
 log = logging.getLogger("memopt")
@@ -183,7 +183,7 @@ def trace_joint(
     example_inputs: Any,
     *,
     loss_fn: LossFn | None = None,
-    optimizer: str = "adamw",
+    optimizer: OptimizerFactory | None = ADAMW,
     device: str = "cuda",
     granularity: int = 1,
     partition_fn: Callable[..., Any] = default_partition,
@@ -198,7 +198,7 @@ def trace_joint_graph(
     example_inputs: Any,
     *,
     loss_fn: LossFn | None = None,
-    optimizer: str = "adamw",
+    optimizer: OptimizerFactory | None = ADAMW,
     device: str = "cuda",
     granularity: int = 1,
     partition_fn: Callable[..., Any] = default_partition,
@@ -219,9 +219,9 @@ def trace_joint_graph(
     buffer_names = [n for n, _ in model.named_buffers()]
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
-        params = {n: _fake_like(p) for n, p in model.named_parameters()}
-        buffers = {n: _fake_like(b) for n, b in model.named_buffers()}
-        fargs, fkwargs = _fake_inputs((args, kwargs))
+        params = {n: fake_like(p) for n, p in model.named_parameters()}
+        buffers = {n: fake_like(b) for n, b in model.named_buffers()}
+        fargs, fkwargs = fake_inputs((args, kwargs))
         trainable = [p for p in params.values() if p.requires_grad]
         if not trainable:
             raise MemoptError("no parameter requires grad, so there is no training step to trace: "
@@ -229,13 +229,14 @@ def trace_joint_graph(
         state_bytes, step_bytes = _optimizer_bytes(trainable, optimizer, device, granularity)
         done = _partitioned(model, params, buffers, fargs, fkwargs, loss_fn, partition_fn)
     kinds = ["parameter"] * len(names) + ["buffer"] * len(buffer_names)
-    trace = _Builder(granularity, done.keys).build(done.fw, done.bw, kinds, optimizer, state_bytes, step_bytes,
+    label = "none" if optimizer is None else getattr(optimizer, "__name__", type(optimizer).__name__)
+    trace = _Builder(granularity, done.keys).build(done.fw, done.bw, kinds, label, state_bytes, step_bytes,
                                                    done.kwargs["num_fwd_outputs"])
     trace = _with_time(trace, time.perf_counter() - start)
     trace = dataclasses.replace(trace, rng_state_bytes=-(-torch.get_rng_state().nbytes // granularity) * granularity)
     log.debug("memopt: traced the joint step in %.1f s: %d forward + %d backward ops, %d saved storages",
               trace.trace_seconds, trace.num_forward, len(trace.ops) - trace.num_forward, len(trace.saved))
-    joint = JointGraph(done.joint, tuple(done.joint_inputs), dict(done.kwargs), tuple(kinds), granularity, optimizer,
+    joint = JointGraph(done.joint, tuple(done.joint_inputs), dict(done.kwargs), tuple(kinds), granularity, label,
                        state_bytes, step_bytes, fake_mode)
     return trace, joint
 
@@ -297,7 +298,7 @@ def _partitioned(model: nn.Module, params: dict, buffers: dict, args: tuple, kwa
 def _trace_once(model: nn.Module, params: dict, buffers: dict, args: tuple, kwargs: dict, loss_fn: LossFn | None,
                 partition: Callable[..., Any], *, exporting: bool) -> "_Partitioned":
     def step(p: dict, b: dict, a: tuple, kw: dict) -> torch.Tensor:
-        return _loss_of(torch.func.functional_call(model, {**p, **b}, a, kw), a, kw, loss_fn)
+        return loss_of(torch.func.functional_call(model, {**p, **b}, a, kw), a, kw, loss_fn)
 
     compiled = aot_function(step, fw_compiler=_never, partition_fn=partition)
     state = _compiling_state_context() if exporting else contextlib.nullcontext()
@@ -353,13 +354,11 @@ def module_annotations(model: nn.Module) -> Iterator[None]:
             stack.pop().__exit__(None, None, None)
 
 
-def _optimizer_bytes(trainable: list[torch.Tensor], optimizer: str, device: str, granularity: int) -> tuple[int, int]:
+def _optimizer_bytes(trainable: list[torch.Tensor], factory: OptimizerFactory | None, device: str,
+                     granularity: int) -> tuple[int, int]:
     """(state bytes, extra bytes at the peak of a steady-state step), measured on fakes."""
-    factory = OPTIMIZERS.get(optimizer)
-    if factory is None:
-        raise MemoptError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
-    params = [_fake_like(p) for p in trainable]  # fresh leaves: the step must not touch the trace's
-    opt = factory(params, device, {})
+    params = [fake_like(p) for p in trainable]  # fresh leaves: the step must not touch the trace's
+    opt = None if factory is None else factory(params, device, {})
     if opt is None:
         return 0, 0
     for p in params:
@@ -555,7 +554,7 @@ def _traced_op(node: torch.fx.Node, phase: str, reads: tuple[int, ...], allocate
     moved = 0 if "view" in tags else sum(_nbytes(t) for t in inputs) + sum(_nbytes(t) for t in outputs)
     return TracedOp(
         name=node.name, target=_target_name(node.target), phase=phase, module=module, block=None,
-        reads=reads, allocates=allocates, flops=_flops(node), bytes_moved=moved,
+        reads=reads, allocates=allocates, flops=op_flops(node), bytes_moved=moved,
         dtype=str(inputs[0].dtype).replace("torch.", "") if inputs else None, tags=tags,
     )
 
@@ -603,7 +602,7 @@ def _draws_random(node: torch.fx.Node, target: torch._ops.OpOverload) -> bool:
 # ----------------------------------------------------------------------------- FLOPs
 
 
-def _flops(node: torch.fx.Node) -> int:
+def op_flops(node: torch.fx.Node) -> int:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload):
         return 0

@@ -104,12 +104,12 @@ def _strict_fake_mode() -> bool:
 
 @functools.cache
 def _real_table(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    with _no_modes():
+    with no_modes():
         return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 @contextlib.contextmanager
-def _no_modes() -> Iterator[None]:
+def no_modes() -> Iterator[None]:
     """No fake, functional or proxy mode: a cached table is a plain tensor, whichever mode (an
     AOTAutograd trace, a fake-tensor simulation) asked for it first."""
     from torch.utils._python_dispatch import _disable_current_modes
@@ -131,7 +131,7 @@ def _pair_table(fmt: str, device: torch.device) -> torch.Tensor:
 
 @functools.cache
 def _real_pair_table(fmt: str, device: torch.device) -> torch.Tensor:
-    with _no_modes():
+    with no_modes():
         return _pairs(_real_table(CODES[fmt], torch.device(device)))
 
 

@@ -2,7 +2,7 @@
 
 from memopt.memory.inputs import normalize_inputs
 from memopt.memory.report import Category, MemoryBreakdown, MemoryReport
-from memopt.memory.simulate import OPTIMIZERS, simulate_step
+from memopt.memory.simulate import ADAMW, OptimizerFactory, simulate_step, torch_optimizer
 from memopt.memory.tracker import MemoryTracker
 
 __all__ = [
@@ -10,7 +10,9 @@ __all__ = [
     "MemoryBreakdown",
     "MemoryReport",
     "MemoryTracker",
-    "OPTIMIZERS",
+    "ADAMW",
+    "OptimizerFactory",
     "normalize_inputs",
     "simulate_step",
+    "torch_optimizer",
 ]

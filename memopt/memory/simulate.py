@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import torch
@@ -52,7 +51,8 @@ from memopt.memory.inputs import normalize_inputs
 from memopt.memory.report import MemoryReport
 from memopt.memory.tracker import MemoryTracker
 
-__all__ = ["OPTIMIZERS", "LossFn", "normalize_inputs", "simulate_step"]
+__all__ = ["ADAMW", "LossFn", "OptimizerFactory", "fake_inputs", "fake_like", "loss_of", "normalize_inputs",
+           "simulate_step", "torch_optimizer"]
 
 _log = logging.getLogger("memopt")
 
@@ -61,6 +61,8 @@ _CUDA_BLOCK_BYTES = 512
 
 LossFn = Callable[[Any, tuple[tuple[Any, ...], dict[str, Any]]], torch.Tensor]
 OptimizerFactory = Callable[[list[torch.Tensor], str, Mapping[str, Any]], "torch.optim.Optimizer | None"]
+"""How the simulation builds the optimizer it counts: ``factory(params, device, options)``; the
+registry of named ones is ``memopt.optim``. ``None`` instead of a factory: no optimizer step."""
 
 
 def _uses_foreach(device: str) -> bool:
@@ -70,29 +72,18 @@ def _uses_foreach(device: str) -> bool:
     return torch.device(device).type in _get_foreach_kernels_supported_devices()
 
 
-def _torch_optimizer(cls: type[torch.optim.Optimizer], **defaults: Any) -> OptimizerFactory:
+def torch_optimizer(cls: type[torch.optim.Optimizer], name: str | None = None, **defaults: Any) -> OptimizerFactory:
+    """A factory for ``cls`` as torch builds it on the target device: ``foreach`` where the device has
+    foreach kernels (CUDA), else the per-tensor loop, unless ``foreach`` / ``fused`` is given."""
     def make(params: list[torch.Tensor], device: str, kwargs: Mapping[str, Any]) -> torch.optim.Optimizer:
         impl = {} if "foreach" in kwargs or "fused" in kwargs else {"foreach": _uses_foreach(device)}
         return cls(params, **{**defaults, **impl, **kwargs})
 
+    make.__name__ = name or cls.__name__.lower()
     return make
 
 
-def _no_optimizer(params: list[torch.Tensor], device: str, kwargs: Mapping[str, Any]) -> None:
-    if kwargs:
-        raise MemoptError(f"optimizer='none' takes no optimizer_kwargs, got {sorted(kwargs)}; drop them")
-    return None
-
-
-OPTIMIZERS: Mapping[str, OptimizerFactory] = MappingProxyType(
-    {
-        "adamw": _torch_optimizer(torch.optim.AdamW),
-        "adam": _torch_optimizer(torch.optim.Adam),
-        "sgd": _torch_optimizer(torch.optim.SGD, lr=1e-3),
-        "sgd-momentum": _torch_optimizer(torch.optim.SGD, lr=1e-3, momentum=0.9),
-        "none": _no_optimizer,
-    }
-)
+ADAMW: OptimizerFactory = torch_optimizer(torch.optim.AdamW, "adamw")  # the default a simulation counts
 
 
 def simulate_step(
@@ -100,7 +91,7 @@ def simulate_step(
     example_inputs: Any,
     *,
     loss_fn: LossFn | None = None,
-    optimizer: str = "adamw",
+    optimizer: OptimizerFactory | None = ADAMW,
     optimizer_kwargs: Mapping[str, Any] | None = None,
     device: str = "cuda",
     round_to: int | None = None,
@@ -129,22 +120,21 @@ def simulate_step(
     return report
 
 
-def _simulate(model: nn.Module, example_inputs: Any, loss_fn: LossFn | None, optimizer: str,
+def _simulate(model: nn.Module, example_inputs: Any, loss_fn: LossFn | None, optimizer: OptimizerFactory | None,
               optimizer_kwargs: Mapping[str, Any] | None, device: str, round_to: int | None, steady_state: bool,
               *, exporting: bool) -> MemoryReport:
     from torch._export.utils import _compiling_state_context
 
     args, kwargs = normalize_inputs(example_inputs)
-    make_optimizer = _optimizer_factory(optimizer)
     rounding = _default_round_to(device) if round_to is None else round_to
     state = _compiling_state_context() if exporting else contextlib.nullcontext()
     with state, FakeTensorMode(allow_non_fake_inputs=True):
         # Stand-ins first, outside the tracker: they exist before the step, like the real weights.
-        params = {name: _fake_like(p) for name, p in model.named_parameters()}
-        buffers = {name: _fake_like(b) for name, b in model.named_buffers()}
-        args, kwargs = _fake_inputs((args, kwargs))
+        params = {name: fake_like(p) for name, p in model.named_parameters()}
+        buffers = {name: fake_like(b) for name, b in model.named_buffers()}
+        args, kwargs = fake_inputs((args, kwargs))
         trainable = _trainable(params)
-        opt = make_optimizer(trainable, device, optimizer_kwargs or {})
+        opt = _optimizer(optimizer, trainable, device, optimizer_kwargs)
         if steady_state and opt is not None:
             _materialize_state(opt, trainable)
         tracker = MemoryTracker(
@@ -160,11 +150,15 @@ def _simulate(model: nn.Module, example_inputs: Any, loss_fn: LossFn | None, opt
     return tracker.report(device)
 
 
-def _optimizer_factory(name: str) -> OptimizerFactory:
-    factory = OPTIMIZERS.get(name)
+def _optimizer(factory: OptimizerFactory | None, params: list[torch.Tensor], device: str,
+               kwargs: Mapping[str, Any] | None) -> torch.optim.Optimizer | None:
     if factory is None:
-        raise MemoptError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
-    return factory
+        if kwargs:
+            raise MemoptError(f"optimizer=None (no optimizer step) takes no optimizer_kwargs, got {sorted(kwargs)}")
+        return None
+    if not callable(factory):
+        raise TypeError(f"optimizer must be a factory (memopt.optim.factory('adamw')) or None, got {factory!r}")
+    return factory(params, device, kwargs or {})
 
 
 def _trainable(params: dict[str, torch.Tensor]) -> list[torch.Tensor]:
@@ -181,19 +175,19 @@ def _default_round_to(device: str) -> int:
     return _CUDA_BLOCK_BYTES if torch.device(device).type == "cuda" else 1
 
 
-def _fake_like(t: torch.Tensor) -> torch.Tensor:
+def fake_like(t: torch.Tensor) -> torch.Tensor:
     """A fake CPU tensor with ``t``'s layout and ``requires_grad`` (call inside FakeTensorMode)."""
     if is_traceable_wrapper_subclass(t) and t.device.type != "meta":
         from torch._guards import active_fake_mode
 
         mode = active_fake_mode()
-        assert mode is not None, "_fake_like runs inside FakeTensorMode"
+        assert mode is not None, "fake_like runs inside FakeTensorMode"
         return mode.from_tensor(t)
     fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
     return fake.requires_grad_(t.requires_grad)
 
 
-def _fake_inputs(tree: Any) -> Any:
+def fake_inputs(tree: Any) -> Any:
     """Fake CPU copies of the input tensors in ``tree``, sharing storages where the inputs do.
 
     ``labels`` given as the same tensor as ``input_ids``, or as a view of it, is counted once, as
@@ -203,7 +197,7 @@ def _fake_inputs(tree: Any) -> Any:
 
     def fake(t: torch.Tensor) -> torch.Tensor:
         if t.requires_grad or is_traceable_wrapper_subclass(t):
-            return _fake_like(t)
+            return fake_like(t)
         st = t.untyped_storage()
         base = bases.get((id(st), t.dtype))
         if base is None:
@@ -230,14 +224,14 @@ def _train_step(
     opt: torch.optim.Optimizer | None,
 ) -> None:
     # The output dies with this call's frame before backward, as in HF Trainer's compute_loss.
-    loss = _loss_of(torch.func.functional_call(model, state, args, kwargs), args, kwargs, loss_fn)
+    loss = loss_of(torch.func.functional_call(model, state, args, kwargs), args, kwargs, loss_fn)
     loss.backward()
     if opt is not None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
 
-def _loss_of(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any], loss_fn: LossFn | None) -> torch.Tensor:
+def loss_of(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any], loss_fn: LossFn | None) -> torch.Tensor:
     if loss_fn is not None:
         from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 

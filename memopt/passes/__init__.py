@@ -1,7 +1,11 @@
-"""Rewrite passes, found by method name in a small registry.
+"""Rewrite passes, registered by the type of their method config (``PASSES``).
 
 Each entry pairs ``apply(module, ModelGraph, method_config, RewriteLog) -> PassResult`` with
-``merge(module) -> module``, which folds the method's parameterization back into a plain model.
+``merge(module) -> module``, which folds the method's parameterization back into a plain model, and
+declares how it composes with quantization (``quantize``) and with layers loaded quantized by
+bitsandbytes (``bitsandbytes``), so that no caller branches on a method. ``rewrite`` applies a
+method, composed with the quantize pass when asked.
+
 Every method's merge first dequantizes (``dequantize_model``: a no-op without quantized layers),
 because an adapter merges into a plain weight: ``merge`` of a QLoRA / QPaCA / quantized-S²FT
 model gives plain ``nn.Linear`` / ``Conv1D`` layers holding deq(W) plus the trained update.
@@ -10,20 +14,26 @@ model gives plain ``nn.Linear`` / ``Conv1D`` layers holding deq(W) plus the trai
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch.nn as nn
 
+from memopt.config import METHOD_CONFIGS, FullConfig, LoraConfig, MethodConfig, PacaConfig, QuantizeConfig, S2ftConfig
+from memopt.errors import UnsupportedModelError
+from memopt.ir.structure import ModelGraph
 from memopt.passes.base import ModuleDecision, PassResult, RewriteLog
+from memopt.passes.freeze import apply_full
 from memopt.passes.lora import LoraLinear, apply_lora, merge_lora
-from memopt.passes.paca import PacaLinear, apply_paca, merge_paca
-from memopt.passes.quantize import QPacaLinear, QuantLinear, apply_quantize, dequantize_model
+from memopt.passes.paca import PacaLinear, QPacaLinear, apply_paca, merge_paca
+from memopt.passes.quantize import QuantLinear, apply_quantize, dequantize_model
 from memopt.passes.s2ft import apply_s2ft, merge_s2ft
 from memopt.passes.s2ft_ops import S2ftLinear
 
-__all__ = ["PassSpec", "PASSES", "QUANTIZE", "REWRITTEN", "get_pass", "ModuleDecision", "PassResult", "RewriteLog"]
+__all__ = ["PassSpec", "PASSES", "QUANTIZE", "REWRITTEN", "check_bitsandbytes", "get_pass", "register_pass",
+           "rewrite", "ModuleDecision", "PassResult", "RewriteLog"]
 
 # The modules memopt's passes put into a model: a model holding one was rewritten already.
 REWRITTEN = (LoraLinear, PacaLinear, QPacaLinear, QuantLinear, S2ftLinear)
@@ -31,8 +41,17 @@ REWRITTEN = (LoraLinear, PacaLinear, QPacaLinear, QuantLinear, S2ftLinear)
 
 @dataclass(frozen=True)
 class PassSpec:
+    """A method's pass. ``quantize``: ``"before"`` — the frozen base weights are quantized first and the
+    method wraps each ``QuantLinear`` (QLoRA, QPaCA); ``"after"`` — the method rewrites the weights
+    themselves first, and those it trains stay in full precision (S²FT); ``"never"`` — it trains the
+    weights themselves and cannot compose (its ``bitsandbytes`` reason is the error). ``bitsandbytes``: None if
+    the method runs on layers loaded quantized by bitsandbytes, else why it cannot (the error)."""
+
+    label: str
     apply: Callable[..., PassResult]
     merge: Callable[[nn.Module], nn.Module]
+    quantize: Literal["before", "after", "never"] = "before"
+    bitsandbytes: str | None = None
 
 
 def _dequantized_then(merge: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
@@ -43,16 +62,88 @@ def _dequantized_then(merge: Callable[[nn.Module], nn.Module]) -> Callable[[nn.M
     return merged
 
 
-PASSES: dict[str, PassSpec] = {
-    "lora": PassSpec(apply=apply_lora, merge=_dequantized_then(merge_lora)),
-    "paca": PassSpec(apply=apply_paca, merge=_dequantized_then(merge_paca)),
-    "s2ft": PassSpec(apply=apply_s2ft, merge=_dequantized_then(merge_s2ft)),
+def _nothing_to_fold(model: nn.Module) -> nn.Module:
+    return model  # full training changes the weights themselves
+
+
+_FULL_QUANTIZED = ("method='full' trains the weights themselves, and memopt cannot train a quantized weight; drop "
+                   "quantize= (pair full training with optimizer='galore-adamw8bit' or 'apollo-mini' to save memory), "
+                   "or train adapters over quantized weights with method='lora' (QLoRA)")
+
+PASSES: dict[type[MethodConfig], PassSpec] = {
+    LoraConfig: PassSpec("LoRA", apply=apply_lora, merge=_dequantized_then(merge_lora)),
+    PacaConfig: PassSpec("PaCA", apply=apply_paca, merge=_dequantized_then(merge_paca)),
+    S2ftConfig: PassSpec("S²FT", apply=apply_s2ft, merge=_dequantized_then(merge_s2ft), quantize="after",
+                         bitsandbytes="S²FT permutes and trains blocks of the weights themselves, which a model "
+                                      "loaded quantized by bitsandbytes cannot give; use method='lora' or 'paca' "
+                                      "(QLoRA / QPaCA), or load the model in full precision"),
+    FullConfig: PassSpec("full", apply=apply_full, merge=_dequantized_then(_nothing_to_fold), quantize="never",
+                         bitsandbytes=_FULL_QUANTIZED),
 }
 
-QUANTIZE = PassSpec(apply=apply_quantize, merge=dequantize_model)
+QUANTIZE = PassSpec("quantize", apply=apply_quantize, merge=dequantize_model)
 
 
-def get_pass(method: str) -> PassSpec:
-    if method not in PASSES:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(PASSES)}")
-    return PASSES[method]
+def register_pass(config_type: type[MethodConfig], spec: PassSpec) -> None:
+    """Register the pass of a method config type (and its name, for ``method="name"``)."""
+    if not (isinstance(config_type, type) and issubclass(config_type, MethodConfig) and config_type.method):
+        raise TypeError(f"a pass is registered for a MethodConfig subclass with a method name, got {config_type!r}")
+    PASSES[config_type] = spec
+    METHOD_CONFIGS[config_type.method] = config_type
+
+
+def get_pass(method: MethodConfig | type[MethodConfig] | str) -> PassSpec:
+    """The pass of a method config (or its type, or its name)."""
+    config_type = METHOD_CONFIGS.get(method) if isinstance(method, str) else (
+        method if isinstance(method, type) else type(method))
+    if config_type not in PASSES:
+        raise ValueError(f"unknown method {method!r}; choose one of {sorted(c.method for c in PASSES)}")
+    return PASSES[config_type]
+
+
+def check_bitsandbytes(method: MethodConfig) -> None:
+    """Refuse a method that cannot run on layers loaded quantized by bitsandbytes, saying why."""
+    why = get_pass(method).bitsandbytes
+    if why is not None:
+        raise UnsupportedModelError(why)
+
+
+def rewrite(model: nn.Module, graph: ModelGraph, method: MethodConfig, quant: QuantizeConfig | None,
+            rewrites: RewriteLog) -> PassResult:
+    """``method``'s pass on ``model`` in place (through ``rewrites``), composed with the quantize pass
+    when ``quant`` is given, in the order the pass declares."""
+    spec = get_pass(method)
+    if quant is None:
+        return spec.apply(model, graph, method, rewrites)
+    if spec.quantize == "never":
+        raise ValueError(spec.bitsandbytes or f"{spec.label} cannot be combined with quantize=")
+    if spec.quantize == "after":
+        # The method rewrites weights in place and trains dense blocks of some: it runs first, and the
+        # weights it trains stay in full precision ("all-linear"), or are refused if named.
+        result = spec.apply(model, graph, method, rewrites)
+        keep = {d.name: f"{spec.label} trains a dense block of each (a quantized weight cannot be trained)"
+                for d in result.decisions if d.trainable_params} if quant.target_modules == "all-linear" else {}
+        return _combined(result, QUANTIZE.apply(model, graph, quant, rewrites, keep=keep))
+    # The frozen base weights are quantized (the method freezes every parameter anyway), then the
+    # method wraps each QuantLinear.
+    rewrites.freeze(model.parameters())
+    quantized = QUANTIZE.apply(model, graph, quant, rewrites)
+    return _combined(spec.apply(model, graph, method, rewrites), quantized)
+
+
+def _combined(result: PassResult, quantized: PassResult) -> PassResult:
+    """The method's decisions, each quantized layer's marked ``method+format`` with its bytes."""
+    by_name = {d.name: d for d in quantized.decisions}
+    decisions = [_with_format(d, by_name.pop(d.name, None)) for d in result.decisions]
+    return PassResult(result.module, tuple(decisions) + tuple(by_name.values()), result.notes + quantized.notes)
+
+
+def _with_format(decision: ModuleDecision, quantized: ModuleDecision | None) -> ModuleDecision:
+    if quantized is None:
+        return decision
+    q = quantized.details
+    extra = {"quantized_bytes": q["bytes"], "dense_bytes": q["dense_bytes"]}
+    if "last_block" in q:
+        extra["last_block"] = q["last_block"]
+    return dataclasses.replace(decision, method=f"{decision.method}+{q['format']}",
+                               details={**decision.details, **extra})

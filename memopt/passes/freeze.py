@@ -21,9 +21,8 @@ rather than re-implementing it:
      trainable set exactly, and ``backward_reach`` lists the modules backward will touch.
 The tests count backward FLOPs with ``FlopCounterMode`` and compare them with the analytical count.
 
-There is no ``"freeze"`` entry in the pass registry yet: ``optimize`` dispatches on the method
-configs of ``memopt.config``, which has no freeze config; ``apply_freeze`` already has the pass
-signature with the trainable set in place of a config.
+``apply_full`` is the pass of ``method="full"`` (``FullConfig``): ``apply_freeze`` with every
+parameter trainable, or those its ``target_modules`` name.
 """
 
 from __future__ import annotations
@@ -35,10 +34,11 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
+from memopt.config import FullConfig
 from memopt.ir.structure import LinearLayer, ModelGraph
 from memopt.passes.base import ModuleDecision, PassResult, RewriteLog
 
-__all__ = ["Trainable", "apply_freeze", "backward_reach", "freeze", "top_blocks"]
+__all__ = ["Trainable", "apply_freeze", "apply_full", "backward_reach", "freeze", "top_blocks"]
 
 # A regex fullmatched against parameter names, module names (their parameters), or a predicate.
 Trainable = Union[str, Sequence[str], Callable[[str, nn.Parameter], bool], None]
@@ -131,6 +131,18 @@ def apply_freeze(model: nn.Module, graph: ModelGraph, trainable: Trainable, log:
                      "so backward computes grad_x through every frozen block below the trained ones; unless you "
                      "use reentrant checkpointing, call model.disable_input_require_grads()")
     return PassResult(model, decisions, tuple(notes))
+
+
+def apply_full(model: nn.Module, graph: ModelGraph, cfg: FullConfig, log: RewriteLog) -> PassResult:
+    """Full-parameter training: every parameter trains, or those ``cfg.target_modules`` names (a
+    regex over parameter names, or module names); the rest are frozen. Nothing else changes."""
+    targets = cfg.target_modules
+    result = apply_freeze(model, graph, (lambda name, p: True) if targets is None else (
+        targets if isinstance(targets, str) else list(targets)), log)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"target_modules={targets!r} matches no parameter of {type(model).__name__}; parameter "
+                         f"names look like {[n for n, _ in model.named_parameters()][:3]}")
+    return result
 
 
 def _decision(model: nn.Module, layer: LinearLayer) -> ModuleDecision:

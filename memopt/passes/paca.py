@@ -67,7 +67,8 @@ from memopt.passes.base import (
     merge_wrapped,
     select_targets,
 )
-from memopt.passes.quantize import QPacaLinear, QuantLinear
+from memopt.passes.quant_format import QuantizedWeight, dequantize_columns
+from memopt.passes.quantize import QuantLinear, _autocast_dtype
 
 __all__ = ["PacaLinear", "apply_paca", "merge_paca", "module_seed", "paca_linear", "random_columns", "select_columns"]
 
@@ -235,6 +236,86 @@ class PacaLinear(WrappedLinear):
 def module_seed(seed: int, name: str) -> int:
     """The column seed of module ``name``: a function of (seed, name) only, stable across runs."""
     return (seed * 0x9E3779B97F4A7C15 + zlib.crc32(name.encode())) & _SEED_MASK
+
+
+class _QPacaMatmul(torch.autograd.Function):
+    """y = x·W_effᵀ + b, W_eff = deq(W) with columns idx = scaling·cols. Saves x[..., idx] and cols.
+
+    Computed as ``x·deq(W)ᵀ + x[:, idx]·Δᵀ`` with ``Δ = scaling·cols − deq(W)[:, idx]`` ([out, r],
+    read from those columns' bytes only), and grad_x as ``g·deq(W)`` plus ``g·Δ`` added into columns
+    idx: the same function as dequantizing and overlaying, but the GEMMs are the plain quantized
+    ones, so on CUDA the fused kernel runs and no full-precision W exists at any time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, cols: torch.Tensor, qw: QuantizedWeight,
+                idx: torch.Tensor, scaling: float) -> torch.Tensor:
+        x2d = x.reshape(-1, x.shape[-1])  # [M, in]
+        dtype = _autocast_dtype(x) or x2d.dtype
+        x2d, bias = x2d.to(dtype), None if bias is None else bias.to(dtype)
+        x_idx = x2d.index_select(1, idx)  # [M, r], a copy: x can be freed
+        scales = qw.scales()  # once for the columns and the GEMM; delta [out, r] first, so only it outlives them
+        delta = _quantized_delta(qw, idx, cols, scaling, dtype, scales)
+        y2d = qw.matmul(x2d, bias, scales=scales).addmm_(x_idx, delta.t())  # [M, out]
+        ctx.save_for_backward(x_idx if ctx.needs_input_grad[2] else None, cols)
+        ctx.qw, ctx.idx, ctx.scaling, ctx.x_shape = qw, idx, scaling, x.shape
+        return as_output(y2d, x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_idx, cols = ctx.saved_tensors
+        g2d = grad_out.reshape(-1, grad_out.shape[-1])  # [M, out]
+        grad_x = grad_bias = grad_cols = None
+        if ctx.needs_input_grad[0]:
+            scales = ctx.qw.scales()
+            delta = _quantized_delta(ctx.qw, ctx.idx, cols, ctx.scaling, g2d.dtype, scales)  # recomputed, [out, r]
+            grad_x = ctx.qw.matmul(g2d, transpose=False, scales=scales).index_add_(1, ctx.idx, g2d.mm(delta))
+            grad_x = grad_x.view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            grad_bias = g2d.sum(0)
+        if ctx.needs_input_grad[2]:
+            grad_cols = x_idx.t().mm(g2d).t().mul_(ctx.scaling)  # [out, r]
+        return grad_x, grad_bias, grad_cols, None, None, None
+
+
+def _quantized_delta(qw: QuantizedWeight, idx: torch.Tensor, cols: torch.Tensor, scaling: float, dtype: torch.dtype,
+           scales: torch.Tensor) -> torch.Tensor:
+    """scaling·cols − deq(W)[:, idx] in ``dtype``, [out, r]: exactly 0 where P still equals deq(W)[:, idx] / scaling."""
+    return (cols.detach().float() * scaling - dequantize_columns(qw, idx, scales)).to(dtype)
+
+
+class QPacaLinear(WrappedLinear):
+    """PaCA on a ``QuantLinear`` base: columns ``paca_idx`` of deq(W) are ``scaling·paca_P``; W's bytes never change."""
+
+    merges_quantized_base = True  # ``dequantize_model`` replaces it by ``merged()``, base and all
+
+    def __init__(self, base_layer: QuantLinear, idx: torch.Tensor, scaling: float) -> None:
+        super().__init__()
+        self._wrap(base_layer)
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.rank, self.scaling = idx.numel(), scaling
+        # [out, r] of deq(W) in the compute dtype, read from those columns' bytes: the quantized function at init
+        orig = dequantize_columns(base_layer.quantized(), idx).to(base_layer.compute_dtype)
+        self.register_buffer("paca_idx", idx)
+        self.paca_P = nn.Parameter(orig / scaling)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_layer(x)
+        qw = self.base_layer.quantized()
+        return _QPacaMatmul.apply(x, self.base_layer.bias, self.paca_P, qw, self.paca_idx, self.scaling)
+
+    def merged(self) -> nn.Module:
+        """A plain ``nn.Linear`` with deq(W), columns idx = scaling·P (the base stays quantized and unchanged)."""
+        layer = self.base_layer.dequantized()
+        with torch.no_grad():
+            layer.weight.index_copy_(1, self.paca_idx, (self.paca_P * self.scaling).to(layer.weight.dtype))
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}, enabled={self.enabled}"
 
 
 def apply_paca(model: nn.Module, graph: ModelGraph, cfg: PacaConfig, log: RewriteLog) -> PassResult:

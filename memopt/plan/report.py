@@ -53,8 +53,10 @@ def _is_number(text: str) -> bool:
 
 def plan_summary(plan: "Plan") -> str:
     shapes = ", ".join(f"{k}{list(v)}" for k, v in plan.input_shapes.items())
+    options = ", ".join(f"{k}={v}" for k, v in plan.optimizer_options.items())
     lines = [
-        f"memopt plan v{plan.version}: {plan.model}, method={plan.method}, optimizer={plan.optimizer}, "
+        f"memopt plan v{plan.version}: {plan.model}, method={plan.method}, "
+        f"optimizer={plan.optimizer}{f'({options})' if options else ''}, "
         f"device={plan.device.name}, captured by {plan.capture}",
         f"planned inputs: {shapes}",
         "",

@@ -223,6 +223,7 @@ class Plan:
     autocast: str | None = None  # the autocast dtype the step was planned under ("bfloat16"; None: off)
     input_dtypes: Mapping[str, str] | None = None  # of the planned inputs, by name (None: a v3 plan)
     lowered: bool | None = None  # must the model run the lowered step? (None: a v3 plan: if it recomputes/offloads)
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)  # the counted optimizer's options (rank, ...)
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @property
@@ -327,6 +328,7 @@ class Plan:
             "autocast": self.autocast,
             "input_dtypes": None if self.input_dtypes is None else dict(self.input_dtypes),
             "lowered": self.lowered,
+            "optimizer_options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.optimizer_options.items()},
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -390,6 +392,7 @@ class Plan:
             autocast=opt("autocast", _str),
             input_dtypes=opt("input_dtypes", dict),
             lowered=opt("lowered", _bool),
+            optimizer_options=opt("optimizer_options", _lists_to_tuples) or {},
             version=PLAN_FORMAT_VERSION,  # an older plan is upgraded as it is read
         )
 

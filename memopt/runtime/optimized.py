@@ -211,6 +211,17 @@ class OptimizedModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
+    def make_optimizer(self, lr: float = 1e-3, **options: Any) -> torch.optim.Optimizer:
+        """The optimizer the plan counted (``plan.optimizer`` with ``plan.optimizer_options``) over the
+        trainable parameters, as one parameter group: ``opt = model.make_optimizer(lr=2e-4)``; HF
+        Trainer takes it as ``optimizers=(opt, scheduler)``. ``options`` may set what does not change
+        the optimizer's memory (``betas``, ``eps``, ``weight_decay``, ...); a memory-changing one
+        that differs from the plan's (``rank``, ``foreach``) is an error: plan again with it instead."""
+        from memopt.optim import build
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return build(self.plan.optimizer, params, self.plan.optimizer_options, lr=lr, **options)
+
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; tied parameters count once."""
         params = list(self.model.parameters())

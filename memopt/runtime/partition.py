@@ -416,7 +416,7 @@ def _nbytes(node: fx.Node) -> int:
 
 def _flops(node: fx.Node) -> int:
     """The node's FLOPs; an op wrapped for RNG replay counts as the op it wraps."""
-    from memopt.ir.joint import _flops as op_flops
+    from memopt.ir.joint import op_flops
 
     if node.target is torch._prims.rng_prims.run_with_rng_state:
         _, op, *args = node.args

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 import memopt
 from memopt.passes.lora import LoraLinear
-from memopt.passes.quantize import QPacaLinear, QuantLinear
+from memopt.passes.paca import QPacaLinear
+from memopt.passes.quantize import QuantLinear
 from memopt.planner.solve import PlannerConfig
 from tests.e2e._steps import assert_unchanged, measured_steady_step, snapshot
 from tests.models import lm_batch, tiny_gpt2, tiny_llama, tiny_mlp

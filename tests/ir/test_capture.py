@@ -8,11 +8,10 @@ function calling ``.numpy()``); Python control flow on a tensor value defeats bo
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.fx
 from torch import nn
-
-import pytest
 
 from memopt.errors import UnsupportedModelError
 from memopt.ir import capture, module_path, node_shape, op_name

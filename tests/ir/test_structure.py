@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from memopt.ir import Role, build_model_graph, capture, analyze, node_meta, op_name
+from memopt.ir import Role, analyze, build_model_graph, capture, node_meta, op_name
 from tests import models as M
 
 Q, K, V, O, QKV = Role.Q, Role.K, Role.V, Role.O, Role.QKV

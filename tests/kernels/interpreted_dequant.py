@@ -14,8 +14,9 @@ import torch
 import memopt.passes.quant_format as quant_format
 from memopt.kernels.dequant import dequant_matmul_reference, dequant_matmul_triton
 from memopt.kernels.paca import Blocks
+from memopt.passes.paca import QPacaLinear
 from memopt.passes.quant_format import quantize_int8, quantize_nf4
-from memopt.passes.quantize import QPacaLinear, QuantizeConfig, QuantLinear
+from memopt.passes.quantize import QuantizeConfig, QuantLinear
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/kernels/test_dequant_kernel.py"
 

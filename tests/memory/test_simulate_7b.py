@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from memopt.memory import simulate_step
+from memopt.optim import factory as optim_factory
 
 N_PARAMS = 6_738_415_616  # LLaMA-2-7B
 N_TENSORS = 291  # 32 layers x 9 + embed, norm, lm_head
@@ -36,7 +37,7 @@ def test_llama2_7b_step_breakdown_is_what_arithmetic_says():
     assert sum(p.numel() for p in model.parameters()) == N_PARAMS
     ids = torch.zeros(1, SEQ, dtype=torch.long, device="meta")
     start = time.perf_counter()
-    r = simulate_step(model, {"input_ids": ids, "labels": ids.clone()}, optimizer="adamw", device="cuda")
+    r = simulate_step(model, {"input_ids": ids, "labels": ids.clone()}, optimizer=optim_factory("adamw"), device="cuda")
     elapsed = time.perf_counter() - start
 
     p_bytes = N_PARAMS * BF16

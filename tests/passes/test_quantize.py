@@ -3,7 +3,6 @@ state dict, refusals, undo / dequantize, QLoRA (LoRA on QuantLinear) and QPaCA."
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn as nn
@@ -11,19 +10,25 @@ import torch.nn.functional as F
 
 import memopt
 import memopt.passes.quantize as quantize_module
-from memopt.config import LoraConfig, PacaConfig, QuantizeConfig as ConfigQuantizeConfig, S2ftConfig
+from memopt.config import LoraConfig, PacaConfig, S2ftConfig
+from memopt.config import QuantizeConfig as ConfigQuantizeConfig
 from memopt.ir.structure import build_model_graph
 from memopt.kernels.dequant import FP4_CODE, NF4_CODE
 from memopt.memory import MemoryTracker
+from memopt.passes import get_pass
 from memopt.passes.base import RewriteLog
-from memopt.passes import PASSES
 from memopt.passes.lora import LoraLinear, apply_lora, merge_lora
-from memopt.passes.paca import apply_paca
-from memopt.passes.s2ft import apply_s2ft
+from memopt.passes.paca import QPacaLinear, apply_paca
 from memopt.passes.quant_format import (
-    QuantizedWeight, dequantize_columns, dequantize_with_overlay, dynamic_code, quantize_int8, quantize_nf4,
+    QuantizedWeight,
+    dequantize_columns,
+    dequantize_with_overlay,
+    dynamic_code,
+    quantize_int8,
+    quantize_nf4,
 )
-from memopt.passes.quantize import QPacaLinear, QuantizeConfig, QuantLinear, apply_quantize, dequantize_model
+from memopt.passes.quantize import QuantizeConfig, QuantLinear, apply_quantize, dequantize_model
+from memopt.passes.s2ft import apply_s2ft
 from tests.models import lm_batch, tiny_gpt2, tiny_llama
 
 F32 = 4
@@ -441,7 +446,7 @@ def test_merging_lora_into_a_quantized_base_is_refused_and_the_registry_dequanti
     apply_lora(model, graph, LoraConfig(rank=4, seed=0), log)
     with pytest.raises(ValueError, match="dequantize_model\\(model\\) first"):
         merge_lora(model)
-    PASSES["lora"].merge(model)
+    get_pass("lora").merge(model)
     assert not any(isinstance(m, (QuantLinear, LoraLinear)) for m in model.modules())
 
 

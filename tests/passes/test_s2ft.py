@@ -18,8 +18,18 @@ from memopt.passes import RewriteLog, get_pass
 from memopt.passes.s2ft import S2ftLinear, apply_s2ft, merge_s2ft
 from memopt.passes.s2ft_ops import permute_weight_
 from tests.models import (
-    HandwrittenBlock, MHABlock, lm_batch, tiny_bert, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_mistral, tiny_mlp,
-    tiny_opt, tiny_phi3, tiny_qwen2,
+    HandwrittenBlock,
+    MHABlock,
+    lm_batch,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_gpt_neox,
+    tiny_llama,
+    tiny_mistral,
+    tiny_mlp,
+    tiny_opt,
+    tiny_phi3,
+    tiny_qwen2,
 )
 
 # A permutation is exact, but the permuted model sums o/down inputs in another order and splits

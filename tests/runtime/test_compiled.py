@@ -9,6 +9,7 @@ import torch
 from torch._functorch.aot_autograd import aot_function
 
 import memopt
+from memopt.optim import factory as optim_factory
 from memopt.runtime.partition import LoweringReport, plan_partition
 from tests.models import lm_batch, tiny_llama
 from tests.runtime._planned import budget_between, gradients, llama
@@ -53,7 +54,7 @@ def test_compiled_lowering_refuses_fake_tensors():
     model, batch = llama()
     optimized = memopt.optimize(model, budget_gb=1, example_inputs=batch, device="cpu", compile=True)
     with pytest.raises(memopt.MemoptError, match="cannot run on fake tensors; simulate the eager one"):
-        simulate_step(optimized, batch, optimizer="adamw", device="cpu")
+        simulate_step(optimized, batch, optimizer=optim_factory("adamw"), device="cpu")
 
 
 def test_cuda_offload_is_torch_async_copies_one_per_storage_prefetched_one_ahead():

@@ -15,12 +15,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import memopt
 from memopt.memory.simulate import simulate_step
+from memopt.optim import factory as optim_factory
 from tests.models import lm_batch, tiny_llama
 from tests.runtime._planned import budget_between, llama
 
 
 def _measured(optimized: memopt.OptimizedModel, batch: dict, device: str, round_to: int) -> int:
-    return simulate_step(optimized, batch, optimizer="adamw", device=device, round_to=round_to).peak_bytes
+    return simulate_step(optimized, batch, optimizer=optim_factory("adamw"), device=device, round_to=round_to).peak_bytes
 
 
 @pytest.mark.parametrize("fraction", [pytest.param(0.0, marks=pytest.mark.slow), 0.3,

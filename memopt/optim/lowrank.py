@@ -1,0 +1,303 @@
+"""Memory-lean Adam variants: 8-bit states (``AdamW8bit``), gradient low-rank projection (``GaLoreAdamW``,
+``GaLoreAdamW8bit``) and random-projection scaling (``Apollo``, ``ApolloMini``).
+
+Each is a ``torch.optim.Optimizer`` usable on its own. Shared semantics, stated once:
+
+* **One update per parameter, ``update(p, grad)``**, which ``step()`` runs for every parameter with a
+  gradient. Gradient accumulation is the caller's (sum micro-batch gradients into ``.grad``, step at
+  the boundary); clipping ``.grad`` before ``step()`` clips what the update reads.
+* **Weight decay is decoupled and applied first**, as torch's AdamW: W ← W·(1 − lr·wd), then the
+  update with the same lr (the GaLore reference decays after the update with the raw lr).
+* **The step count is per parameter** (``state["step"]``, a Python int), so a parameter that got no
+  gradient for a while resumes its own bias correction and refresh schedule.
+* **State dicts hold tensors and numbers only** (projections as tensors, APOLLO's as seeds):
+  ``torch.load(weights_only=True)`` restores them and a resumed run makes the same updates.
+* **Parameters a projection does not fit** (fewer than two dimensions, or a rank not below the
+  smaller side) get torch AdamW's update exactly (``fallback`` lists them by index with why);
+  8-bit optimizers keep states of parameters under ``MIN_8BIT_SIZE`` elements in full precision, as
+  bitsandbytes does.
+
+GaLore at its step t = 1, 2, …, for W (m×n) and gradient G: when (t−1) is a multiple of
+``update_proj_gap``, SVD of G in fp32 → P = Vh[:r] (m ≥ n) or U[:, :r]; R = G·Pᵀ or Pᵀ·G; Adam
+moments of R (carried over across refreshes); N = M̂ / (√V̂ + ε); W ← W − lr·scale·(N·P or P·N).
+
+APOLLO: a Gaussian projection P (entries N(0, 1/r)) drawn from a per-parameter seed, redrawn every
+``update_proj_gap`` steps (only the seed is state), projects G along its smaller side; Adam moments
+of R = P·G (or G·Pᵀ); the raw gradient is scaled per channel of the larger side by
+s = ‖Ñ‖ / ‖R‖ over that channel (``ApolloMini``: one factor for the tensor, rank 1), limited to a
+norm growth of ``norm_growth_limit`` per step, times ``scale``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch.linalg import vector_norm
+
+from memopt.optim import blockwise8
+
+__all__ = ["MIN_8BIT_SIZE", "AdamW8bit", "Apollo", "ApolloMini", "GaLoreAdamW", "GaLoreAdamW8bit"]
+
+MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller states stay in full precision
+CHUNK = 1 << 22  # elements of 8-bit states updated at once (a multiple of the block): bounds the fp32 transients
+_ZERO_SIGNED = int(blockwise8.dynamic_map(True).tolist().index(0.0))  # the signed code of 0 (first of its zeros)
+
+
+class _LeanAdam(torch.optim.Optimizer):
+    """What the variants share: validation, the step loop, Adam moments in full precision or 8 bits."""
+
+    eight_bit = False
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        lr, (beta1, beta2), eps, wd = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {defaults['betas']!r}")
+        if eps < 0 or wd < 0:
+            raise ValueError(f"eps and weight_decay must be >= 0, got eps={eps!r}, weight_decay={wd!r}")
+        for name in ("rank", "update_proj_gap"):
+            value = defaults.get(name, 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        super().__init__(params, defaults)
+        self.fallback: dict[int, str] = {}  # parameter index -> why it gets AdamW's update
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
+        for i, (p, group) in enumerate(params):
+            why = self.not_projected(p.shape, group.get("rank"))
+            if why:
+                self.fallback[i] = why
+
+    @staticmethod
+    def not_projected(shape: torch.Size | tuple[int, ...], rank: int | None) -> str | None:
+        """Why a parameter of ``shape`` gets AdamW's update instead of a projected one (None: it is projected)."""
+        if rank is None:
+            return None
+        if len(shape) != 2:
+            return f"{len(shape)}-D, not a matrix"
+        if rank >= min(shape):
+            return f"rank {rank} is not below its smaller side {min(shape)}"
+        return None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update(p, p.grad, group)
+        return loss
+
+    @torch.no_grad()
+    def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any] | None = None) -> None:
+        """Apply this optimizer's update to ``p`` given its (complete) gradient ``grad``."""
+        group = group or self._group_of(p)
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        state = self.state[p]
+        state["step"] = state.get("step", 0) + 1
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        if self._projects(p, group):
+            self._projected_update(p, grad, state, group)
+        else:
+            self._adamw_update(p, grad, state, group)
+
+    def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError("the tensor is not a parameter of this optimizer")
+
+    def _projects(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return "rank" in group and self.not_projected(p.shape, group["rank"]) is None
+
+    # ------------------------------------------------------------------ Adam moments
+
+    def _eight_bit_for(self, like: torch.Tensor) -> bool:
+        return self.eight_bit and like.numel() >= MIN_8BIT_SIZE
+
+    def _adam_chunks(self, r: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
+                     ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The moments of ``r`` updated (and stored), yielding N = (M / (1 − β1ᵗ)) / (√(V / (1 − β2ᵗ)) + ε)
+        over slices of ``r``'s elements (flattened): all at once in full precision; in 8 bits, chunk
+        by chunk, so the fp32 working copies of the moments never exceed ``CHUNK`` elements."""
+        beta1, beta2 = group["betas"]
+        t = state["step"]
+        bc1, bc2 = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
+        if not self._eight_bit_for(r):
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(r, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(r, memory_format=torch.preserve_format)
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m.lerp_(r, 1 - beta1)
+            v.mul_(beta2).addcmul_(r, r, value=1 - beta2)
+            yield slice(None), (m / bc1).div_((v.sqrt() / bc2).add_(group["eps"]))
+            return
+        numel, flat = r.numel(), r.reshape(-1)
+        if "exp_avg_q" not in state:
+            blocks = -(-numel // blockwise8.BLOCK)
+            state["exp_avg_q"] = torch.full((numel,), _ZERO_SIGNED, dtype=torch.uint8, device=r.device)
+            state["exp_avg_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=r.device)
+            state["exp_avg_sq_q"] = torch.zeros(numel, dtype=torch.uint8, device=r.device)
+            state["exp_avg_sq_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=r.device)
+        for start in range(0, numel, CHUNK):
+            part = slice(start, min(start + CHUNK, numel))
+            blocks = slice(start // blockwise8.BLOCK, -(-part.stop // blockwise8.BLOCK))
+            m_q, m_max = state["exp_avg_q"][part], state["exp_avg_absmax"][blocks]
+            v_q, v_max = state["exp_avg_sq_q"][part], state["exp_avg_sq_absmax"][blocks]
+            g = flat[part].float()
+            m = blockwise8.dequantize(m_q, m_max, True, g.shape).lerp_(g, 1 - beta1)
+            v = blockwise8.dequantize(v_q, v_max, False, g.shape).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            del g
+            blockwise8.quantize(m, True, out=(m_q, m_max))
+            blockwise8.quantize(v, False, out=(v_q, v_max))
+            yield part, m.div_(bc1).div_(v.sqrt_().div_(bc2).add_(group["eps"]))
+            del m, v
+
+    def _adam_direction(self, r: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+        """N for all of ``r`` (fp32 in 8 bits, else ``r``'s dtype), the moments updated and stored."""
+        chunks = self._adam_chunks(r, state, group)
+        if not self._eight_bit_for(r):
+            return next(chunks)[1]
+        out = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+        flat = out.view(-1)
+        for part, n in chunks:
+            flat[part] = n
+        return out
+
+    def _adamw_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """torch AdamW's update (weight decay already applied): the same operations in the same order."""
+        if self._eight_bit_for(p):
+            flat = p.view(-1)  # parameters are contiguous (a Parameter's own storage)
+            for part, n in self._adam_chunks(grad, state, group):
+                flat[part].add_(n.to(p.dtype), alpha=-group["lr"])
+            return
+        beta1, beta2 = group["betas"]
+        t = state["step"]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / ((1 - beta2 ** t) ** 0.5)).add_(group["eps"])
+        p.addcdiv_(exp_avg, denom, value=-(group["lr"] / (1 - beta1 ** t)))
+
+    def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
+                          group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+class AdamW8bit(_LeanAdam):
+    """AdamW with both moments stored blockwise in 8 bits (``blockwise8``): 2 bytes per parameter
+    (plus an fp32 absmax per 256) instead of 8; the update is computed in fp32 per parameter."""
+
+    eight_bit = True
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+
+class GaLoreAdamW(_LeanAdam):
+    """GaLore (Zhao et al., 2024): Adam in the span of the gradient's top-``rank`` singular vectors."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200,
+                 scale: float = 0.25) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                                      update_proj_gap=update_proj_gap, scale=scale))
+
+    def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
+                          group: dict[str, Any]) -> None:
+        m, n = p.shape
+        r, tall = group["rank"], p.shape[0] >= p.shape[1]
+        if (state["step"] - 1) % group["update_proj_gap"] == 0:
+            u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+            projector = (vh[:r] if tall else u[:, :r]).to(p.dtype)
+            del u, vh
+            if "projector" in state:
+                state["projector"].copy_(projector)
+            else:
+                state["projector"] = projector.contiguous()
+        proj = state["projector"]
+        low = grad @ proj.t() if tall else proj.t() @ grad  # [m, r] or [r, n]
+        direction = self._adam_direction(low, state, group).to(p.dtype)
+        del low
+        p.add_(direction @ proj if tall else proj @ direction, alpha=-group["lr"] * group["scale"])
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """``GaLoreAdamW`` with its low-rank moments stored blockwise in 8 bits (GaLore's 8-bit variant)."""
+
+    eight_bit = True
+
+
+class Apollo(_LeanAdam):
+    """APOLLO (Zhu et al., 2024): Adam moments of a random projection of the gradient set a
+    per-channel scaling of the raw gradient. ``scale_type``: ``"channel"`` (APOLLO) or ``"tensor"``."""
+
+    scale_type = "channel"
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, rank: int = 256, update_proj_gap: int = 200,
+                 scale: float = 1.0, norm_growth_limit: float = 1.01, seed: int = 0) -> None:
+        if not norm_growth_limit > 1.0:
+            raise ValueError(f"norm_growth_limit must be > 1, got {norm_growth_limit!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
+                                      update_proj_gap=update_proj_gap, scale=scale,
+                                      norm_growth_limit=norm_growth_limit, seed=seed))
+        for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
+            self.state[p]["seed"] = zlib.crc32(f"{seed}:{i}".encode())  # a number: weights_only-safe
+
+    def _projection(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+        """P [r, min(m, n)], N(0, 1/r), drawn from the parameter's seed and its refresh index."""
+        r = group["rank"]
+        refresh = (state["step"] - 1) // group["update_proj_gap"]
+        gen = torch.Generator(device="cpu").manual_seed((state["seed"] * 1_000_003 + refresh) % (2 ** 63))
+        proj = torch.randn(r, min(p.shape), generator=gen, dtype=torch.float32) / math.sqrt(r)
+        return proj.to(device=p.device, dtype=p.dtype)
+
+    def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
+                          group: dict[str, Any]) -> None:
+        wide = p.shape[0] <= p.shape[1]  # project the smaller side; channels along the larger one
+        proj = self._projection(p, state, group)
+        low = proj @ grad if wide else grad @ proj.t()  # [r, n] or [m, r]
+        direction = self._adam_direction(low, state, group)
+        dim = 0 if wide else 1  # the channel's norm runs over the projected side
+        f32 = torch.float32  # norms accumulate in fp32 without an fp32 copy of the tensor
+        if self.scale_type == "tensor":
+            factor = vector_norm(direction, dtype=f32) / vector_norm(low, dtype=f32).clamp_min(1e-12)
+        else:
+            factor = (vector_norm(direction, dim=dim, keepdim=True, dtype=f32)
+                      / vector_norm(low, dim=dim, keepdim=True, dtype=f32).clamp_min(1e-12))
+        del low, direction
+        update = grad * factor.to(grad.dtype)  # the raw gradient, scaled per channel (or as a whole)
+        norm = vector_norm(update, dtype=f32)
+        if "prev_norm" in state:
+            limit = group["norm_growth_limit"] * state["prev_norm"]
+            update.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)).to(update.dtype))
+            state["prev_norm"].copy_(torch.minimum(norm, limit))
+        else:
+            state["prev_norm"] = norm.clone()
+        p.add_(update.to(p.dtype), alpha=-group["lr"] * group["scale"])
+
+
+class ApolloMini(Apollo):
+    """APOLLO-Mini: rank 1, one scaling factor per tensor; ``scale`` √128 (the paper's α = 128,
+    applied as its square root as in the authors' code)."""
+
+    scale_type = "tensor"
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, rank: int = 1, update_proj_gap: int = 200,
+                 scale: float = math.sqrt(128), norm_growth_limit: float = 1.01, seed: int = 0) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+                         update_proj_gap=update_proj_gap, scale=scale, norm_growth_limit=norm_growth_limit, seed=seed)

@@ -1,0 +1,208 @@
+"""The stages of a plan, in order, over one frozen record of the job (docs/architecture.md).
+
+``capture`` reads the model's structure once; ``plan`` is the rest as one straight line — rewrite,
+measure, trace, solve, record — and returns the ``Plan``. ``memopt.api`` validates the call, builds
+the ``Job``, loops ``plan`` for ``quantize="auto"`` and hands the Plan to the runtime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from memopt.config import GIB, OptimizeConfig, QuantizeConfig
+from memopt.ir.joint import JointGraph, JointTrace, trace_joint_graph
+from memopt.ir.structure import ModelGraph, build_model_graph
+from memopt.kernels.dequant import simulating
+from memopt.memory.autocast import autocast_state, on_target
+from memopt.memory.inputs import input_dtypes, input_shapes
+from memopt.memory.report import MemoryReport
+from memopt.memory.simulate import simulate_step
+from memopt.optim import factory, plan_notes
+from memopt.passes import PassResult, RewriteLog, check_bitsandbytes, rewrite
+from memopt.passes.quantize import QuantLinear
+from memopt.plan import Plan
+from memopt.planner.problem import Choice, PlanningProblem, build_problem, step_peak, with_optimizer_peak
+from memopt.planner.solve import ActivationPlan, PlannerConfig, decisions_for, plan_activations, plan_fields
+from memopt.runtime.fingerprint import structural_fingerprint
+from memopt.runtime.partition import plan_partition
+
+__all__ = ["Captured", "Job", "WeightsExceed", "capture", "plan", "plan_step"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one plan is made for: the model (rewritten in place by ``plan``), the inputs as the
+    returned model runs them, the validated config, and how far to go (``simulate``: measure the
+    eager step too; ``lower``: the runtime lowers the step whatever the plan)."""
+
+    model: nn.Module
+    inputs: tuple[tuple, dict]
+    bound: inspect.BoundArguments
+    config: OptimizeConfig
+    planner: PlannerConfig
+    loss_fn: Callable[..., Any] | None = None
+    simulate: bool = True
+    lower: bool = False
+    progress: Callable[[str], None] | None = None
+
+    def say(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress(message)
+
+
+@dataclass(frozen=True)
+class Captured:
+    graph: ModelGraph
+    notes: tuple[str, ...] = ()
+
+
+class WeightsExceed(Exception):
+    """The rewritten model's weights alone exceed the usable budget (``quantize="auto"``'s early out)."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__(nbytes)
+        self.nbytes = nbytes
+
+
+def capture(job: Job, rewrites: RewriteLog) -> Captured:
+    """The model's structure, captured once before rewriting (roles, heads and couplings come from
+    dataflow). Layers loaded quantized by bitsandbytes are shadowed by memory-free Linears for the
+    capture, then become ``QuantLinear`` layers over their own bytes; the notes say so."""
+    from memopt.passes.bitsandbytes import adopt_shadowed, bitsandbytes_layers, describe, shadow_for_capture
+
+    args, kwargs = job.inputs
+    job.say(f"capturing {type(job.model).__name__}")
+    if not bitsandbytes_layers(job.model):
+        return Captured(build_model_graph(job.model, args, kwargs))
+    if job.config.quantize is not None:
+        raise ValueError("this model was loaded quantized by bitsandbytes; its layers are taken as they are, so "
+                         "leave quantize= unset")
+    check_bitsandbytes(job.config.method_config)
+    adopted = shadow_for_capture(job.model, rewrites)
+    graph = build_model_graph(job.model, args, kwargs)
+    adopt_shadowed(adopted, rewrites)
+    return Captured(graph, (f"layers loaded by bitsandbytes taken as they are: {describe(adopted)}; memopt reads "
+                            "their bytes in place, nothing dequantized or copied",))
+
+
+def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConfig | None, *,
+         weights_must_fit: bool = False) -> Plan:
+    """One plan of the job's method on weights quantized by ``quant`` (None: as they are)."""
+    cfg = job.config
+    job.say(f"applying {cfg.method}" + ("" if quant is None else f" on {quant.format} weights"))
+    # Rewrite in place through the undo log, composed with quantization as the method's pass declares;
+    # everything after measures the rewritten model.
+    result = rewrite(job.model, captured.graph, cfg.method_config, quant, rewrites)
+    # The weights alone are a lower bound of any step's peak: quantize="auto" moves on without a trace.
+    if weights_must_fit and (weights := weight_bytes(job.model)) > cfg.usable_bytes:
+        raise WeightsExceed(weights)
+    # The step measured (eager, every activation kept), traced as one joint graph, and solved.
+    memory, trace, activations = plan_step(job)
+    # The record of it all: what was done per module, per saved tensor, and what it predicts.
+    return _record(job, captured, result, memory, trace, activations)
+
+
+def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan]:
+    """(Simulate,) trace and plan the training step of the already rewritten model.
+
+    The plan's peak is measured, not modelled: each candidate plan is lowered onto the traced
+    joint graph as the runtime lowers it and its liveness swept (``_measure``); the model as it is
+    is measured by the simulated eager step."""
+    cfg, memory = job.config, None
+    optimizer = factory(cfg.optimizer, **cfg.optimizer_options)
+    # Quantized GEMMs as the target device runs them (CUDA: fused, no W), under its autocast.
+    with simulating(cfg.device.kind), on_target(cfg.device.kind):
+        if job.simulate:
+            # The eager step the user will run, with every activation kept: exact bytes (ground truth).
+            job.say("simulating the eager step")
+            memory = simulate_step(job.model, job.inputs, loss_fn=job.loss_fn, optimizer=optimizer,
+                                   device=cfg.device.kind, round_to=cfg.device.alloc_granularity)
+        # The same step as one joint graph: what backward needs, when, and what recomputing it costs.
+        job.say("tracing the joint forward + backward step")
+        trace, joint = trace_joint_graph(job.model, job.inputs, loss_fn=job.loss_fn, optimizer=optimizer,
+                                         device=cfg.device.kind, granularity=cfg.device.alloc_granularity)
+    problem = build_problem(trace, cfg.device, allow_recompute=job.planner.allow_recompute,
+                            allow_offload=job.planner.allow_offload,
+                            allow_rng_recompute=job.planner.allow_rng_recompute)
+    if memory is not None:  # the optimizer step runs as it is: its simulated peak
+        problem = with_optimizer_peak(problem, memory.phase_peaks.get("optimizer"))
+    # Keep / recompute / offload each saved activation: the fastest plan inside the budget.
+    job.say(f"planning {len(problem.candidates)} saved tensors ({problem.num_classes} decision classes) "
+            f"for {cfg.usable_bytes / GIB:.2f} GiB usable (traced in {trace.trace_seconds:.1f} s)")
+    activations = plan_activations(problem, cfg.usable_bytes, job.planner, reserve_bytes=cfg.reserve_bytes,
+                                   what=f"{cfg.method} on {type(job.model).__name__}", progress=job.progress,
+                                   as_is_bytes=None if memory is None else _step_peak(memory),
+                                   measure=_measure(joint, problem), lower=job.lower)
+    return memory, trace, activations
+
+
+def _measure(joint: JointGraph, problem: PlanningProblem) -> Callable[[tuple[Choice, ...]], int]:
+    """The exact forward + backward peak of an assignment's lowered step: the traced joint graph
+    partitioned by it as the runtime partitions it (recomputation placed by torch's partitioner,
+    RNG state saved for replayed random ops, offload copies), its liveness swept."""
+    cache: dict[tuple[Choice, ...], int] = {}
+
+    def measure(choices: tuple[Choice, ...]) -> int:
+        if choices not in cache:
+            partition = plan_partition(decisions_for(problem, choices), offload_mode="simulated", check_layout=True,
+                                       allow_constants=True)
+            cache[choices] = step_peak(joint.partitioned(partition))[0]
+        return cache[choices]
+
+    return measure
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and of the quantized weights' buffers: a lower bound of any step's peak."""
+    quantized = (b for m in model.modules() if isinstance(m, QuantLinear) for b in m.buffers(recurse=False))
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *quantized))
+
+
+def _step_peak(memory: MemoryReport) -> int:
+    """The simulated eager step's peak over forward and backward (what the activations decide)."""
+    return max(memory.phase_peaks.get(phase, 0) for phase in ("forward", "backward"))
+
+
+def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryReport | None, trace: JointTrace,
+            activations: ActivationPlan) -> Plan:
+    model, cfg, graph = job.model, job.config, captured.graph
+    params = list(model.parameters())
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    notes = [*captured.notes, *graph.captured.notes, *graph.notes, *result.notes,
+             *plan_notes(cfg.optimizer, cfg.optimizer_options, trainable)]
+    if cfg.device.kind == "cuda":
+        notes.append(f"device reserve {cfg.reserve_bytes / GIB:.3f} GiB for the CUDA context and allocator slack; "
+                     f"every block rounded up to {cfg.device.alloc_granularity} bytes")
+    notes.append("offload timing: each copy is on device for its own transfer time; queueing behind other copies "
+                 "adds exposed time, not residency")
+    if memory is None:
+        notes.append("the model as it is was not simulated (planned from the joint trace alone)")
+    return Plan(
+        model=type(model).__name__,
+        method=cfg.method,
+        method_config=dataclasses.asdict(cfg.method_config),
+        optimizer=cfg.optimizer,
+        optimizer_options=dict(cfg.optimizer_options),
+        device=cfg.device,
+        budget_bytes=cfg.budget_bytes,
+        reserve_bytes=cfg.reserve_bytes,
+        input_shapes=input_shapes(job.bound),
+        input_dtypes=input_dtypes(job.bound),
+        training=model.training,
+        autocast=autocast_state(cfg.device.kind),
+        capture=graph.captured.method,
+        modules=result.decisions,
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        total_params=sum(p.numel() for p in params),
+        memory=memory,
+        notes=tuple(notes),
+        fingerprint=structural_fingerprint(model),
+        **plan_fields(activations, trace_seconds=trace.trace_seconds,
+                      applied_peak_bytes=None if memory is None else memory.peak_bytes,
+                      op_flops=[op.flops for op in trace.ops]),
+    )

@@ -1,0 +1,142 @@
+"""Full-parameter training the way a user runs it: ``method="full"`` with a memory-lean optimizer, the
+optimizer the plan counted built by ``make_optimizer``, a plain loop, gradient accumulation, a save
+and a reload — and the plan's optimizer bytes equal to what the real optimizer holds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memopt
+from memopt.errors import InfeasibleBudgetError
+from tests.models import lm_batch, tiny_llama
+
+
+def _state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("name, options", [pytest.param("adamw", {}, marks=pytest.mark.slow),
+                                           ("galore-adamw8bit", {"rank": 8}),
+                                           pytest.param("apollo-mini", {}, marks=pytest.mark.slow)])
+def test_full_training_counts_exactly_the_optimizer_it_builds(name, options):
+    model = tiny_llama()
+    batch = lm_batch(model, batch=2, seq=16)
+    optimized = memopt.optimize(model, 1, batch, method="full", optimizer=name, optimizer_options=options,
+                                device="cpu")
+    plan = optimized.plan
+    assert plan.trainable_params == plan.total_params and plan.optimizer_options == options
+    opt = optimized.make_optimizer(lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = optimized(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert _state_bytes(opt) == plan.static.optimizer  # measured on fakes == held for real, to the byte
+
+
+@pytest.mark.slow
+def test_lean_optimizers_shrink_the_counted_state():
+    batch = lm_batch(tiny_llama())
+    states = {}
+    for name in ("adamw", "adamw8bit", "galore-adamw8bit", "apollo-mini"):
+        options = {"rank": 8} if name.startswith("galore") else {}
+        states[name] = memopt.optimize(tiny_llama(), 1, batch, method="full", optimizer=name, optimizer_options=options,
+                                       device="cpu").plan.static.optimizer
+    assert states["apollo-mini"] < states["galore-adamw8bit"] < states["adamw8bit"] < states["adamw"]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_one_batch():
+    batch = lm_batch(tiny_llama(), batch=4, seq=16)
+    halves = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2)]
+    results = []
+    for micro in ([batch], halves):
+        model = tiny_llama()
+        optimized = memopt.optimize(model, 1, batch, method="full", optimizer="galore-adamw",
+                                    optimizer_options={"rank": 4}, device="cpu")
+        opt = optimized.make_optimizer(lr=1e-2)
+        for part in micro:
+            (optimized(**part).loss / len(micro)).backward()
+        torch.nn.utils.clip_grad_norm_(optimized.parameters(), 0.5)  # clipping reads the accumulated gradients
+        opt.step()
+        results.append([p.detach().clone() for p in optimized.model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_make_optimizer_keeps_to_the_plan():
+    model = tiny_llama()
+    optimized = memopt.optimize(model, 1, lm_batch(model), method="full", optimizer="galore-adamw",
+                                optimizer_options={"rank": 4}, device="cpu")
+    opt = optimized.make_optimizer(lr=3e-4, weight_decay=0.01)  # arithmetic only: free
+    assert type(opt).__name__ == "GaLoreAdamW" and opt.defaults["rank"] == 4 and opt.defaults["weight_decay"] == 0.01
+    with pytest.raises(ValueError, match="rank=8 changes the memory"):
+        optimized.make_optimizer(rank=8)
+
+
+def test_make_optimizer_on_lora_gives_adamw_over_the_adapters_only():
+    model = tiny_llama()
+    optimized = memopt.optimize(model, 1, lm_batch(model), device="cpu")
+    opt = optimized.make_optimizer(lr=1e-4)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert isinstance(opt, torch.optim.AdamW)
+    assert sum(p.numel() for p in params) == optimized.plan.trainable_params < optimized.plan.total_params
+
+
+def test_bad_optimizer_choices_fail_before_the_model_is_touched(monkeypatch):
+    import memopt.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "capture", lambda *a, **k: pytest.fail("the model was captured"))
+    model = tiny_llama()
+    batch = lm_batch(model)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['rnak'\] for optimizer 'galore-adamw'"):
+        memopt.optimize(model, 1, batch, method="full", optimizer="galore-adamw", optimizer_options={"rnak": 4})
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        memopt.optimize(model, 1, batch, method="full", optimizer="galore-adamw", optimizer_options={"rank": 0},
+                        device="cpu")
+    with pytest.raises(ValueError, match="cannot train a quantized weight"):
+        memopt.optimize(model, 1, batch, method="full", quantize="nf4", device="cpu")
+    config = memopt.OptimizerConfig("apollo-mini", {"seed": 1})
+    with pytest.raises(ValueError, match="matches no parameter"):
+        monkeypatch.undo()
+        memopt.optimize(model, 1, batch, method=memopt.FullConfig(target_modules="nothing"), optimizer=config,
+                        device="cpu")
+    assert all(p.requires_grad for p in model.parameters())  # restored after the failed rewrite
+
+
+def test_a_rank_above_a_side_falls_back_with_a_note_and_a_subset_trains():
+    model = tiny_llama()
+    optimized = memopt.optimize(model, 1, lm_batch(model), method=memopt.FullConfig(target_modules=["model.layers.1"]),
+                                optimizer="galore-adamw", optimizer_options={"rank": 64}, device="cpu")
+    plan = optimized.plan
+    trained = {n for n, p in optimized.model.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("model.layers.1.") for n in trained)
+    # every matrix of the tiny model has a side of 64: none is projected, each says why
+    assert any("projects 0 of" in note and "side not above the rank" in note for note in plan.notes), plan.notes
+
+
+@pytest.mark.slow
+def test_full_training_saves_and_reloads(tmp_path):
+    model = tiny_llama()
+    batch = lm_batch(model)
+    optimized = memopt.optimize(model, 1, batch, method="full", optimizer="apollo-mini", device="cpu")
+    opt = optimized.make_optimizer(lr=1e-2)
+    optimized(**batch).loss.backward()
+    opt.step()
+    optimized.save_pretrained(tmp_path)
+    reloaded = memopt.from_pretrained(tiny_llama(), tmp_path)
+    assert reloaded.plan.optimizer == "apollo-mini"
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, optimized(**batch).logits)
+
+
+@pytest.mark.slow
+def test_an_infeasible_full_plan_names_the_smallest_budget():
+    model = tiny_llama()
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget|at least"):
+        memopt.optimize(model, 0.0005, lm_batch(model), method="full", reserve_gb=0, device="cpu")
