@@ -10,22 +10,24 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch.nn as nn
 
 from memopt.config import GIB, OptimizeConfig, QuantizeConfig
-from memopt.ir.joint import JointGraph, JointTrace, trace_joint_graph
+from memopt.errors import InfeasibleBudgetError
+from memopt.ir.joint import JointGraph, JointTrace, optimizer_bytes, trace_joint_graph
 from memopt.ir.structure import ModelGraph, build_model_graph
 from memopt.kernels.dequant import simulating
 from memopt.memory.autocast import autocast_state, on_target
 from memopt.memory.inputs import input_dtypes, input_shapes
 from memopt.memory.report import MemoryReport
-from memopt.memory.simulate import simulate_step
-from memopt.optim import factory, plan_notes
+from memopt.memory.simulate import OptimizerFactory, simulate_step
+from memopt.optim import OPTIMIZERS, factory, plan_notes
 from memopt.passes import PassResult, RewriteLog, check_bitsandbytes, rewrite
 from memopt.passes.quantize import QuantLinear
 from memopt.plan import Plan
+from memopt.plan.report import format_bytes
 from memopt.planner.problem import Choice, PlanningProblem, build_problem, step_peak, with_optimizer_peak
 from memopt.planner.solve import ActivationPlan, PlannerConfig, decisions_for, plan_activations, plan_fields
 from memopt.runtime.fingerprint import structural_fingerprint
@@ -126,19 +128,51 @@ def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan
         job.say("tracing the joint forward + backward step")
         trace, joint = trace_joint_graph(job.model, job.inputs, loss_fn=job.loss_fn, optimizer=optimizer,
                                          device=cfg.device.kind, granularity=cfg.device.alloc_granularity)
-    problem = build_problem(trace, cfg.device, allow_recompute=job.planner.allow_recompute,
-                            allow_offload=job.planner.allow_offload,
-                            allow_rng_recompute=job.planner.allow_rng_recompute)
+    problem = _problem(job, trace)
     if memory is not None:  # the optimizer step runs as it is: its simulated peak
         problem = with_optimizer_peak(problem, memory.phase_peaks.get("optimizer"))
-    # Keep / recompute / offload each saved activation: the fastest plan inside the budget.
+    try:
+        # Keep / recompute / offload each saved activation: the fastest plan inside the budget.
+        return memory, trace, _solve(job, problem, joint, trace, None if memory is None else _step_peak(memory))
+    except InfeasibleBudgetError as exc:
+        per_parameter = OPTIMIZERS[cfg.optimizer].in_backward()
+        if per_parameter is None or not job.planner.allow_update_in_backward:
+            raise
+        # Gradients held to an optimizer step after the backward do not fit: update each parameter
+        # inside the backward as soon as its gradient is made, one update's transient at a time.
+        job.say(f"{str(exc).splitlines()[0]}; planning updates inside backward")
+        trainable = [p for p in job.model.parameters() if p.requires_grad]
+        _, step = optimizer_bytes(trainable, _with_options(per_parameter, cfg.optimizer_options), cfg.device.kind,
+                                  cfg.device.alloc_granularity)
+        trace = dataclasses.replace(trace, optimizer_step_bytes=step)
+        problem = _problem(job, trace, update_in_backward=True)
+        return memory, trace, _solve(job, problem, joint, trace, None)
+
+
+def _problem(job: Job, trace: JointTrace, update_in_backward: bool = False) -> PlanningProblem:
+    return build_problem(trace, job.config.device, allow_recompute=job.planner.allow_recompute,
+                         allow_offload=job.planner.allow_offload, allow_rng_recompute=job.planner.allow_rng_recompute,
+                         update_in_backward=update_in_backward)
+
+
+def _solve(job: Job, problem: PlanningProblem, joint: JointGraph, trace: JointTrace,
+           as_is_bytes: int | None) -> ActivationPlan:
+    cfg = job.config
     job.say(f"planning {len(problem.candidates)} saved tensors ({problem.num_classes} decision classes) "
-            f"for {cfg.usable_bytes / GIB:.2f} GiB usable (traced in {trace.trace_seconds:.1f} s)")
-    activations = plan_activations(problem, cfg.usable_bytes, job.planner, reserve_bytes=cfg.reserve_bytes,
-                                   what=f"{cfg.method} on {type(job.model).__name__}", progress=job.progress,
-                                   as_is_bytes=None if memory is None else _step_peak(memory),
-                                   measure=_measure(joint, problem), lower=job.lower)
-    return memory, trace, activations
+            f"for {cfg.usable_bytes / GIB:.2f} GiB usable (traced in {trace.trace_seconds:.1f} s)"
+            + (", updates inside backward" if problem.update_in_backward else ""))
+    return plan_activations(problem, cfg.usable_bytes, job.planner, reserve_bytes=cfg.reserve_bytes,
+                            what=f"{cfg.method} on {type(job.model).__name__}"
+                            + (" with updates inside backward" if problem.update_in_backward else ""),
+                            progress=job.progress, as_is_bytes=as_is_bytes, measure=_measure(joint, problem),
+                            lower=job.lower)
+
+
+def _with_options(factory: OptimizerFactory, options: Mapping[str, Any]) -> OptimizerFactory:
+    def make(params: list, device: str, kwargs: Mapping[str, Any]) -> Any:
+        return factory(params, device, {**options, **kwargs})
+
+    return make
 
 
 def _measure(joint: JointGraph, problem: PlanningProblem) -> Callable[[tuple[Choice, ...]], int]:
@@ -151,7 +185,7 @@ def _measure(joint: JointGraph, problem: PlanningProblem) -> Callable[[tuple[Cho
         if choices not in cache:
             partition = plan_partition(decisions_for(problem, choices), offload_mode="simulated", check_layout=True,
                                        allow_constants=True)
-            cache[choices] = step_peak(joint.partitioned(partition))[0]
+            cache[choices] = step_peak(joint.partitioned(partition), problem.update_in_backward)[0]
         return cache[choices]
 
     return measure
@@ -182,6 +216,11 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
                  "adds exposed time, not residency")
     if memory is None:
         notes.append("the model as it is was not simulated (planned from the joint trace alone)")
+    if activations.problem.update_in_backward:
+        notes.append(f"updates inside backward: each parameter is updated by {cfg.optimizer} as soon as its gradient "
+                     f"is made, and the gradient freed — {format_bytes(trace.bytes_of('gradient'))} of gradients never "
+                     "coexist; build the optimizer with model.make_optimizer(...) (it installs the updates), one "
+                     "optimizer step per backward (no gradient accumulation)")
     return Plan(
         model=type(model).__name__,
         method=cfg.method,

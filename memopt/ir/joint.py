@@ -59,8 +59,8 @@ from memopt.memory.inputs import normalize_inputs
 from memopt.memory.simulate import ADAMW, LossFn, OptimizerFactory, fake_inputs, fake_like, loss_of
 from memopt.memory.tracker import MemoryTracker
 
-__all__ = ["TracedOp", "Storage", "JointTrace", "JointGraph", "trace_joint", "trace_joint_graph", "op_keys", "op_flops",
-           "module_annotations", "OUTSIDE", "STORAGE_KINDS", "TAGS"]
+__all__ = ["TracedOp", "Storage", "JointTrace", "JointGraph", "trace_joint", "trace_joint_graph", "op_keys",
+           "op_flops", "optimizer_bytes", "module_annotations", "OUTSIDE", "STORAGE_KINDS", "TAGS"]
 
 log = logging.getLogger("memopt")
 
@@ -352,6 +352,14 @@ def module_annotations(model: nn.Module) -> Iterator[None]:
             handle.remove()
         while stack:
             stack.pop().__exit__(None, None, None)
+
+
+def optimizer_bytes(trainable: list[torch.Tensor], factory: OptimizerFactory | None, device: str,
+                    granularity: int) -> tuple[int, int]:
+    """(state bytes, extra bytes at the peak of a steady-state step) of the optimizer ``factory``
+    builds over tensors shaped as ``trainable``, measured on fake tensors."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        return _optimizer_bytes([fake_like(p) for p in trainable], factory, device, granularity)
 
 
 def _optimizer_bytes(trainable: list[torch.Tensor], factory: OptimizerFactory | None, device: str,

@@ -12,6 +12,7 @@ A new optimizer is one entry in ``OPTIMIZERS``: its name, the factory, and the o
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -20,6 +21,7 @@ from typing import Any, Mapping
 import torch
 
 from memopt.memory import OptimizerFactory, torch_optimizer
+from memopt.optim import lowrank
 from memopt.optim.lowrank import AdamW8bit, Apollo, ApolloMini, GaLoreAdamW, GaLoreAdamW8bit
 
 __all__ = ["MEMORY_NEUTRAL", "OPTIMIZERS", "AdamW8bit", "Apollo", "ApolloMini", "GaLoreAdamW", "GaLoreAdamW8bit",
@@ -45,6 +47,14 @@ class OptimizerSpec:
     doc: str
     cls: type[torch.optim.Optimizer] | None = None
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    per_parameter: type[torch.optim.Optimizer] | None = None  # its update(p, grad), run inside backward
+
+    def in_backward(self) -> OptimizerFactory | None:
+        """The factory of the per-parameter form the simulation counts for updates inside backward
+        (None: this optimizer cannot update a parameter on its own)."""
+        if self.per_parameter is None:
+            return None
+        return _lean(self.factory.__name__, self.per_parameter, self.doc).factory
 
     @classmethod
     def of_class(cls, name: str, optimizer: type[torch.optim.Optimizer], doc: str, **defaults: Any) -> "OptimizerSpec":
@@ -67,11 +77,12 @@ def _lean(name: str, cls: type[torch.optim.Optimizer], doc: str) -> OptimizerSpe
         return cls(params, **{**kwargs, **refresh})
 
     make.__name__ = name
-    return OptimizerSpec(make, names, doc, cls)
+    return OptimizerSpec(make, names, doc, cls, per_parameter=cls)
 
 
 OPTIMIZERS: Mapping[str, OptimizerSpec] = MappingProxyType({
-    "adamw": OptimizerSpec.of_class("adamw", torch.optim.AdamW, "torch AdamW: two fp32-sized moments per parameter"),
+    "adamw": dataclasses.replace(OptimizerSpec.of_class("adamw", torch.optim.AdamW, "torch AdamW: two moments per "
+                                                        "parameter"), per_parameter=lowrank.AdamW),
     "adam": OptimizerSpec.of_class("adam", torch.optim.Adam, "torch Adam"),
     "sgd": OptimizerSpec.of_class("sgd", torch.optim.SGD, "torch SGD, no state", lr=1e-3),
     "sgd-momentum": OptimizerSpec.of_class("sgd-momentum", torch.optim.SGD, "torch SGD with one momentum buffer",
@@ -94,11 +105,13 @@ MEMORY_NEUTRAL = frozenset({"lr", "betas", "eps", "weight_decay", "scale", "norm
                             "nesterov", "dampening"})
 
 
-def build(name: str, params: Any, planned: Mapping[str, Any] | None = None, **options: Any) -> torch.optim.Optimizer:
+def build(name: str, params: Any, planned: Mapping[str, Any] | None = None, *, per_parameter: bool = False,
+          **options: Any) -> torch.optim.Optimizer:
     """The registered optimizer ``name`` over ``params`` for real training, with the ``planned``
     options (those the plan counted) and ``options`` on top. An option that changes the optimizer's
     memory (``rank``, ``foreach``, ``momentum``, ...) may not differ from the planned one: the plan's
-    peak would no longer hold (plan again with other ``optimizer_options`` instead)."""
+    peak would no longer hold (plan again with other ``optimizer_options`` instead).
+    ``per_parameter``: its form that updates one parameter at a time (``update_in_backward``)."""
     planned = dict(planned or {})
     config = OptimizerConfig(name, {**planned, **options})  # names and options checked
     spec = OPTIMIZERS[config.name]
@@ -109,6 +122,10 @@ def build(name: str, params: Any, planned: Mapping[str, Any] | None = None, **op
                          f"optimizer_options={{...}} instead")
     if spec.cls is None:
         raise ValueError(f"the plan counts no optimizer ({name!r}): there is none to build")
+    if per_parameter:
+        if spec.per_parameter is None:
+            raise ValueError(f"{name} cannot update one parameter at a time (inside backward)")
+        return spec.per_parameter(params, **config.options)
     return spec.cls(params, **{**spec.defaults, **config.options})
 
 

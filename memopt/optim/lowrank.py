@@ -39,7 +39,7 @@ from torch.linalg import vector_norm
 
 from memopt.optim import blockwise8
 
-__all__ = ["MIN_8BIT_SIZE", "AdamW8bit", "Apollo", "ApolloMini", "GaLoreAdamW", "GaLoreAdamW8bit"]
+__all__ = ["MIN_8BIT_SIZE", "AdamW", "AdamW8bit", "Apollo", "ApolloMini", "GaLoreAdamW", "GaLoreAdamW8bit"]
 
 MIN_8BIT_SIZE = 4096  # bitsandbytes' min_8bit_size: smaller states stay in full precision
 CHUNK = 1 << 22  # elements of 8-bit states updated at once (a multiple of the block): bounds the fp32 transients
@@ -64,6 +64,8 @@ class _LeanAdam(torch.optim.Optimizer):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         super().__init__(params, defaults)
+        self._updated: set[int] = set()  # parameters updated inside this backward (by id), until step()
+        self.max_grad_norm: float | None = None  # inside backward: each gradient clipped to this norm
         self.fallback: dict[int, str] = {}  # parameter index -> why it gets AdamW's update
         params = [(p, g) for g in self.param_groups for p in g["params"]]
         for i, (p, group) in enumerate(params):
@@ -92,7 +94,28 @@ class _LeanAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     self.update(p, p.grad, group)
+        self._updated.clear()
         return loss
+
+    @torch.no_grad()
+    def update_in_backward(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """``update(p, grad)`` run inside the backward, as soon as ``grad`` is complete: each
+        parameter once per optimizer step. Clipping can only be per parameter here (no global norm
+        exists while gradients never coexist): ``max_grad_norm`` scales each gradient to at most that
+        norm. A second backward before ``step()`` is gradient accumulation, which cannot be done
+        when every backward updates the weights: an error."""
+        if id(p) in self._updated:
+            raise RuntimeError(
+                "a parameter was updated inside backward twice without optimizer.step() between: this looks like "
+                "gradient accumulation, which updates inside backward cannot do (every backward updates the "
+                "weights). Call optimizer.step() after each backward with one micro-batch per step, or plan without "
+                "them: memopt.optimize(..., planner=memopt.PlannerConfig(allow_update_in_backward=False)) with a "
+                "larger budget or a leaner optimizer")
+        self._updated.add(id(p))
+        if self.max_grad_norm is not None:
+            norm = vector_norm(grad, dtype=torch.float32)
+            grad = grad * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype)
+        self.update(p, grad)
 
     @torch.no_grad()
     def update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any] | None = None) -> None:
@@ -193,6 +216,16 @@ class _LeanAdam(torch.optim.Optimizer):
     def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
                           group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+class AdamW(_LeanAdam):
+    """torch's AdamW, parameter by parameter (the same operations in the same order as
+    ``torch.optim.AdamW(foreach=False)``), with ``update(p, grad)``: the optimizer the plan counts
+    when it updates each parameter inside backward (``optimizer="adamw"``)."""
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
 
 class AdamW8bit(_LeanAdam):

@@ -224,6 +224,7 @@ class Plan:
     input_dtypes: Mapping[str, str] | None = None  # of the planned inputs, by name (None: a v3 plan)
     lowered: bool | None = None  # must the model run the lowered step? (None: a v3 plan: if it recomputes/offloads)
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)  # the counted optimizer's options (rank, ...)
+    update_in_backward: bool = False  # each parameter updated, its gradient freed, as soon as its gradient is made
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @property
@@ -329,6 +330,7 @@ class Plan:
             "input_dtypes": None if self.input_dtypes is None else dict(self.input_dtypes),
             "lowered": self.lowered,
             "optimizer_options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.optimizer_options.items()},
+            "update_in_backward": self.update_in_backward,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -393,6 +395,7 @@ class Plan:
             input_dtypes=opt("input_dtypes", dict),
             lowered=opt("lowered", _bool),
             optimizer_options=opt("optimizer_options", _lists_to_tuples) or {},
+            update_in_backward=opt("update_in_backward", _bool) or False,
             version=PLAN_FORMAT_VERSION,  # an older plan is upgraded as it is read
         )
 

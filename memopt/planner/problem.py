@@ -125,6 +125,7 @@ class PlanningProblem:
     device: DeviceSpec
     num_classes: int
     class_blocks: Mapping[int, tuple[int | None, ...]]  # class -> the blocks sharing it
+    update_in_backward: bool = False  # each parameter updated (its gradient freed) as its gradient is made
 
     @property
     def forward_us(self) -> int:
@@ -201,9 +202,14 @@ class Evaluation:
 
 
 def build_problem(trace: JointTrace, device: DeviceSpec, *, allow_recompute: bool = True,
-                  allow_offload: bool = True, allow_rng_recompute: bool = False) -> PlanningProblem:
+                  allow_offload: bool = True, allow_rng_recompute: bool = False,
+                  update_in_backward: bool = False) -> PlanningProblem:
     """Requires: ``trace`` from :func:`memopt.ir.joint.trace_joint`. Ensures: one candidate per
-    saved storage and per useful recompute source, in forward order; ``keep`` is always allowed."""
+    saved storage and per useful recompute source, in forward order; ``keep`` is always allowed.
+
+    ``update_in_backward``: each parameter is updated as soon as its gradient is made and the
+    gradient freed (``trace.optimizer_step_bytes`` is then one parameter's update transient, which
+    may run at any backward point); there is no optimizer phase after the backward."""
     point_us = tuple(op_time_us(device, op.flops, op.bytes_moved, op.dtype) for op in trace.ops)
     uses = trace.uses()
     extra = set(_stream_tensors(trace, uses)) if allow_recompute else set()
@@ -223,10 +229,11 @@ def build_problem(trace: JointTrace, device: DeviceSpec, *, allow_recompute: boo
     modelled = {c.storage for c in candidates}
     return PlanningProblem(
         candidates=tuple(candidates), num_points=trace.num_points, num_forward=trace.num_forward,
-        point_us=point_us, base=_base(trace, uses, skip=modelled),
-        gradients=_base(trace, uses, kinds=("gradient",)),
-        static=_static(trace), device=device,
-        num_classes=num_classes, class_blocks=class_blocks,
+        point_us=point_us, base=_updates(trace, _base(trace, uses, skip=modelled, in_backward=update_in_backward),
+                                         update_in_backward),
+        gradients=_base(trace, uses, kinds=("gradient",), in_backward=update_in_backward),
+        static=_static(trace, update_in_backward), device=device,
+        num_classes=num_classes, class_blocks=class_blocks, update_in_backward=update_in_backward,
     )
 
 
@@ -393,33 +400,45 @@ def _fetch_start(m: int, transfer: int, after: Sequence[int], num_forward: int) 
 
 def _base(trace: JointTrace, uses: Mapping[int, list[int]],
           kinds: tuple[str, ...] = ("activation", "temporary", "gradient", "output", "tangent"),
-          skip: set[int] = frozenset(), with_saved: bool = False) -> tuple[int, ...]:
+          skip: set[int] = frozenset(), with_saved: bool = False, in_backward: bool = False) -> tuple[int, ...]:
     """Bytes at each point of storages no decision changes (temporaries, gradients, the loss);
-    ``with_saved``: and of the saved activations as the trace keeps them (from producer to last reader)."""
+    ``with_saved``: and of the saved activations as the trace keeps them (from producer to last reader);
+    ``in_backward``: a gradient lives only at the point that makes it (its update frees it)."""
     delta = [0] * (trace.num_points + 1)
     saved = set(skip) if with_saved else set(trace.saved) | set(skip)
     for s in trace.storages:
         if s.producer is None or s.id in saved or s.kind not in kinds:
             continue
         delta[s.producer] += s.nbytes
-        delta[_last_point(trace, s, uses) + 1] -= s.nbytes
+        delta[_last_point(trace, s, uses, in_backward) + 1] -= s.nbytes
     return tuple(itertools.accumulate(delta[:-1]))
 
 
-def _last_point(trace: JointTrace, s: Storage, uses: Mapping[int, list[int]]) -> int:
-    """Where a storage no decision changes dies: gradients and what the step returns (the loss,
-    which the caller holds) live to the end; a tangent for the whole backward; the rest after
-    their last reader."""
+def _updates(trace: JointTrace, base: tuple[int, ...], in_backward: bool) -> tuple[int, ...]:
+    """``base`` with one parameter's update transient at every backward point (updates inside backward)."""
+    if not in_backward:
+        return base
+    return tuple(b + (trace.optimizer_step_bytes if p >= trace.num_forward else 0) for p, b in enumerate(base))
+
+
+def _last_point(trace: JointTrace, s: Storage, uses: Mapping[int, list[int]], in_backward: bool = False) -> int:
+    """Where a storage no decision changes dies: gradients (unless updated inside backward: where
+    made) and what the step returns (the loss, which the caller holds) live to the end; a tangent
+    for the whole backward; the rest after their last reader."""
+    if s.kind == "gradient" and in_backward:
+        return s.producer
     if s.kind in ("gradient", "output", "tangent"):
         return trace.num_points - 1
     return max(uses.get(s.id, [s.producer])[-1], s.producer)
 
 
-def _static(trace: JointTrace) -> StaticMemory:
+def _static(trace: JointTrace, in_backward: bool = False) -> StaticMemory:
+    """What no decision changes; updated inside backward, no gradient outlives the backward and
+    there is no optimizer step after it (its transient is in the backward's base)."""
     return StaticMemory(
         parameters=trace.bytes_of("parameter"), buffers=trace.bytes_of("buffer"), inputs=trace.bytes_of("input"),
-        optimizer=trace.optimizer_state_bytes, gradients=trace.bytes_of("gradient"),
-        optimizer_step=trace.optimizer_step_bytes,
+        optimizer=trace.optimizer_state_bytes, gradients=0 if in_backward else trace.bytes_of("gradient"),
+        optimizer_step=0 if in_backward else trace.optimizer_step_bytes,
     )
 
 
@@ -466,12 +485,14 @@ def with_optimizer_peak(problem: PlanningProblem, optimizer_peak: int | None) ->
         static, optimizer_step=max(0, optimizer_peak - static.resident - static.gradients)))
 
 
-def step_peak(trace: JointTrace) -> tuple[int, int]:
+def step_peak(trace: JointTrace, update_in_backward: bool = False) -> tuple[int, int]:
     """(peak bytes, program point) of the step exactly as traced: every storage from the op that
-    makes it to its last reader (gradients to the end of the step), plus what is resident. For a
-    trace of a lowered plan (``JointGraph.partitioned``) this is what the lowered step allocates."""
-    live = list(_base(trace, trace.uses(), with_saved=True)) or [0]
-    static = _static(trace)
+    makes it to its last reader (gradients to the end of the step, or, updated inside backward,
+    only where made, with one update's transient), plus what is resident. For a trace of a lowered
+    plan (``JointGraph.partitioned``) this is what the lowered step allocates."""
+    live = list(_updates(trace, _base(trace, trace.uses(), with_saved=True, in_backward=update_in_backward),
+                         update_in_backward)) or [0]
+    static = _static(trace, update_in_backward)
     point = max(range(len(live)), key=live.__getitem__)
     return static.resident + live[point], point
 

@@ -48,18 +48,22 @@ _GIB = 2**30
 @dataclass(frozen=True)
 class PlannerConfig:
     """What the planner may do. ``time_limit_s`` is per CP-SAT phase; ``workers=1`` is
-    deterministic (the same plan every run); more workers race a portfolio and may vary."""
+    deterministic (the same plan every run); more workers race a portfolio and may vary.
+    ``allow_update_in_backward``: when the step does not fit with its gradients held for an
+    optimizer step after the backward, update each parameter inside the backward instead (one
+    optimizer step per backward: no gradient accumulation)."""
 
     enabled: bool = True
     allow_recompute: bool = True
     allow_offload: bool = True
     allow_rng_recompute: bool = False
+    allow_update_in_backward: bool = True
     time_limit_s: float = 10.0
     workers: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "allow_recompute", "allow_offload", "allow_rng_recompute"):
+        for name in ("enabled", "allow_recompute", "allow_offload", "allow_rng_recompute", "allow_update_in_backward"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"PlannerConfig.{name} must be True or False, got {getattr(self, name)!r}")
         SolverOptions(self.time_limit_s, self.workers, self.seed)  # validates the solver fields
@@ -306,6 +310,7 @@ def plan_fields(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_pea
         ),
         runtime_applies=("keep", "drop"),
         lowered=plan.lowered,
+        update_in_backward=problem.update_in_backward,
         applied_peak_bytes=max(plan.keep_all.peak_bytes, problem.static.optimizer_phase_peak)
         if applied_peak_bytes is None else applied_peak_bytes,
         recompute_flops=None if op_flops is None else recompute_flops(plan, op_flops),

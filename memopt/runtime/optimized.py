@@ -43,6 +43,7 @@ from memopt.errors import MemoptError, PlanMismatchError
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
 from memopt.plan import RUNTIME_ACTIONS, Plan
+from memopt.runtime import in_backward
 from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.guards import step_state
 from memopt.runtime.step import describe_shapes
@@ -78,6 +79,7 @@ class OptimizedModel(nn.Module):
         self._plans: OrderedDict[Hashable, tuple[Plan, Any]] = OrderedDict()
         self._said: set[str] = set()
         self.replans: list[str] = []  # why each re-plan happened, oldest first
+        self._update_owner = in_backward.new_owner()  # names this model's updates inside backward
 
     @property
     def plan(self) -> Plan:
@@ -113,6 +115,8 @@ class OptimizedModel(nn.Module):
                 (self.model.training, autocast_state(device.type)):
             self._replan_for(args, kwargs, _state_change(self._plan, self.model.training, autocast_state(device.type)))
         self._note_other_inputs(bound)
+        if self._plan.update_in_backward and self.model.training:
+            in_backward.require(self._update_owner)  # gradients held to a step after backward break the peak
         if self.runtime is None:
             output = self.model(*args, **kwargs)
         else:
@@ -200,6 +204,7 @@ class OptimizedModel(nn.Module):
         if compile or plan.needs_runtime:
             self._plan = dataclasses.replace(plan, runtime_applies=RUNTIME_ACTIONS, applied_peak_bytes=None)
             self.runtime = (lower_compiled if compile else lower_eager)(self.model, self._plan)
+            self.runtime.update_owner = self._update_owner
         else:
             self._plan, self.runtime = plan, None
 
@@ -216,11 +221,29 @@ class OptimizedModel(nn.Module):
         trainable parameters, as one parameter group: ``opt = model.make_optimizer(lr=2e-4)``; HF
         Trainer takes it as ``optimizers=(opt, scheduler)``. ``options`` may set what does not change
         the optimizer's memory (``betas``, ``eps``, ``weight_decay``, ...); a memory-changing one
-        that differs from the plan's (``rank``, ``foreach``) is an error: plan again with it instead."""
+        that differs from the plan's (``rank``, ``foreach``) is an error: plan again with it instead.
+
+        When the plan updates inside backward (``plan.update_in_backward``), the optimizer is the
+        per-parameter form of the one planned (``memopt.optim.lowrank``; for ``"adamw"`` torch's
+        AdamW arithmetic, parameter by parameter) and is attached to the model: every backward
+        updates each parameter as soon as its gradient is complete and frees the gradient; its
+        ``step()`` only closes the step (call it after each backward, as usual; schedulers work on
+        it). One backward per step: gradient accumulation is an error. Clipping is per parameter,
+        ``max_grad_norm=`` here (``clip_grad_norm_`` after backward finds no gradients left). The
+        latest optimizer made is the one attached."""
         from memopt.optim import build
 
+        max_grad_norm = options.pop("max_grad_norm", None)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return build(self.plan.optimizer, params, self.plan.optimizer_options, lr=lr, **options)
+        if not self.plan.update_in_backward:
+            if max_grad_norm is not None:
+                raise TypeError("max_grad_norm is for plans that update inside backward; clip with "
+                                "torch.nn.utils.clip_grad_norm_ before optimizer.step() as usual")
+            return build(self.plan.optimizer, params, self.plan.optimizer_options, lr=lr, **options)
+        opt = build(self.plan.optimizer, params, self.plan.optimizer_options, per_parameter=True, lr=lr, **options)
+        opt.max_grad_norm = max_grad_norm
+        in_backward.attach(self._update_owner, opt, list(dict(self.model.named_parameters()).values()))
+        return opt
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; tied parameters count once."""

@@ -53,6 +53,7 @@ from memopt.kernels.dequant import simulating
 from memopt.memory.inputs import input_shapes, training_kwargs
 from memopt.memory.tracker import not_counted
 from memopt.plan import Plan
+from memopt.runtime import in_backward
 from memopt.runtime.guards import step_state
 from memopt.runtime.partition import LoweringReport, plan_partition
 from memopt.runtime.tangents import BackwardVariants
@@ -99,6 +100,7 @@ class PlannedStep:
         self._serial = 0
         self.traces_made = 0
         self.trace_seconds = 0.0  # spent tracing, partitioning and compiling (each trace's first call included)
+        self.update_owner: int | None = None  # with plan.update_in_backward: whose optimizer gets the gradients
 
     @property
     def reports(self) -> list[LoweringReport]:
@@ -196,7 +198,7 @@ class PlannedStep:
 
         params, buffers, tensors = inputs
         report = LoweringReport()
-        partition = plan_partition(self.plan, offload_mode=mode, check_layout=at_plan_shapes, report=report)
+        partition = self._partition(mode, at_plan_shapes, report)
         shape_env = ShapeEnv()
         fake_mode = FakeTensorMode(shape_env=shape_env)
         # The trace runs on fakes of its own, outside any dispatch mode the caller has on (a memory
@@ -236,7 +238,7 @@ class PlannedStep:
     def _trace_exact(self, step: Callable, inputs: tuple[dict, dict, list], mode: str, at_plan_shapes: bool,
                      fake: bool) -> tuple[_Trace, Any]:
         report = LoweringReport()
-        partition = plan_partition(self.plan, offload_mode=mode, check_layout=at_plan_shapes, report=report)
+        partition = self._partition(mode, at_plan_shapes, report)
         sizes = [tuple(t.shape) for t in inputs[2]]
         for exporting in (False, True):
             # Tracing makes fake tensors a simulated step must not count: count from the first op run.
@@ -259,6 +261,17 @@ class PlannedStep:
                         f"memopt could not lower the plan onto {type(self.model).__name__}'s training step: "
                         f"{type(exc).__name__}: {_first_line(exc)}") from exc
         raise AssertionError("unreachable")
+
+    def _partition(self, mode: str, at_plan_shapes: bool, report: LoweringReport) -> Callable[..., Any]:
+        """The plan's partition; with updates inside backward, each parameter's gradient is handed to
+        the optimizer where the backward makes it (``memopt.runtime.in_backward``)."""
+        partition = plan_partition(self.plan, offload_mode=mode, check_layout=at_plan_shapes, report=report)
+        if not self.plan.update_in_backward:
+            return partition
+        if self.update_owner is None:
+            raise MemoptError(in_backward.NO_OPTIMIZER)
+        num_params = sum(1 for _ in self.model.named_parameters())
+        return in_backward.partition_with_updates(partition, self.update_owner, num_params)
 
     @contextlib.contextmanager
     def _tracing(self, exporting: bool) -> Any:

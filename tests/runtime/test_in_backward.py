@@ -1,0 +1,90 @@
+"""Updates inside backward, planned when the gradients held for a step after the backward do not fit:
+the user's loop with ``make_optimizer`` trains exactly as torch's AdamW does, no gradient outlives
+the backward, the simulated lowered step stays inside the plan, and what cannot work says so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import memopt
+from memopt.errors import InfeasibleBudgetError, MemoptError
+from memopt.memory.simulate import simulate_step
+from memopt.optim import factory
+from tests.models import lm_batch, tiny_llama
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def tight():
+    """A full-training budget between the in-backward plan's peak and the smallest plan holding gradients."""
+    batch = lm_batch(tiny_llama(), batch=2, seq=16)
+    loose = memopt.optimize(tiny_llama(), 1, batch, method="full", device="cpu", reserve_gb=0)
+    with pytest.raises(InfeasibleBudgetError) as info:
+        memopt.optimize(tiny_llama(), 1e-6, batch, method="full", device="cpu", reserve_gb=0,
+                        planner=memopt.PlannerConfig(allow_update_in_backward=False))
+    holding = info.value.min_budget_bytes  # the least any plan that holds the gradients needs
+    budget = holding - loose.plan.static.gradients // 2
+    return budget, batch
+
+
+def test_a_step_that_fits_only_with_updates_inside_backward_trains_as_torch_adamw(tight):
+    budget, batch = tight
+    optimized = memopt.optimize(tiny_llama(), budget / GIB, batch, method="full", device="cpu", reserve_gb=0)
+    plan = optimized.plan
+    assert plan.update_in_backward and plan.static.gradients == 0 and plan.predicted_peak_bytes <= plan.usable_bytes
+    assert any("updates inside backward" in note for note in plan.notes)
+    assert memopt.Plan.from_json(plan.to_json()).update_in_backward
+    with pytest.raises(MemoptError, match="make_optimizer"):
+        optimized(**batch)  # no optimizer attached: the gradients would be held, over the plan
+    opt = optimized.make_optimizer(lr=1e-2)
+    reference = tiny_llama()
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, foreach=False)
+    for _ in range(3):
+        loss = optimized(**batch).loss
+        loss.backward()
+        assert all(p.grad is None for p in optimized.parameters())  # each freed where it was made
+        opt.step()
+        ref_loss = reference(**batch).loss
+        ref_loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        assert torch.equal(loss, ref_loss)
+    for a, b in zip(optimized.model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_the_simulated_lowered_step_stays_inside_the_plan(tight):
+    budget, batch = tight
+    optimized = memopt.optimize(tiny_llama(), budget / GIB, batch, method="full", device="cpu", reserve_gb=0)
+    optimized.make_optimizer()
+    plan = optimized.plan
+    measured = simulate_step(optimized, batch, optimizer=factory("adamw"), device="cpu")
+    # The simulation frees each gradient where it is made but runs no update: the plan adds one
+    # update's transient to every backward point, so it may only be above the measurement.
+    assert measured.peak_bytes <= plan.predicted_peak_bytes <= plan.usable_bytes
+    assert measured.peak_bytes + plan.trainable_params * 4 > plan.usable_bytes  # held gradients would not fit
+
+
+def test_gradient_accumulation_and_global_clipping_are_refused_or_per_parameter(tight):
+    budget, batch = tight
+    optimized = memopt.optimize(tiny_llama(), budget / GIB, batch, method="full", device="cpu", reserve_gb=0)
+    opt = optimized.make_optimizer(lr=1e-2, max_grad_norm=1e-3)
+    before = [p.detach().clone() for p in optimized.parameters()]
+    optimized(**batch).loss.backward()
+    opt.step()
+    moved = max((a - b).abs().max().item() for a, b in zip(optimized.parameters(), before))
+    assert 0 < moved <= 1e-2 * 1.01  # Adam's first step moves each weight by ~lr whatever the clipping
+    optimized(**batch).loss.backward()
+    with pytest.raises(RuntimeError, match="gradient accumulation"):
+        optimized(**batch).loss.backward()  # a second backward before step()
+
+
+@pytest.mark.slow
+def test_an_optimizer_that_cannot_update_one_parameter_is_not_planned_inside_backward(tight):
+    budget, batch = tight
+    with pytest.raises(InfeasibleBudgetError):
+        memopt.optimize(tiny_llama(), budget / GIB, batch, method="full", optimizer="adam", device="cpu",
+                        reserve_gb=0)
