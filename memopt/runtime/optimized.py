@@ -201,6 +201,10 @@ class OptimizedModel(nn.Module):
         from memopt.runtime.eager import lower_eager
 
         self._compile = compile
+        if compile and plan.update_in_backward:
+            raise MemoptError("this plan updates each parameter inside backward, which the Inductor lowering does not "
+                              "carry out yet: use compile=False (the eager lowering), or a larger budget or a leaner "
+                              "optimizer (optimizer='galore-adamw8bit' or 'apollo-mini') so the gradients fit")
         if compile or plan.needs_runtime:
             self._plan = dataclasses.replace(plan, runtime_applies=RUNTIME_ACTIONS, applied_peak_bytes=None)
             self.runtime = (lower_compiled if compile else lower_eager)(self.model, self._plan)
