@@ -140,3 +140,15 @@ def test_an_infeasible_full_plan_names_the_smallest_budget():
     model = tiny_llama()
     with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget|at least"):
         memopt.optimize(model, 0.0005, lm_batch(model), method="full", reserve_gb=0, device="cpu")
+
+
+def test_compile_with_updates_inside_backward_is_refused_with_the_way_out():
+    import dataclasses
+
+    from memopt.errors import MemoptError
+
+    model = tiny_llama()
+    optimized = memopt.optimize(model, 1, lm_batch(model), method="full", device="cpu")
+    in_backward = dataclasses.replace(optimized.plan, update_in_backward=True)
+    with pytest.raises(MemoptError, match="compile=False"):
+        optimized.use_plan(in_backward, compile=True)
