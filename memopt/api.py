@@ -23,7 +23,7 @@ from memopt.passes.quantize import QuantLinear
 from memopt.pipeline import Job
 from memopt.plan import Plan
 from memopt.plan.report import format_bytes
-from memopt.planner.solve import PlannerConfig, plan_fields
+from memopt.planner.solve import PlannerConfig, step_plan
 from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.optimized import LARGER_INPUTS, OptimizedModel, wrap
 
@@ -398,11 +398,10 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
         f"re-planned for inputs {input_shapes(bound)} in {'train' if model.training else 'eval'} mode"
         f"{'' if autocast_state(cfg.device.kind) is None else ' under autocast ' + str(autocast_state(cfg.device.kind))}"
         f" ({why})",)
-    fields = plan_fields(activations, trace_seconds=trace.trace_seconds, op_flops=[op.flops for op in trace.ops])
-    fields.update(runtime_applies=old.runtime_applies, applied_peak_bytes=old.applied_peak_bytes)
-    return dataclasses.replace(old, input_shapes=input_shapes(bound), input_dtypes=input_dtypes(bound), memory=memory,
-                               notes=notes, fingerprint=structural_fingerprint(model), training=model.training,
-                               autocast=autocast_state(cfg.device.kind), **fields)
+    step = step_plan(activations, trace_seconds=trace.trace_seconds, op_flops=[op.flops for op in trace.ops])
+    return old.with_step(step, input_shapes=input_shapes(bound), input_dtypes=input_dtypes(bound), memory=memory,
+                         notes=notes, fingerprint=structural_fingerprint(model), training=model.training,
+                         autocast=autocast_state(cfg.device.kind))
 
 
 def _own_loss_or_every_output(output: Any, inputs: Any) -> torch.Tensor:

@@ -29,7 +29,7 @@ from memopt.passes.quantize import QuantLinear
 from memopt.plan import Plan
 from memopt.plan.report import format_bytes
 from memopt.planner.problem import Choice, PlanningProblem, build_problem, step_peak, with_optimizer_peak
-from memopt.planner.solve import ActivationPlan, PlannerConfig, decisions_for, plan_activations, plan_fields
+from memopt.planner.solve import ActivationPlan, PlannerConfig, decisions_for, plan_activations, step_plan
 from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.partition import plan_partition
 
@@ -221,7 +221,11 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
                      f"is made, and the gradient freed — {format_bytes(trace.bytes_of('gradient'))} of gradients never "
                      "coexist; build the optimizer with model.make_optimizer(...) (it installs the updates), one "
                      "optimizer step per backward (no gradient accumulation)")
-    return Plan(
+    step = step_plan(activations, trace_seconds=trace.trace_seconds,
+                     applied_peak_bytes=None if memory is None else memory.peak_bytes,
+                     op_flops=[op.flops for op in trace.ops])
+    return Plan.build(
+        step,
         model=type(model).__name__,
         method=cfg.method,
         method_config=dataclasses.asdict(cfg.method_config),
@@ -241,7 +245,4 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
         memory=memory,
         notes=tuple(notes),
         fingerprint=structural_fingerprint(model),
-        **plan_fields(activations, trace_seconds=trace.trace_seconds,
-                      applied_peak_bytes=None if memory is None else memory.peak_bytes,
-                      op_flops=[op.flops for op in trace.ops]),
     )

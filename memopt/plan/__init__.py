@@ -11,10 +11,11 @@ from memopt.plan.schema import (
     PlanFileError,
     SolverReport,
     StaticMemory,
+    StepPlan,
     TensorDecision,
     check_writable,
     load_plan,
 )
 
 __all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Action", "MemoryTimeline", "Plan", "PlanFileError",
-           "SolverReport", "StaticMemory", "TensorDecision", "check_writable", "load_plan"]
+           "SolverReport", "StaticMemory", "StepPlan", "TensorDecision", "check_writable", "load_plan"]

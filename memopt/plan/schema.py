@@ -25,6 +25,7 @@ and the step's ``training`` / ``autocast`` state. A v2 or v3 plan is read with w
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from memopt.device import DeviceSpec
 from memopt.memory.report import MemoryReport
 from memopt.passes.base import ModuleDecision
 
-__all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Action", "Plan", "PlanFileError", "StaticMemory",
+__all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Action", "Plan", "PlanFileError", "StaticMemory", "StepPlan",
            "check_writable", "TensorDecision", "MemoryTimeline", "SolverReport", "load_plan"]
 
 PLAN_FORMAT_VERSION = 4
@@ -190,6 +191,30 @@ class SolverReport:
 
 
 @dataclass(frozen=True)
+class StepPlan:
+    """What the planner decided and predicts for one step: the part of a ``Plan`` a (re-)plan makes.
+    ``Plan.build`` assembles a Plan from it and the job's description; ``Plan.with_step`` replaces it."""
+
+    predicted_peak_bytes: int
+    static: StaticMemory
+    tensors: tuple[TensorDecision, ...]
+    timeline: MemoryTimeline
+    compute_us: int
+    recompute_us: int
+    exposed_transfer_us: int
+    solver: SolverReport
+    lowered: bool
+    update_in_backward: bool
+    applied_peak_bytes: int | None
+    recompute_flops: int | None
+    runtime_applies: tuple[str, ...] = ("keep", "drop")
+
+    def fields(self) -> dict[str, Any]:
+        """As ``Plan`` field values, by name (nested records kept as they are)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
 class Plan:
     """Decisions and predictions for one training step; see DESIGN.md §6."""
 
@@ -226,6 +251,28 @@ class Plan:
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)  # the counted optimizer's options (rank, ...)
     update_in_backward: bool = False  # each parameter updated, its gradient freed, as soon as its gradient is made
     version: int = field(default=PLAN_FORMAT_VERSION)
+
+    @classmethod
+    def build(cls, step: StepPlan, *, model: str, method: str, method_config: Mapping[str, Any], optimizer: str,
+              optimizer_options: Mapping[str, Any], device: DeviceSpec, budget_bytes: int, reserve_bytes: int,
+              input_shapes: Mapping[str, tuple[int, ...]], input_dtypes: Mapping[str, str] | None,
+              training: bool | None, autocast: str | None, capture: str, modules: tuple[ModuleDecision, ...],
+              trainable_params: int, total_params: int, memory: MemoryReport | None, notes: tuple[str, ...],
+              fingerprint: str | None) -> "Plan":
+        """A Plan from the planner's ``step`` and what the job was: every field named and typed."""
+        return cls(model=model, method=method, method_config=method_config, optimizer=optimizer,
+                   optimizer_options=optimizer_options, device=device, budget_bytes=budget_bytes,
+                   reserve_bytes=reserve_bytes, input_shapes=input_shapes, input_dtypes=input_dtypes,
+                   training=training, autocast=autocast, capture=capture, modules=modules,
+                   trainable_params=trainable_params, total_params=total_params, memory=memory, notes=notes,
+                   fingerprint=fingerprint, **step.fields())
+
+    def with_step(self, step: StepPlan, **changes: Any) -> "Plan":
+        """This Plan with the planner's part replaced by ``step`` (a re-plan), keeping what says how the
+        returned model applies it (``runtime_applies``, ``applied_peak_bytes``), and ``changes``."""
+        fields = {**step.fields(), "runtime_applies": self.runtime_applies,
+                  "applied_peak_bytes": self.applied_peak_bytes}
+        return dataclasses.replace(self, **fields, **changes)
 
     @property
     def usable_bytes(self) -> int:

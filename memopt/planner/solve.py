@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from memopt.errors import InfeasibleBudgetError
 from memopt.planner.cpsat import SolveResult, SolverOptions, solve_min_peak, solve_min_time
@@ -36,9 +36,9 @@ from memopt.planner.greedy import greedy_plan
 from memopt.planner.problem import Candidate, Choice, Evaluation, PlanningProblem, evaluate, keep_all
 
 if TYPE_CHECKING:
-    from memopt.plan import MemoryTimeline, TensorDecision
+    from memopt.plan import MemoryTimeline, StepPlan, TensorDecision
 
-__all__ = ["PlannerConfig", "ActivationPlan", "Measure", "plan_activations", "plan_fields", "recompute_flops",
+__all__ = ["PlannerConfig", "ActivationPlan", "Measure", "plan_activations", "plan_fields", "step_plan", "recompute_flops",
            "decisions_for", "tensor_decisions", "timeline"]
 
 log = logging.getLogger("memopt")
@@ -288,13 +288,13 @@ def recompute_flops(plan: ActivationPlan, op_flops: "Sequence[int]") -> int:
     return sum(op_flops[i] for i in ops)
 
 
-def plan_fields(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_peak_bytes: int | None = None,
-                op_flops: "Sequence[int] | None" = None) -> dict:
-    """The planner's part of a ``Plan``'s fields, as keyword arguments."""
-    from memopt.plan import SolverReport
+def step_plan(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_peak_bytes: int | None = None,
+              op_flops: "Sequence[int] | None" = None) -> "StepPlan":
+    """The planner's part of a ``Plan``: its decisions and predictions for the step."""
+    from memopt.plan import SolverReport, StepPlan
 
     problem = plan.problem
-    return dict(
+    return StepPlan(
         predicted_peak_bytes=plan.peak_bytes,
         static=problem.static,
         tensors=tensor_decisions(plan),
@@ -315,3 +315,8 @@ def plan_fields(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_pea
         if applied_peak_bytes is None else applied_peak_bytes,
         recompute_flops=None if op_flops is None else recompute_flops(plan, op_flops),
     )
+
+
+def plan_fields(plan: ActivationPlan, **kwargs: Any) -> dict:
+    """``step_plan(plan, ...)`` as ``Plan`` field values by name."""
+    return step_plan(plan, **kwargs).fields()

@@ -78,3 +78,23 @@ def test_checkpoints_hold_only_the_trained_tensors_and_resume_to_the_same_losses
     assert resumed.keys() == straight.keys() == {1, 2, 3, 4, 5, 6}  # steps 1-3 from the checkpoint's state
     assert [resumed[s] for s in (4, 5, 6)] == pytest.approx([straight[s] for s in (4, 5, 6)], rel=1e-6)
     assert len(set(straight.values())) > 1
+
+
+@pytest.mark.slow
+def test_trainer_takes_the_optimizer_the_plan_counted_for_full_training(tmp_path):
+    model = tiny_llama()
+    batch = lm_batch(model, batch=4, seq=16)
+    optimized = memopt.optimize(model, 1, batch, method="full", optimizer="galore-adamw8bit",
+                                optimizer_options={"rank": 8, "update_proj_gap": 4}, device="cpu")
+    opt = optimized.make_optimizer(lr=1e-2)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=8, learning_rate=1e-2,
+        logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+    )
+    trainer = transformers.Trainer(model=optimized, args=args, train_dataset=_Batches(batch), optimizers=(opt, None))
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert trainer.optimizer.optimizer is opt if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer is opt
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    # the scheduler Trainer built drove the counted optimizer's lr
+    assert opt.param_groups[0]["lr"] != 1e-2
