@@ -415,18 +415,18 @@ class Plan:
             method=req("method", _str),
             method_config=req("method_config", _lists_to_tuples),
             optimizer=req("optimizer", _str),
-            device=req("device", DeviceSpec.from_dict),
+            device=req("device", _record(DeviceSpec)),
             budget_bytes=req("budget_bytes", _count),
             reserve_bytes=req("reserve_bytes", _count),
             input_shapes=req("input_shapes", lambda v: {k: tuple(_count(d) for d in s) for k, s in v.items()}),
             capture=req("capture", _str),
-            modules=req("modules", lambda v: _each(v, ModuleDecision.from_dict)),
+            modules=req("modules", lambda v: _each(v, _record(ModuleDecision))),
             trainable_params=req("trainable_params", _count),
             total_params=req("total_params", _count),
             predicted_peak_bytes=req("predicted_peak_bytes", _count),
             memory=opt("memory", MemoryReport.from_dict),
-            static=opt("static", StaticMemory.from_dict),
-            tensors=req("tensors", lambda v: _each(v, TensorDecision.from_dict)),
+            static=opt("static", _record(StaticMemory)),
+            tensors=req("tensors", lambda v: _each(v, _record(TensorDecision))),
             timeline=opt("timeline", MemoryTimeline.from_dict),
             compute_us=req("compute_us", _count),
             recompute_us=req("recompute_us", _count),
@@ -453,6 +453,23 @@ class Plan:
 
 def _lists_to_tuples(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def _record(cls: Any) -> Any:
+    """``cls.from_dict``, after checking the value is an object holding ``cls``'s required fields."""
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+
+    def parse(value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"expected an object with the fields of a {cls.__name__} ({', '.join(required)}), got "
+                            f"{type(value).__name__} {value!r}")
+        missing = [name for name in required if name not in value]
+        if missing:
+            raise ValueError(f"field(s) {', '.join(map(repr, missing))} missing")
+        return cls.from_dict(value)
+
+    return parse
 
 
 def _located(where: str, parse: Any, value: Any) -> Any:
@@ -503,6 +520,22 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a value a plan holds")
 
 
+class _Constant(str):
+    """A JSON ``NaN`` / ``Infinity`` as read, so the error can name the field that holds it."""
+
+
+def _constant_at(tree: Any, where: str) -> tuple[str, str] | None:
+    """(the place, the constant) of the first NaN / Infinity in ``tree``, e.g. ``'tensors'[3]['nbytes']``."""
+    if isinstance(tree, _Constant):
+        return where, str(tree)
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    for key, value in items:
+        found = _constant_at(value, f"{where}[{key!r}]" if where else repr(key))
+        if found is not None:
+            return found
+    return None
+
+
 def check_writable(path: "str | Path") -> Path:
     """``path`` if a file can be written there (not a directory, an existing writable folder), else a
     ``ValueError`` saying why; checked before long work whose result goes there."""
@@ -533,12 +566,13 @@ def load_plan(path: "str | Path") -> Plan:
     except UnicodeDecodeError as exc:
         raise PlanFileError(f"{path} is not a memopt plan: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
-        data = json.loads(text, parse_constant=_no_constant)
+        data = json.loads(text, parse_constant=_Constant)
+        where = _constant_at(data, "")
+        if where is not None:  # NaN / Infinity: no field of a plan holds one
+            raise PlanFileError(f"{path} is not a memopt plan: field {where[0]}: {where[1]} is not a value a plan holds")
     except json.JSONDecodeError as exc:
         raise PlanFileError(f"{path} is not a memopt plan: invalid JSON at line {exc.lineno} column {exc.colno} "
                             f"({exc.msg})") from None
-    except ValueError as exc:  # NaN / Infinity
-        raise PlanFileError(f"{path} is not a memopt plan: {exc}") from None
     except RecursionError:
         raise PlanFileError(f"{path} is not a memopt plan: its JSON is nested too deeply") from None
     try:

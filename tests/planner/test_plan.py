@@ -113,8 +113,15 @@ def test_a_plan_file_is_checked_field_by_field_and_errors_name_the_file_and_fiel
     with pytest.raises(PlanFileError, match=r"latin1\.json.*not UTF-8"):
         memopt.load_plan(tmp_path / "latin1.json")
     (tmp_path / "nan.json").write_text(plans[1].to_json().replace('"predicted_peak_bytes": ', '"predicted_peak_bytes": NaN, "x": ', 1))
-    with pytest.raises(PlanFileError, match=r"nan\.json.*NaN"):
+    with pytest.raises(PlanFileError, match=r"nan\.json.*field 'predicted_peak_bytes': NaN"):
         memopt.load_plan(tmp_path / "nan.json")
+    no_size = json.loads(json.dumps(tight))
+    del no_size["tensors"][1]["nbytes"]
+    with pytest.raises(PlanFileError, match=r"field 'tensors'\[1\]: field\(s\) 'nbytes' missing"):
+        memopt.load_plan(_written(tmp_path, no_size))
+    named_device = {**tight, "device": "rtx4090"}
+    with pytest.raises(PlanFileError, match="field 'device': expected an object with the fields of a DeviceSpec"):
+        memopt.load_plan(_written(tmp_path, named_device))
     (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(PlanFileError, match="nested too deeply"):
         memopt.load_plan(tmp_path / "deep.json")
