@@ -125,6 +125,11 @@ def build(name: str, params: Any, planned: Mapping[str, Any] | None = None, *, p
     if per_parameter:
         if spec.per_parameter is None:
             raise ValueError(f"{name} cannot update one parameter at a time (inside backward)")
+        extra = sorted(set(config.options) - _options_of(spec.per_parameter))
+        if extra:
+            raise ValueError(f"updates inside backward run {name} parameter by parameter "
+                             f"({spec.per_parameter.__module__}.{spec.per_parameter.__name__}), which takes "
+                             f"{', '.join(sorted(_options_of(spec.per_parameter)))}; drop {', '.join(extra)}")
         return spec.per_parameter(params, **config.options)
     return spec.cls(params, **{**spec.defaults, **config.options})
 

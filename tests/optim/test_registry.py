@@ -38,3 +38,20 @@ def test_optimize_refuses_an_unknown_optimizer_before_touching_the_model():
     with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
         memopt.optimize(model, 1, (torch.ones(2, 4),), optimizer="lion", device="cpu", loss_fn=lambda o, i: o.sum())
     assert model[0].weight is weight and isinstance(model[0], nn.Linear)
+
+
+def test_build_keeps_to_the_plan_and_its_per_parameter_form():
+    from memopt.optim import build
+    from memopt.optim.lowrank import AdamW
+
+    params = [torch.zeros(3, requires_grad=True)]
+    assert isinstance(build("adamw", params, {}), torch.optim.AdamW)
+    assert isinstance(build("adamw", params, {}, per_parameter=True), AdamW)
+    with pytest.raises(ValueError, match="drop amsgrad"):
+        build("adamw", params, {"amsgrad": True}, per_parameter=True)
+    with pytest.raises(ValueError, match="cannot update one parameter at a time"):
+        build("adam", params, {}, per_parameter=True)
+    with pytest.raises(ValueError, match="momentum=0.5 changes the memory"):
+        build("sgd-momentum", params, {"momentum": 0.9}, momentum=0.5)
+    with pytest.raises(ValueError, match="counts no optimizer"):
+        build("none", params, {})
