@@ -183,8 +183,9 @@ class S2ftConfig(MethodConfig):
 @dataclass(frozen=True)
 class FullConfig(MethodConfig):
     """Full-parameter training: every parameter of the model trains, or with ``target_modules`` only
-    those — a regex fullmatched against parameter names, or a list of module names (every parameter
-    under them). The optimizer is where the memory goes: pair it with ``optimizer="galore-adamw8bit"``
+    those — a regex fullmatched against parameter names, or a list of module names, each matching
+    every module whose dotted name is it or ends with it (``"q_proj"``, ``"model.layers.1"``) and
+    every parameter under those. The optimizer is where the memory goes: pair it with ``optimizer="galore-adamw8bit"``
     or ``"apollo-mini"`` (``memopt.optim``)."""
 
     method: ClassVar[str] = "full"

@@ -135,7 +135,7 @@ def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan
         # Keep / recompute / offload each saved activation: the fastest plan inside the budget.
         return memory, trace, _solve(job, problem, joint, trace, None if memory is None else _step_peak(memory))
     except InfeasibleBudgetError as exc:
-        per_parameter = OPTIMIZERS[cfg.optimizer].in_backward()
+        per_parameter = OPTIMIZERS[cfg.optimizer].in_backward(cfg.optimizer_options)
         if per_parameter is None or not job.planner.allow_update_in_backward:
             raise
         # Gradients held to an optimizer step after the backward do not fit: update each parameter
@@ -220,7 +220,8 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
         notes.append(f"updates inside backward: each parameter is updated by {cfg.optimizer} as soon as its gradient "
                      f"is made, and the gradient freed — {format_bytes(trace.bytes_of('gradient'))} of gradients never "
                      "coexist; build the optimizer with model.make_optimizer(...) (it installs the updates), one "
-                     "optimizer step per backward (no gradient accumulation)")
+                     "optimizer step per backward (no gradient accumulation); clip per parameter with "
+                     "make_optimizer(max_grad_norm=...): clip_grad_norm_ after backward finds no gradient")
     step = step_plan(activations, trace_seconds=trace.trace_seconds,
                      applied_peak_bytes=None if memory is None else memory.peak_bytes,
                      op_flops=[op.flops for op in trace.ops])

@@ -28,7 +28,24 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 
 class Trainer(transformers.Trainer):
-    """``transformers.Trainer``; an ``OptimizedModel``'s checkpoints hold only its trained tensors."""
+    """``transformers.Trainer``; an ``OptimizedModel``'s checkpoints hold only its trained tensors.
+    For a plan that updates inside backward, Trainer's global-norm clipping (``max_grad_norm``) would
+    find no gradient left and clip nothing: it must be 0, and clipping is per parameter
+    (``model.make_optimizer(max_grad_norm=...)``); more than one accumulation step is refused too."""
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        plan = getattr(self.model, "plan", None) if isinstance(self.model, OptimizedModel) else None
+        if plan is not None and plan.update_in_backward:
+            if self.args.max_grad_norm:
+                raise ValueError(f"this model's plan updates each parameter inside backward, so Trainer's "
+                                 f"max_grad_norm={self.args.max_grad_norm} would clip nothing (no gradient is "
+                                 "left after backward): set max_grad_norm=0 and clip per parameter with "
+                                 "model.make_optimizer(max_grad_norm=...)")
+            if self.args.gradient_accumulation_steps > 1:
+                raise ValueError("this model's plan updates each parameter inside backward: one backward per "
+                                 "optimizer step, so gradient_accumulation_steps must be 1 (raise the batch, or "
+                                 "plan with memopt.PlannerConfig(allow_update_in_backward=False) and more memory)")
+        return super().train(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not isinstance(self.model, OptimizedModel):

@@ -49,10 +49,11 @@ class OptimizerSpec:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     per_parameter: type[torch.optim.Optimizer] | None = None  # its update(p, grad), run inside backward
 
-    def in_backward(self) -> OptimizerFactory | None:
+    def in_backward(self, options: Mapping[str, Any] | None = None) -> OptimizerFactory | None:
         """The factory of the per-parameter form the simulation counts for updates inside backward
-        (None: this optimizer cannot update a parameter on its own)."""
-        if self.per_parameter is None:
+        (None: this optimizer cannot update a parameter on its own, or not with these ``options``,
+        e.g. ``amsgrad`` for AdamW)."""
+        if self.per_parameter is None or set(options or {}) - _options_of(self.per_parameter):
             return None
         return _lean(self.factory.__name__, self.per_parameter, self.doc).factory
 
@@ -101,8 +102,9 @@ def optimizer_names() -> list[str]:
 
 
 # Options that change an optimizer's arithmetic but not its memory: free to differ from the plan's.
+# update_proj_gap: the simulation measures every projection refreshing in the step it counts (_lean).
 MEMORY_NEUTRAL = frozenset({"lr", "betas", "eps", "weight_decay", "scale", "norm_growth_limit", "seed", "maximize",
-                            "nesterov", "dampening"})
+                            "nesterov", "dampening", "update_proj_gap"})
 
 
 def build(name: str, params: Any, planned: Mapping[str, Any] | None = None, *, per_parameter: bool = False,

@@ -52,26 +52,31 @@ class _LeanAdam(torch.optim.Optimizer):
     eight_bit = False
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        lr, (beta1, beta2), eps, wd = defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"]
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {defaults['betas']!r}")
-        if eps < 0 or wd < 0:
-            raise ValueError(f"eps and weight_decay must be >= 0, got eps={eps!r}, weight_decay={wd!r}")
-        for name in ("rank", "update_proj_gap"):
-            value = defaults.get(name, 1)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_group(defaults)
         super().__init__(params, defaults)
         self._updated: set[int] = set()  # parameters updated inside this backward (by id), until step()
         self.max_grad_norm: float | None = None  # inside backward: each gradient clipped to this norm
-        self.fallback: dict[int, str] = {}  # parameter index -> why it gets AdamW's update
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        _check_group({**self.defaults, **param_group})  # the group's own values, defaults filled in
+        super().add_param_group(param_group)
+
+    @property
+    def fallback(self) -> dict[int, str]:
+        """Parameter index (over all groups, in order) -> why it gets AdamW's update."""
         params = [(p, g) for g in self.param_groups for p in g["params"]]
-        for i, (p, group) in enumerate(params):
-            why = self.not_projected(p.shape, group.get("rank"))
-            if why:
-                self.fallback[i] = why
+        return {i: why for i, (p, g) in enumerate(params) if (why := self.not_projected(p.shape, g.get("rank")))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's, except that each state tensor keeps the dtype it was saved with (torch casts every
+        one to its parameter's dtype: 8-bit codes would become floats, fp32 absmaxes bf16)."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, copy=True)
 
     @staticmethod
     def not_projected(shape: torch.Size | tuple[int, ...], rank: int | None) -> str | None:
@@ -198,9 +203,12 @@ class _LeanAdam(torch.optim.Optimizer):
     def _adamw_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """torch AdamW's update (weight decay already applied): the same operations in the same order."""
         if self._eight_bit_for(p):
-            flat = p.view(-1)  # parameters are contiguous (a Parameter's own storage)
-            for part, n in self._adam_chunks(grad, state, group):
-                flat[part].add_(n.to(p.dtype), alpha=-group["lr"])
+            if p.is_contiguous():
+                flat = p.view(-1)
+                for part, n in self._adam_chunks(grad, state, group):
+                    flat[part].add_(n.to(p.dtype), alpha=-group["lr"])
+            else:  # elements in logical order, as the gradient's flattening
+                p.add_(self._adam_direction(grad, state, group).to(p.dtype).view(p.shape), alpha=-group["lr"])
             return
         beta1, beta2 = group["betas"]
         t = state["step"]
@@ -216,6 +224,23 @@ class _LeanAdam(torch.optim.Optimizer):
     def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
                           group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if not (eps >= 0 and wd >= 0):
+        raise ValueError(f"eps and weight_decay must be >= 0, got eps={eps!r}, weight_decay={wd!r}")
+    for name in ("rank", "update_proj_gap"):
+        value = group.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    limit = group.get("norm_growth_limit", 2.0)
+    if not limit > 1.0:
+        raise ValueError(f"norm_growth_limit must be > 1, got {limit!r}")
 
 
 class AdamW(_LeanAdam):
@@ -282,16 +307,16 @@ class Apollo(_LeanAdam):
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, rank: int = 256, update_proj_gap: int = 200,
                  scale: float = 1.0, norm_growth_limit: float = 1.01, seed: int = 0) -> None:
-        if not norm_growth_limit > 1.0:
-            raise ValueError(f"norm_growth_limit must be > 1, got {norm_growth_limit!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                                       update_proj_gap=update_proj_gap, scale=scale,
                                       norm_growth_limit=norm_growth_limit, seed=seed))
-        for i, p in enumerate(p for g in self.param_groups for p in g["params"]):
-            self.state[p]["seed"] = zlib.crc32(f"{seed}:{i}".encode())  # a number: weights_only-safe
 
     def _projection(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
-        """P [r, min(m, n)], N(0, 1/r), drawn from the parameter's seed and its refresh index."""
+        """P [r, min(m, n)], N(0, 1/r), drawn from the parameter's seed and its refresh index. The seed
+        (a number: weights_only-safe) is the group's ``seed`` and the parameter's index over all groups."""
+        if "seed" not in state:
+            index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+            state["seed"] = zlib.crc32(f"{group['seed']}:{index}".encode())
         r = group["rank"]
         refresh = (state["step"] - 1) // group["update_proj_gap"]
         gen = torch.Generator(device="cpu").manual_seed((state["seed"] * 1_000_003 + refresh) % (2 ** 63))
@@ -314,10 +339,11 @@ class Apollo(_LeanAdam):
         del low, direction
         update = grad * factor.to(grad.dtype)  # the raw gradient, scaled per channel (or as a whole)
         norm = vector_norm(update, dtype=f32)
-        if "prev_norm" in state:
-            limit = group["norm_growth_limit"] * state["prev_norm"]
+        if "prev_norm" in state:  # no limit after a zero update (a zero gradient): nothing to grow from
+            prev = state["prev_norm"]
+            limit = torch.where(prev > 0, group["norm_growth_limit"] * prev, norm)
             update.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)).to(update.dtype))
-            state["prev_norm"].copy_(torch.minimum(norm, limit))
+            prev.copy_(torch.minimum(norm, limit))
         else:
             state["prev_norm"] = norm.clone()
         p.add_(update.to(p.dtype), alpha=-group["lr"] * group["scale"])

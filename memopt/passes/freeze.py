@@ -124,7 +124,11 @@ def apply_freeze(model: nn.Module, graph: ModelGraph, trainable: Trainable, log:
     """
     freeze(model, trainable, log)
     decisions = tuple(_decision(model, layer) for layer in graph.linears)
-    notes = [_lowest_note(decisions)]
+    linear = {f"{layer.name}.{n}" for layer in graph.linears for n, _ in model.get_submodule(layer.name).named_parameters()}
+    others = [n for n, p in model.named_parameters() if p.requires_grad and n not in linear]
+    notes = [_lowest_note(decisions) if not others else
+             f"parameters outside Linear-like layers train too ({len(others)}, e.g. {others[0]}): backward reaches "
+             "wherever they are used"]
     hooked = _input_grad_hooks(model)
     if hooked:
         notes.append(f"{hooked} forces its output to require grad (transformers' enable_input_require_grads), "
@@ -134,14 +138,25 @@ def apply_freeze(model: nn.Module, graph: ModelGraph, trainable: Trainable, log:
 
 
 def apply_full(model: nn.Module, graph: ModelGraph, cfg: FullConfig, log: RewriteLog) -> PassResult:
-    """Full-parameter training: every parameter trains, or those ``cfg.target_modules`` names (a
-    regex over parameter names, or module names); the rest are frozen. Nothing else changes."""
+    """Full-parameter training: every parameter trains, or those ``cfg.target_modules`` names — a
+    regex fullmatched against parameter names, or module names, each matching a module whose dotted
+    name is it or ends with it (PEFT's convention: ``"q_proj"`` is every ``...q_proj``) and every
+    parameter under it; the rest are frozen. Nothing else changes."""
     targets = cfg.target_modules
-    result = apply_freeze(model, graph, (lambda name, p: True) if targets is None else (
-        targets if isinstance(targets, str) else list(targets)), log)
+    if targets is None:
+        match: Trainable = lambda name, p: True  # noqa: E731
+    elif isinstance(targets, str):
+        match = targets
+    else:
+        def match(name: str, p: nn.Parameter) -> bool:
+            parts = name.split(".")
+            return any(".".join(parts[i:j]) in targets for j in range(1, len(parts)) for i in range(j))
+    result = apply_freeze(model, graph, match, log)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"target_modules={targets!r} matches no parameter of {type(model).__name__}; parameter "
-                         f"names look like {[n for n, _ in model.named_parameters()][:3]}")
+        how = "a regex is fullmatched against parameter names" if isinstance(targets, str) else \
+            "each name matches a module whose dotted name is it or ends with it"
+        raise ValueError(f"target_modules={targets!r} matches no parameter of {type(model).__name__} ({how}); "
+                         f"parameter names look like {[n for n, _ in model.named_parameters()][:3]}")
     return result
 
 

@@ -220,7 +220,7 @@ class OptimizedModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def make_optimizer(self, lr: float = 1e-3, **options: Any) -> torch.optim.Optimizer:
+    def make_optimizer(self, lr: float | None = None, **options: Any) -> torch.optim.Optimizer:
         """The optimizer the plan counted (``plan.optimizer`` with ``plan.optimizer_options``) over the
         trainable parameters, as one parameter group: ``opt = model.make_optimizer(lr=2e-4)``; HF
         Trainer takes it as ``optimizers=(opt, scheduler)``. ``options`` may set what does not change
@@ -237,6 +237,8 @@ class OptimizedModel(nn.Module):
         latest optimizer made is the one attached."""
         from memopt.optim import build
 
+        # the lr planned with the optimizer's options, else 1e-3
+        lr = lr if lr is not None else self.plan.optimizer_options.get("lr", 1e-3)
         max_grad_norm = options.pop("max_grad_norm", None)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.plan.update_in_backward:

@@ -109,6 +109,28 @@ def test_bad_optimizer_choices_fail_before_the_model_is_touched(monkeypatch):
     assert all(p.requires_grad for p in model.parameters())  # restored after the failed rewrite
 
 
+def test_target_modules_match_module_name_suffixes_and_the_notes_say_what_trains():
+    model = tiny_llama()
+    optimized = memopt.optimize(model, 1, lm_batch(model), method=memopt.FullConfig(target_modules=["q_proj"]),
+                                optimizer="sgd", device="cpu")
+    trained = {n for n, p in optimized.model.named_parameters() if p.requires_grad}
+    assert trained == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
+    assert any(note.startswith("backward stops at model.layers.0.self_attn.q_proj") for note in optimized.plan.notes)
+    everything = memopt.optimize(tiny_llama(), 1, lm_batch(model), method="full", optimizer="sgd", device="cpu")
+    notes = everything.plan.notes
+    assert any("outside Linear-like layers train too" in n for n in notes) and not any("backward stops" in n for n in notes)
+    with pytest.raises(ValueError, match="fullmatched against parameter names"):
+        memopt.optimize(tiny_llama(), 1, lm_batch(model), method="full", target_modules=r"layers\.1\.", device="cpu")
+
+
+def test_make_optimizer_takes_the_planned_lr_and_a_planned_gap_may_change():
+    model = tiny_llama()
+    optimized = memopt.optimize(model, 1, lm_batch(model), method="full", optimizer="galore-adamw",
+                                optimizer_options={"rank": 4, "lr": 5e-4}, device="cpu")
+    assert optimized.make_optimizer().param_groups[0]["lr"] == 5e-4
+    assert optimized.make_optimizer(update_proj_gap=5).defaults["update_proj_gap"] == 5  # memory-neutral
+
+
 def test_a_rank_above_a_side_falls_back_with_a_note_and_a_subset_trains():
     model = tiny_llama()
     optimized = memopt.optimize(model, 1, lm_batch(model), method=memopt.FullConfig(target_modules=["model.layers.1"]),

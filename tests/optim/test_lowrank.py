@@ -186,3 +186,47 @@ def test_the_8bit_code_tables_are_bitsandbytes_dynamic_maps():
     q, absmax = blockwise8.quantize(x, True)
     back = blockwise8.dequantize(q, absmax, True, x.shape)
     assert (back - x).abs().max() <= 0.05 * x.abs().max()
+
+
+@pytest.mark.parametrize("cls", [AdamW8bit, GaLoreAdamW8bit, Apollo])
+def test_a_loaded_state_keeps_its_dtypes_on_bf16_parameters(cls):
+    kw = {} if cls is AdamW8bit else {"rank": 2}
+    p = torch.randn(128, 64, dtype=torch.bfloat16, requires_grad=True)
+    opt = cls([p], lr=1e-2, **kw)
+    for t in range(2):
+        p.grad = torch.randn(128, 64, generator=torch.Generator().manual_seed(t)).bfloat16()
+        opt.step()
+    saved = {k: v.dtype for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    again = cls([p], lr=1e-2, **kw)
+    again.load_state_dict(torch.load(buffer, weights_only=True))
+    assert {k: v.dtype for k, v in again.state[p].items() if isinstance(v, torch.Tensor)} == saved
+
+
+def test_apollo_recovers_from_a_zero_first_gradient_and_seeds_groups_added_later():
+    p, q = torch.randn(32, 16, requires_grad=True), torch.randn(16, 32, requires_grad=True)
+    opt = Apollo([p], lr=1e-2, rank=4)
+    opt.add_param_group({"params": [q]})
+    p.grad, q.grad = torch.zeros_like(p), torch.randn_like(q)
+    opt.step()
+    start = p.detach().clone()
+    for _ in range(3):
+        p.grad, q.grad = torch.randn_like(p), torch.randn_like(q)
+        opt.step()
+    assert (p - start).abs().max() > 0  # a zero first update does not freeze the limiter at zero
+
+
+def test_group_values_are_checked_and_non_contiguous_parameters_train():
+    p = torch.randn(4, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        GaLoreAdamW([{"params": [p], "rank": 0}])
+    with pytest.raises(ValueError, match="betas"):
+        AdamW8bit([{"params": [p], "betas": (1.5, 0.9)}])
+    t = torch.randn(128, 64).t().requires_grad_()  # 64 x 128, not contiguous
+    opt = AdamW8bit([t], lr=1e-2)
+    before = t.detach().clone()
+    t.grad = torch.randn(64, 128)
+    opt.step()
+    assert (t - before).abs().max() > 0

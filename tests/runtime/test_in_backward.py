@@ -88,3 +88,27 @@ def test_an_optimizer_that_cannot_update_one_parameter_is_not_planned_inside_bac
     with pytest.raises(InfeasibleBudgetError):
         memopt.optimize(tiny_llama(), budget / GIB, batch, method="full", optimizer="adam", device="cpu",
                         reserve_gb=0)
+
+
+def test_trainer_refuses_global_clipping_and_accumulation_for_such_a_plan(tight, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from memopt.integrations.hf import Trainer
+
+    budget, batch = tight
+    optimized = memopt.optimize(tiny_llama(), budget / GIB, batch, method="full", device="cpu", reserve_gb=0)
+    opt = optimized.make_optimizer(lr=1e-2)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["input_ids"]))]
+    for args, message in (({}, "max_grad_norm=1.0 would clip nothing"),
+                          ({"max_grad_norm": 0, "gradient_accumulation_steps": 2}, "gradient_accumulation_steps")):
+        training = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
+                                                  save_strategy="no", **args)
+        with pytest.raises(ValueError, match=message):
+            Trainer(model=optimized, args=training, train_dataset=rows, optimizers=(opt, None)).train()
+
+
+@pytest.mark.slow
+def test_options_the_per_parameter_form_lacks_keep_the_plan_from_updating_inside_backward(tight):
+    budget, batch = tight
+    with pytest.raises(InfeasibleBudgetError):
+        memopt.optimize(tiny_llama(), budget / GIB, batch, method="full", optimizer_options={"amsgrad": False},
+                        device="cpu", reserve_gb=0)
