@@ -136,8 +136,8 @@ def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan
         return memory, trace, _solve(job, problem, joint, trace, None if memory is None else _step_peak(memory))
     except InfeasibleBudgetError as exc:
         per_parameter = OPTIMIZERS[cfg.optimizer].in_backward(cfg.optimizer_options)
-        if per_parameter is None or not job.planner.allow_update_in_backward:
-            raise
+        if per_parameter is None or not (job.planner.enabled and job.planner.allow_update_in_backward):
+            raise  # (a disabled planner runs the step as it is: no decision of any kind)
         # Gradients held to an optimizer step after the backward do not fit: update each parameter
         # inside the backward as soon as its gradient is made, one update's transient at a time.
         job.say(f"{str(exc).splitlines()[0]}; planning updates inside backward")

@@ -27,6 +27,7 @@ parameter trainable, or those its ``target_modules`` name.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable, Iterable, Sequence, Union
 
@@ -124,11 +125,7 @@ def apply_freeze(model: nn.Module, graph: ModelGraph, trainable: Trainable, log:
     """
     freeze(model, trainable, log)
     decisions = tuple(_decision(model, layer) for layer in graph.linears)
-    linear = {f"{layer.name}.{n}" for layer in graph.linears for n, _ in model.get_submodule(layer.name).named_parameters()}
-    others = [n for n, p in model.named_parameters() if p.requires_grad and n not in linear]
-    notes = [_lowest_note(decisions) if not others else
-             f"parameters outside Linear-like layers train too ({len(others)}, e.g. {others[0]}): backward reaches "
-             "wherever they are used"]
+    notes = [_lowest_note(decisions)]
     hooked = _input_grad_hooks(model)
     if hooked:
         notes.append(f"{hooked} forces its output to require grad (transformers' enable_input_require_grads), "
@@ -152,6 +149,10 @@ def apply_full(model: nn.Module, graph: ModelGraph, cfg: FullConfig, log: Rewrit
             parts = name.split(".")
             return any(".".join(parts[i:j]) in targets for j in range(1, len(parts)) for i in range(j))
     result = apply_freeze(model, graph, match, log)
+    if targets is None:  # not "backward stops at" the first Linear: the embeddings train too
+        result = dataclasses.replace(result, notes=(f"every parameter trains ({sum(1 for _ in model.parameters())} "
+                                                    "tensors): backward runs through the whole model",
+                                                    *result.notes[1:]))
     if not any(p.requires_grad for p in model.parameters()):
         how = "a regex is fullmatched against parameter names" if isinstance(targets, str) else \
             "each name matches a module whose dotted name is it or ends with it"

@@ -68,6 +68,7 @@ def test_the_simulated_lowered_step_stays_inside_the_plan(tight):
     assert measured.peak_bytes + plan.trainable_params * 4 > plan.usable_bytes  # held gradients would not fit
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_and_global_clipping_are_refused_or_per_parameter(tight):
     budget, batch = tight
     optimized = memopt.optimize(tiny_llama(), budget / GIB, batch, method="full", device="cpu", reserve_gb=0)
@@ -90,6 +91,7 @@ def test_an_optimizer_that_cannot_update_one_parameter_is_not_planned_inside_bac
                         reserve_gb=0)
 
 
+@pytest.mark.slow
 def test_trainer_refuses_global_clipping_and_accumulation_for_such_a_plan(tight, tmp_path):
     transformers = pytest.importorskip("transformers")
     from memopt.integrations.hf import Trainer
