@@ -145,6 +145,7 @@ def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan
         _, step = optimizer_bytes(trainable, _with_options(per_parameter, cfg.optimizer_options), cfg.device.kind,
                                   cfg.device.alloc_granularity)
         trace = dataclasses.replace(trace, optimizer_step_bytes=step)
+        joint = dataclasses.replace(joint, step_bytes=step)  # its partitions are measured with the same transient
         problem = _problem(job, trace, update_in_backward=True)
         return memory, trace, _solve(job, problem, joint, trace, None)
 
