@@ -160,10 +160,7 @@ class _LeanAdam(torch.optim.Optimizer):
         t = state["step"]
         bc1, bc2 = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
         if not self._eight_bit_for(r):
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(r, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(r, memory_format=torch.preserve_format)
-            m, v = state["exp_avg"], state["exp_avg_sq"]
+            m, v = _moments(state, r)
             m.lerp_(r, 1 - beta1)
             v.mul_(beta2).addcmul_(r, r, value=1 - beta2)
             yield slice(None), (m / bc1).div_((v.sqrt() / bc2).add_(group["eps"]))
@@ -212,10 +209,7 @@ class _LeanAdam(torch.optim.Optimizer):
             return
         beta1, beta2 = group["betas"]
         t = state["step"]
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = _moments(state, p)
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (exp_avg_sq.sqrt() / ((1 - beta2 ** t) ** 0.5)).add_(group["eps"])
@@ -224,6 +218,14 @@ class _LeanAdam(torch.optim.Optimizer):
     def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
                           group: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def _moments(state: dict[str, Any], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full-precision moments (``exp_avg``, ``exp_avg_sq``) of ``state``, made as zeros like ``like`` at first."""
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
+    return state["exp_avg"], state["exp_avg_sq"]
 
 
 def _check_group(group: dict[str, Any]) -> None:
