@@ -191,7 +191,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         model = _optimize(shape, batch, spec["budget_gb"], compile=kind == "memopt-compiled")
         plan = model.plan
         out.update(predicted_peak_bytes=plan.predicted_peak_bytes, bytes_by_action=plan.bytes_by_action(),
-                   needs_runtime=plan.needs_runtime, applied_peak_bytes=plan.applied_peak_bytes,
+                   needs_runtime=plan.needs_runtime, lowering=model.applied.lowering,
                    budget_bytes=plan.budget_bytes, resident_bytes=plan.static.resident if plan.static else None)
         params = model.parameters()
         step_model = model

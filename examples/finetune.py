@@ -60,7 +60,7 @@ def main() -> None:
 
     # The one memopt line: LoRA on every linear layer, planned for the budget, on this batch shape.
     model = memopt.optimize(model, budget_gb=args.budget_gb, example_inputs=next(data), method="lora", rank=16, alpha=32)
-    print(model.plan.summary())
+    print(model.summary())
     model.print_trainable_parameters()
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)

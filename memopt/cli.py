@@ -28,6 +28,7 @@ __all__ = ["main", "HF_PRESETS"]
 
 EXIT_INFEASIBLE = 3
 EXIT_BAD_INPUT = 2
+_DRY_RUN = ("keep", "drop")  # what the model of a dry run does with a plan: autograd's own keep and free
 
 _LLAMA = {"model_type": "llama", "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
 
@@ -158,7 +159,11 @@ def _plan(args: argparse.Namespace) -> int:
         except (ValueError, TypeError) as exc:
             raise BadInput(str(exc)) from None
     # progress is closed: from here on it prints plain lines to stderr
-    print(plan.summary(), file=sys.stderr if args.json == "-" else sys.stdout)
+    from memopt.plan.report import applied_lines
+
+    out = sys.stderr if args.json == "-" else sys.stdout
+    print(plan.summary(), file=out)
+    print("", *applied_lines(plan, _DRY_RUN), sep="\n", file=out)  # no model carries out a dry run's plan
     if args.json == "-":
         print(plan.to_json())
     elif args.json is not None:

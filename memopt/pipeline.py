@@ -218,14 +218,17 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
     if memory is None:
         notes.append("the model as it is was not simulated (planned from the joint trace alone)")
     if activations.problem.update_in_backward:
-        notes.append(f"updates inside backward: each parameter is updated by {cfg.optimizer} as soon as its gradient "
-                     f"is made, and the gradient freed — {format_bytes(trace.bytes_of('gradient'))} of gradients never "
-                     "coexist; build the optimizer with model.make_optimizer(...) (it installs the updates), one "
-                     "optimizer step per backward (no gradient accumulation); clip per parameter with "
-                     "make_optimizer(max_grad_norm=...): clip_grad_norm_ after backward finds no gradient")
-    step = step_plan(activations, trace_seconds=trace.trace_seconds,
-                     applied_peak_bytes=None if memory is None else memory.peak_bytes,
-                     op_flops=[op.flops for op in trace.ops])
+        accumulates = cfg.optimizer_options.get("accumulate")
+        notes.append(f"updates inside backward: each parameter's gradient goes to {cfg.optimizer} as soon as it is "
+                     f"made, and is freed — {format_bytes(trace.bytes_of('gradient'))} of gradients never coexist; "
+                     "build the optimizer with model.make_optimizer(...) (it installs the updates), "
+                     + ("each backward adds its projected gradients, optimizer.step() updates (gradient accumulation "
+                        "works); " if accumulates else
+                        "one optimizer step per backward (no gradient accumulation: optimizer_options={'accumulate': "
+                        "True} with galore-adamw(8bit) allows it); ")
+                     + "clip per parameter with make_optimizer(max_grad_norm=...): clip_grad_norm_ after backward "
+                     "finds no gradient")
+    step = step_plan(activations, trace_seconds=trace.trace_seconds, op_flops=[op.flops for op in trace.ops])
     return Plan.build(
         step,
         model=type(model).__name__,

@@ -31,7 +31,8 @@ class Trainer(transformers.Trainer):
     """``transformers.Trainer``; an ``OptimizedModel``'s checkpoints hold only its trained tensors.
     For a plan that updates inside backward, Trainer's global-norm clipping (``max_grad_norm``) would
     find no gradient left and clip nothing: it must be 0, and clipping is per parameter
-    (``model.make_optimizer(max_grad_norm=...)``); more than one accumulation step is refused too."""
+    (``model.make_optimizer(max_grad_norm=...)``); more than one accumulation step is refused unless
+    the planned optimizer accumulates inside backward (GaLore's ``accumulate=True``)."""
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         plan = getattr(self.model, "plan", None) if isinstance(self.model, OptimizedModel) else None
@@ -41,10 +42,12 @@ class Trainer(transformers.Trainer):
                                  f"max_grad_norm={self.args.max_grad_norm} would clip nothing (no gradient is "
                                  "left after backward): set max_grad_norm=0 and clip per parameter with "
                                  "model.make_optimizer(max_grad_norm=...)")
-            if self.args.gradient_accumulation_steps > 1:
+            if self.args.gradient_accumulation_steps > 1 and not plan.optimizer_options.get("accumulate"):
                 raise ValueError("this model's plan updates each parameter inside backward: one backward per "
-                                 "optimizer step, so gradient_accumulation_steps must be 1 (raise the batch, or "
-                                 "plan with memopt.PlannerConfig(allow_update_in_backward=False) and more memory)")
+                                 "optimizer step, so gradient_accumulation_steps must be 1 (raise the batch; plan "
+                                 "with optimizer='galore-adamw' or 'galore-adamw8bit' and optimizer_options="
+                                 "{'accumulate': True}; or plan with memopt.PlannerConfig("
+                                 "allow_update_in_backward=False) and more memory)")
         return super().train(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

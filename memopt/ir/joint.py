@@ -86,6 +86,7 @@ class TracedOp:
     bytes_moved: int
     dtype: str | None  # of the first tensor input (what a matmul runs in)
     tags: frozenset[str] = frozenset()
+    key: str | None = None  # a forward op's name-free identity (``op_keys``; None: a view, a backward op)
 
     def signature(self) -> tuple[Any, ...]:
         """What makes two ops the same op: target, dtype, work and tags (not names or modules)."""
@@ -461,7 +462,7 @@ class _Builder:
                 outs.append((key, sid))
             self.outputs[graph, node.name] = outs
             reads = tuple(dict.fromkeys(sid for _, sid in inputs))
-            self.ops.append(_traced_op(node, phase, reads, tuple(allocates), self._module(node, phase)))
+            self.ops.append(_traced_op(node, phase, reads, tuple(allocates), self._module(node, phase), op_key))
 
     def _module(self, node: torch.fx.Node, phase: str) -> str | None:
         custom = node.meta.get("custom") or {}
@@ -555,7 +556,7 @@ def _input_tensors(node: torch.fx.Node) -> list[torch.Tensor]:
 
 
 def _traced_op(node: torch.fx.Node, phase: str, reads: tuple[int, ...], allocates: tuple[int, ...],
-               module: str | None) -> TracedOp:
+               module: str | None, key: str | None = None) -> TracedOp:
     tags = _tags(node, allocates)
     inputs = _input_tensors(node)
     outputs = _tensors(node.meta.get("val"))
@@ -563,7 +564,7 @@ def _traced_op(node: torch.fx.Node, phase: str, reads: tuple[int, ...], allocate
     return TracedOp(
         name=node.name, target=_target_name(node.target), phase=phase, module=module, block=None,
         reads=reads, allocates=allocates, flops=op_flops(node), bytes_moved=moved,
-        dtype=str(inputs[0].dtype).replace("torch.", "") if inputs else None, tags=tags,
+        dtype=str(inputs[0].dtype).replace("torch.", "") if inputs else None, tags=tags, key=key,
     )
 
 

@@ -99,6 +99,8 @@ class _LeanAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     self.update(p, p.grad, group)
+                elif id(p) in self._updated and group.get("accumulate"):  # gradients accumulated inside backward
+                    self._apply_accumulated(p, group)
         self._updated.clear()
         return loss
 
@@ -107,15 +109,23 @@ class _LeanAdam(torch.optim.Optimizer):
         """``update(p, grad)`` run inside the backward, as soon as ``grad`` is complete: each
         parameter once per optimizer step. Clipping can only be per parameter here (no global norm
         exists while gradients never coexist): ``max_grad_norm`` scales each gradient to at most that
-        norm. A second backward before ``step()`` is gradient accumulation, which cannot be done
-        when every backward updates the weights: an error."""
+        norm. A second backward before ``step()`` is gradient accumulation: an error, unless the
+        optimizer accumulates (GaLore's ``accumulate=True``: each backward adds its projected
+        gradient, ``step()`` updates)."""
+        group = self._group_of(p)
+        if group.get("accumulate"):
+            self._updated.add(id(p))
+            self._accumulate(p, grad, group)
+            return
         if id(p) in self._updated:
             raise RuntimeError(
                 "a parameter was updated inside backward twice without optimizer.step() between: this looks like "
                 "gradient accumulation, which updates inside backward cannot do (every backward updates the "
-                "weights). Call optimizer.step() after each backward with one micro-batch per step, or plan without "
-                "them: memopt.optimize(..., planner=memopt.PlannerConfig(allow_update_in_backward=False)) with a "
-                "larger budget or a leaner optimizer")
+                "weights). Call optimizer.step() after each backward with one micro-batch per step; plan with "
+                "optimizer='galore-adamw' or 'galore-adamw8bit' and optimizer_options={'accumulate': True} (it "
+                "accumulates the projected gradients inside backward and updates at step()); or plan without "
+                "updates inside backward: memopt.optimize(..., planner=memopt.PlannerConfig("
+                "allow_update_in_backward=False)) with a larger budget")
         self._updated.add(id(p))
         if self.max_grad_norm is not None:
             norm = vector_norm(grad, dtype=torch.float32)
@@ -128,6 +138,10 @@ class _LeanAdam(torch.optim.Optimizer):
         group = group or self._group_of(p)
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if group.get("accumulate"):  # one micro-batch: the accumulating path with one gradient
+            self._accumulate(p, grad, group)
+            self._apply_accumulated(p, group)
+            return
         state = self.state[p]
         state["step"] = state.get("step", 0) + 1
         if group["weight_decay"]:
@@ -136,6 +150,12 @@ class _LeanAdam(torch.optim.Optimizer):
             self._projected_update(p, grad, state, group)
         else:
             self._adamw_update(p, grad, state, group)
+
+    def _accumulate(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not accumulate gradients")
+
+    def _apply_accumulated(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not accumulate gradients")
 
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
         for group in self.param_groups:
@@ -267,31 +287,82 @@ class AdamW8bit(_LeanAdam):
 
 
 class GaLoreAdamW(_LeanAdam):
-    """GaLore (Zhao et al., 2024): Adam in the span of the gradient's top-``rank`` singular vectors."""
+    """GaLore (Zhao et al., 2024): Adam in the span of the gradient's top-``rank`` singular vectors.
+
+    ``accumulate=True`` accumulates gradients in the projection (for updates inside backward with
+    gradient accumulation, where no full gradient may wait for ``step()``): each gradient handed over
+    (``update_in_backward``) is projected and added to the fp32 ``accumulated`` state ([m, r] or
+    [r, n]; a parameter that is not projected accumulates its whole gradient); ``step()`` updates from
+    the sum. Since projecting is linear, this equals GaLore on the summed gradient while the
+    projector stays. A refresh is due at the window's first gradient: its projector comes from that
+    micro-batch's gradient (the sum does not exist yet), not from the window's sum — the one
+    difference from one large batch, on refresh steps only. ``max_grad_norm`` then clips the
+    accumulated gradient (projected: its norm within the subspace) at ``step()``."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, rank: int = 128, update_proj_gap: int = 200,
-                 scale: float = 0.25) -> None:
+                 scale: float = 0.25, accumulate: bool = False) -> None:
+        if not isinstance(accumulate, bool):
+            raise ValueError(f"accumulate must be True or False, got {accumulate!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
-                                      update_proj_gap=update_proj_gap, scale=scale))
+                                      update_proj_gap=update_proj_gap, scale=scale, accumulate=accumulate))
+
+    def _refresh(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """The projector from ``grad``'s top-``rank`` singular vectors (SVD in fp32), in place once made."""
+        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+        projector = (vh[:group["rank"]] if p.shape[0] >= p.shape[1] else u[:, :group["rank"]]).to(p.dtype)
+        del u, vh
+        if "projector" in state:
+            state["projector"].copy_(projector)
+        else:
+            state["projector"] = projector.contiguous()
+
+    @staticmethod
+    def _project(p: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        return grad @ proj.t() if p.shape[0] >= p.shape[1] else proj.t() @ grad  # [m, r] or [r, n]
+
+    def _step_along(self, p: torch.Tensor, low: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        proj = state["projector"]
+        direction = self._adam_direction(low, state, group).to(p.dtype)
+        p.add_(direction @ proj if p.shape[0] >= p.shape[1] else proj @ direction, alpha=-group["lr"] * group["scale"])
 
     def _projected_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
                           group: dict[str, Any]) -> None:
-        m, n = p.shape
-        r, tall = group["rank"], p.shape[0] >= p.shape[1]
         if (state["step"] - 1) % group["update_proj_gap"] == 0:
-            u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-            projector = (vh[:r] if tall else u[:, :r]).to(p.dtype)
-            del u, vh
-            if "projector" in state:
-                state["projector"].copy_(projector)
-            else:
-                state["projector"] = projector.contiguous()
-        proj = state["projector"]
-        low = grad @ proj.t() if tall else proj.t() @ grad  # [m, r] or [r, n]
-        direction = self._adam_direction(low, state, group).to(p.dtype)
+            self._refresh(p, grad, state, group)
+        low = self._project(p, grad, state["projector"])
+        self._step_along(p, low, state, group)
+
+    def _accumulate(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        projects = self._projects(p, group)
+        if not state.get("pending"):  # the window's first gradient
+            if projects and state.get("step", 0) % group["update_proj_gap"] == 0:  # the coming step refreshes
+                self._refresh(p, grad, state, group)
+            state["pending"] = True
+        low = self._project(p, grad, state["projector"]) if projects else grad
+        if "accumulated" not in state:
+            state["accumulated"] = torch.zeros(low.shape, dtype=torch.float32, device=low.device)
+        state["accumulated"].add_(low)
+
+    def _apply_accumulated(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        if not state.get("pending"):
+            return
+        total = state["accumulated"]
+        if self.max_grad_norm is not None:
+            total.mul_((self.max_grad_norm / (vector_norm(total) + 1e-6)).clamp(max=1.0))
+        state["step"] = state.get("step", 0) + 1
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        low = total.to(p.dtype)
+        if self._projects(p, group):
+            self._step_along(p, low, state, group)
+        else:
+            self._adamw_update(p, low, state, group)
         del low
-        p.add_(direction @ proj if tall else proj @ direction, alpha=-group["lr"] * group["scale"])
+        total.zero_()
+        state["pending"] = False
 
 
 class GaLoreAdamW8bit(GaLoreAdamW):

@@ -24,16 +24,17 @@ import torch.nn as nn
 from memopt.config import METHOD_CONFIGS, FullConfig, LoraConfig, MethodConfig, PacaConfig, QuantizeConfig, S2ftConfig
 from memopt.errors import UnsupportedModelError
 from memopt.ir.structure import ModelGraph
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog
+from memopt.passes.base import DETAILS, ModuleDecision, ModuleDetails, PassResult, RewriteLog, details_kind
 from memopt.passes.freeze import apply_full
-from memopt.passes.lora import LoraLinear, apply_lora, merge_lora
-from memopt.passes.paca import PacaLinear, QPacaLinear, apply_paca, merge_paca
-from memopt.passes.quantize import QuantLinear, apply_quantize, dequantize_model
-from memopt.passes.s2ft import apply_s2ft, merge_s2ft
+from memopt.passes.lora import LoraDetails, LoraLinear, apply_lora, merge_lora
+from memopt.passes.paca import PacaDetails, PacaLinear, QPacaLinear, apply_paca, merge_paca
+from memopt.passes.quantize import QuantizeDetails, QuantLinear, apply_quantize, dequantize_model
+from memopt.passes.s2ft import S2ftDetails, apply_s2ft, merge_s2ft
 from memopt.passes.s2ft_ops import S2ftLinear
 
 __all__ = ["PassSpec", "PASSES", "QUANTIZE", "REWRITTEN", "check_bitsandbytes", "get_pass", "register_pass",
-           "rewrite", "ModuleDecision", "PassResult", "RewriteLog"]
+           "rewrite", "DETAILS", "LoraDetails", "ModuleDecision", "ModuleDetails", "PacaDetails", "PassResult",
+           "QuantizeDetails", "RewriteLog", "S2ftDetails", "details_kind"]
 
 # The modules memopt's passes put into a model: a model holding one was rewritten already.
 REWRITTEN = (LoraLinear, PacaLinear, QPacaLinear, QuantLinear, S2ftLinear)
@@ -142,8 +143,6 @@ def _with_format(decision: ModuleDecision, quantized: ModuleDecision | None) -> 
     if quantized is None:
         return decision
     q = quantized.details
-    extra = {"quantized_bytes": q["bytes"], "dense_bytes": q["dense_bytes"]}
-    if "last_block" in q:
-        extra["last_block"] = q["last_block"]
-    return dataclasses.replace(decision, method=f"{decision.method}+{q['format']}",
-                               details={**decision.details, **extra})
+    details = dataclasses.replace(decision.details, quantized_bytes=q["bytes"], dense_bytes=q["dense_bytes"],
+                                  last_block=q.get("last_block"))
+    return dataclasses.replace(decision, method=f"{decision.method}+{q['format']}", details=details)

@@ -7,36 +7,123 @@ when a later stage fails: nothing is ever left half-rewritten.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.nn as nn
 
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
 
-__all__ = ["ModuleDecision", "PassResult", "RewriteLog", "WrappedLinear", "as_output", "merge_wrapped", "select_targets"]
+__all__ = ["DETAILS", "ModuleDecision", "ModuleDetails", "PassResult", "details_kind",
+           "RewriteLog", "WrappedLinear", "as_output", "merge_wrapped", "select_targets"]
+
+
+@dataclass(frozen=True)
+class ModuleDetails(Mapping[str, Any]):
+    """A pass's details on one module, typed: one subclass per method, registered by ``kind`` with
+    :func:`details_kind` (a plan file names the kind, so it reads back as the same type).
+
+    Read as a mapping of the fields that are set (``details["rank"]``, ``details.get("block")``,
+    ``dict(details)``), so a report lists them without knowing the method. The fields here are
+    every method's: the block the layer sits in and, for a method over a quantized base weight
+    (``lora+nf4``), that weight's bytes quantized and dense (and NF4's flat tail block)."""
+
+    kind: ClassVar[str] = "layer"
+
+    block: int | None = None
+    quantized_bytes: int | None = None
+    dense_bytes: int | None = None
+    last_block: int | None = None
+
+    def __getitem__(self, key: str) -> Any:
+        value = getattr(self, key) if key in _field_names(type(self)) else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (name for name in _field_names(type(self)) if getattr(self, name) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.items()}}
+
+    @staticmethod
+    def from_dict(data: Mapping[str, Any], method: str | None = None) -> "ModuleDetails":
+        """The typed details ``data`` describes: by its ``kind``, else (a plan file before kinds, a pass
+        that gives a dict) the one type of ``method`` or of all registered types that has every key."""
+        data = dict(data)
+        kind = data.pop("kind", None)
+        if kind is not None:
+            if kind not in DETAILS:
+                raise ValueError(f"unknown details kind {kind!r}; the kinds are {', '.join(sorted(DETAILS))}")
+            cls = DETAILS[kind]
+        else:
+            cls = _details_type(data, method)
+        unknown = sorted(set(data) - set(_field_names(cls)))
+        if unknown:
+            raise ValueError(f"{cls.kind} details have no field(s) {', '.join(map(repr, unknown))}; they hold "
+                             f"{', '.join(_field_names(cls))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+_Details = TypeVar("_Details", bound=type[ModuleDetails])
+DETAILS: dict[str, type[ModuleDetails]] = {"layer": ModuleDetails}
+
+
+def details_kind(cls: _Details) -> _Details:
+    """Register a ``ModuleDetails`` subclass under its ``kind`` (a class decorator; a pass of one's own
+    registers its details beside it, so its plans read back typed)."""
+    if DETAILS.get(cls.kind, cls) is not cls:
+        raise ValueError(f"details kind {cls.kind!r} is registered already ({DETAILS[cls.kind].__qualname__})")
+    DETAILS[cls.kind] = cls
+    return cls
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _details_type(data: Mapping[str, Any], method: str | None) -> type[ModuleDetails]:
+    base = (method or "").split("+")[0]
+    for kind in (base, base.split("-")[0]):
+        if kind in DETAILS and set(data) <= set(_field_names(DETAILS[kind])):
+            return DETAILS[kind]
+    fitting = [cls for cls in DETAILS.values() if set(data) <= set(_field_names(cls))]
+    if not fitting:
+        raise ValueError(f"no registered details type holds the fields {', '.join(map(repr, sorted(data)))}: a pass "
+                         "of one's own gives a ModuleDetails subclass registered with memopt.passes.details_kind")
+    return min(fitting, key=lambda cls: len(_field_names(cls)))  # the narrowest: a frozen layer's block is a layer's
 
 
 @dataclass(frozen=True)
 class ModuleDecision:
-    """What a pass did to one module, and why; recorded in the Plan."""
+    """What a pass did to one module, and why; recorded in the Plan. ``details`` are typed per method
+    (a plain mapping given here is read into its type, see ``ModuleDetails.from_dict``)."""
 
     name: str
     role: str
-    method: str  # "lora", "frozen", ...
+    method: str  # "lora", "frozen", "lora+nf4", ...
     in_features: int
     out_features: int
     trainable_params: int
-    details: Mapping[str, Any] = field(default_factory=dict)
+    details: ModuleDetails = field(default_factory=ModuleDetails)
     reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.details, ModuleDetails):
+            object.__setattr__(self, "details", ModuleDetails.from_dict(self.details, self.method))
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "role": self.role, "method": self.method,
             "in_features": self.in_features, "out_features": self.out_features,
-            "trainable_params": self.trainable_params, "details": dict(self.details), "reason": self.reason,
+            "trainable_params": self.trainable_params, "details": self.details.to_dict(), "reason": self.reason,
         }
 
     @classmethod

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 
 from memopt.config import FullConfig
 from memopt.ir.structure import LinearLayer, ModelGraph
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog
+from memopt.passes.base import ModuleDecision, ModuleDetails, PassResult, RewriteLog
 
 __all__ = ["Trainable", "apply_freeze", "apply_full", "backward_reach", "freeze", "top_blocks"]
 
@@ -167,7 +167,7 @@ def _decision(model: nn.Module, layer: LinearLayer) -> ModuleDecision:
     return ModuleDecision(
         name=layer.name, role=layer.role.value, method="full" if trained else "frozen",
         in_features=layer.in_features, out_features=layer.out_features, trainable_params=trained,
-        details={"block": layer.block}, reason="matched trainable" if trained else "not matched by trainable",
+        details=ModuleDetails(block=layer.block), reason="matched trainable" if trained else "not matched by trainable",
     )
 
 

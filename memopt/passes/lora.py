@@ -11,16 +11,39 @@ Over a ``QuantLinear`` base (QLoRA) the base's forward dequantizes; ``merge`` ne
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from memopt.config import LoraConfig
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, WrappedLinear, merge_wrapped, select_targets
+from memopt.passes.base import (
+    ModuleDecision,
+    ModuleDetails,
+    PassResult,
+    RewriteLog,
+    WrappedLinear,
+    details_kind,
+    merge_wrapped,
+    select_targets,
+)
 from memopt.passes.quantize import QuantLinear
 
-__all__ = ["LoraLinear", "apply_lora", "merge_lora"]
+__all__ = ["LoraDetails", "LoraLinear", "apply_lora", "merge_lora"]
+
+
+@details_kind
+@dataclass(frozen=True, kw_only=True)
+class LoraDetails(ModuleDetails):
+    """A LoRA layer: ``W x + (alpha / rank) · B A dropout(x)``."""
+
+    kind: ClassVar[str] = "lora"
+
+    rank: int
+    alpha: float
+    dropout: float
 
 
 def _factory(base_layer: nn.Module, adapter_dtype: str) -> dict:
@@ -108,7 +131,7 @@ def apply_lora(model: nn.Module, graph: ModelGraph, cfg: LoraConfig, log: Rewrit
             name=layer.name, role=layer.role.value, method="lora",
             in_features=layer.in_features, out_features=layer.out_features,
             trainable_params=cfg.rank * (layer.in_features + layer.out_features),
-            details={"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "block": layer.block},
+            details=LoraDetails(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, block=layer.block),
             reason=_why(cfg),
         ))
     chosen = {layer.name for layer in targets}
@@ -117,7 +140,7 @@ def apply_lora(model: nn.Module, graph: ModelGraph, cfg: LoraConfig, log: Rewrit
             decisions.append(ModuleDecision(
                 name=layer.name, role=layer.role.value, method="frozen",
                 in_features=layer.in_features, out_features=layer.out_features, trainable_params=0,
-                details={"block": layer.block}, reason=_why_frozen(layer, cfg),
+                details=ModuleDetails(block=layer.block), reason=_why_frozen(layer, cfg),
             ))
     return PassResult(model, tuple(decisions))
 

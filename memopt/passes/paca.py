@@ -49,7 +49,8 @@ quantized bytes never change; its merge is ``memopt.passes.quantize.dequantize_m
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -60,17 +61,33 @@ from memopt.ir.structure import LinearLayer, ModelGraph, Role
 from memopt.kernels.paca import paca_forward
 from memopt.passes.base import (
     ModuleDecision,
+    ModuleDetails,
     PassResult,
     RewriteLog,
     WrappedLinear,
     as_output,
+    details_kind,
     merge_wrapped,
     select_targets,
 )
 from memopt.passes.quant_format import QuantizedWeight, dequantize_columns
 from memopt.passes.quantize import QuantLinear, _autocast_dtype
 
-__all__ = ["PacaLinear", "apply_paca", "merge_paca", "module_seed", "paca_linear", "random_columns", "select_columns"]
+__all__ = ["PacaDetails", "PacaLinear", "apply_paca", "merge_paca", "module_seed", "paca_linear",
+            "random_columns", "select_columns"]
+
+
+@details_kind
+@dataclass(frozen=True, kw_only=True)
+class PacaDetails(ModuleDetails):
+    """A PaCA layer: ``rank`` of W's input columns train, chosen by ``selection`` (``seed``: a random draw's)."""
+
+    kind: ClassVar[str] = "paca"
+
+    rank: int
+    selection: str
+    scaling: float
+    seed: int | None = None
 
 _SEED_MASK = 2**63 - 1  # torch.Generator seeds are 64-bit; stay non-negative
 
@@ -366,9 +383,8 @@ def _wrap(model: nn.Module, layer: LinearLayer, cfg: PacaConfig, log: RewriteLog
         idx = select_columns(base.weight, layer.kind, cfg.rank, cfg.selection, seed)
         wrapped = PacaLinear(base, layer.kind, layer.in_features, layer.out_features, idx, cfg.scaling)
     log.replace(layer.name, wrapped)
-    details: dict[str, Any] = {"rank": cfg.rank, "selection": cfg.selection, "scaling": cfg.scaling, "block": layer.block}
-    if cfg.selection == "random":
-        details["seed"] = seed
+    details = PacaDetails(rank=cfg.rank, selection=cfg.selection, scaling=cfg.scaling, block=layer.block,
+                          seed=seed if cfg.selection == "random" else None)
     return ModuleDecision(
         name=layer.name, role=layer.role.value, method="paca",
         in_features=layer.in_features, out_features=layer.out_features,
@@ -383,7 +399,7 @@ def _frozen_decision(layer: LinearLayer, cfg: PacaConfig) -> ModuleDecision:
     else:
         reason = "not matched by target_modules, or excluded"
     return ModuleDecision(name=layer.name, role=layer.role.value, method="frozen", in_features=layer.in_features,
-                          out_features=layer.out_features, trainable_params=0, details={"block": layer.block},
+                          out_features=layer.out_features, trainable_params=0, details=ModuleDetails(block=layer.block),
                           reason=reason)
 
 

@@ -26,7 +26,8 @@ merge runs ``dequantize_model`` first (``memopt.passes``).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn as nn
@@ -34,10 +35,30 @@ from torch.autograd.function import once_differentiable
 
 from memopt.config import QuantizeConfig
 from memopt.ir.structure import LinearLayer, ModelGraph
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, WrappedLinear, as_output, select_targets
+from memopt.passes.base import (
+    ModuleDecision,
+    ModuleDetails,
+    PassResult,
+    RewriteLog,
+    WrappedLinear,
+    as_output,
+    details_kind,
+    select_targets,
+)
 from memopt.passes.quant_format import QuantizedWeight, quantize_int8, quantize_nf4
 
-__all__ = ["QuantLinear", "QuantizeConfig", "apply_quantize", "dequantize_model", "quant_linear"]
+__all__ = ["QuantizeDetails", "QuantLinear", "QuantizeConfig", "apply_quantize", "dequantize_model", "quant_linear"]
+
+
+@details_kind
+@dataclass(frozen=True, kw_only=True)
+class QuantizeDetails(ModuleDetails):
+    """A frozen weight stored quantized: its ``format`` and ``bytes`` (``dense_bytes`` as it was)."""
+
+    kind: ClassVar[str] = "quantize"
+
+    format: str
+    bytes: int
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -199,10 +220,9 @@ def _weight_owner(model: nn.Module, name: str) -> str:
 
 def _decision(layer: LinearLayer, cfg: QuantizeConfig, qlayer: QuantLinear, weight: torch.Tensor) -> ModuleDecision:
     n = layer.in_features * layer.out_features
-    details: dict[str, Any] = {"format": cfg.format, "bytes": qlayer.quantized().nbytes,
-                               "dense_bytes": n * weight.element_size(), "block": layer.block}
-    if cfg.format == "nf4" and n % cfg.block_size:
-        details["last_block"] = n % cfg.block_size  # the flat tail block: its own absmax, no padding
+    tail = n % cfg.block_size if cfg.format == "nf4" else 0  # NF4's flat tail block: its own absmax, no padding
+    details = QuantizeDetails(format=cfg.format, bytes=qlayer.quantized().nbytes, dense_bytes=n * weight.element_size(),
+                              block=layer.block, last_block=tail or None)
     return ModuleDecision(
         name=layer.name, role=layer.role.value, method=f"quantize-{cfg.format}",
         in_features=layer.in_features, out_features=layer.out_features, trainable_params=0, details=details,

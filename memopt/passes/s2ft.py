@@ -29,20 +29,42 @@ any later stage of ``optimize`` — puts the weights back in their original orde
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from memopt.config import S2ftConfig
 from memopt.ir.structure import LinearLayer, ModelGraph, Role
-from memopt.passes.base import ModuleDecision, PassResult, RewriteLog, merge_wrapped
+from memopt.passes.base import ModuleDecision, ModuleDetails, PassResult, RewriteLog, details_kind, merge_wrapped
 from memopt.passes.s2ft_layout import Group, Member, build_groups
 from memopt.passes.s2ft_ops import S2ftLinear, permute_weight_
 
-__all__ = ["S2ftLinear", "apply_s2ft", "merge_s2ft"]
+__all__ = ["S2ftDetails", "S2ftLinear", "apply_s2ft", "merge_s2ft"]
 
 _RATIO = {"heads": "head_ratio", "channels": "channel_ratio"}
+
+
+@details_kind
+@dataclass(frozen=True, kw_only=True)
+class S2ftDetails(ModuleDetails):
+    """A layer of an S²FT group: ``selected`` of the block's ``of`` units (heads or channels) drawn
+    (``ratio``, ``seed``) and permuted to the front; a trained member's ``target``, ``axis`` and the
+    ``slice`` [start, end) of rows or columns that train."""
+
+    kind: ClassVar[str] = "s2ft"
+
+    unit: str
+    ratio: float
+    selected: int
+    of: int
+    seed: int
+    permuted: bool
+    target: str | None = None
+    axis: str | None = None
+    slice: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -171,15 +193,14 @@ def _decisions(graph: ModelGraph, groups: list[Group], draws: list[_Draw],
 
 def _member_decision(layer: LinearLayer, group: Group, member: Member, draw: _Draw, cfg: S2ftConfig) -> ModuleDecision:
     count = int(draw.chosen.numel())
-    details = {
-        "block": layer.block, "unit": group.unit, "ratio": getattr(cfg, _RATIO[group.kind]),
-        "selected": count, "of": group.units, "seed": cfg.seed, "permuted": count > 0,
-    }  # which units: the s2ft_selected buffers (a list per layer would swamp the plan's table)
+    details = S2ftDetails(block=layer.block, unit=group.unit, ratio=getattr(cfg, _RATIO[group.kind]), selected=count,
+                          of=group.units, seed=cfg.seed, permuted=count > 0)
+    # which units: the s2ft_selected buffers (a list per layer would swamp the plan's table)
     if count and member in group.trainable(cfg.targets):
         start, size = member.block(count)
         other = layer.in_features if member.axis == "out" else layer.out_features
         axis = "rows" if member.axis == "out" else "columns"
-        details.update(target=member.target, axis=axis, slice=[start, start + size])
+        details = dataclasses.replace(details, target=member.target, axis=axis, slice=(start, start + size))
         reason = (f"trains {member.target} {axis} [{start}:{start + size}): {count} of this block's {group.units} "
                   f"{group.unit}s, drawn from {draw.pool} pooled over all blocks ({_RATIO[group.kind]}="
                   f"{getattr(cfg, _RATIO[group.kind])}, seed={cfg.seed})")
@@ -213,9 +234,9 @@ def _why_not_a_group(layer: LinearLayer) -> str:
 
 
 def _frozen(layer: LinearLayer, reason: str) -> ModuleDecision:
-    return _decision(layer, "frozen", 0, {"block": layer.block}, reason)
+    return _decision(layer, "frozen", 0, ModuleDetails(block=layer.block), reason)
 
 
-def _decision(layer: LinearLayer, method: str, trainable: int, details: dict, reason: str) -> ModuleDecision:
+def _decision(layer: LinearLayer, method: str, trainable: int, details: ModuleDetails, reason: str) -> ModuleDecision:
     return ModuleDecision(name=layer.name, role=layer.role.value, method=method, in_features=layer.in_features,
                           out_features=layer.out_features, trainable_params=trainable, details=details, reason=reason)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 if TYPE_CHECKING:
     from memopt.plan import Plan, TensorDecision
 
-__all__ = ["format_table", "format_bytes", "format_us", "plan_summary", "compare_plans"]
+__all__ = ["applied_lines", "format_table", "format_bytes", "format_us", "plan_summary", "compare_plans"]
 
 _UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
 _MAX_MODULE_ROWS = 40  # above this the per-module table is summarised by role and method
@@ -68,7 +68,7 @@ def plan_summary(plan: "Plan") -> str:
         lines += ["", *_tensor_table(plan)]
     lines += ["", "modules:", *_module_lines(plan)]
     lines += ["", *_static_lines(plan)]
-    lines += ["", *_applied_lines(plan)]
+    lines += ["", *_lowering_lines(plan)]
     if plan.notes:
         lines += ["", "notes:"] + [f"  - {note}" for note in plan.notes]
     return "\n".join(lines)
@@ -184,15 +184,28 @@ def _static_lines(plan: "Plan") -> list[str]:
     return [line for line in lines if line is not None]
 
 
-def _applied_lines(plan: "Plan") -> list[str]:
-    moved = Counter(t.action for t in plan.tensors if t.action not in plan.runtime_applies)
-    if not moved:
-        return [f"applied: everything in this plan is applied by the returned model ({', '.join(plan.runtime_applies)})"]
-    detail = ", ".join(f"{n} {a}" for a, n in sorted(moved.items()))
-    applied = "" if plan.applied_peak_bytes is None else (
-        f"; keeping every activation instead peaks at {format_bytes(plan.applied_peak_bytes)}")
+def _lowering_lines(plan: "Plan") -> list[str]:
+    if not plan.needs_runtime:
+        return ["carried out by: the model as it is (autograd keeps what this plan keeps and frees what it drops)"]
+    moved = Counter(t.action for t in plan.tensors if t.action in ("recompute", "offload"))
+    detail = ", ".join(f"{n} {a}" for a, n in sorted(moved.items())) or "the partitioner's saved set"
+    as_is = plan.as_is_peak_bytes
+    as_is = "" if as_is is None else f"; the model as it is keeps every activation and peaks at {format_bytes(as_is)}"
+    return [f"carried out by: the lowered step ({detail}): the model memopt.optimize returns, or "
+            f"OptimizedModel.use_plan{as_is}"]
+
+
+def applied_lines(plan: "Plan", actions: "tuple[str, ...]") -> list[str]:
+    """What a model that carries out the decisions ``actions`` does with ``plan``: all of it, or which
+    decisions it leaves undone (a dry run's model only keeps and drops, as autograd does)."""
+    left = Counter(t.action for t in plan.tensors if t.action not in actions)
+    if not left:
+        return [f"applied: everything in this plan is applied by this model ({', '.join(actions)})"]
+    detail = ", ".join(f"{n} {a}" for a, n in sorted(left.items()))
+    as_is = plan.as_is_peak_bytes
+    as_is = "" if as_is is None else f"; keeping every activation instead peaks at {format_bytes(as_is)}"
     return [f"PREDICTION ONLY: no model carries out this plan (a dry run): memopt.optimize, or "
-            f"OptimizedModel.use_plan, lowers the {detail} decisions{applied}"]
+            f"OptimizedModel.use_plan, lowers the {detail} decisions{as_is}"]
 
 
 # ----------------------------------------------------------------------------- compare

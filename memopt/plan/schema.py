@@ -7,20 +7,24 @@ module and reason), the activation timeline (the device bytes over the step, buc
 plan and under keep-everything), the predicted peak and time overhead, and how the solver did.
 Applying a plan is the runtime's job; a Plan never holds a reference to a model.
 
-``runtime_applies`` says which actions the model `memopt.optimize` returned actually carries out:
-all of them (``RUNTIME_ACTIONS``) when the runtime lowering (``memopt.runtime``) is attached, and
-``("keep", "drop")`` — what autograd does by itself — for a plan that is only a prediction
-(``memopt plan``); ``applied_peak_bytes`` is then what the model peaks at as it is.
+What a model does with a plan is not part of it: a Plan is the same whether `memopt plan` predicted
+it or `memopt.optimize` returned it. The model `memopt.optimize` returns says what it carries out
+(``OptimizedModel.applied``, the runtime's own report); ``as_is_peak_bytes`` is what the model as it
+is (every activation kept, no lowering) would peak at.
 ``fingerprint`` identifies the rewritten model's structure (parameter and buffer names, shapes,
 dtypes, trainability, module types): a plan is applied only to a model with the same one.
 ``recompute_flops`` is what recomputation adds to one step: the FLOPs of every forward op re-run
 in the backward, each counted once (closures that share ops share them).
 
 Format history: v1 held the simulated memory only; v2 added the planner's fields; v3 added
-``fingerprint`` and ``recompute_flops``; v4 (this) adds each decision's ``key`` (the producing op's
+``fingerprint`` and ``recompute_flops``; v4 added each decision's ``key`` (the producing op's
 name-free identity, by which the runtime finds it in a trace of other shapes or without the loss)
-and the step's ``training`` / ``autocast`` state. A v2 or v3 plan is read with what it lacks left
-``None`` (no fingerprint check, recompute FLOPs unknown, decisions found by fx node name).
+and the step's ``training`` / ``autocast`` state; v5 (this) types each module's ``details`` (their
+``kind``), gives each recomputed tensor its ``closure`` (the forward ops the step re-runs for it, by
+key) and drops the runtime's state (``runtime_applies``, ``applied_peak_bytes``: a model's, not a
+plan's). An older plan is read with what it lacks left ``None`` (no fingerprint check, recompute
+FLOPs unknown, decisions found by fx node name, closures walked by the runtime) and what it has
+extra ignored.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ from memopt.passes.base import ModuleDecision
 __all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Action", "Plan", "PlanFileError", "StaticMemory", "StepPlan",
            "check_writable", "TensorDecision", "MemoryTimeline", "SolverReport", "load_plan"]
 
-PLAN_FORMAT_VERSION = 4
-_UPGRADABLE = (2, 3)  # older versions read by filling in the fields they lack
+PLAN_FORMAT_VERSION = 5
+_UPGRADABLE = (2, 3, 4)  # older versions read by filling in the fields they lack
 
 
 class Action(str, enum.Enum):
@@ -99,7 +103,10 @@ class TensorDecision:
     """What happens to one saved activation (a storage; its views follow it) between forward and backward.
 
     ``point`` is the backward program point where a recomputed tensor is recomputed or an offloaded
-    one is due back; ``klass`` is the decision class: blocks with identical steps share it.
+    one is due back; ``klass`` is the decision class: blocks with identical steps share it. A
+    recomputed tensor's ``closure`` lists the forward ops re-run to make it, by key (the ops its
+    ``recompute_us`` and ``recompute_flops`` price): the runtime recomputes exactly those and the
+    views between them, and refuses a step that would re-run another op.
     """
 
     name: str
@@ -117,10 +124,12 @@ class TensorDecision:
     klass: int
     reason: str
     key: str | None = None  # the producing op's name-free identity (``memopt.ir.joint.op_keys``; None: v3)
+    closure: tuple[str, ...] | None = None  # recompute: the forward ops re-run for it, by key (None: before v5)
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
         out["shape"] = list(self.shape)
+        out["closure"] = None if self.closure is None else list(self.closure)
         return out
 
     def __post_init__(self) -> None:
@@ -135,10 +144,14 @@ class TensorDecision:
             raise ValueError(f"shape of tensor {self.name!r} must hold non-negative integers, got {self.shape!r}")
         if self.point is not None and (isinstance(self.point, bool) or not isinstance(self.point, int)):
             raise ValueError(f"point of tensor {self.name!r} must be an integer or null, got {self.point!r}")
+        if self.closure is not None and (self.action != "recompute" or not all(isinstance(k, str) for k in self.closure)):
+            raise ValueError(f"closure of tensor {self.name!r} must be null, or op keys for a recomputed tensor; got "
+                             f"{self.closure!r} for action {self.action!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TensorDecision":
-        return cls(**{**data, "shape": tuple(data["shape"])})
+        closure = data.get("closure")
+        return cls(**{**data, "shape": tuple(data["shape"]), "closure": None if closure is None else tuple(closure)})
 
 
 @dataclass(frozen=True)
@@ -205,9 +218,7 @@ class StepPlan:
     solver: SolverReport
     lowered: bool
     update_in_backward: bool
-    applied_peak_bytes: int | None
     recompute_flops: int | None
-    runtime_applies: tuple[str, ...] = ("keep", "drop")
 
     def fields(self) -> dict[str, Any]:
         """As ``Plan`` field values, by name (nested records kept as they are)."""
@@ -239,8 +250,6 @@ class Plan:
     recompute_us: int = 0
     exposed_transfer_us: int = 0
     solver: SolverReport | None = None
-    runtime_applies: tuple[str, ...] = ("keep", "drop")
-    applied_peak_bytes: int | None = None  # what the returned model peaks at (None: as predicted)
     notes: tuple[str, ...] = ()
     fingerprint: str | None = None  # of the rewritten model's structure (None: a v2 plan)
     recompute_flops: int | None = None  # added to one step by recomputation (None: a v2 plan)
@@ -268,11 +277,8 @@ class Plan:
                    fingerprint=fingerprint, **step.fields())
 
     def with_step(self, step: StepPlan, **changes: Any) -> "Plan":
-        """This Plan with the planner's part replaced by ``step`` (a re-plan), keeping what says how the
-        returned model applies it (``runtime_applies``, ``applied_peak_bytes``), and ``changes``."""
-        fields = {**step.fields(), "runtime_applies": self.runtime_applies,
-                  "applied_peak_bytes": self.applied_peak_bytes}
-        return dataclasses.replace(self, **fields, **changes)
+        """This Plan with the planner's part replaced by ``step`` (a re-plan), and ``changes``."""
+        return dataclasses.replace(self, **step.fields(), **changes)
 
     @property
     def usable_bytes(self) -> int:
@@ -300,9 +306,14 @@ class Plan:
         return bool(self.lowered) or any(t.action in ("recompute", "offload") for t in self.tensors)
 
     @property
-    def fully_applied(self) -> bool:
-        """Does the returned model carry out every decision of this plan?"""
-        return all(t.action in self.runtime_applies for t in self.tensors)
+    def as_is_peak_bytes(self) -> int | None:
+        """What the model as it is peaks at in this step: every activation kept, nothing lowered (the
+        simulated eager step; else the planner's keep-everything timeline; None: a plan without either)."""
+        if self.memory is not None:
+            return self.memory.peak_bytes
+        if self.timeline is None or self.static is None:
+            return None
+        return max(max(self.timeline.keep_all, default=0), self.static.optimizer_phase_peak)
 
     @property
     def min_budget_bytes(self) -> int | None:
@@ -367,8 +378,6 @@ class Plan:
             "recompute_us": self.recompute_us,
             "exposed_transfer_us": self.exposed_transfer_us,
             "solver": None if self.solver is None else self.solver.to_dict(),
-            "runtime_applies": list(self.runtime_applies),
-            "applied_peak_bytes": self.applied_peak_bytes,
             "notes": list(self.notes),
             "fingerprint": self.fingerprint,
             "recompute_flops": self.recompute_flops,
@@ -432,8 +441,6 @@ class Plan:
             recompute_us=req("recompute_us", _count),
             exposed_transfer_us=req("exposed_transfer_us", _count),
             solver=opt("solver", SolverReport.from_dict),
-            runtime_applies=req("runtime_applies", lambda v: tuple(Action(a).value for a in v)),
-            applied_peak_bytes=opt("applied_peak_bytes", _count),
             notes=req("notes", lambda v: tuple(_str(n) for n in v)),
             fingerprint=opt("fingerprint", _str),
             recompute_flops=opt("recompute_flops", _count),

@@ -54,7 +54,7 @@ import dataclasses
 import functools
 import itertools
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -109,6 +109,7 @@ class Candidate:
     extra: bool = False  # not needed by the backward itself: a recompute source ("keep" or "drop")
     replay_bytes: int = 0  # RNG states saved from the forward to ``m`` to replay its seeded ops
     key: str | None = None  # the producing op's name-free identity (``memopt.ir.joint.op_keys``)
+    closure_keys: tuple[str, ...] | None = None  # the closure's ops by key (None: an op without one)
 
 
 @dataclass(frozen=True)
@@ -300,12 +301,18 @@ def _draft(trace: JointTrace, sid: int, used_at: list[int], saved: Mapping[int, 
         last_forward=max(forward_uses, default=storage.producer),
         first_backward=backward_uses[0] if backward_uses else None,
         last_backward=backward_uses[-1] if backward_uses else None, deps=tuple(sorted(deps)), closure=tuple(closure),
+        closure_keys=_keys(trace.ops[i].key for i in closure),
         recompute_us=sum(point_us[i] for i in closure),
         recompute_flops=sum(trace.ops[i].flops for i in closure),
         recompute_bytes=_replay_peak(trace, closure, sid),
         replay_bytes=trace.rng_state_bytes * sum("seeded" in trace.ops[i].tags for i in closure),
         reasons=reasons, extra=extra,
     )
+
+
+def _keys(keys: Iterable[str | None]) -> tuple[str, ...] | None:
+    keys = tuple(keys)
+    return None if None in keys else keys  # type: ignore[return-value]
 
 
 def _replay_peak(trace: JointTrace, closure: list[int], sid: int) -> int:

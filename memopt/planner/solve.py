@@ -243,7 +243,7 @@ def decisions_for(problem: PlanningProblem, choices: Sequence[Choice],
             name=c.name, module=c.module, block=c.block, op=c.target, shape=c.shape, dtype=c.dtype,
             nbytes=c.nbytes, action=action, point=choice.point, recompute_us=c.recompute_us,
             recompute_flops=c.recompute_flops, transfer_us=c.transfer_us, klass=c.klass,
-            reason=reason(c), key=c.key,
+            reason=reason(c), key=c.key, closure=c.closure_keys if action == "recompute" else None,
         ))
     return tuple(out)
 
@@ -288,8 +288,7 @@ def recompute_flops(plan: ActivationPlan, op_flops: "Sequence[int]") -> int:
     return sum(op_flops[i] for i in ops)
 
 
-def step_plan(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_peak_bytes: int | None = None,
-              op_flops: "Sequence[int] | None" = None) -> "StepPlan":
+def step_plan(plan: ActivationPlan, *, trace_seconds: float = 0.0, op_flops: "Sequence[int] | None" = None) -> "StepPlan":
     """The planner's part of a ``Plan``: its decisions and predictions for the step."""
     from memopt.plan import SolverReport, StepPlan
 
@@ -308,11 +307,8 @@ def step_plan(plan: ActivationPlan, *, trace_seconds: float = 0.0, applied_peak_
             candidates=len(problem.candidates), classes=problem.num_classes, quantum=plan.quantum,
             rounds=plan.rounds, min_peak_bound=plan.min_peak_bound,
         ),
-        runtime_applies=("keep", "drop"),
         lowered=plan.lowered,
         update_in_backward=problem.update_in_backward,
-        applied_peak_bytes=max(plan.keep_all.peak_bytes, problem.static.optimizer_phase_peak)
-        if applied_peak_bytes is None else applied_peak_bytes,
         recompute_flops=None if op_flops is None else recompute_flops(plan, op_flops),
     )
 

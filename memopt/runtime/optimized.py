@@ -27,13 +27,13 @@ lowered step, which runs as memopt lowered it (a graph break; ``compile=True`` i
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import inspect
 import logging
 import time
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator
 
 import torch
@@ -42,13 +42,14 @@ import torch.nn as nn
 from memopt.errors import MemoptError, PlanMismatchError
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
-from memopt.plan import RUNTIME_ACTIONS, Plan
+from memopt.plan import RUNTIME_ACTIONS, Action, Plan
+from memopt.plan.report import applied_lines
 from memopt.runtime import in_backward
 from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.guards import step_state
 from memopt.runtime.step import describe_shapes
 
-__all__ = ["OptimizedModel", "LARGER_INPUTS", "wrap"]
+__all__ = ["Applied", "OptimizedModel", "LARGER_INPUTS", "wrap"]
 
 log = logging.getLogger("memopt")
 
@@ -56,6 +57,24 @@ LARGER_INPUTS = ("replan", "error")
 _MAX_PLANS = 4  # plans kept per model, one per step state (train/eval, autocast, adapter flags, ...)
 
 Replan = Callable[[Plan, tuple, dict, str], Plan]
+
+@dataclass(frozen=True)
+class Applied:
+    """What an ``OptimizedModel`` carries out of its plan: the runtime's own report, not part of the
+    Plan (which is the same whether ``memopt plan`` predicted it or ``memopt.optimize`` returned it).
+
+    ``actions``: the kinds of decisions this model carries out; ``lowering``: ``"eager"`` (the lowered
+    step, op by op), ``"compiled"`` (through Inductor) or ``"none"`` (the model runs as it is:
+    autograd keeps and drops, nothing else); ``update_in_backward``: parameters updated inside backward."""
+
+    actions: tuple[str, ...]
+    lowering: str
+    update_in_backward: bool
+
+    def covers(self, plan: Plan) -> bool:
+        """Does this model carry out every decision of ``plan``?"""
+        return all(t.action in self.actions for t in plan.tensors)
+
 
 # Measured (benchmarks/bench_runtime.py, CPU): the eager lowering lands at or under the plan; Inductor's
 # compiled graphs carry out the same decisions but rose 28 MiB above a plan that recomputes much.
@@ -85,6 +104,18 @@ class OptimizedModel(nn.Module):
     def plan(self) -> Plan:
         """The plan the model carries out (the latest step's; a re-plan replaces it)."""
         return self._plan
+
+    @property
+    def applied(self) -> Applied:
+        """What this model carries out of ``plan`` (the lowering, the kinds of decisions)."""
+        lowered = self.runtime is not None
+        return Applied(actions=RUNTIME_ACTIONS if lowered else (Action.KEEP.value, Action.DROP.value),
+                       lowering=("compiled" if self._compile else "eager") if lowered else "none",
+                       update_in_backward=self._plan.update_in_backward)
+
+    def summary(self) -> str:
+        """The plan's summary (``plan.summary()``) and what this model carries out of it."""
+        return "\n".join([self._plan.summary(), "", *applied_lines(self._plan, self.applied.actions)])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._merged:
@@ -206,7 +237,7 @@ class OptimizedModel(nn.Module):
                               "carry out yet: use compile=False (the eager lowering), or a larger budget or a leaner "
                               "optimizer (optimizer='galore-adamw8bit' or 'apollo-mini') so the gradients fit")
         if compile or plan.needs_runtime:
-            self._plan = dataclasses.replace(plan, runtime_applies=RUNTIME_ACTIONS, applied_peak_bytes=None)
+            self._plan = plan
             self.runtime = (lower_compiled if compile else lower_eager)(self.model, self._plan)
             self.runtime.update_owner = self._update_owner
         else:
@@ -232,7 +263,9 @@ class OptimizedModel(nn.Module):
         AdamW arithmetic, parameter by parameter) and is attached to the model: every backward
         updates each parameter as soon as its gradient is complete and frees the gradient; its
         ``step()`` only closes the step (call it after each backward, as usual; schedulers work on
-        it). One backward per step: gradient accumulation is an error. Clipping is per parameter,
+        it). One backward per step — gradient accumulation is an error — unless the plan's optimizer
+        accumulates (``optimizer_options={"accumulate": True}`` with ``galore-adamw(8bit)``: each
+        backward adds its projected gradients, ``step()`` updates). Clipping is per parameter,
         ``max_grad_norm=`` here (``clip_grad_norm_`` after backward finds no gradients left). The
         latest optimizer made is the one attached."""
         from memopt.optim import build

@@ -300,13 +300,15 @@ def tag_joint(joint: fx.GraphModule, plan: "Plan | Sequence[TensorDecision]", *,
     forward = _forward_nodes(joint)
     by_name = {n.name: n for n in forward}
     by_key = {key: by_name[name] for name, key in op_keys(joint.graph).items() if name in by_name}
+    decisions = plan.tensors if isinstance(plan, Plan) else plan
     storage_nodes: dict[int, list[fx.Node]] = {}
     for node in forward:
         key = _storage(node)
         if key is not None:
             storage_nodes.setdefault(key, []).append(node)
     action: dict[int, str] = {}
-    for decision in (plan.tensors if isinstance(plan, Plan) else plan):
+    found: list[TensorDecision] = []
+    for decision in decisions:
         node = _node_of(decision, by_name, by_key)
         if node is None:
             if skipped is None:
@@ -319,14 +321,21 @@ def tag_joint(joint: fx.GraphModule, plan: "Plan | Sequence[TensorDecision]", *,
             continue
         _check(decision, node, check_layout)
         action[_storage(node)] = decision.action
+        found.append(decision)
     available = {key for key, a in action.items() if a in _SAVED}
     recomputed = [n for key, a in action.items() if a == "recompute" for n in storage_nodes[key]]
     for key in available:
         for node in storage_nodes[key]:
             _tag(node, CheckpointPolicy.MUST_SAVE)
-    # The closure of every recomputed tensor: walk back to what is available. Sizes (SymInt nodes
-    # of a trace with symbolic sizes) are not walked through: the partitioner hands them to the
-    # backward as integers; walking into the tensor a size was read from would recompute it too.
+    # The closure of every recomputed tensor: the ops the plan lists (and priced), with the views
+    # between them — walked back from each recomputed tensor to what is available. An op with a key
+    # outside the plan's closures means this step recomputes what the plan did not price: refused.
+    # Sizes (SymInt nodes of a trace with symbolic sizes) are not walked through: the partitioner
+    # hands them to the backward as integers; walking into the tensor a size was read from would
+    # recompute it too.
+    planned = _planned_closure(found, by_key)
+    keyed = set(by_key.values())
+    constant = _constant_nodes(forward)
     stack, seen = list(recomputed), set()
     while stack:
         node = stack.pop()
@@ -335,9 +344,41 @@ def tag_joint(joint: fx.GraphModule, plan: "Plan | Sequence[TensorDecision]", *,
         seen.add(node)
         if _storage(node) in available:
             continue
+        if planned is not None and node in keyed and node not in planned and _allocates_from_activations(node, constant):
+            raise PlanMismatchError(
+                f"recomputing what the plan recomputes re-runs {node.name} ({_packet(str(node.target))}), an op no "
+                "closure of the plan holds: the plan does not cover this step (a plan file edited or cut short), or "
+                "the step is another program than the one planned (a changed train/eval mode, dropout or adapter "
+                "flag, or another model)")
         _tag(node, CheckpointPolicy.MUST_RECOMPUTE)
         stack.extend(node.all_input_nodes)
     return {key for key, a in action.items() if a == "offload"}
+
+
+def _planned_closure(decisions: Sequence[TensorDecision], by_key: dict[str, fx.Node]) -> set[fx.Node] | None:
+    """The forward nodes the plan's recomputed tensors re-run (None: a plan before v5, without closures:
+    the runtime's walk alone decides). A key this trace lacks is an op it does not run (a call without
+    labels runs no loss): nothing to re-run."""
+    recomputed = [d for d in decisions if d.action == "recompute"]
+    if any(d.closure is None for d in recomputed):
+        return None
+    return {by_key[key] for d in recomputed for key in d.closure if key in by_key}
+
+
+def _allocates_from_activations(node: fx.Node, constant: set[fx.Node]) -> bool:
+    """Does ``node`` make a storage of its own (not a view of an input's, as ``_unsafe_view`` makes) from
+    the step's inputs? Not so an op on constants alone (a lookup table lifted and indexed): a trace on
+    fake tensors may hold its result as a constant, and the planner prices it so."""
+    return node not in constant and _storage(node) not in {_storage(arg) for arg in node.all_input_nodes}
+
+
+def _constant_nodes(forward: list[fx.Node]) -> set[fx.Node]:
+    """The forward nodes computed from constants alone (``get_attr`` tensors, ``arange``): no primal feeds them."""
+    out: set[fx.Node] = set()
+    for node in forward:  # in graph order: inputs first
+        if node.op == "call_function" and all(a.op == "get_attr" or a in out for a in node.all_input_nodes):
+            out.add(node)
+    return out
 
 
 def _is_size(node: fx.Node) -> bool:

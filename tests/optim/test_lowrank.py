@@ -230,3 +230,55 @@ def test_group_values_are_checked_and_non_contiguous_parameters_train():
     t.grad = torch.randn(64, 128)
     opt.step()
     assert (t - before).abs().max() > 0
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_galore_accumulating_inside_backward_equals_one_batch_between_refreshes(cls):
+    """k micro-batch gradients handed over inside backward (``accumulate=True``), then step(), against
+    one batch's summed gradient in .grad: equal on steps whose projector stays; a refresh step takes
+    its projector from the window's first micro-batch gradient, as documented."""
+    kw = dict(lr=0.01, weight_decay=0.05, rank=3, update_proj_gap=3)
+    one, micro = _params(), _params()
+    big = cls(one, **kw)
+    small = cls(micro, accumulate=True, **kw)
+    for t in range(4):  # step 1 refreshes (one micro-batch, as the large batch), 2 and 3 keep it, 4 refreshes
+        parts = [_grads(10 * t + i, one) for i in range(1 if t == 0 else 3)]
+        for j, p in enumerate(one):
+            p.grad = sum(part[j] for part in parts)
+        big.step()
+        for part in parts:  # k backwards: each hands every gradient over as it is made
+            for p, grad in zip(micro, part):
+                small.update_in_backward(p, grad)
+        assert all(p.grad is None for p in micro)
+        small.step()
+        if t < 3:
+            for a, b in zip(one, micro):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for p, first in zip(micro[:2], parts[0][:2]):  # step 4's projector: the first micro-batch's
+        u, _, vh = torch.linalg.svd(first, full_matrices=False)
+        want = vh[:3] if p.shape[0] >= p.shape[1] else u[:, :3]
+        torch.testing.assert_close(small.state[p]["projector"].abs(), want.abs(), rtol=1e-4, atol=1e-5)
+
+
+def test_only_galore_accumulates_inside_backward_and_the_rest_say_what_does():
+    for opt in (AdamW8bit(_params()), Apollo(_params(), rank=2)):
+        p, grad = opt.param_groups[0]["params"][0], _grads(0, _params())[0]
+        opt.update_in_backward(p, grad)
+        with pytest.raises(RuntimeError, match="gradient accumulation.*'galore-adamw'.*'accumulate': True"):
+            opt.update_in_backward(p, grad)
+    with pytest.raises(ValueError, match="accumulate must be True or False"):
+        GaLoreAdamW(_params(), accumulate=1)
+
+
+def test_an_accumulating_galore_resumes_mid_run_with_the_same_updates():
+    kw = dict(lr=0.01, rank=2, update_proj_gap=3, accumulate=True)
+    straight = _params()
+    _run(lambda ps: GaLoreAdamW(ps, **kw), 8, straight)
+    resumed = _params()
+    first = _run(lambda ps: GaLoreAdamW(ps, **kw), 4, resumed)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    _run(lambda ps: _loaded(GaLoreAdamW(ps, **kw), torch.load(buffer, weights_only=True)), 4, resumed, start=4)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)

@@ -8,50 +8,63 @@ import json
 import pytest
 
 import memopt
+from memopt.passes import LoraDetails, ModuleDetails
 from memopt.plan import PLAN_FORMAT_VERSION
+from memopt.plan.report import applied_lines, format_bytes
 from tests.models import lm_batch, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def optimized():
-    """(the roomy plan, the tightly planned model, its batch)."""
+    """(the roomily planned model, the tightly planned model, their batch)."""
     model = tiny_llama()
     batch = lm_batch(model)
-    roomy = memopt.optimize(model, 1, batch, rank=4).plan
+    roomy_model = memopt.optimize(model, 1, batch, rank=4)
+    roomy = roomy_model.plan
     least = roomy.min_budget_bytes
     budget = (least + (roomy.predicted_peak_bytes - least) // 2) / 2**30
-    return roomy, memopt.optimize(tiny_llama(), budget, batch, rank=4), batch
+    return roomy_model, memopt.optimize(tiny_llama(), budget, batch, rank=4), batch
 
 
 @pytest.fixture(scope="module")
 def plans(optimized):
     roomy, tight, _ = optimized
-    return roomy, tight.plan
+    return roomy.plan, tight.plan
 
 
 def test_a_plan_round_trips_through_json_exactly(plans, tmp_path):
     for plan in plans:
         assert memopt.load_plan(plan.save(tmp_path / "plan.json")) == plan
-        assert json.loads(plan.to_json())["version"] == PLAN_FORMAT_VERSION == 4
-
-
-def test_a_roomy_budget_keeps_everything_and_says_it_is_applied(plans):
+        assert json.loads(plan.to_json())["version"] == PLAN_FORMAT_VERSION == 5
     roomy, _ = plans
-    assert {t.action for t in roomy.tensors} == {"keep", "drop"} and roomy.fully_applied
-    assert roomy.predicted_peak_bytes == roomy.memory.peak_bytes  # keeping everything: the simulated step itself
+    details = {type(m.details) for m in roomy.modules if m.method == "lora"}
+    assert details == {LoraDetails} and {type(m.details) for m in roomy.modules if m.method == "frozen"} == {ModuleDetails}
+
+
+def test_a_roomy_budget_keeps_everything_and_says_it_is_applied(optimized):
+    model = optimized[0]
+    roomy = model.plan
+    assert {t.action for t in roomy.tensors} == {"keep", "drop"} and model.applied.covers(roomy)
+    assert model.applied.lowering == "none" and not roomy.needs_runtime
+    assert roomy.predicted_peak_bytes == roomy.memory.peak_bytes == roomy.as_is_peak_bytes  # everything kept
     assert roomy.overhead_us == 0 and roomy.solver.status == "OPTIMAL"
-    assert "everything in this plan is applied" in roomy.summary()
+    assert "carried out by: the model as it is" in roomy.summary()
+    assert "everything in this plan is applied" in model.summary()
 
 
-def test_a_tight_budget_recomputes_and_the_returned_model_applies_it(plans):
-    roomy, tight = plans
+def test_a_tight_budget_recomputes_and_the_returned_model_applies_it(optimized):
+    roomy, model = optimized[0].plan, optimized[1]
+    tight = model.plan
     assert tight.fits and tight.predicted_peak_bytes < roomy.predicted_peak_bytes
     assert tight.bytes_by_action()["recompute"] > 0 and tight.recompute_us > 0
-    assert tight.fully_applied and tight.applied_peak_bytes is None and "recompute" in tight.runtime_applies
-    assert "everything in this plan is applied" in tight.summary()
+    assert model.applied.covers(tight) and model.applied.lowering == "eager" and "recompute" in model.applied.actions
+    assert "everything in this plan is applied" in model.summary()
+    # The plan itself says how it is carried out, and what the model as it is would peak at.
+    lowering = next(line for line in tight.summary().splitlines() if line.startswith("carried out by"))
+    assert "the lowered step" in lowering and format_bytes(tight.as_is_peak_bytes) in lowering
+    assert tight.as_is_peak_bytes == roomy.predicted_peak_bytes
     # The same decisions as a dry run's prediction (what `memopt plan` prints).
-    dry = dataclasses.replace(tight, runtime_applies=("keep", "drop"), applied_peak_bytes=roomy.predicted_peak_bytes)
-    applied = next(line for line in dry.summary().splitlines() if line.startswith("PREDICTION ONLY"))
+    applied = next(line for line in applied_lines(tight, ("keep", "drop")) if line.startswith("PREDICTION ONLY"))
     assert "recompute" in applied and "memopt.optimize" in applied
     assert tight.solver.min_feasible_bytes + tight.reserve_bytes == tight.min_budget_bytes == roomy.min_budget_bytes
 
@@ -97,6 +110,15 @@ def test_a_plan_file_is_checked_field_by_field_and_errors_name_the_file_and_fiel
     bad_action["tensors"][3]["action"] = "stream"
     with pytest.raises(PlanFileError, match=r"plan\.json.*field 'tensors'\[3\].*unknown action 'stream'.*keep, drop"):
         memopt.load_plan(_written(tmp_path, bad_action))
+    bad_kind = json.loads(json.dumps(tight))
+    bad_kind["modules"][2]["details"]["kind"] = "stream"
+    with pytest.raises(PlanFileError, match=r"field 'modules'\[2\].*unknown details kind 'stream'; the kinds are"):
+        memopt.load_plan(_written(tmp_path, bad_kind))
+    kept = next(i for i, t in enumerate(tight["tensors"]) if t["action"] == "keep")
+    bad_closure = json.loads(json.dumps(tight))
+    bad_closure["tensors"][kept]["closure"] = ["model:mm#0"]  # only a recomputed tensor has a closure
+    with pytest.raises(PlanFileError, match=rf"field 'tensors'\[{kept}\].*closure of tensor .* action 'keep'"):
+        memopt.load_plan(_written(tmp_path, bad_closure))
     negative = json.loads(json.dumps(tight))
     negative["tensors"][0]["nbytes"] = -5
     with pytest.raises(PlanFileError, match=r"field 'tensors'\[0\].*nbytes.*non-negative"):
@@ -138,7 +160,7 @@ def test_a_plan_whose_decisions_do_not_cover_the_step_is_refused_naming_what_is_
     dropped = next(t for t in tight.tensors if t.action == "keep" and t.block == 1)
     for cut in (dataclasses.replace(tight, tensors=()),
                 dataclasses.replace(tight, tensors=tuple(t for t in tight.tensors if t is not dropped))):
-        with pytest.raises(memopt.PlanMismatchError, match="saves .* which the plan has no decision on.*cut short"):
+        with pytest.raises(memopt.PlanMismatchError, match="(saves .* which the plan has no decision on|an op no closure of the plan holds).*cut short"):
             optimized.use_plan(cut)
             optimized(**batch).loss.backward()
     optimized.use_plan(tight)  # the module's other tests read this model's plan

@@ -27,8 +27,8 @@ def test_the_plan_recomputes_and_the_returned_model_carries_it_out(planned_llama
     optimized, _ = planned_llama
     plan = optimized.plan
     assert plan.bytes_by_action()["recompute"] > 0
-    assert plan.fully_applied and plan.applied_peak_bytes is None
-    assert set(plan.runtime_applies) >= {"keep", "recompute", "offload", "save"}
+    assert optimized.applied.covers(plan) and optimized.applied.lowering == "eager"
+    assert set(optimized.applied.actions) >= {"keep", "recompute", "offload", "save"}
 
 
 def test_gradients_equal_the_unplanned_model_bit_for_bit(planned_llama):
@@ -203,18 +203,45 @@ def test_a_plan_for_another_model_is_refused(planned_llama):
         other.use_plan(mismatched)(**other_batch)
 
 
+def test_the_runtime_recomputes_the_closures_the_plan_lists(planned_llama):
+    """Each recomputed tensor's closure is the plan's: a step that would re-run an op no closure holds
+    (here: a plan file whose closure was cut) is refused, not run at a cost the plan did not price."""
+    optimized, batch = planned_llama
+    plan = optimized.plan
+    recomputed = [t for t in plan.tensors if t.action == "recompute"]
+    op = {t.name: t.key.partition("[")[0] for t in recomputed}  # the op's key (a storage's names its output)
+    assert recomputed and all(op[t.name] in t.closure for t in recomputed)
+    others = {key for t in recomputed for key in t.closure if op[t.name] != key}
+    target = next(t for t in recomputed if op[t.name] not in others)
+    cut = dataclasses.replace(plan, tensors=tuple(dataclasses.replace(t, closure=()) if t is target else t
+                                                  for t in plan.tensors))
+    with pytest.raises(PlanMismatchError, match=f"re-runs {target.name} .*no closure of the plan holds"):
+        optimized.use_plan(cut)(**batch)
+    optimized.use_plan(plan)  # the module's other tests read this model's plan
+
+
 def test_an_older_plan_format_is_upgraded_or_refused(planned_llama, tmp_path):
     optimized, batch = planned_llama
     plan = optimized.plan
     data = plan.to_dict()
+    # v4: untyped details, no closures, and the runtime's state in the plan (ignored as it is read)
+    for tensor in data["tensors"]:
+        del tensor["closure"]
+    for module in data["modules"]:
+        del module["details"]["kind"]
+    data.update(version=4, runtime_applies=["keep", "drop"], applied_peak_bytes=1)
+    v4 = load_plan(tmp_path.joinpath("v4.json").write_text(json.dumps(data)) and tmp_path / "v4.json")
+    assert v4.version == 5 and all(t.closure is None for t in v4.tensors)
+    assert v4.modules == plan.modules  # each module's details read back as its method's type
+    assert v4.tensors == tuple(dataclasses.replace(t, closure=None) for t in plan.tensors)
     for field in ("training", "autocast", "input_dtypes"):  # what v4 added
         del data[field]
     for tensor in data["tensors"]:
         del tensor["key"]
     data["version"] = 3
     v3 = load_plan(tmp_path.joinpath("v3.json").write_text(json.dumps(data)) and tmp_path / "v3.json")
-    assert v3.version == 4 and v3.training is None and all(t.key is None for t in v3.tensors)
-    assert v3.tensors == tuple(dataclasses.replace(t, key=None) for t in plan.tensors)
+    assert v3.version == 5 and v3.training is None and all(t.key is None for t in v3.tensors)
+    assert v3.tensors == tuple(dataclasses.replace(t, key=None, closure=None) for t in plan.tensors)
     # A v3 plan's decisions are found by fx node name, and carried out all the same.
     loss_ref, ref = gradients(optimized.model, optimized.model, batch)
     optimized.use_plan(v3)
@@ -224,7 +251,7 @@ def test_an_older_plan_format_is_upgraded_or_refused(planned_llama, tmp_path):
     data["version"] = 2
     del data["fingerprint"], data["recompute_flops"]
     upgraded = Plan.from_dict(data)
-    assert upgraded.version == 4 and upgraded.fingerprint is None and upgraded.recompute_flops is None
+    assert upgraded.version == 5 and upgraded.fingerprint is None and upgraded.recompute_flops is None
     data["version"] = 1
     with pytest.raises(ValueError, match="version 1 plans hold no activation decisions"):
         Plan.from_dict(data)

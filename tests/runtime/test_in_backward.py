@@ -114,3 +114,43 @@ def test_options_the_per_parameter_form_lacks_keep_the_plan_from_updating_inside
     with pytest.raises(InfeasibleBudgetError):
         memopt.optimize(tiny_llama(), budget / GIB, batch, method="full", optimizer_options={"amsgrad": False},
                         device="cpu", reserve_gb=0)
+
+
+@pytest.mark.slow
+def test_galore_accumulates_micro_batches_inside_backward_in_the_users_loop(tmp_path):
+    """GaLore with ``accumulate=True``, planned to update inside backward: two backwards per optimizer
+    step (the loop of gradient accumulation) hold no gradient, and update as the same optimizer
+    handed each gradient by hand on the model as it is; HF Trainer accepts accumulation for it."""
+    transformers = pytest.importorskip("transformers")
+    from memopt.integrations.hf import Trainer
+    from memopt.optim.lowrank import GaLoreAdamW
+
+    batch = lm_batch(tiny_llama(), batch=2, seq=16)
+    options = {"rank": 4, "accumulate": True}
+    with pytest.raises(InfeasibleBudgetError) as info:
+        memopt.optimize(tiny_llama(), 1e-6, batch, method="full", device="cpu", reserve_gb=0, optimizer="galore-adamw",
+                        optimizer_options=options, planner=memopt.PlannerConfig(allow_update_in_backward=False))
+    optimized = memopt.optimize(tiny_llama(), (info.value.min_budget_bytes - 1) / GIB, batch, method="full",
+                                device="cpu", reserve_gb=0, optimizer="galore-adamw", optimizer_options=options)
+    assert optimized.plan.update_in_backward and any("gradient accumulation works" in n for n in optimized.plan.notes)
+    opt = optimized.make_optimizer(lr=1e-2)
+    reference = tiny_llama()
+    ref_opt = GaLoreAdamW(list(reference.parameters()), lr=1e-2, **options)
+    halves = [{k: v[i:i + 1] for k, v in batch.items()} for i in range(2)]
+    for _ in range(2):
+        for half in halves:
+            (optimized(**half).loss / 2).backward()
+            assert all(p.grad is None for p in optimized.parameters())
+            (reference(**half).loss / 2).backward()
+            for p in reference.parameters():
+                ref_opt.update_in_backward(p, p.grad)
+                p.grad = None
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(optimized.model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(2)]
+    training = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True,
+                                              save_strategy="no", max_grad_norm=0, gradient_accumulation_steps=2,
+                                              per_device_train_batch_size=1)
+    Trainer(model=optimized, args=training, train_dataset=rows, optimizers=(opt, None)).train()

@@ -26,7 +26,7 @@ def test_llama2_7b_plan_is_what_the_simulated_step_measures():
     plan = optimized.plan
     actions = plan.bytes_by_action()
     assert plan.memory.peak_bytes > plan.usable_bytes  # keeping everything would not fit
-    assert actions["recompute"] > 0 and actions["offload"] > 0 and plan.fully_applied
+    assert actions["recompute"] > 0 and actions["offload"] > 0 and optimized.applied.covers(plan)
     measured = simulate_step(optimized, batch, optimizer=optim_factory("adamw"), device="cuda", round_to=512).peak_bytes
     print(f"7B: budget {plan.budget_bytes / GIB:.3f} GiB (usable {plan.usable_bytes / GIB:.3f}), predicted "
           f"{plan.predicted_peak_bytes / GIB:.3f}, measured {measured / GIB:.3f} GiB")
