@@ -17,7 +17,7 @@ from memopt.config import GIB, OptimizeConfig, QuantizeConfig, with_peft_default
 from memopt.errors import InfeasibleBudgetError
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_dtypes, input_shapes, normalize_inputs, tensor_inputs, training_kwargs
-from memopt.optim import OptimizerConfig
+from memopt.optim import OPTIMIZERS, OptimizerConfig
 from memopt.passes import REWRITTEN, RewriteLog, get_pass, rewrite
 from memopt.passes.quantize import QuantLinear
 from memopt.pipeline import Job
@@ -318,7 +318,11 @@ def _plan_auto(attempt: Callable[..., Plan], job: Job, rewrites: RewriteLog) -> 
     cfg = job.config
     usable = f"{format_bytes(cfg.usable_bytes)} usable"
     tried: list[str] = []
-    formats = (None,) if get_pass(cfg.method_config).quantize == "never" else _AUTO_FORMATS
+    composes = get_pass(cfg.method_config).quantize
+    if composes == "trainable":  # int8 weights, if memopt's own optimizer can write them
+        formats = (None, "int8") if OPTIMIZERS[cfg.optimizer].in_backward(cfg.optimizer_options) else (None,)
+    else:
+        formats = (None,) if composes == "never" else _AUTO_FORMATS
     for fmt in formats:
         label, last = fmt or "unquantized", fmt == formats[-1]
         try:
@@ -354,8 +358,19 @@ def _job_config(model: nn.Module, method: Any, budget_gb: Any, **options: Any) -
     checked = OptimizerConfig(optimizer, given or {})  # an unknown name or option fails here, before capture
     cfg = OptimizeConfig.from_options(with_peft_default_targets(method, model), budget_gb, optimizer=checked.name,
                                       optimizer_options=dict(checked.options), **options)
-    if cfg.quantize not in (None, "auto") and get_pass(cfg.method_config).quantize == "never":
+    composes = get_pass(cfg.method_config).quantize
+    if cfg.quantize not in (None, "auto") and composes == "never":
         raise ValueError(get_pass(cfg.method_config).bitsandbytes)
+    fmt = getattr(cfg.quantize, "format", cfg.quantize)
+    int8_trained = composes == "trainable" and fmt == "int8"
+    if int8_trained and OPTIMIZERS[cfg.optimizer].in_backward(cfg.optimizer_options) is None:
+        lean = ", ".join(sorted(n for n, s in OPTIMIZERS.items() if s.per_parameter is not None))
+        raise ValueError(f"trainable int8 weights are written back by memopt's own optimizers ({lean}), not "
+                         f"optimizer={cfg.optimizer!r} with {dict(cfg.optimizer_options)}: choose one of those")
+    if composes == "trainable" and fmt not in (None, "auto", "int8"):
+        raise ValueError(f"method={cfg.method!r} trains the weights themselves: they can be stored int8 "
+                         f"(quantize='int8', trained by stochastic rounding), not {fmt}, whose codes cannot take an "
+                         f"update; train adapters over {fmt} weights with method='lora' (QLoRA)")
     return cfg
 
 

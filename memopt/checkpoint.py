@@ -51,14 +51,20 @@ METHOD_BUFFERS = ("paca_idx", "s2ft_perm", "s2ft_selected")  # what a rewrite dr
 
 
 def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable parameter (a tied one once, under its first name) and every method buffer."""
+    """Every trainable parameter (a tied one once, under its first name), every method buffer, and
+    the codes and scales of each trainable int8 weight (in place of its memory-free handle)."""
+    from memopt.passes.int8train import is_handle
+
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
+        if p.requires_grad and not is_handle(p):
             out[name] = p
     for name, b in model.named_buffers():
         if name.rpartition(".")[2] in METHOD_BUFFERS:
             out[name] = b
+    for name, module in model.named_modules():
+        if getattr(module, "trains_quantized_weight", False):
+            out[f"{name}.qweight"], out[f"{name}.qscales"] = module.qweight, module.qscales
     return out
 
 
@@ -304,8 +310,11 @@ def load_trained(model: nn.Module, checkpoint: Checkpoint) -> None:
                               "the base model (or the method's seed) differs from the one trained")
     with torch.no_grad():
         for name, value in saved.items():
-            if name in params:
-                params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+            target = params.get(name)
+            if target is None and name.rpartition(".")[2] not in METHOD_BUFFERS:  # a trained int8 weight's codes
+                target = buffers[name]
+            if target is not None:
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
 def _check_base(model: nn.Module, checkpoint: Checkpoint) -> None:

@@ -222,10 +222,14 @@ def _alternatives(args: argparse.Namespace, config: Any, options: dict[str, Any]
     from memopt.errors import InfeasibleBudgetError
     from memopt.passes import get_pass
 
-    if get_pass(args.method).quantize == "never":
+    if get_pass(args.method).quantize in ("never", "trainable"):
         lean = {"optimizer_rank": None, "optimizer_gap": None}  # each at its own default rank and gap
         tries = [(f"--optimizer {name} (its default rank)", argparse.Namespace(**{**vars(args), **lean, "optimizer": name}),
                   options) for name in ("galore-adamw8bit", "apollo-mini") if name != args.optimizer]
+        if get_pass(args.method).quantize == "trainable" and args.quantize is None:
+            tries += [(f"--quantize int8 --optimizer {name}",
+                       argparse.Namespace(**{**vars(args), **lean, "optimizer": name, "quantize": "int8"}),
+                       {**options, "quantize": "int8"}) for name in ("galore-adamw8bit", "apollo-mini")]
     elif args.quantize is None:
         tries = [(f"--quantize {fmt}", args, {**options, "quantize": fmt}) for fmt in ("int8", "nf4")]
     else:

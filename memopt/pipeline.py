@@ -25,6 +25,7 @@ from memopt.memory.report import MemoryReport
 from memopt.memory.simulate import OptimizerFactory, simulate_step
 from memopt.optim import OPTIMIZERS, factory, plan_notes
 from memopt.passes import PassResult, RewriteLog, check_bitsandbytes, rewrite
+from memopt.passes.int8train import is_handle
 from memopt.passes.quantize import QuantLinear
 from memopt.plan import Plan
 from memopt.plan.report import format_bytes
@@ -117,6 +118,8 @@ def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan
     is measured by the simulated eager step."""
     cfg, memory = job.config, None
     optimizer = factory(cfg.optimizer, **cfg.optimizer_options)
+    if any(is_handle(p) for p in job.model.parameters()):  # trainable int8 weights: memopt's own update writes them
+        optimizer = _with_options(OPTIMIZERS[cfg.optimizer].in_backward(cfg.optimizer_options), cfg.optimizer_options)
     # Quantized GEMMs as the target device runs them (CUDA: fused, no W), under its autocast.
     with simulating(cfg.device.kind), on_target(cfg.device.kind):
         if job.simulate:

@@ -116,7 +116,7 @@ def test_a_reader_that_leaves_early_is_not_a_traceback(tiny_config, tmp_path):
     (["--method", "full", "--rank", "8"], "full has none (the optimizer's rank is --optimizer-rank)"),
     (["--optimizer", "adamw8bit", "--optimizer-rank", "8"],
      "--optimizer-rank is not an option of --optimizer adamw8bit; optimizers that take it: apollo, apollo-mini"),
-    (["--method", "full", "--quantize", "nf4"], "cannot train a quantized weight"),
+    (["--method", "full", "--quantize", "nf4"], "not nf4, whose codes cannot take an update"),
 ])
 def test_bad_input_exits_2_and_says_what_was_expected(tiny_config, capsys, args, message):
     base = {"--hf-config": tiny_config, "--device": "rtx4090", "--method": "lora", "--rank": None}

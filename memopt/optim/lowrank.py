@@ -30,6 +30,7 @@ norm growth of ``norm_growth_limit`` per step, times ``scale``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from typing import Any, Callable, Iterable, Iterator
@@ -38,6 +39,7 @@ import torch
 from torch.linalg import vector_norm
 
 from memopt.optim import blockwise8
+from memopt.passes.int8train import int8_master, is_handle, requantize
 
 __all__ = ["MIN_8BIT_SIZE", "AdamW", "AdamW8bit", "Apollo", "ApolloMini", "GaLoreAdamW", "GaLoreAdamW8bit"]
 
@@ -143,13 +145,43 @@ class _LeanAdam(torch.optim.Optimizer):
             self._apply_accumulated(p, group)
             return
         state = self.state[p]
+        self._init_state(p, state, group)
         state["step"] = state.get("step", 0) + 1
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        if self._projects(p, group):
-            self._projected_update(p, grad, state, group)
-        else:
-            self._adamw_update(p, grad, state, group)
+        with self._writable(p, state) as target:
+            grad = grad.to(target.dtype)
+            if group["weight_decay"]:
+                target.mul_(1 - group["lr"] * group["weight_decay"])
+            if self._projects(target, group):
+                self._projected_update(target, grad, state, group)
+            else:
+                self._adamw_update(target, grad, state, group)
+
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """State the update needs the parameter itself for (not the copy a trainable int8 weight is updated in)."""
+
+    @contextlib.contextmanager
+    def _writable(self, p: torch.Tensor, state: dict[str, Any]) -> Iterator[torch.Tensor]:
+        """What the update writes into: ``p``; for the handle of a trainable int8 weight
+        (``memopt.passes.int8train``), an fp32 copy of its W, written back by stochastic rounding
+        (noise seeded by the parameter's index and step: a resumed run rounds alike). On fake tensors
+        (a simulated step) a stand-in copy is updated and requantized, and nothing written."""
+        master = int8_master(p)
+        if master is None and not is_handle(p):
+            yield p
+            return
+        target = master.dequantized_weight(torch.float32) if master is not None else \
+            torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        yield target
+        index = next((i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p), 0)
+        generator = None
+        if master is not None:
+            generator = torch.Generator(device=target.device)
+            generator.manual_seed(zlib.crc32(f"int8:{index}:{state['step']}".encode()))
+        codes, scales = requantize(target, generator)
+        del target
+        if master is not None:
+            master.qweight.copy_(codes)
+            master.qscales.copy_(scales)
 
     def _accumulate(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not accumulate gradients")
@@ -319,10 +351,11 @@ class GaLoreAdamW(_LeanAdam):
 
     @staticmethod
     def _project(p: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+        grad = grad.to(proj.dtype)
         return grad @ proj.t() if p.shape[0] >= p.shape[1] else proj.t() @ grad  # [m, r] or [r, n]
 
     def _step_along(self, p: torch.Tensor, low: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        proj = state["projector"]
+        proj = state["projector"].to(p.dtype)  # a trainable int8 weight's fp32 copy: the projector cast
         direction = self._adam_direction(low, state, group).to(p.dtype)
         p.add_(direction @ proj if p.shape[0] >= p.shape[1] else proj @ direction, alpha=-group["lr"] * group["scale"])
 
@@ -353,14 +386,15 @@ class GaLoreAdamW(_LeanAdam):
         if self.max_grad_norm is not None:
             total.mul_((self.max_grad_norm / (vector_norm(total) + 1e-6)).clamp(max=1.0))
         state["step"] = state.get("step", 0) + 1
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        low = total.to(p.dtype)
-        if self._projects(p, group):
-            self._step_along(p, low, state, group)
-        else:
-            self._adamw_update(p, low, state, group)
-        del low
+        with self._writable(p, state) as target:
+            if group["weight_decay"]:
+                target.mul_(1 - group["lr"] * group["weight_decay"])
+            low = total.to(target.dtype)
+            if self._projects(target, group):
+                self._step_along(target, low, state, group)
+            else:
+                self._adamw_update(target, low, state, group)
+            del low
         total.zero_()
         state["pending"] = False
 
@@ -384,12 +418,15 @@ class Apollo(_LeanAdam):
                                       update_proj_gap=update_proj_gap, scale=scale,
                                       norm_growth_limit=norm_growth_limit, seed=seed))
 
-    def _projection(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
-        """P [r, min(m, n)], N(0, 1/r), drawn from the parameter's seed and its refresh index. The seed
-        (a number: weights_only-safe) is the group's ``seed`` and the parameter's index over all groups."""
+    def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        """The parameter's seed (a number: weights_only-safe): the group's ``seed`` and the parameter's
+        index over all groups."""
         if "seed" not in state:
             index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
             state["seed"] = zlib.crc32(f"{group['seed']}:{index}".encode())
+
+    def _projection(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+        """P [r, min(m, n)], N(0, 1/r), drawn from the parameter's seed (``_init_state``) and its refresh index."""
         r = group["rank"]
         refresh = (state["step"] - 1) // group["update_proj_gap"]
         gen = torch.Generator(device="cpu").manual_seed((state["seed"] * 1_000_003 + refresh) % (2 ** 63))

@@ -26,6 +26,7 @@ from memopt.errors import UnsupportedModelError
 from memopt.ir.structure import ModelGraph
 from memopt.passes.base import DETAILS, ModuleDecision, ModuleDetails, PassResult, RewriteLog, details_kind
 from memopt.passes.freeze import apply_full
+from memopt.passes.int8train import Int8TrainDetails, Int8TrainLinear, apply_int8_trainable
 from memopt.passes.lora import LoraDetails, LoraLinear, apply_lora, merge_lora
 from memopt.passes.paca import PacaDetails, PacaLinear, QPacaLinear, apply_paca, merge_paca
 from memopt.passes.quantize import QuantizeDetails, QuantLinear, apply_quantize, dequantize_model
@@ -33,25 +34,27 @@ from memopt.passes.s2ft import S2ftDetails, apply_s2ft, merge_s2ft
 from memopt.passes.s2ft_ops import S2ftLinear
 
 __all__ = ["PassSpec", "PASSES", "QUANTIZE", "REWRITTEN", "check_bitsandbytes", "get_pass", "register_pass",
-           "rewrite", "DETAILS", "LoraDetails", "ModuleDecision", "ModuleDetails", "PacaDetails", "PassResult",
+           "rewrite", "DETAILS", "Int8TrainDetails", "Int8TrainLinear",
+           "LoraDetails", "ModuleDecision", "ModuleDetails", "PacaDetails", "PassResult",
            "QuantizeDetails", "RewriteLog", "S2ftDetails", "details_kind"]
 
 # The modules memopt's passes put into a model: a model holding one was rewritten already.
-REWRITTEN = (LoraLinear, PacaLinear, QPacaLinear, QuantLinear, S2ftLinear)
+REWRITTEN = (Int8TrainLinear, LoraLinear, PacaLinear, QPacaLinear, QuantLinear, S2ftLinear)
 
 
 @dataclass(frozen=True)
 class PassSpec:
     """A method's pass. ``quantize``: ``"before"`` — the frozen base weights are quantized first and the
     method wraps each ``QuantLinear`` (QLoRA, QPaCA); ``"after"`` — the method rewrites the weights
-    themselves first, and those it trains stay in full precision (S²FT); ``"never"`` — it trains the
-    weights themselves and cannot compose (its ``bitsandbytes`` reason is the error). ``bitsandbytes``: None if
+    themselves first, and those it trains stay in full precision (S²FT); ``"trainable"`` — it trains
+    the weights themselves, and quantize="int8" stores them int8, trained by stochastic rounding
+    (full training, ``passes.int8train``); ``"never"`` — it cannot compose. ``bitsandbytes``: None if
     the method runs on layers loaded quantized by bitsandbytes, else why it cannot (the error)."""
 
     label: str
     apply: Callable[..., PassResult]
     merge: Callable[[nn.Module], nn.Module]
-    quantize: Literal["before", "after", "never"] = "before"
+    quantize: Literal["before", "after", "trainable", "never"] = "before"
     bitsandbytes: str | None = None
 
 
@@ -67,9 +70,9 @@ def _nothing_to_fold(model: nn.Module) -> nn.Module:
     return model  # full training changes the weights themselves
 
 
-_FULL_QUANTIZED = ("method='full' trains the weights themselves, and memopt cannot train a quantized weight; drop "
-                   "quantize= (pair full training with optimizer='galore-adamw8bit' or 'apollo-mini' to save memory), "
-                   "or train adapters over quantized weights with method='lora' (QLoRA)")
+_FULL_QUANTIZED = ("method='full' trains the weights themselves, which a model loaded quantized by bitsandbytes "
+                   "cannot give; load it in full precision (quantize='int8' then trains int8 weights), or train "
+                   "adapters over the quantized weights with method='lora' (QLoRA)")
 
 PASSES: dict[type[MethodConfig], PassSpec] = {
     LoraConfig: PassSpec("LoRA", apply=apply_lora, merge=_dequantized_then(merge_lora)),
@@ -78,7 +81,7 @@ PASSES: dict[type[MethodConfig], PassSpec] = {
                          bitsandbytes="S²FT permutes and trains blocks of the weights themselves, which a model "
                                       "loaded quantized by bitsandbytes cannot give; use method='lora' or 'paca' "
                                       "(QLoRA / QPaCA), or load the model in full precision"),
-    FullConfig: PassSpec("full", apply=apply_full, merge=_dequantized_then(_nothing_to_fold), quantize="never",
+    FullConfig: PassSpec("full", apply=apply_full, merge=_dequantized_then(_nothing_to_fold), quantize="trainable",
                          bitsandbytes=_FULL_QUANTIZED),
 }
 
@@ -118,6 +121,8 @@ def rewrite(model: nn.Module, graph: ModelGraph, method: MethodConfig, quant: Qu
         return spec.apply(model, graph, method, rewrites)
     if spec.quantize == "never":
         raise ValueError(spec.bitsandbytes or f"{spec.label} cannot be combined with quantize=")
+    if spec.quantize == "trainable":  # the method chooses what trains; those weights are stored int8
+        return apply_int8_trainable(model, graph, quant, rewrites, spec.apply(model, graph, method, rewrites))
     if spec.quantize == "after":
         # The method rewrites weights in place and trains dense blocks of some: it runs first, and the
         # weights it trains stay in full precision ("all-linear"), or are refused if named.

@@ -270,12 +270,14 @@ def _check_targets(model: nn.Module, targets: list[LinearLayer]) -> None:
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every ``QuantLinear`` in ``model`` with a plain ``nn.Linear``, in place; a wrapper that
-    merges its quantized base itself (``merges_quantized_base``: QPaCA) is replaced by its merge.
+    """Replace every ``QuantLinear`` (and trainable int8 layer) in ``model`` with a plain ``nn.Linear``,
+    in place; a wrapper that merges its quantized base itself (``merges_quantized_base``: QPaCA) is
+    replaced by its merge.
 
     A ``LoraLinear`` over a ``QuantLinear`` keeps its adapter (its base becomes plain): merge LoRA after.
     """
-    names = [name for name, m in model.named_modules() if isinstance(m, QuantLinear) or _merges_base(m)]
+    names = [name for name, m in model.named_modules()
+             if isinstance(m, QuantLinear) or _merges_base(m) or getattr(m, "trains_quantized_weight", False)]
     done: list[str] = []
     for name in names:  # pre-order: a QPacaLinear is merged (with its base) before its base comes up
         if any(name.startswith(prefix + ".") for prefix in done):

@@ -42,6 +42,7 @@ import torch.nn as nn
 from memopt.errors import MemoptError, PlanMismatchError
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
+from memopt.passes.int8train import is_handle
 from memopt.plan import RUNTIME_ACTIONS, Action, Plan
 from memopt.plan.report import applied_lines
 from memopt.runtime import in_backward
@@ -274,6 +275,15 @@ class OptimizedModel(nn.Module):
         lr = lr if lr is not None else self.plan.optimizer_options.get("lr", 1e-3)
         max_grad_norm = options.pop("max_grad_norm", None)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if any(is_handle(p) for p in params):  # trainable int8 weights: only memopt's update can write them
+            opt = build(self.plan.optimizer, params, self.plan.optimizer_options, per_parameter=True, lr=lr, **options)
+            if self.plan.update_in_backward:
+                opt.max_grad_norm = max_grad_norm
+                in_backward.attach(self._update_owner, opt, list(dict(self.model.named_parameters()).values()))
+            elif max_grad_norm is not None:
+                raise TypeError("max_grad_norm is for plans that update inside backward; clip with "
+                                "torch.nn.utils.clip_grad_norm_ before optimizer.step() as usual")
+            return opt
         if not self.plan.update_in_backward:
             if max_grad_norm is not None:
                 raise TypeError("max_grad_norm is for plans that update inside backward; clip with "

@@ -100,8 +100,10 @@ def test_bad_optimizer_choices_fail_before_the_model_is_touched(monkeypatch):
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         memopt.optimize(model, 1, batch, method="full", optimizer="galore-adamw", optimizer_options={"rank": 0},
                         device="cpu")
-    with pytest.raises(ValueError, match="cannot train a quantized weight"):
+    with pytest.raises(ValueError, match="stored int8 \\(quantize='int8'.*not nf4"):
         memopt.optimize(model, 1, batch, method="full", quantize="nf4", device="cpu")
+    with pytest.raises(ValueError, match="trainable int8 weights are written back by memopt's own optimizers"):
+        memopt.optimize(model, 1, batch, method="full", quantize="int8", optimizer="sgd", device="cpu")
     config = memopt.OptimizerConfig("apollo-mini", {"seed": 1})
     with pytest.raises(ValueError, match="matches no parameter"):
         monkeypatch.undo()
@@ -178,3 +180,48 @@ def test_compile_with_updates_inside_backward_is_refused_with_the_way_out():
     in_backward = dataclasses.replace(optimized.plan, update_in_backward=True)
     with pytest.raises(MemoptError, match="compile=False"):
         optimized.use_plan(in_backward, compile=True)
+
+
+def test_trainable_int8_weights_are_counted_as_int8_trained_in_the_users_loop_and_reload(tmp_path):
+    """``method="full", quantize="int8"``: the plan counts the int8 codes and scales to the byte (the
+    handles hold nothing), ``make_optimizer`` trains them in a plain loop, and a save / reload and a
+    merge give the same model."""
+    from memopt.passes import Int8TrainLinear
+
+    model = tiny_llama()
+    batch = lm_batch(model, batch=2, seq=16)
+    optimized = memopt.optimize(model, 1, batch, method="full", quantize="int8", optimizer="galore-adamw8bit",
+                                optimizer_options={"rank": 4}, device="cpu")
+    plan = optimized.plan
+    layers = [m for m in optimized.model.modules() if isinstance(m, Int8TrainLinear)]
+    int8 = [m for m in plan.modules if m.method == "full+int8"]
+    assert len(layers) == len(int8) > 0 and plan.trainable_params == plan.total_params
+    stored = sum(m.qweight.numel() + 4 * m.qscales.numel() for m in layers)
+    assert sum(m.details["bytes"] for m in int8) == stored
+    params = dict(optimized.model.named_parameters())
+    handles = {f"{n}.weight" for n, m in optimized.model.named_modules() if isinstance(m, Int8TrainLinear)}
+    dense = sum(p.numel() * p.element_size() for n, p in params.items() if n not in handles)
+    held = sum(params[n].untyped_storage().nbytes() for n in handles)  # one element each
+    assert held == 4 * len(handles) and plan.static.parameters == dense + held and plan.static.buffers >= stored
+    opt = optimized.make_optimizer(lr=1e-2)
+    before = [m.qweight.clone() for m in layers]
+    losses = []
+    for _ in range(4):
+        loss = optimized(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and all(not torch.equal(a, m.qweight) for a, m in zip(before, layers))
+    with pytest.raises(RuntimeError):  # a torch optimizer cannot write into the memory-free handle
+        layer = layers[0]
+        layer.weight.grad = torch.ones(layer.weight.shape)
+        torch.optim.SGD([layer.weight], lr=0.1).step()
+    optimized.save_pretrained(tmp_path)
+    reloaded = memopt.from_pretrained(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        logits = optimized(**batch).logits
+        assert torch.equal(reloaded(**batch).logits, logits)
+        merged = optimized.merge(inplace=False)
+        assert not any(isinstance(m, Int8TrainLinear) for m in merged.modules())
+        torch.testing.assert_close(merged(**batch).logits, logits, rtol=1e-5, atol=1e-5)
