@@ -225,3 +225,34 @@ def test_trainable_int8_weights_are_counted_as_int8_trained_in_the_users_loop_an
         merged = optimized.merge(inplace=False)
         assert not any(isinstance(m, Int8TrainLinear) for m in merged.modules())
         torch.testing.assert_close(merged(**batch).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_trainable_int8_weights_updated_inside_a_lowered_backward_train_as_the_model_as_it_is():
+    """A budget that fits only with updates inside backward and recomputation: the lowered step hands
+    each int8 weight's gradient to the optimizer inside its backward graph, and trains bit for bit
+    as the model as it is (its hooks) does."""
+    from memopt.passes import Int8TrainLinear
+
+    batch = lm_batch(tiny_llama(), batch=2, seq=16)
+    kw = dict(method="full", quantize="int8", optimizer="adamw", device="cpu", reserve_gb=0)
+    with pytest.raises(InfeasibleBudgetError) as info:
+        memopt.optimize(tiny_llama(), 1e-6, batch, planner=memopt.PlannerConfig(allow_update_in_backward=False), **kw)
+    as_is = memopt.optimize(tiny_llama(), (info.value.min_budget_bytes - 1) / 2**30, batch, **kw)
+    assert as_is.plan.update_in_backward and not as_is.plan.needs_runtime
+    low = as_is.plan.min_budget_bytes
+    lowered = memopt.optimize(tiny_llama(), (low + (as_is.plan.predicted_peak_bytes - low) // 3) / 2**30, batch, **kw)
+    assert lowered.plan.update_in_backward and lowered.plan.bytes_by_action()["recompute"] > 0
+    assert lowered.applied.lowering == "eager"
+    opts = [as_is.make_optimizer(lr=1e-2), lowered.make_optimizer(lr=1e-2)]
+    for _ in range(3):
+        losses = []
+        for model, opt in zip((as_is, lowered), opts):
+            loss = model(**batch).loss
+            loss.backward()
+            assert all(p.grad is None for p in model.parameters())
+            opt.step()
+            losses.append(loss)
+        assert torch.equal(*losses)
+    codes = [[m.qweight for m in model.model.modules() if isinstance(m, Int8TrainLinear)] for model in (as_is, lowered)]
+    assert all(torch.equal(a, b) for a, b in zip(*codes))
