@@ -154,3 +154,44 @@ def test_galore_accumulates_micro_batches_inside_backward_in_the_users_loop(tmp_
                                               save_strategy="no", max_grad_norm=0, gradient_accumulation_steps=2,
                                               per_device_train_batch_size=1)
     Trainer(model=optimized, args=training, train_dataset=rows, optimizers=(opt, None)).train()
+
+
+@pytest.mark.slow
+def test_an_lr_schedule_drives_the_updates_and_a_resumed_run_continues_them(tight, tmp_path):
+    """Inside backward, each update reads its group's lr when it runs: a scheduler over the returned
+    optimizer sets it (a zero lr moves nothing), and a run resumed from save_pretrained plus the
+    optimizer's and scheduler's state dicts makes the same updates as one that went on."""
+    budget, batch = tight
+
+    def run(model, opt, sched, steps):
+        for _ in range(steps):
+            model(**batch).loss.backward()
+            opt.step()
+            sched.step()
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+
+    optimized = memopt.optimize(tiny_llama(), budget / GIB, batch, method="full", device="cpu", reserve_gb=0)
+    assert optimized.plan.update_in_backward
+    frozen_opt = optimized.make_optimizer(lr=1e-2, weight_decay=0.0)
+    before = [p.detach().clone() for p in optimized.parameters()]
+    run(optimized, frozen_opt, torch.optim.lr_scheduler.LambdaLR(frozen_opt, lambda step: 0.0), 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, optimized.parameters()))  # lr 0 from the schedule
+    opt = optimized.make_optimizer(lr=1e-2)
+    sched = schedule(opt)
+    run(optimized, opt, sched, 2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 3)
+    optimized.save_pretrained(tmp_path)
+    torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp_path / "train_state.pt")
+    run(optimized, opt, sched, 2)
+    resumed = memopt.from_pretrained(tiny_llama(), tmp_path)
+    assert resumed.plan.update_in_backward
+    opt2 = resumed.make_optimizer(lr=1e-2)
+    sched2 = schedule(opt2)
+    state = torch.load(tmp_path / "train_state.pt", weights_only=True)
+    opt2.load_state_dict(state["opt"])
+    sched2.load_state_dict(state["sched"])
+    run(resumed, opt2, sched2, 2)
+    for a, b in zip(optimized.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
