@@ -14,6 +14,7 @@ from memopt.config import (
     OptimizeConfig,
     PacaConfig,
     QuantizeConfig,
+    RandLoraConfig,
     S2ftConfig,
 )
 from memopt.errors import InfeasibleBudgetError, MemoptError, PlanMismatchError, UnsupportedModelError
@@ -28,6 +29,7 @@ __all__ = [
     "OptimizeConfig",
     "LoraConfig",
     "PacaConfig",
+    "RandLoraConfig",
     "S2ftConfig",
     "FullConfig",
     "OptimizerConfig",

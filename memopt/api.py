@@ -361,12 +361,13 @@ def _job_config(model: nn.Module, method: Any, budget_gb: Any, **options: Any) -
     composes = get_pass(cfg.method_config).quantize
     if cfg.quantize not in (None, "auto") and composes == "never":
         raise ValueError(get_pass(cfg.method_config).bitsandbytes)
-    fmt = getattr(cfg.quantize, "format", cfg.quantize)
+    fmt = cfg.quantize.format if isinstance(cfg.quantize, QuantizeConfig) else cfg.quantize
     int8_trained = composes == "trainable" and fmt == "int8"
     if int8_trained and OPTIMIZERS[cfg.optimizer].in_backward(cfg.optimizer_options) is None:
         lean = ", ".join(sorted(n for n, s in OPTIMIZERS.items() if s.per_parameter is not None))
+        given = f" with {dict(cfg.optimizer_options)}" if cfg.optimizer_options else ""
         raise ValueError(f"trainable int8 weights are written back by memopt's own optimizers ({lean}), not "
-                         f"optimizer={cfg.optimizer!r} with {dict(cfg.optimizer_options)}: choose one of those")
+                         f"optimizer={cfg.optimizer!r}{given}: choose one of those")
     if composes == "trainable" and fmt not in (None, "auto", "int8"):
         raise ValueError(f"method={cfg.method!r} trains the weights themselves: they can be stored int8 "
                          f"(quantize='int8', trained by stochastic rounding), not {fmt}, whose codes cannot take an "

@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--budget", type=float, required=True, help="device memory in GiB")
     plan.add_argument("--method", default="lora", choices=sorted(METHOD_CONFIGS))
     plan.add_argument("--device", default="rtx4090", help="a device preset (rtx4090, l4, a100-40gb, a100-80gb, h100, ...)")
-    plan.add_argument("--rank", type=int, help="adapter rank (lora, paca)")
+    plan.add_argument("--rank", type=int, help="adapter rank (lora, paca, randlora)")
     plan.add_argument("--quantize", choices=("nf4", "int8", "auto"),
                       help="store the frozen Linear weights quantized (QLoRA / QPaCA); auto: only if needed to fit")
     plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -255,7 +255,7 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
         return options
     with_rank = sorted(name for name, cls in METHOD_CONFIGS.items() if "rank" in {f.name for f in fields(cls)})
     if args.method not in with_rank:
-        raise BadInput(f"--rank is for {' and '.join(with_rank)} (the adapter rank); {args.method} has none"
+        raise BadInput(f"--rank is for {', '.join(with_rank)} (the adapter rank); {args.method} has none"
                        + (" (the optimizer's rank is --optimizer-rank)" if args.method == "full" else ""))
     return {**options, "rank": args.rank}
 

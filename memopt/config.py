@@ -23,6 +23,7 @@ __all__ = [
     "MethodConfig",
     "LoraConfig",
     "PacaConfig",
+    "RandLoraConfig",
     "S2ftConfig",
     "FullConfig",
     "METHOD_CONFIGS",
@@ -121,6 +122,35 @@ def _check_seed(value: Any) -> None:
 
 
 @dataclass(frozen=True)
+class RandLoraConfig(MethodConfig):
+    """RandLoRA: a full-rank update Σⱼ Bⱼ·Λⱼ·A·Γⱼ from random frozen bases of ``rank`` shared by all
+    adapted layers, trainable diagonal scalings Λ and Γ, scaling alpha / rank (PEFT's
+    ``RandLoraConfig`` numerics: its defaults r=32, randlora_alpha=640; ``seed`` is its
+    ``projection_prng_key``). ``target_modules`` / ``exclude_modules`` as for LoRA."""
+
+    method: ClassVar[str] = "randlora"
+    rank: int = 32
+    alpha: float = 640.0
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"
+    exclude_modules: Any = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
+                or self.alpha <= 0):
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
+        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
+
+
+@dataclass(frozen=True)
 class PacaConfig(MethodConfig):
     """PaCA: per targeted Linear, ``rank`` input columns of W become the trainable P (out × rank).
 
@@ -206,7 +236,7 @@ class FullConfig(MethodConfig):
 
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"lora": LoraConfig, "paca": PacaConfig, "s2ft": S2ftConfig,
-                                                  "full": FullConfig}
+                                                  "full": FullConfig, "randlora": RandLoraConfig}
 
 QUANT_FORMATS = ("nf4", "int8")
 _QUANTIZE_CHOICES = (None, *QUANT_FORMATS, "auto")

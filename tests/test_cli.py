@@ -111,8 +111,8 @@ def test_a_reader_that_leaves_early_is_not_a_traceback(tiny_config, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--hf-config", "gpt-9"], "neither a preset nor a file or directory; presets: llama-2-7b, llama-2-13b"),
     (["--device", "tpu-v9"], "unknown device 'tpu-v9'; presets: a100-40gb"),
-    (["--method", "s2ft", "--rank", "8"], "--rank is for lora and paca"),
-    (["--method", "s2ft", "--quantize", "nf4", "--rank", "8"], "--rank is for lora and paca"),
+    (["--method", "s2ft", "--rank", "8"], "--rank is for lora, paca, randlora"),
+    (["--method", "s2ft", "--quantize", "nf4", "--rank", "8"], "--rank is for lora, paca, randlora"),
     (["--method", "full", "--rank", "8"], "full has none (the optimizer's rank is --optimizer-rank)"),
     (["--optimizer", "adamw8bit", "--optimizer-rank", "8"],
      "--optimizer-rank is not an option of --optimizer adamw8bit; optimizers that take it: apollo, apollo-mini"),

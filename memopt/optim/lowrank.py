@@ -101,8 +101,8 @@ class _LeanAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     self.update(p, p.grad, group)
-                elif id(p) in self._updated and group.get("accumulate"):  # gradients accumulated inside backward
-                    self._apply_accumulated(p, group)
+                elif group.get("accumulate") and self.state[p].get("pending"):  # accumulated inside backward
+                    self._apply_accumulated(p, group)  # (pending is state: a resumed window steps too)
         self._updated.clear()
         return loss
 

@@ -21,7 +21,16 @@ from typing import Callable, Literal
 
 import torch.nn as nn
 
-from memopt.config import METHOD_CONFIGS, FullConfig, LoraConfig, MethodConfig, PacaConfig, QuantizeConfig, S2ftConfig
+from memopt.config import (
+    METHOD_CONFIGS,
+    FullConfig,
+    LoraConfig,
+    MethodConfig,
+    PacaConfig,
+    QuantizeConfig,
+    RandLoraConfig,
+    S2ftConfig,
+)
 from memopt.errors import UnsupportedModelError
 from memopt.ir.structure import ModelGraph
 from memopt.passes.base import DETAILS, ModuleDecision, ModuleDetails, PassResult, RewriteLog, details_kind
@@ -30,16 +39,17 @@ from memopt.passes.int8train import Int8TrainDetails, Int8TrainLinear, apply_int
 from memopt.passes.lora import LoraDetails, LoraLinear, apply_lora, merge_lora
 from memopt.passes.paca import PacaDetails, PacaLinear, QPacaLinear, apply_paca, merge_paca
 from memopt.passes.quantize import QuantizeDetails, QuantLinear, apply_quantize, dequantize_model
+from memopt.passes.randlora import RandLoraDetails, RandLoraLinear, apply_randlora, merge_randlora
 from memopt.passes.s2ft import S2ftDetails, apply_s2ft, merge_s2ft
 from memopt.passes.s2ft_ops import S2ftLinear
 
 __all__ = ["PassSpec", "PASSES", "QUANTIZE", "REWRITTEN", "check_bitsandbytes", "get_pass", "register_pass",
            "rewrite", "DETAILS", "Int8TrainDetails", "Int8TrainLinear",
            "LoraDetails", "ModuleDecision", "ModuleDetails", "PacaDetails", "PassResult",
-           "QuantizeDetails", "RewriteLog", "S2ftDetails", "details_kind"]
+           "QuantizeDetails", "RandLoraDetails", "RandLoraLinear", "RewriteLog", "S2ftDetails", "details_kind"]
 
 # The modules memopt's passes put into a model: a model holding one was rewritten already.
-REWRITTEN = (Int8TrainLinear, LoraLinear, PacaLinear, QPacaLinear, QuantLinear, S2ftLinear)
+REWRITTEN = (Int8TrainLinear, LoraLinear, PacaLinear, QPacaLinear, QuantLinear, RandLoraLinear, S2ftLinear)
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,7 @@ PASSES: dict[type[MethodConfig], PassSpec] = {
                          bitsandbytes="S²FT permutes and trains blocks of the weights themselves, which a model "
                                       "loaded quantized by bitsandbytes cannot give; use method='lora' or 'paca' "
                                       "(QLoRA / QPaCA), or load the model in full precision"),
+    RandLoraConfig: PassSpec("RandLoRA", apply=apply_randlora, merge=_dequantized_then(merge_randlora)),
     FullConfig: PassSpec("full", apply=apply_full, merge=_dequantized_then(_nothing_to_fold), quantize="trainable",
                          bitsandbytes=_FULL_QUANTIZED),
 }

@@ -57,6 +57,8 @@ class ModuleDetails(Mapping[str, Any]):
     def from_dict(data: Mapping[str, Any], method: str | None = None) -> "ModuleDetails":
         """The typed details ``data`` describes: by its ``kind``, else (a plan file before kinds, a pass
         that gives a dict) the one type of ``method`` or of all registered types that has every key."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"details must be an object, got {type(data).__name__} {data!r}")
         data = dict(data)
         kind = data.pop("kind", None)
         if kind is not None:
@@ -69,8 +71,22 @@ class ModuleDetails(Mapping[str, Any]):
         if unknown:
             raise ValueError(f"{cls.kind} details have no field(s) {', '.join(map(repr, unknown))}; they hold "
                              f"{', '.join(_field_names(cls))}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        except TypeError as exc:  # a required field missing: name the kind
+            raise ValueError(f"{cls.kind} details: {str(exc).split('.__init__() ')[-1]}") from None
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value, allowed = getattr(self, f.name), _TYPES.get(str(f.type))
+            if allowed is not None and not (value is None and "None" in str(f.type)) and (
+                    not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+                raise ValueError(f"{self.kind} details field {f.name!r} must be {f.type}, got {value!r}")
+
+
+_TYPES: dict[str, tuple[type, ...]] = {  # the field types details use, checked as they are made
+    "int": (int,), "int | None": (int,), "float": (int, float), "str": (str,), "str | None": (str,),
+    "bool": (bool,), "tuple[int, int] | None": (tuple,)}
 
 _Details = TypeVar("_Details", bound=type[ModuleDetails])
 DETAILS: dict[str, type[ModuleDetails]] = {"layer": ModuleDetails}

@@ -151,6 +151,8 @@ class TensorDecision:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TensorDecision":
         closure = data.get("closure")
+        if closure is not None and not isinstance(closure, list):
+            raise TypeError(f"closure must be a list of op keys or null, got {closure!r}")
         return cls(**{**data, "shape": tuple(data["shape"]), "closure": None if closure is None else tuple(closure)})
 
 

@@ -256,3 +256,17 @@ def test_trainable_int8_weights_updated_inside_a_lowered_backward_train_as_the_m
         assert torch.equal(*losses)
     codes = [[m.qweight for m in model.model.modules() if isinstance(m, Int8TrainLinear)] for model in (as_is, lowered)]
     assert all(torch.equal(a, b) for a, b in zip(*codes))
+
+
+@pytest.mark.slow
+def test_quantize_auto_for_full_training_stores_int8_weights_only_when_needed():
+    batch = lm_batch(tiny_llama(), batch=2, seq=16)
+    kw = dict(method="full", quantize="auto", optimizer="galore-adamw8bit", optimizer_options={"rank": 4},
+              device="cpu", reserve_gb=0)
+    roomy = memopt.optimize(tiny_llama(), 1, batch, **kw)
+    assert {m.method for m in roomy.plan.modules} == {"full"}
+    with pytest.raises(InfeasibleBudgetError) as info:
+        memopt.optimize(tiny_llama(), 1e-6, batch, **{**kw, "quantize": None})
+    tight = memopt.optimize(tiny_llama(), (info.value.min_budget_bytes - 1) / 2**30, batch, **kw)
+    assert "full+int8" in {m.method for m in tight.plan.modules}
+    assert any("quantize='auto' chose int8" in note for note in tight.plan.notes)

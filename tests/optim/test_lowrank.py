@@ -282,3 +282,27 @@ def test_an_accumulating_galore_resumes_mid_run_with_the_same_updates():
     _run(lambda ps: _loaded(GaLoreAdamW(ps, **kw), torch.load(buffer, weights_only=True)), 4, resumed, start=4)
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
+
+
+def test_a_window_saved_mid_accumulation_resumes_and_steps():
+    """The accumulated gradients and the pending flag are state: an optimizer saved between two
+    backwards of one step, loaded into a fresh one, steps with the whole window's sum."""
+    kw = dict(lr=0.01, rank=2, update_proj_gap=3, accumulate=True)
+    straight, resumed = _params(), _params()
+    first, second = _grads(0, straight), _grads(1, straight)
+    a = GaLoreAdamW(straight, **kw)
+    b = GaLoreAdamW(resumed, **kw)
+    for p, q, g in zip(straight, resumed, first):
+        a.update_in_backward(p, g)
+        b.update_in_backward(q, g)
+    buffer = io.BytesIO()
+    torch.save(b.state_dict(), buffer)
+    buffer.seek(0)
+    c = _loaded(GaLoreAdamW(resumed, **kw), torch.load(buffer, weights_only=True))
+    for p, q, g in zip(straight, resumed, second):
+        a.update_in_backward(p, g)
+        c.update_in_backward(q, g)
+    a.step()
+    c.step()
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)

@@ -86,3 +86,14 @@ def test_a_pass_of_ones_own_registers_its_details():
                                                     frozen=True))
     finally:
         DETAILS.pop("sketch-test")
+
+
+def test_details_of_the_wrong_type_or_shape_are_refused_naming_the_field():
+    with pytest.raises(ValueError, match="layer details field 'block' must be int \\| None, got 'zero'"):
+        ModuleDetails.from_dict({"kind": "layer", "block": "zero"})
+    with pytest.raises(TypeError, match="details must be an object, got list"):
+        ModuleDetails.from_dict([1, 2])
+    with pytest.raises(ValueError, match="lora details: missing 3 required keyword-only arguments"):
+        ModuleDetails.from_dict({"kind": "lora", "block": 0})
+    with pytest.raises(ValueError, match="'rank' must be int"):
+        LoraDetails(rank=True, alpha=1.0, dropout=0.0)
