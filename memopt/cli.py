@@ -163,7 +163,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     out = sys.stderr if args.json == "-" else sys.stdout
     print(plan.summary(), file=out)
-    print("", *applied_lines(plan, _DRY_RUN), sep="\n", file=out)  # no model carries out a dry run's plan
+    if any(t.action not in _DRY_RUN for t in plan.tensors):  # no model carries out a dry run's plan: say so
+        print("", *applied_lines(plan, _DRY_RUN), sep="\n", file=out)
     if args.json == "-":
         print(plan.to_json())
     elif args.json is not None:

@@ -21,7 +21,7 @@ __all__ = ["DETAILS", "ModuleDecision", "ModuleDetails", "PassResult", "details_
            "RewriteLog", "WrappedLinear", "as_output", "merge_wrapped", "select_targets"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModuleDetails(Mapping[str, Any]):
     """A pass's details on one module, typed: one subclass per method, registered by ``kind`` with
     :func:`details_kind` (a plan file names the kind, so it reads back as the same type).
@@ -29,9 +29,21 @@ class ModuleDetails(Mapping[str, Any]):
     Read as a mapping of the fields that are set (``details["rank"]``, ``details.get("block")``,
     ``dict(details)``), so a report lists them without knowing the method. The fields here are
     every method's: the block the layer sits in and, for a method over a quantized base weight
-    (``lora+nf4``), that weight's bytes quantized and dense (and NF4's flat tail block)."""
+    (``lora+nf4``), that weight's bytes quantized and dense (and NF4's flat tail block).
+
+    Equal to details of the same type and fields, and to a mapping of the same items (subclasses
+    are declared ``eq=False`` so this comparison is theirs too)."""
 
     kind: ClassVar[str] = "layer"
+    __hash__ = None  # type: ignore[assignment]  (a mapping: compared by value)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ModuleDetails):
+            return type(self) is type(other) and all(
+                getattr(self, name) == getattr(other, name) for name in _field_names(type(self)))
+        if isinstance(other, Mapping):
+            return dict(self) == dict(other)
+        return NotImplemented
 
     block: int | None = None
     quantized_bytes: int | None = None
@@ -95,6 +107,8 @@ DETAILS: dict[str, type[ModuleDetails]] = {"layer": ModuleDetails}
 def details_kind(cls: _Details) -> _Details:
     """Register a ``ModuleDetails`` subclass under its ``kind`` (a class decorator; a pass of one's own
     registers its details beside it, so its plans read back typed)."""
+    if "__eq__" in cls.__dict__ and cls.__dict__["__eq__"] is not ModuleDetails.__eq__:
+        raise TypeError(f"{cls.__qualname__} compares by its own __eq__: declare it @dataclass(..., eq=False)")
     if DETAILS.get(cls.kind, cls) is not cls:
         raise ValueError(f"details kind {cls.kind!r} is registered already ({DETAILS[cls.kind].__qualname__})")
     DETAILS[cls.kind] = cls

@@ -45,7 +45,7 @@ _MASTERS: dict[int, "weakref.ReferenceType[Int8TrainLinear]"] = {}  # id(handle)
 
 
 @details_kind
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class Int8TrainDetails(ModuleDetails):
     """A trainable weight stored int8: ``bytes`` of codes and scales (``dense_bytes`` as it was), ``group``."""
 

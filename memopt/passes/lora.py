@@ -35,7 +35,7 @@ __all__ = ["LoraDetails", "LoraLinear", "apply_lora", "merge_lora"]
 
 
 @details_kind
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class LoraDetails(ModuleDetails):
     """A LoRA layer: ``W x + (alpha / rank) · B A dropout(x)``."""
 

@@ -78,7 +78,7 @@ __all__ = ["PacaDetails", "PacaLinear", "apply_paca", "merge_paca", "module_seed
 
 
 @details_kind
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class PacaDetails(ModuleDetails):
     """A PaCA layer: ``rank`` of W's input columns train, chosen by ``selection`` (``seed``: a random draw's)."""
 

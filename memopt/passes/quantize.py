@@ -51,7 +51,7 @@ __all__ = ["QuantizeDetails", "QuantLinear", "QuantizeConfig", "apply_quantize",
 
 
 @details_kind
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class QuantizeDetails(ModuleDetails):
     """A frozen weight stored quantized: its ``format`` and ``bytes`` (``dense_bytes`` as it was)."""
 

@@ -49,7 +49,7 @@ __all__ = ["RandLoraDetails", "RandLoraLinear", "apply_randlora", "draw_bases", 
 
 
 @details_kind
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class RandLoraDetails(ModuleDetails):
     """A RandLoRA layer: ``bases`` random bases of ``rank`` (shared), trainable Λ and Γ, ``alpha``."""
 

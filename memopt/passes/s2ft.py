@@ -48,7 +48,7 @@ _RATIO = {"heads": "head_ratio", "channels": "channel_ratio"}
 
 
 @details_kind
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class S2ftDetails(ModuleDetails):
     """A layer of an S²FT group: ``selected`` of the block's ``of`` units (heads or channels) drawn
     (``ratio``, ``seed``) and permuted to the front; a trained member's ``target``, ``axis`` and the

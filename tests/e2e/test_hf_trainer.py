@@ -51,6 +51,7 @@ def test_trainer_trains_only_the_adapters_and_the_loss_falls(tmp_path, planned):
     assert any((tmp_path / "saved").iterdir())
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_checkpoints_hold_only_the_trained_tensors_and_resume_to_the_same_losses(tmp_path):
     from memopt.integrations.hf import Trainer
 

@@ -65,6 +65,7 @@ def test_a_padded_loader_of_many_lengths_runs_one_trace_and_never_replans(llama_
     assert len(optimized.replans) == replans
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_every_step_of_a_padded_loader_measures_inside_the_budget_with_one_trace():
     """The plan is made for the longest batch; every shorter, padded one (attention mask 0 and
     labels -100 on the padding) runs the same trace and peaks at or below the plan, measured."""

@@ -72,7 +72,7 @@ def test_details_no_type_holds_are_refused_naming_the_way_out():
 
 def test_a_pass_of_ones_own_registers_its_details():
     @details_kind
-    @dataclasses.dataclass(frozen=True, kw_only=True)
+    @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
     class SketchDetails(ModuleDetails):
         kind: ClassVar[str] = "sketch-test"
         width: int
@@ -82,7 +82,7 @@ def test_a_pass_of_ones_own_registers_its_details():
         assert decision.details == SketchDetails(width=3, block=0)
         assert ModuleDecision.from_dict(decision.to_dict()) == decision
         with pytest.raises(ValueError, match="already"):
-            details_kind(dataclasses.make_dataclass("Other", [], bases=(ModuleDetails,), namespace={"kind": "sketch-test"},
+            details_kind(dataclasses.make_dataclass("Other", [], bases=(ModuleDetails,), namespace={"kind": "sketch-test"}, eq=False,
                                                     frozen=True))
     finally:
         DETAILS.pop("sketch-test")

@@ -173,6 +173,7 @@ def test_larger_inputs_are_replanned_when_asked():
     assert optimized.runtime is not None and optimized.runtime.reports[0].recomputed_nodes
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_a_plan_written_by_hand_is_carried_out():
     """Planning and applying are separate: recompute one tensor the planner chose to keep."""
     model, batch = llama()

@@ -58,6 +58,7 @@ def test_a_gpu_plan_with_offload_runs_simulated_within_its_prediction(fraction):
     assert len(report.offloaded) == sum(t.action == "offload" for t in plan.tensors)
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_recompute_flops_equal_the_plans_prediction():
     """FLOPs of a planned step minus the unplanned step's = ``plan.recompute_flops`` (eager
     attention: torch's FLOP counter has no formula for the CPU flash kernel)."""
@@ -79,7 +80,7 @@ def test_recompute_flops_equal_the_plans_prediction():
     assert optimized.runtime.reports[0].recompute_flops == plan.recompute_flops
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", [pytest.param("sdpa", marks=pytest.mark.slow), "eager"])
 def test_an_unchanged_training_loop_trains_inside_the_budget(attention):
     """The user's loop, real CPU tensors: the tracker's peak of a steady-state step, vs the plan.
     Eager attention (what Gemma2 needs) materializes its scores and probabilities: counted too."""
