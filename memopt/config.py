@@ -94,13 +94,7 @@ class LoraConfig(MethodConfig):
     def __post_init__(self) -> None:
         if self.adapter_dtype not in ("float32", "model"):
             raise ValueError(f"adapter_dtype must be 'float32' or 'model', got {self.adapter_dtype!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
-                or self.alpha <= 0):
-            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        _check_adapter(self)
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
         object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
@@ -109,6 +103,17 @@ class LoraConfig(MethodConfig):
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+
+def _check_adapter(cfg: Any) -> None:
+    """An adapter's ``rank`` (a positive int), ``alpha`` (a positive number) and ``dropout`` (in [0, 1))."""
+    if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or cfg.rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {cfg.rank!r}")
+    if (isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not math.isfinite(cfg.alpha)
+            or cfg.alpha <= 0):
+        raise ValueError(f"alpha must be a positive number, got {cfg.alpha!r}")
+    if isinstance(cfg.dropout, bool) or not isinstance(cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {cfg.dropout!r}")
 
 
 def _check_ratio(value: Any, what: str) -> None:
@@ -137,13 +142,7 @@ class RandLoraConfig(MethodConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
-                or self.alpha <= 0):
-            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        _check_adapter(self)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -140,7 +140,7 @@ def apply_lora(model: nn.Module, graph: ModelGraph, cfg: LoraConfig, log: Rewrit
             decisions.append(ModuleDecision(
                 name=layer.name, role=layer.role.value, method="frozen",
                 in_features=layer.in_features, out_features=layer.out_features, trainable_params=0,
-                details=ModuleDetails(block=layer.block), reason=_why_frozen(layer, cfg),
+                details=ModuleDetails(block=layer.block), reason=why_frozen(layer, cfg),
             ))
     return PassResult(model, tuple(decisions))
 
@@ -150,7 +150,8 @@ def _why(cfg: LoraConfig) -> str:
     return "all-linear" if target == "all-linear" else f"matched target_modules={target!r}"
 
 
-def _why_frozen(layer: LinearLayer, cfg: LoraConfig) -> str:
+def why_frozen(layer: LinearLayer, cfg: Any) -> str:
+    """Why an adapter method (``cfg.target_modules``) leaves ``layer`` frozen."""
     if layer.role is Role.LM_HEAD and cfg.target_modules == "all-linear":
         return "'all-linear' leaves the LM head out"
     return "not matched by target_modules, or excluded"

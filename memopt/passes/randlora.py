@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from memopt.config import RandLoraConfig
-from memopt.ir.structure import LinearLayer, ModelGraph, Role
+from memopt.ir.structure import ModelGraph
 from memopt.passes.base import (
     ModuleDecision,
     ModuleDetails,
@@ -43,6 +43,7 @@ from memopt.passes.base import (
     merge_wrapped,
     select_targets,
 )
+from memopt.passes.lora import why_frozen
 from memopt.passes.quantize import QuantLinear
 
 __all__ = ["RandLoraDetails", "RandLoraLinear", "apply_randlora", "draw_bases", "merge_randlora", "num_bases"]
@@ -199,19 +200,13 @@ def apply_randlora(model: nn.Module, graph: ModelGraph, cfg: RandLoraConfig, log
             decisions.append(ModuleDecision(
                 name=layer.name, role=layer.role.value, method="frozen", in_features=layer.in_features,
                 out_features=layer.out_features, trainable_params=0, details=ModuleDetails(block=layer.block),
-                reason=_why_frozen(layer, cfg)))
+                reason=why_frozen(layer, cfg)))
     notes = ()
     if targets:
         notes = (f"RandLoRA bases: A [{cfg.rank}, 1, {small}] and B [{large}, {num_bases(small, small, cfg.rank)}, "
                  f"{cfg.rank}] in bf16, shared by {len(targets)} layers, drawn from seed {cfg.seed} as PEFT draws "
                  "them (not saved: drawn again on reload)",)
     return PassResult(model, tuple(decisions), notes)
-
-
-def _why_frozen(layer: LinearLayer, cfg: RandLoraConfig) -> str:
-    if layer.role is Role.LM_HEAD and cfg.target_modules == "all-linear":
-        return "'all-linear' leaves the LM head out"
-    return "not matched by target_modules, or excluded"
 
 
 def merge_randlora(model: nn.Module) -> nn.Module:
