@@ -22,11 +22,13 @@ demo: setup
 
 # `make test` (CI): everything but the tests marked slow — a representative subset, under 20 minutes on
 # 2 cores (examples/ included, at a tiny size). `make test-all`: the whole suite (the slow scenario tests too).
-# ruff lints the package first. One pytest process: torch already uses both cores, and the
-# longest test modules share module-scoped fixtures (tried: pytest-xdist on 2 cores was slower).
+# ruff lints the package first. Two pytest workers (pytest-xdist), each given whole test files
+# (--dist loadfile: a module's fixtures are built once) and one torch thread (tests/conftest.py):
+# the tests are bound by Python on one core each (a single process kept the load at 1.0 and took
+# 29 min for this subset; distributing single tests rebuilt module fixtures and was slower).
 test: setup
 	$(PY) -m ruff check memopt
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 test-all: setup
 	$(PY) -m ruff check memopt

@@ -24,7 +24,7 @@ def test_budget_must_be_a_number(budget):
 
 
 def test_unknown_method_lists_the_methods():
-    with pytest.raises(ValueError, match=r"unknown method 'qlora'.*'lora', 'paca', 's2ft'"):
+    with pytest.raises(ValueError, match=r"unknown method 'qlora'.*'lora', 'paca', 'randlora', 's2ft'.*RandLoraConfig"):
         OptimizeConfig.from_options("qlora", 8)
 
 

@@ -211,6 +211,7 @@ def test_merging_two_updates_of_one_shared_weight_is_refused():
         optimized.merge()
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_peft_configs_and_peft_option_names_are_accepted():
     peft = pytest.importorskip("peft")
     base = _base()

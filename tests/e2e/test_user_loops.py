@@ -172,6 +172,7 @@ def test_changing_a_dropout_probability_retraces_the_step():
     assert optimized.runtime.traces_made > traces or optimized.replans
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_autocast_around_the_forward_is_planned_for_and_exact():
     model = tiny_llama(num_hidden_layers=2)
     batch = lm_batch(model, batch=4, seq=32)

@@ -48,6 +48,7 @@ def test_compiled_step_matches_eager_gradients_and_saves_the_same_tensors():
     assert _configs() == before  # no global configuration was changed
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_compiled_lowering_refuses_fake_tensors():
     from memopt.memory.simulate import simulate_step
 
@@ -57,6 +58,7 @@ def test_compiled_lowering_refuses_fake_tensors():
         simulate_step(optimized, batch, optimizer=optim_factory("adamw"), device="cpu")
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_cuda_offload_is_torch_async_copies_one_per_storage_prefetched_one_ahead():
     """The graphs of a GPU plan lowered for CUDA (built here on fake CPU tensors, never run)."""
     model = tiny_llama(num_hidden_layers=3).to(torch.bfloat16)

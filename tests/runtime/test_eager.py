@@ -45,6 +45,7 @@ def test_gradients_equal_the_unplanned_model_bit_for_bit(planned_llama):
     assert optimized.runtime.reports[0].recomputed_nodes
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_training_steps_follow_the_unplanned_trajectory_exactly():
     model, batch = llama()
     optimized = planned(model, batch, 0.2)
@@ -190,6 +191,7 @@ def test_a_plan_written_by_hand_is_carried_out():
     assert optimized.runtime.reports[0].recomputed_nodes == [tensors[index].name]
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_a_plan_for_another_model_is_refused(planned_llama):
     optimized, batch = planned_llama
     other_model, other_batch = llama()

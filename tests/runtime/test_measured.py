@@ -105,6 +105,7 @@ def test_an_unchanged_training_loop_trains_inside_the_budget(attention):
     assert peak == plan.predicted_peak_bytes <= plan.usable_bytes
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_simulating_a_lowered_step_with_tensor_constants_is_refused_clearly():
     """NF4 weights hold their code tables as constants of the traced step; a fake-tensor run of
     the lowered step cannot copy them (a known gap): a clear error, not a crash."""
