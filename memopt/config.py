@@ -367,7 +367,8 @@ class OptimizeConfig:
             method, method_options = method.method, {**given, **beside}
         if not isinstance(method, str) or method not in METHOD_CONFIGS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_CONFIGS)}, a method config "
-                             "(memopt.LoraConfig(...), PacaConfig, S2ftConfig, RandLoraConfig, FullConfig) or a peft.LoraConfig")
+                             "(memopt.LoraConfig(...), PacaConfig, S2ftConfig, RandLoraConfig, FullConfig) or a "
+                             "peft.LoraConfig")
         method_cls = METHOD_CONFIGS[method]
         if method == "lora":
             method_options = _peft_names(method_options)
