@@ -193,3 +193,10 @@ def test_a_json_path_in_a_missing_folder_or_a_negative_budget_stops_before_the_w
     assert "the folder" in (err := capsys.readouterr().err) and "does not exist" in err
     assert main(_plan_args(tiny_config, "-1")) == EXIT_BAD_INPUT
     assert "--budget must be a positive number" in capsys.readouterr().err
+
+
+def test_plan_takes_randlora_with_its_rank(tiny_config, capsys):
+    assert main(_plan_args(tiny_config, "1", "--method", "randlora")) == 0  # --rank 4: the bases' rank
+    printed = capsys.readouterr().out
+    assert "method=randlora" in printed and "RandLoRA bases: A [4, 1, " in printed
+    assert "randlora" in {line.split()[1] for line in printed.splitlines() if line.startswith(("0 ", "0-", "1 "))}
