@@ -172,7 +172,7 @@ class _LeanAdam(torch.optim.Optimizer):
         target = master.dequantized_weight(torch.float32) if master is not None else \
             torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         yield target
-        index = next((i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p), 0)
+        index = self._index(p)
         generator = None
         if master is not None:
             generator = torch.Generator(device=target.device)
@@ -188,6 +188,10 @@ class _LeanAdam(torch.optim.Optimizer):
 
     def _apply_accumulated(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not accumulate gradients")
+
+    def _index(self, p: torch.Tensor) -> int:
+        """``p``'s position over all parameter groups, in order (what seeds its randomness)."""
+        return next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
 
     def _group_of(self, p: torch.Tensor) -> dict[str, Any]:
         for group in self.param_groups:
@@ -422,7 +426,7 @@ class Apollo(_LeanAdam):
         """The parameter's seed (a number: weights_only-safe): the group's ``seed`` and the parameter's
         index over all groups."""
         if "seed" not in state:
-            index = next(i for i, q in enumerate(q for g in self.param_groups for q in g["params"]) if q is p)
+            index = self._index(p)
             state["seed"] = zlib.crc32(f"{group['seed']}:{index}".encode())
 
     def _projection(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
