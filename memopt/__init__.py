@@ -15,6 +15,7 @@ from memopt.config import (
     PacaConfig,
     QuantizeConfig,
     RandLoraConfig,
+    RsoConfig,
     S2ftConfig,
 )
 from memopt.errors import InfeasibleBudgetError, MemoptError, PlanMismatchError, UnsupportedModelError
@@ -30,6 +31,7 @@ __all__ = [
     "LoraConfig",
     "PacaConfig",
     "RandLoraConfig",
+    "RsoConfig",
     "S2ftConfig",
     "FullConfig",
     "OptimizerConfig",

@@ -65,6 +65,8 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if getattr(module, "trains_quantized_weight", False):
             out[f"{name}.qweight"], out[f"{name}.qscales"] = module.qweight, module.qscales
+        if getattr(module, "trains_base_weight", False):  # RSO: W holds the folded subproblems, and its step
+            out[f"{name}.base_layer.weight"], out[f"{name}.rso_step"] = module.base_layer.weight, module.rso_step
     return out
 
 
@@ -74,7 +76,7 @@ def base_checksums(model: nn.Module) -> dict[str, list[float]]:
 
     sums = {}
     for name, module in model.named_modules():
-        if isinstance(module, WrappedLinear):
+        if isinstance(module, WrappedLinear) and not getattr(module, "trains_base_weight", False):
             weight = stored_weight(module.base_layer)
             if weight is None or weight.device.type == "meta":
                 continue
@@ -315,6 +317,9 @@ def load_trained(model: nn.Module, checkpoint: Checkpoint) -> None:
                 target = buffers[name]
             if target is not None:
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
+    for module in model.modules():
+        if getattr(module, "trains_base_weight", False):
+            module.redraw()  # RSO: the saved step's subproblem's P
 
 
 def _check_base(model: nn.Module, checkpoint: Checkpoint) -> None:

@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--budget", type=float, required=True, help="device memory in GiB")
     plan.add_argument("--method", default="lora", choices=sorted(METHOD_CONFIGS))
     plan.add_argument("--device", default="rtx4090", help="a device preset (rtx4090, l4, a100-40gb, a100-80gb, h100, ...)")
-    plan.add_argument("--rank", type=int, help="adapter rank (lora, paca, randlora)")
+    plan.add_argument("--rank", type=int, help="adapter rank (lora, paca, randlora; rso: the subspace rank)")
+    plan.add_argument("--resample-every", type=int, help="rso: optimizer steps per subproblem")
     plan.add_argument("--quantize", choices=("nf4", "int8", "auto"),
                       help="store the frozen Linear weights quantized (QLoRA / QPaCA); auto: only if needed to fit")
     plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -252,6 +253,12 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     from memopt.config import METHOD_CONFIGS
 
     options: dict[str, Any] = {} if args.quantize is None else {"quantize": args.quantize}
+    for flag, name, method in (("--resample-every", "resample_every", "rso"),):
+        value = getattr(args, name)
+        if value is not None:
+            if args.method != method:
+                raise BadInput(f"{flag} is for --method {method}")
+            options[name] = value
     if args.rank is None:
         return options
     with_rank = sorted(name for name, cls in METHOD_CONFIGS.items() if "rank" in {f.name for f in fields(cls)})

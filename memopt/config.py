@@ -24,6 +24,7 @@ __all__ = [
     "LoraConfig",
     "PacaConfig",
     "RandLoraConfig",
+    "RsoConfig",
     "S2ftConfig",
     "FullConfig",
     "METHOD_CONFIGS",
@@ -149,6 +150,34 @@ class RandLoraConfig(MethodConfig):
         object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
 
 
+def _positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RsoConfig(MethodConfig):
+    """RSO (randomized subspace optimization): each targeted W (out × in) trains B (out × ``rank``)
+    in W + B·P, P (``rank`` × in) random and frozen; every ``resample_every`` optimizer steps B·P is
+    folded into W, B and its optimizer state are reset and the next P is drawn (``passes.rso``; the
+    optimizer from ``make_optimizer`` does it). Backward keeps P·x (rank values per token) instead
+    of x. ``target_modules`` / ``exclude_modules`` as for LoRA; ``seed`` draws every P."""
+
+    method: ClassVar[str] = "rso"
+    rank: int = 128
+    resample_every: int = 100
+    target_modules: Any = "all-linear"
+    exclude_modules: Any = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int(self.rank, "rank")
+        _positive_int(self.resample_every, "resample_every")
+        _check_seed(self.seed)
+        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
+        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
+
+
 @dataclass(frozen=True)
 class PacaConfig(MethodConfig):
     """PaCA: per targeted Linear, ``rank`` input columns of W become the trainable P (out × rank).
@@ -235,7 +264,8 @@ class FullConfig(MethodConfig):
 
 
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"lora": LoraConfig, "paca": PacaConfig, "s2ft": S2ftConfig,
-                                                  "full": FullConfig, "randlora": RandLoraConfig}
+                                                  "full": FullConfig, "randlora": RandLoraConfig,
+                                                  "rso": RsoConfig}
 
 QUANT_FORMATS = ("nf4", "int8")
 _QUANTIZE_CHOICES = (None, *QUANT_FORMATS, "auto")
@@ -367,8 +397,8 @@ class OptimizeConfig:
             method, method_options = method.method, {**given, **beside}
         if not isinstance(method, str) or method not in METHOD_CONFIGS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_CONFIGS)}, a method config "
-                             "(memopt.LoraConfig(...), PacaConfig, S2ftConfig, RandLoraConfig, FullConfig) or a "
-                             "peft.LoraConfig")
+                             "(memopt.LoraConfig(...), PacaConfig, S2ftConfig, RandLoraConfig, RsoConfig, "
+                             "FullConfig) or a peft.LoraConfig")
         method_cls = METHOD_CONFIGS[method]
         if method == "lora":
             method_options = _peft_names(method_options)

@@ -111,8 +111,9 @@ def test_a_reader_that_leaves_early_is_not_a_traceback(tiny_config, tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--hf-config", "gpt-9"], "neither a preset nor a file or directory; presets: llama-2-7b, llama-2-13b"),
     (["--device", "tpu-v9"], "unknown device 'tpu-v9'; presets: a100-40gb"),
-    (["--method", "s2ft", "--rank", "8"], "--rank is for lora, paca, randlora"),
-    (["--method", "s2ft", "--quantize", "nf4", "--rank", "8"], "--rank is for lora, paca, randlora"),
+    (["--method", "s2ft", "--rank", "8"], "--rank is for lora, paca, randlora, rso"),
+    (["--method", "s2ft", "--quantize", "nf4", "--rank", "8"], "--rank is for lora, paca, randlora, rso"),
+    (["--method", "lora", "--resample-every", "8"], "--resample-every is for --method rso"),
     (["--method", "full", "--rank", "8"], "full has none (the optimizer's rank is --optimizer-rank)"),
     (["--optimizer", "adamw8bit", "--optimizer-rank", "8"],
      "--optimizer-rank is not an option of --optimizer adamw8bit; optimizers that take it: apollo, apollo-mini"),
@@ -200,3 +201,10 @@ def test_plan_takes_randlora_with_its_rank(tiny_config, capsys):
     printed = capsys.readouterr().out
     assert "method=randlora" in printed and "RandLoRA bases: A [4, 1, " in printed
     assert "randlora" in {line.split()[1] for line in printed.splitlines() if line.startswith(("0 ", "0-", "1 "))}
+
+
+def test_plan_takes_rso_with_its_rank_and_subproblem_length(tiny_config, capsys):
+    assert main(_plan_args(tiny_config, "1", "--method", "rso", "--resample-every", "50")) == 0  # --rank 4
+    printed = capsys.readouterr().out
+    assert "method=rso" in printed and "every 50 optimizer steps B·P is folded into W" in printed
+    assert "rank=4, resample_every=50" in printed

@@ -29,6 +29,7 @@ from memopt.config import (
     PacaConfig,
     QuantizeConfig,
     RandLoraConfig,
+    RsoConfig,
     S2ftConfig,
 )
 from memopt.errors import UnsupportedModelError
@@ -40,16 +41,18 @@ from memopt.passes.lora import LoraDetails, LoraLinear, apply_lora, merge_lora
 from memopt.passes.paca import PacaDetails, PacaLinear, QPacaLinear, apply_paca, merge_paca
 from memopt.passes.quantize import QuantizeDetails, QuantLinear, apply_quantize, dequantize_model
 from memopt.passes.randlora import RandLoraDetails, RandLoraLinear, apply_randlora, merge_randlora
+from memopt.passes.rso import RsoDetails, RsoLinear, apply_rso, merge_rso
 from memopt.passes.s2ft import S2ftDetails, apply_s2ft, merge_s2ft
 from memopt.passes.s2ft_ops import S2ftLinear
 
 __all__ = ["PassSpec", "PASSES", "QUANTIZE", "REWRITTEN", "check_bitsandbytes", "get_pass", "register_pass",
            "rewrite", "DETAILS", "Int8TrainDetails", "Int8TrainLinear",
            "LoraDetails", "ModuleDecision", "ModuleDetails", "PacaDetails", "PassResult",
-           "QuantizeDetails", "RandLoraDetails", "RandLoraLinear", "RewriteLog", "S2ftDetails", "details_kind"]
+           "QuantizeDetails", "RandLoraDetails", "RandLoraLinear", "RewriteLog", "RsoDetails", "RsoLinear",
+           "S2ftDetails", "details_kind"]
 
 # The modules memopt's passes put into a model: a model holding one was rewritten already.
-REWRITTEN = (Int8TrainLinear, LoraLinear, PacaLinear, QPacaLinear, QuantLinear, RandLoraLinear, S2ftLinear)
+REWRITTEN = (Int8TrainLinear, LoraLinear, PacaLinear, QPacaLinear, QuantLinear, RandLoraLinear, RsoLinear, S2ftLinear)
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,10 @@ PASSES: dict[type[MethodConfig], PassSpec] = {
                                       "loaded quantized by bitsandbytes cannot give; use method='lora' or 'paca' "
                                       "(QLoRA / QPaCA), or load the model in full precision"),
     RandLoraConfig: PassSpec("RandLoRA", apply=apply_randlora, merge=_dequantized_then(merge_randlora)),
+    RsoConfig: PassSpec("RSO", apply=apply_rso, merge=merge_rso, quantize="never",
+                        bitsandbytes="RSO folds B·P into each weight every subproblem, which a quantized weight cannot "
+                                     "hold; train RSO on full-precision weights, or adapters over quantized ones with "
+                                     "method='lora' or 'paca' (QLoRA / QPaCA)"),
     FullConfig: PassSpec("full", apply=apply_full, merge=_dequantized_then(_nothing_to_fold), quantize="trainable",
                          bitsandbytes=_FULL_QUANTIZED),
 }

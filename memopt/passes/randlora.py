@@ -173,7 +173,8 @@ def apply_randlora(model: nn.Module, graph: ModelGraph, cfg: RandLoraConfig, log
     too_small = [t.name for t in targets if cfg.rank > min(t.in_features, t.out_features)]
     if too_small:
         raise ValueError(f"rank={cfg.rank} is above the smaller side of {too_small[0]} "
-                         f"({len(too_small)} layers): RandLoRA's rank is at most each layer's min(in, out)")
+                         f"({len(too_small)} layers): RandLoRA's rank is at most each layer's min(in, out); lower rank= or "
+                         "exclude them (exclude_modules=...)")
     a, b = draw_bases(cfg.rank, small, large, cfg.seed) if targets else (torch.empty(0), torch.empty(0))
     decisions = []
     for layer in targets:

@@ -42,6 +42,7 @@ import torch.nn as nn
 from memopt.errors import MemoptError, PlanMismatchError
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
+from memopt.passes import rso
 from memopt.passes.int8train import is_handle
 from memopt.plan import RUNTIME_ACTIONS, Action, Plan
 from memopt.plan.report import applied_lines
@@ -268,7 +269,15 @@ class OptimizedModel(nn.Module):
         accumulates (``optimizer_options={"accumulate": True}`` with ``galore-adamw(8bit)``: each
         backward adds its projected gradients, ``step()`` updates). Clipping is per parameter,
         ``max_grad_norm=`` here (``clip_grad_norm_`` after backward finds no gradients left). The
-        latest optimizer made is the one attached."""
+        latest optimizer made is the one attached.
+
+        With ``method="rso"`` its ``step()`` also ends each subproblem on time (every
+        ``resample_every`` steps: B·P folded into W, B and its state reset, a new P drawn;
+        ``memopt.passes.rso``)."""
+        opt = self._make_optimizer(lr, **options)
+        return rso.attach(opt, self.model)  # RSO's subproblems end after the step that completes them
+
+    def _make_optimizer(self, lr: float | None = None, **options: Any) -> torch.optim.Optimizer:
         from memopt.optim import build
 
         # the lr planned with the optimizer's options, else 1e-3
@@ -327,6 +336,9 @@ class OptimizedModel(nn.Module):
         PaCA's original columns, S²FT's base weights) — e.g. a DPO reference model's logits."""
         from memopt.passes.base import WrappedLinear
 
+        if rso.rso_layers(self.model):
+            raise MemoptError("RSO trains the weights themselves (each subproblem's B·P is folded into W), so there "
+                              "is no adapter to switch off: keep a copy of the base model for the original function")
         layers = [m for m in self.model.modules() if isinstance(m, WrappedLinear) and hasattr(m, "enabled")]
         before = [m.enabled for m in layers]
         for m in layers:
