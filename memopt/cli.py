@@ -103,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", default="rtx4090", help="a device preset (rtx4090, l4, a100-40gb, a100-80gb, h100, ...)")
     plan.add_argument("--rank", type=int, help="adapter rank (lora, paca, randlora; rso: the subspace rank)")
     plan.add_argument("--resample-every", type=int, help="rso: optimizer steps per subproblem")
+    plan.add_argument("--active-layers", type=int, help="lisa, owlore: blocks that train at a time (γ)")
+    plan.add_argument("--switch-every", type=int, help="lisa, owlore: optimizer steps between switches (K)")
     plan.add_argument("--quantize", choices=("nf4", "int8", "auto"),
                       help="store the frozen Linear weights quantized (QLoRA / QPaCA); auto: only if needed to fit")
     plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -253,11 +255,13 @@ def _method_options(args: argparse.Namespace) -> dict[str, Any]:
     from memopt.config import METHOD_CONFIGS
 
     options: dict[str, Any] = {} if args.quantize is None else {"quantize": args.quantize}
-    for flag, name, method in (("--resample-every", "resample_every", "rso"),):
+    for flag, name, methods in (("--resample-every", "resample_every", ("rso",)),
+                                ("--active-layers", "active_layers", ("lisa", "owlore")),
+                                ("--switch-every", "switch_every", ("lisa", "owlore"))):
         value = getattr(args, name)
         if value is not None:
-            if args.method != method:
-                raise BadInput(f"{flag} is for --method {method}")
+            if args.method not in methods:
+                raise BadInput(f"{flag} is for --method {' or '.join(methods)}")
             options[name] = value
     if args.rank is None:
         return options

@@ -26,6 +26,8 @@ __all__ = [
     "RandLoraConfig",
     "RsoConfig",
     "S2ftConfig",
+    "LisaConfig",
+    "OwloreConfig",
     "FullConfig",
     "METHOD_CONFIGS",
     "QUANT_FORMATS",
@@ -263,9 +265,51 @@ class FullConfig(MethodConfig):
             object.__setattr__(self, "target_modules", tuple(targets))
 
 
+@dataclass(frozen=True)
+class LisaConfig(MethodConfig):
+    """LISA (layerwise importance sampling): every ``switch_every`` optimizer steps, ``active_layers``
+    of the model's L blocks are drawn uniformly and train in full; the others are frozen. The
+    embeddings and the LM head train throughout (``train_embeddings`` / ``train_head``, as the paper
+    does). The plan budgets the worst-case active set; the optimizer from ``make_optimizer`` switches
+    (``passes.layerwise``)."""
+
+    method: ClassVar[str] = "lisa"
+    active_layers: int = 2
+    switch_every: int = 20
+    train_embeddings: bool = True
+    train_head: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int(self.active_layers, "active_layers")
+        _positive_int(self.switch_every, "switch_every")
+        for name in ("train_embeddings", "train_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        _check_seed(self.seed)
+
+
+@dataclass(frozen=True)
+class OwloreConfig(LisaConfig):
+    """OwLore: LISA whose blocks are drawn with probability ∝ their outlier ratio — the fraction of
+    Wanda scores |W_ij|·‖X_j‖₂ (X: the block's inputs on the example batch) above
+    ``outlier_threshold`` × the block's mean score. The paper trains the active blocks with GaLore
+    (``optimizer="galore-adamw"``, rank 128)."""
+
+    method: ClassVar[str] = "owlore"
+    active_layers: int = 5
+    outlier_threshold: float = 13.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        value = self.outlier_threshold
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"outlier_threshold must be a positive number, got {value!r}")
+
+
 METHOD_CONFIGS: dict[str, type[MethodConfig]] = {"lora": LoraConfig, "paca": PacaConfig, "s2ft": S2ftConfig,
                                                   "full": FullConfig, "randlora": RandLoraConfig,
-                                                  "rso": RsoConfig}
+                                                  "rso": RsoConfig, "lisa": LisaConfig, "owlore": OwloreConfig}
 
 QUANT_FORMATS = ("nf4", "int8")
 _QUANTIZE_CHOICES = (None, *QUANT_FORMATS, "auto")
@@ -398,7 +442,7 @@ class OptimizeConfig:
         if not isinstance(method, str) or method not in METHOD_CONFIGS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_CONFIGS)}, a method config "
                              "(memopt.LoraConfig(...), PacaConfig, S2ftConfig, RandLoraConfig, RsoConfig, "
-                             "FullConfig) or a peft.LoraConfig")
+                             "LisaConfig, OwloreConfig, FullConfig) or a peft.LoraConfig")
         method_cls = METHOD_CONFIGS[method]
         if method == "lora":
             method_options = _peft_names(method_options)

@@ -105,9 +105,30 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
     if weights_must_fit and (weights := weight_bytes(job.model)) > cfg.usable_bytes:
         raise WeightsExceed(weights)
     # The step measured (eager, every activation kept), traced as one joint graph, and solved.
-    memory, trace, activations = plan_step(job)
+    memory, trace, activations, chosen = _plan_variants(job, result)
     # The record of it all: what was done per module, per saved tensor, and what it predicts.
+    if chosen:
+        result = dataclasses.replace(result, notes=(*result.notes, chosen))
     return _record(job, captured, result, memory, trace, activations)
+
+
+def _plan_variants(job: Job, result: PassResult) -> tuple[MemoryReport | None, JointTrace, ActivationPlan, str]:
+    """``plan_step`` for the rewritten model, or, where the pass gives variants (states the model will
+    be in, e.g. other active blocks), for each: the costliest is kept — one that must be lowered
+    first (the lowered step re-plans for the others as they come), then the highest smallest peak —
+    and the model is left in it. An infeasible variant is the budget's error."""
+    if not result.variants:
+        return (*plan_step(job), "")
+    planned = []
+    for label, activate in result.variants:
+        activate()
+        job.say(f"planning {label}")
+        planned.append((label, activate, plan_step(job)))
+    label, activate, chosen = max(planned, key=lambda v: (v[2][2].lowered, v[2][2].min_peak_bytes, v[2][2].peak_bytes))
+    activate()
+    others = "; ".join(f"{other}: {format_bytes(p[2].min_peak_bytes)}" for other, _, p in planned if other != label)
+    return (*chosen, f"planned for {label}, the costliest of {len(planned)} states the model will be in (smallest "
+                     f"peak {format_bytes(chosen[2].min_peak_bytes)}; {others})")
 
 
 def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan]:

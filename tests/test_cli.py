@@ -208,3 +208,15 @@ def test_plan_takes_rso_with_its_rank_and_subproblem_length(tiny_config, capsys)
     printed = capsys.readouterr().out
     assert "method=rso" in printed and "every 50 optimizer steps B·P is folded into W" in printed
     assert "rank=4, resample_every=50" in printed
+
+
+def test_plan_takes_lisa_and_owlore_with_their_options(tiny_config, capsys):
+    argv = _plan_args(tiny_config, "1", "--method", "owlore", "--active-layers", "1", "--switch-every", "5")
+    argv.remove("--rank")
+    argv.remove("4")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "method=owlore" in printed and "OwLore: 1 of " in printed and "switched every 5 optimizer steps" in printed
+    assert "the outlier ratios need real weights (a dry run on meta)" in printed
+    assert main(argv[:-4] + ["--method", "lora", "--active-layers", "2"]) == EXIT_BAD_INPUT
+    assert "--active-layers is for --method lisa or owlore" in capsys.readouterr().err

@@ -37,11 +37,12 @@ through export and through the symbolic_trace fallback.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -131,6 +132,7 @@ class ModelGraph:
     mlps: tuple[MLPInfo, ...]
     couplings: tuple[Coupling, ...]
     notes: tuple[str, ...] = ()  # weights left alone, and why (see ``_left_alone``)
+    inputs: tuple[tuple, Mapping[str, Any]] | None = None  # the (args, kwargs) captured with, for calibration
 
     def linear(self, name: str) -> LinearLayer:
         """The Linear-like layer named ``name`` (module FQN)."""
@@ -151,7 +153,8 @@ class ModelGraph:
 
 def build_model_graph(model: nn.Module, args: tuple = (), kwargs: Mapping | None = None) -> ModelGraph:
     """Capture ``model(*args, **kwargs)`` and analyse its structure."""
-    return analyze(capture(model, args, kwargs), model)
+    graph = analyze(capture(model, args, kwargs), model)
+    return dataclasses.replace(graph, inputs=(tuple(args), dict(kwargs or {})))
 
 
 def analyze(captured: CapturedGraph, model: nn.Module) -> ModelGraph:

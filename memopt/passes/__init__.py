@@ -24,8 +24,10 @@ import torch.nn as nn
 from memopt.config import (
     METHOD_CONFIGS,
     FullConfig,
+    LisaConfig,
     LoraConfig,
     MethodConfig,
+    OwloreConfig,
     PacaConfig,
     QuantizeConfig,
     RandLoraConfig,
@@ -37,6 +39,7 @@ from memopt.ir.structure import ModelGraph
 from memopt.passes.base import DETAILS, ModuleDecision, ModuleDetails, PassResult, RewriteLog, details_kind
 from memopt.passes.freeze import apply_full
 from memopt.passes.int8train import Int8TrainDetails, Int8TrainLinear, apply_int8_trainable
+from memopt.passes.layerwise import LayerwiseDetails, apply_layerwise, merge_layerwise
 from memopt.passes.lora import LoraDetails, LoraLinear, apply_lora, merge_lora
 from memopt.passes.paca import PacaDetails, PacaLinear, QPacaLinear, apply_paca, merge_paca
 from memopt.passes.quantize import QuantizeDetails, QuantLinear, apply_quantize, dequantize_model
@@ -46,7 +49,7 @@ from memopt.passes.s2ft import S2ftDetails, apply_s2ft, merge_s2ft
 from memopt.passes.s2ft_ops import S2ftLinear
 
 __all__ = ["PassSpec", "PASSES", "QUANTIZE", "REWRITTEN", "check_bitsandbytes", "get_pass", "register_pass",
-           "rewrite", "DETAILS", "Int8TrainDetails", "Int8TrainLinear",
+           "rewrite", "DETAILS", "Int8TrainDetails", "Int8TrainLinear", "LayerwiseDetails",
            "LoraDetails", "ModuleDecision", "ModuleDetails", "PacaDetails", "PassResult",
            "QuantizeDetails", "RandLoraDetails", "RandLoraLinear", "RewriteLog", "RsoDetails", "RsoLinear",
            "S2ftDetails", "details_kind"]
@@ -87,6 +90,10 @@ _FULL_QUANTIZED = ("method='full' trains the weights themselves, which a model l
                    "cannot give; load it in full precision (quantize='int8' then trains int8 weights), or train "
                    "adapters over the quantized weights with method='lora' (QLoRA)")
 
+_SAMPLED = ("{} trains whole blocks' weights, which quantized weights (quantize=, or a model loaded quantized by "
+            "bitsandbytes) cannot give; train it in full precision, or adapters over quantized weights with "
+            "method='lora' (QLoRA)")
+
 PASSES: dict[type[MethodConfig], PassSpec] = {
     LoraConfig: PassSpec("LoRA", apply=apply_lora, merge=_dequantized_then(merge_lora)),
     PacaConfig: PassSpec("PaCA", apply=apply_paca, merge=_dequantized_then(merge_paca)),
@@ -99,6 +106,10 @@ PASSES: dict[type[MethodConfig], PassSpec] = {
                         bitsandbytes="RSO folds B·P into each weight every subproblem, which a quantized weight cannot "
                                      "hold; train RSO on full-precision weights, or adapters over quantized ones with "
                                      "method='lora' or 'paca' (QLoRA / QPaCA)"),
+    LisaConfig: PassSpec("LISA", apply=apply_layerwise, merge=merge_layerwise, quantize="never",
+                         bitsandbytes=_SAMPLED.format("LISA")),
+    OwloreConfig: PassSpec("OwLore", apply=apply_layerwise, merge=merge_layerwise, quantize="never",
+                           bitsandbytes=_SAMPLED.format("OwLore")),
     FullConfig: PassSpec("full", apply=apply_full, merge=_dequantized_then(_nothing_to_fold), quantize="trainable",
                          bitsandbytes=_FULL_QUANTIZED),
 }

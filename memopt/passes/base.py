@@ -168,6 +168,9 @@ class PassResult:
     module: nn.Module
     decisions: tuple[ModuleDecision, ...]
     notes: tuple[str, ...] = ()
+    # Other states of the rewritten model the plan must hold too (layerwise sampling's active sets),
+    # each (label, a call that puts the model in it): the plan is made for the costliest.
+    variants: tuple[tuple[str, Callable[[], None]], ...] = ()
 
     @property
     def modified(self) -> bool:

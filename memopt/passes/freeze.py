@@ -39,7 +39,7 @@ from memopt.config import FullConfig
 from memopt.ir.structure import LinearLayer, ModelGraph
 from memopt.passes.base import ModuleDecision, ModuleDetails, PassResult, RewriteLog
 
-__all__ = ["Trainable", "apply_freeze", "apply_full", "backward_reach", "freeze", "top_blocks"]
+__all__ = ["Trainable", "apply_freeze", "apply_full", "backward_reach", "block_name", "freeze", "top_blocks"]
 
 # A regex fullmatched against parameter names, module names (their parameters), or a predicate.
 Trainable = Union[str, Sequence[str], Callable[[str, nn.Parameter], bool], None]
@@ -105,6 +105,11 @@ def top_blocks(graph: ModelGraph, k: int) -> tuple[str, ...]:
     if not 0 < k <= len(blocks):
         raise ValueError(f"k={k}: the model has {len(blocks)} blocks; pass 1 <= k <= {len(blocks)}")
     return tuple(".".join(_common_prefix(blocks[b])) for b in sorted(blocks)[-k:])
+
+
+def block_name(layer_names: list[str]) -> str:
+    """A block's module name from its Linear-like layers' names: their longest shared dotted prefix."""
+    return ".".join(_common_prefix([name.split(".") for name in layer_names]))
 
 
 def _common_prefix(paths: list[list[str]]) -> list[str]:

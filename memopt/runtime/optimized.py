@@ -42,7 +42,7 @@ import torch.nn as nn
 from memopt.errors import MemoptError, PlanMismatchError
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
-from memopt.passes import rso
+from memopt.passes import layerwise, rso
 from memopt.passes.int8train import is_handle
 from memopt.plan import RUNTIME_ACTIONS, Action, Plan
 from memopt.plan.report import applied_lines
@@ -275,6 +275,11 @@ class OptimizedModel(nn.Module):
         ``resample_every`` steps: B·P folded into W, B and its state reset, a new P drawn;
         ``memopt.passes.rso``)."""
         opt = self._make_optimizer(lr, **options)
+        on_switch = None
+        if self.plan.update_in_backward:  # the blocks drawn next get the updates inside backward
+            def on_switch() -> None:
+                in_backward.attach(self._update_owner, opt, list(dict(self.model.named_parameters()).values()))
+        layerwise.attach(opt, self.model, on_switch)  # layerwise sampling: blocks switched after the period's last step
         return rso.attach(opt, self.model)  # RSO's subproblems end after the step that completes them
 
     def _make_optimizer(self, lr: float | None = None, **options: Any) -> torch.optim.Optimizer:
@@ -283,7 +288,8 @@ class OptimizedModel(nn.Module):
         # the lr planned with the optimizer's options, else 1e-3
         lr = lr if lr is not None else self.plan.optimizer_options.get("lr", 1e-3)
         max_grad_norm = options.pop("max_grad_norm", None)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # every parameter that may train: under layerwise sampling, the blocks frozen now too
+        params = layerwise.candidates(self.model) or [p for p in self.model.parameters() if p.requires_grad]
         if any(is_handle(p) for p in params):  # trainable int8 weights: only memopt's update can write them
             opt = build(self.plan.optimizer, params, self.plan.optimizer_options, per_parameter=True, lr=lr, **options)
             if self.plan.update_in_backward:

@@ -1,0 +1,194 @@
+"""Layerwise sampling (LISA, OwLore): what trains at the plan, blocks switched by the optimizer from
+make_optimizer on optimizer steps (gradient accumulation too), the state of blocks frozen again
+freed (memory over three rotations), blocks activated later trained, the schedule resumed from the
+optimizer's state_dict, OwLore's outlier-weighted draw, and the bad inputs it refuses."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import memopt
+from memopt.passes.layerwise import LayerwiseDetails, outlier_ratios, sampler_of
+from tests.models import lm_batch, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    model = tiny_llama(num_hidden_layers=3)
+    return model, lm_batch(model, batch=2, seq=16)
+
+
+def _lisa(base, **options):
+    model, batch = base
+    options = {"active_layers": 1, "switch_every": 2, "seed": 3, **options}
+    return memopt.optimize(copy.deepcopy(model), 1, batch, method=options.pop("method", "lisa"), device="cpu", **options)
+
+
+def _block_params(optimized):
+    sampler = sampler_of(optimized.model)
+    return sampler, sampler.blocks
+
+
+def _state_bytes(opt) -> int:
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+
+
+def test_the_plan_trains_the_embeddings_head_and_the_costliest_active_set(base):
+    optimized = _lisa(base)
+    sampler, blocks = _block_params(optimized)
+    last = len(blocks) - 1
+    # planned for the first and the last block active; the model is left in the costlier
+    note = next(n for n in optimized.plan.notes if n.startswith("planned for"))
+    assert "the costliest of 2 states the model will be in" in note
+    assert f"model.layers.{last} active" in note and "model.layers.0 active" in note
+    chosen = sampler.active
+    assert chosen in ((0,), (last,)) and note.startswith(f"planned for model.layers.{chosen[0]} active")
+    trainable = {n for n, p in optimized.model.named_parameters() if p.requires_grad}
+    assert "model.embed_tokens.weight" in trainable and "lm_head.weight" in trainable
+    assert all(f"model.layers.{chosen[0]}." in n for n in trainable - {"model.embed_tokens.weight", "lm_head.weight"})
+    assert optimized.plan.trainable_params == sum(p.numel() for p in optimized.parameters() if p.requires_grad)
+    sampled = [d for d in optimized.plan.modules if d.method == "lisa"]
+    assert sampled and all(isinstance(d.details, LayerwiseDetails) for d in sampled)
+    assert all(d.details["probability"] == pytest.approx(1 / len(blocks)) for d in sampled)
+    assert any("LISA: 1 of 3 blocks" in note and "drawn uniformly" in note for note in optimized.plan.notes)
+
+
+def test_three_rotations_free_the_state_of_blocks_frozen_again(base):
+    model, batch = base
+    optimized = _lisa(base)
+    opt = optimized.make_optimizer(lr=1e-2)
+    sampler, blocks = _block_params(optimized)
+    in_optimizer = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert all(id(p) in in_optimizer for params in blocks for p in params)  # every block, active or not
+    before = {i: [p.detach().clone() for p in params] for i, params in enumerate(blocks)}
+    per_switch, active_sets, peak = [], [sampler.active], 0
+    for step in range(1, 7):  # switch every 2 steps: three rotations
+        optimized(**batch).loss.backward()
+        opt.step()
+        peak = max(peak, _state_bytes(opt))
+        opt.zero_grad()
+        if step % 2 == 0:
+            per_switch.append(_state_bytes(opt))
+            active_sets.append(sampler.active)
+            frozen = [p for i, params in enumerate(blocks) if i not in sampler.active for p in params]
+            assert all(p not in opt.state and p.grad is None and not p.requires_grad for p in frozen)
+    embed_head = sum(2 * p.numel() * 4 + 4 for p in sampler.always)  # two fp32 moments and a step each
+    one_block = sum(2 * p.numel() * 4 + 4 for p in blocks[0])
+    assert peak == embed_head + one_block  # never more than one block's state: memory does not grow
+    for (was, now), after in zip(zip(active_sets, active_sets[1:]), per_switch):
+        # after a switch: the embeddings' and head's state, and the block's if it was drawn again
+        assert after == embed_head + (one_block if was == now else 0)
+    assert len(set(active_sets)) > 1
+    # the blocks drawn trained (those activated after the optimizer was built too); the others did not move
+    trained = {i for i, params in enumerate(blocks) if not all(torch.equal(a, p) for a, p in zip(before[i], params))}
+    assert trained == {i for s in active_sets[:-1] for i in s}
+
+
+def test_the_schedule_counts_optimizer_steps_not_backwards(base):
+    model, batch = base
+    optimized = _lisa(base, switch_every=3)
+    opt = optimized.make_optimizer(lr=1e-2)
+    sampler, _ = _block_params(optimized)
+    for _ in range(2):  # two micro-batches per optimizer step
+        for _ in range(2):
+            optimized(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert sampler.step == 2 and sampler.active == sampler.draw(0)
+    for _ in range(2):
+        optimized(**batch).loss.backward()
+    opt.step()
+    assert sampler.step == 3 and sampler.active == sampler.draw(1)
+
+
+def test_a_resumed_optimizer_switches_when_the_original_would(base):
+    optimized = _lisa(base, switch_every=2)
+    model, batch = base
+    opt = optimized.make_optimizer(lr=1e-2)
+    for _ in range(3):
+        optimized(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    state = copy.deepcopy(opt.state_dict())
+    assert state["memopt_layerwise"] == {"step": 3}
+    other = _lisa(base, switch_every=2)
+    opt2 = other.make_optimizer(lr=1e-2)
+    opt2.load_state_dict(state)
+    sampler = sampler_of(other.model)
+    assert sampler.step == 3 and sampler.active == sampler_of(optimized.model).active
+
+
+def test_owlore_draws_blocks_by_their_outlier_ratio(base):
+    model, batch = base
+    planted = copy.deepcopy(model)
+    with torch.no_grad():  # block 0's up_proj gets a few huge weights: Wanda outliers
+        planted.model.layers[0].mlp.up_proj.weight[:4, :4] *= 1000
+    optimized = memopt.optimize(planted, 1, batch, method="owlore", active_layers=1, switch_every=1, device="cpu")
+    sampler = sampler_of(optimized.model)
+    assert sampler.probabilities[0] == 1.0 and float(sampler.probabilities[1:].sum()) == 0.0
+    assert all(sampler.draw(k) == (0,) for k in range(5))
+    note = next(n for n in optimized.plan.notes if n.startswith("OwLore"))
+    assert "drawn by outlier ratio (M = 13)" in note
+    # the ratio itself: the fraction of |W_ij|·‖X_j‖ above 13 × the mean, on the block's layers
+    from memopt.ir.structure import build_model_graph
+
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        plain.model.layers[0].mlp.up_proj.weight[:4, :4] *= 1000
+    ratios = outlier_ratios(plain, build_model_graph(plain, (), batch), 13.0)
+    total = sum(m.weight.numel() for m in plain.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    assert ratios[1] == 0.0 and 8 / total <= ratios[0] <= 32 / total  # about the 16 planted
+
+
+def test_owlore_plans_with_galore_and_a_dry_run_on_meta_says_the_ratios_wait(base):
+    from memopt.api import plan_only
+
+    model, batch = base
+    with torch.device("meta"):
+        meta = tiny_llama(num_hidden_layers=3)
+    plan = plan_only(meta, 1, batch, "owlore", device="cpu", optimizer="galore-adamw", optimizer_options={"rank": 4},
+                     active_layers=1)
+    note = next(n for n in plan.notes if n.startswith("OwLore"))
+    assert "uniformly for now: the outlier ratios need real weights" in note
+    assert plan.optimizer == "galore-adamw"
+
+
+def test_bad_input(base):
+    model, batch = base
+    with pytest.raises(ValueError, match=r"active_layers=9 is above the 3 blocks of LlamaForCausalLM; pass 1 <= "
+                                         r"active_layers <= 3"):
+        memopt.optimize(copy.deepcopy(model), 1, batch, method="lisa", active_layers=9, device="cpu")
+    with pytest.raises(ValueError, match="switch_every must be a positive integer"):
+        memopt.LisaConfig(switch_every=0)
+    with pytest.raises(ValueError, match="outlier_threshold must be a positive number"):
+        memopt.OwloreConfig(outlier_threshold=-1)
+    with pytest.raises(ValueError, match="LISA trains whole blocks' weights, which quantized weights"):
+        memopt.optimize(copy.deepcopy(model), 1, batch, method="lisa", quantize="nf4", device="cpu")
+
+
+def test_updates_inside_backward_follow_the_blocks_drawn(base):
+    model, batch = base
+    options = {"method": "lisa", "active_layers": 1, "switch_every": 1, "seed": 3, "device": "cpu", "reserve_gb": 0}
+    loose = memopt.optimize(copy.deepcopy(model), 1, batch, **options)
+    with pytest.raises(memopt.InfeasibleBudgetError) as info:
+        memopt.optimize(copy.deepcopy(model), 1e-6, batch, planner=memopt.PlannerConfig(allow_update_in_backward=False),
+                        **options)
+    # just below what holding the gradients needs: updates inside backward, with room for the other active sets
+    budget = info.value.min_budget_bytes - loose.plan.static.gradients // 8
+    optimized = memopt.optimize(copy.deepcopy(model), budget / 2**30, batch, **options)
+    assert optimized.plan.update_in_backward
+    opt = optimized.make_optimizer(lr=1e-2)
+    sampler, blocks = _block_params(optimized)
+    for _ in range(4):
+        active = sampler.active
+        before = [[p.detach().clone() for p in params] for params in blocks]
+        optimized(**batch).loss.backward()
+        assert all(p.grad is None for p in optimized.parameters())  # each updated and freed inside backward
+        opt.step()
+        for i, params in enumerate(blocks):
+            moved = not all(torch.equal(a, p) for a, p in zip(before[i], params))
+            assert moved == (i in active), (i, active)
