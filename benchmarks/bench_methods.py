@@ -27,7 +27,11 @@ LoRA's peak, measures at it (0.999x) by recomputing 7.1 MiB of scaled bases, at 
 step time. (With the bases held in bf16 and converted per layer, memopt's keep-everything step
 peaked at 89.2 MiB, 1.26x: each layer's fp32 copy was kept for backward; they are fp32 now, as PEFT's.)
 
-Still to come here (issue 14): RSO, LISA, OwLore and full + GaLore rows.
+The second table (``--corpus-steps``, default 20) trains every method of the founding papers from
+the same random small Llama (vocabulary 256: bytes of the Python standard library's source as
+tokens, ``bench_optimizers.corpus``) for N steps at one learning rate each, with the optimizer
+``make_optimizer`` builds (PEFT: torch AdamW): trainable parameters, the measured peak of step 2,
+the median step time, and the loss of the last step.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 from bench_adapters import _LINEARS, FULL, QUICK, _MIB, Shape, llama, lm_batch, prepare, time_steps
 
 import memopt
+from memopt.memory import MemoryTracker
 from memopt.passes.randlora import num_bases
 
 
@@ -57,6 +62,7 @@ def main() -> None:
     parser.add_argument("--randlora-rank", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--corpus-steps", type=int, default=20, help="steps of the second table (0: skip it)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = QUICK if args.quick else FULL
@@ -95,6 +101,69 @@ def main() -> None:
     print(f"memopt RandLoRA @ LoRA peak: predicted {plan.predicted_peak_bytes / _MIB:.1f} MiB, "
           f"recomputed {plan.bytes_by_action()['recompute'] / _MIB:.1f} MiB, offloaded "
           f"{plan.bytes_by_action()['offload'] / _MIB:.1f} MiB, predicted overhead {plan.overhead_us / 1000:.1f} ms")
+    if args.corpus_steps:
+        papers(args.corpus_steps, seq=64 if args.quick else 128)
+
+
+# name, how to build it, learning rate
+_PAPERS = [
+    ("PEFT LoRA r16", "peft-lora", {}, 1e-3),
+    ("memopt LoRA r16", "lora", {"rank": 16, "alpha": 32}, 1e-3),
+    ("PEFT RandLoRA r32", "peft-randlora", {}, 1e-3),
+    ("memopt RandLoRA r32", "randlora", {"rank": 32, "alpha": 640}, 1e-3),
+    ("memopt RSO r32", "rso", {"rank": 32, "resample_every": 10}, 1e-3),
+    ("memopt LISA 1 of 4", "lisa", {"active_layers": 1, "switch_every": 5}, 1e-3),
+    ("memopt OwLore 1 of 4 + GaLore", "owlore", {"active_layers": 1, "switch_every": 5, "optimizer": "galore-adamw",
+                                                  "optimizer_options": {"rank": 32}}, 1e-3),
+    ("memopt full + GaLore r32", "full", {"optimizer": "galore-adamw", "optimizer_options": {"rank": 32}}, 1e-3),
+]
+
+
+def papers(steps: int, seq: int, batch: int = 4) -> None:
+    """Each method from the same weights on the same stdlib batches (module docstring, second table)."""
+    import statistics
+    import time
+
+    from bench_optimizers import corpus
+    from bench_optimizers import model as byte_llama
+
+    tokens = corpus(steps * batch * seq + 1)
+    batches = [tokens[i * batch * seq:(i + 1) * batch * seq].view(batch, seq) for i in range(steps)]
+    print(f"\nthe founding papers' methods: {steps} steps of batch {batch} x {seq} stdlib bytes, 4 layers, hidden 256")
+    print(f"{'method':<32} {'trainable':>10} {'peak MiB':>9} {'step s':>7} {'last loss':>9}")
+    for name, method, options, lr in _PAPERS:
+        model = byte_llama()
+        example = {"input_ids": batches[0], "labels": batches[0]}
+        if method.startswith("peft-"):
+            from peft import LoraConfig, RandLoraConfig, get_peft_model
+
+            config = LoraConfig(r=16, lora_alpha=32, target_modules=_LINEARS) if method == "peft-lora" else \
+                RandLoraConfig(r=32, randlora_alpha=640, target_modules=_LINEARS)
+            model = get_peft_model(model, config)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        else:
+            model = memopt.optimize(model, 64, example, method=method, device="cpu", reserve_gb=0, **options)
+            opt = model.make_optimizer(lr=lr)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        times, peak, loss = [], 0, float("nan")
+        for i, ids in enumerate(batches):
+            start = time.perf_counter()
+            if i == 1:
+                with MemoryTracker(model, opt, inputs={"input_ids": ids}) as tracker:
+                    loss = _step(model, opt, ids)
+                peak = tracker.report().peak_bytes
+            else:
+                loss = _step(model, opt, ids)
+            times.append(time.perf_counter() - start)
+        print(f"{name:<32} {trainable:>10,} {peak / _MIB:9.1f} {statistics.median(times):7.3f} {loss:9.4f}")
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss)
 
 
 if __name__ == "__main__":

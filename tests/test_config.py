@@ -24,7 +24,8 @@ def test_budget_must_be_a_number(budget):
 
 
 def test_unknown_method_lists_the_methods():
-    with pytest.raises(ValueError, match=r"unknown method 'qlora'.*'lora', 'paca', 'randlora', 's2ft'.*RandLoraConfig"):
+    with pytest.raises(ValueError, match=r"unknown method 'qlora'.*'lisa', 'lora', 'owlore', 'paca', 'randlora', 'rso', 's2ft'.*"
+                                         r"RandLoraConfig, RsoConfig, LisaConfig, OwloreConfig"):
         OptimizeConfig.from_options("qlora", 8)
 
 
