@@ -104,6 +104,7 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
     # The weights alone are a lower bound of any step's peak: quantize="auto" moves on without a trace.
     if weights_must_fit and (weights := weight_bytes(job.model)) > cfg.usable_bytes:
         raise WeightsExceed(weights)
+    _check_fixed(job, result)
     # The step measured (eager, every activation kept), traced as one joint graph, and solved.
     memory, trace, activations, chosen = _plan_variants(job, result)
     # The record of it all: what was done per module, per saved tensor, and what it predicts.
@@ -129,6 +130,23 @@ def _plan_variants(job: Job, result: PassResult) -> tuple[MemoryReport | None, J
     others = "; ".join(f"{other}: {format_bytes(p[2].min_peak_bytes)}" for other, _, p in planned if other != label)
     return (*chosen, f"planned for {label}, the costliest of {len(planned)} states the model will be in (smallest "
                      f"peak {format_bytes(chosen[2].min_peak_bytes)}; {others})")
+
+
+def _check_fixed(job: Job, result: PassResult) -> None:
+    """What the method adds whatever the plan (RandLoRA's bases, RSO's projections) must fit beside
+    the weights: else the error names it, its bytes and the limit, before anything is traced."""
+    cfg = job.config
+    for label, nbytes in result.fixed:
+        weights = weight_bytes(job.model)
+        if weights + nbytes > cfg.usable_bytes:
+            need = weights + nbytes + cfg.reserve_bytes
+            raise InfeasibleBudgetError(
+                f"{label} take {format_bytes(nbytes)} by themselves; with the model's weights "
+                f"({format_bytes(weights)}) that is above the {format_bytes(cfg.usable_bytes)} usable of "
+                f"budget_gb={cfg.budget_gb:g} before any activation: a budget of at least {format_bytes(need)} is needed, or "
+                "target fewer or smaller layers (target_modules= / exclude_modules=)",
+                predicted_bytes=weights + nbytes, budget_bytes=cfg.budget_bytes,
+                breakdown={"parameters": weights, "buffers": nbytes}, min_budget_bytes=need)
 
 
 def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan]:

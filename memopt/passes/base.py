@@ -171,6 +171,9 @@ class PassResult:
     # Other states of the rewritten model the plan must hold too (layerwise sampling's active sets),
     # each (label, a call that puts the model in it): the plan is made for the costliest.
     variants: tuple[tuple[str, Callable[[], None]], ...] = ()
+    # What the method itself adds to the device whatever the plan (label, bytes), e.g. RandLoRA's
+    # shared bases: checked against the budget before anything is traced.
+    fixed: tuple[tuple[str, int], ...] = ()
 
     @property
     def modified(self) -> bool:

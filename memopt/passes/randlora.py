@@ -206,7 +206,10 @@ def apply_randlora(model: nn.Module, graph: ModelGraph, cfg: RandLoraConfig, log
         notes = (f"RandLoRA bases: A [{cfg.rank}, 1, {small}] and B [{large}, {num_bases(small, small, cfg.rank)}, "
                  f"{cfg.rank}] in fp32, shared by {len(targets)} layers, drawn from seed {cfg.seed} as PEFT draws "
                  "them (not saved: drawn again on reload)",)
-    return PassResult(model, tuple(decisions), notes)
+    fixed = ((f"RandLoRA's shared bases (A [{cfg.rank}, 1, {small}] and B [{large}, "
+              f"{num_bases(small, small, cfg.rank)}, {cfg.rank}], fp32, sized for the largest adapted layer)",
+              (a.numel() + b.numel()) * 4),) if targets else ()
+    return PassResult(model, tuple(decisions), notes, fixed=fixed)
 
 
 def merge_randlora(model: nn.Module) -> nn.Module:

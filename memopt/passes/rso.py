@@ -230,7 +230,10 @@ def apply_rso(model: nn.Module, graph: ModelGraph, cfg: RsoConfig, log: RewriteL
         notes = (f"RSO: {len(targets)} layers train B (out × {cfg.rank}) in W + B·P; every {cfg.resample_every} "
                  "optimizer steps B·P is folded into W, B and its optimizer state reset and a new P drawn (the "
                  "optimizer from make_optimizer does it); backward keeps P·x, not x",)
-    return PassResult(model, tuple(decisions), notes)
+    layers = rso_layers(model)
+    fixed = ((f"RSO's projections P ({len(layers)} layers, {cfg.rank} × in_features each, in the weights' dtype)",
+              sum(m.rso_P.numel() * m.rso_P.element_size() for m in layers)),) if layers else ()
+    return PassResult(model, tuple(decisions), notes, fixed=fixed)
 
 
 def merge_rso(model: nn.Module) -> nn.Module:

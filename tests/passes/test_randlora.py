@@ -113,3 +113,17 @@ def test_a_quantized_base_and_bad_ranks(planned):
         memopt.optimize(copy.deepcopy(model), 1, batch, method="randlora", rank=4096, device="cpu")
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         memopt.RandLoraConfig(rank=0)
+
+
+def test_bases_that_do_not_fit_beside_the_weights_are_named_before_any_trace(planned):
+    model, batch, _, _ = planned
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bases = (8 * 128 + 128 * 16 * 8) * 4  # A [r, 1, d] and B [D, N, r] in fp32, d = D = 128 (the MLP's width)
+    with pytest.raises(memopt.InfeasibleBudgetError, match=r"RandLoRA's shared bases \(A \[8, 1, 128\] and B \[128, "
+                                                           r"16, 8\], fp32, sized for the largest adapted layer\) take "
+                                                           r"68.00 KiB by themselves") as info:
+        memopt.optimize(copy.deepcopy(model), (weights + bases) / 2**30, batch, method="randlora", rank=8,
+                        device="cpu", reserve_gb=0)
+    scalings = sum(m.randlora_lambda.numel() + m.randlora_gamma.numel()
+                   for m in _layers(planned[3]).values()) * 4
+    assert info.value.min_budget_bytes == weights + scalings + bases
