@@ -55,9 +55,12 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     the codes and scales of each trainable int8 weight (in place of its memory-free handle)."""
     from memopt.passes.int8train import is_handle
 
+    from memopt.passes.layerwise import candidates
+
+    sampled = {id(p) for p in candidates(model) or ()}  # layerwise sampling: every block that may have trained
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad and not is_handle(p):
+        if (p.requires_grad or id(p) in sampled) and not is_handle(p):
             out[name] = p
     for name, b in model.named_buffers():
         if name.rpartition(".")[2] in METHOD_BUFFERS:
@@ -96,11 +99,14 @@ def frozen_checksum(model: nn.Module) -> list[float]:
     norms, the LM head, layers left alone); eps: the coarsest dtype's machine epsilon among them."""
     from memopt.passes.base import WrappedLinear
 
+    from memopt.passes.layerwise import candidates
+
     adapted = [name + "." for name, m in model.named_modules() if isinstance(m, WrappedLinear)]
+    sampled = {id(p) for p in candidates(model) or ()}
     total = size = 0.0
     eps = 0.0
     for name, p in model.named_parameters():
-        if p.requires_grad or p.device.type == "meta" or any(name.startswith(a) for a in adapted):
+        if p.requires_grad or id(p) in sampled or p.device.type == "meta" or any(name.startswith(a) for a in adapted):
             continue
         w = p.detach().double()
         total, size = total + float(w.sum()), size + float(w.abs().sum())

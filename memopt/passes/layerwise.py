@@ -111,13 +111,17 @@ class LayerSampler:
         optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step(opt))
 
         def save(opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-            return {**state, STATE_KEY: {"step": self.step}}
+            return {**state, STATE_KEY: {"step": self.step, "probabilities": self.probabilities.tolist()}}
 
         def load(opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
             state = dict(state)
             saved = state.pop(STATE_KEY, None)
-            if saved is not None:
+            if saved is not None:  # the schedule as it was: the step, and the draw's probabilities
+                if len(saved["probabilities"]) != len(self.blocks):
+                    raise ValueError(f"this optimizer state was saved for {len(saved['probabilities'])} sampled "
+                                     f"blocks; this model has {len(self.blocks)}")
                 self.step = int(saved["step"])
+                self.probabilities = torch.tensor(saved["probabilities"])
                 self.activate(self.draw(self.step // self.switch_every), opt)
             return state
 

@@ -114,7 +114,7 @@ def test_a_resumed_optimizer_switches_when_the_original_would(base):
         opt.step()
         opt.zero_grad()
     state = copy.deepcopy(opt.state_dict())
-    assert state["memopt_layerwise"] == {"step": 3}
+    assert state["memopt_layerwise"]["step"] == 3 and len(state["memopt_layerwise"]["probabilities"]) == 3
     other = _lisa(base, switch_every=2)
     opt2 = other.make_optimizer(lr=1e-2)
     opt2.load_state_dict(state)
@@ -192,3 +192,24 @@ def test_updates_inside_backward_follow_the_blocks_drawn(base):
         for i, params in enumerate(blocks):
             moved = not all(torch.equal(a, p) for a, p in zip(before[i], params))
             assert moved == (i in active), (i, active)
+
+
+def test_save_reload_keeps_every_block_trained_so_far(base, tmp_path):
+    model, batch = base
+    optimized = _lisa(base, switch_every=1)
+    opt = optimized.make_optimizer(lr=1e-2)
+    for _ in range(4):  # several blocks drawn, most frozen again by now
+        optimized(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        trained = optimized(**batch).logits
+    changed = [n for (n, p), q in zip(optimized.model.named_parameters(), model.parameters()) if not torch.equal(p, q)]
+    assert any(not p.requires_grad for n, p in optimized.model.named_parameters() if n in changed)
+    optimized.save_pretrained(tmp_path)
+    reloaded = memopt.from_pretrained(copy.deepcopy(model), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, trained)
+    merged = optimized.merge(inplace=False)
+    with torch.no_grad():
+        assert torch.equal(merged(**batch).logits, trained)
