@@ -54,7 +54,6 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable parameter (a tied one once, under its first name), every method buffer, and
     the codes and scales of each trainable int8 weight (in place of its memory-free handle)."""
     from memopt.passes.int8train import is_handle
-
     from memopt.passes.layerwise import candidates
 
     sampled = {id(p) for p in candidates(model) or ()}  # layerwise sampling: every block that may have trained
@@ -98,7 +97,6 @@ def frozen_checksum(model: nn.Module) -> list[float]:
     """[sum, sum of |w|, eps] over every frozen parameter outside the adapted layers (embeddings,
     norms, the LM head, layers left alone); eps: the coarsest dtype's machine epsilon among them."""
     from memopt.passes.base import WrappedLinear
-
     from memopt.passes.layerwise import candidates
 
     adapted = [name + "." for name, m in model.named_modules() if isinstance(m, WrappedLinear)]

@@ -43,7 +43,7 @@ def _loss(out) -> torch.Tensor:
 
 def _cases():
     for family in _BUILD:
-        for method in ("lora", "paca", "s2ft", "randlora", "rso"):
+        for method in ("lora", "paca", "s2ft", "randlora", "rso", "lisa"):
             marks = () if (family, method) in _FAST else (pytest.mark.slow,)
             yield pytest.param(family, method, id=f"{family}-{method}", marks=marks)
 
