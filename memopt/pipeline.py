@@ -143,8 +143,8 @@ def _check_fixed(job: Job, result: PassResult) -> None:
             raise InfeasibleBudgetError(
                 f"{label} take {format_bytes(nbytes)} by themselves; with the model's weights "
                 f"({format_bytes(weights)}) that is above the {format_bytes(cfg.usable_bytes)} usable of "
-                f"budget_gb={cfg.budget_gb:g} before any activation: a budget of at least {format_bytes(need)} is needed, or "
-                "target fewer or smaller layers (target_modules= / exclude_modules=)",
+                f"budget_gb={cfg.budget_gb:g} before any activation: a budget of at least {format_bytes(need)} is "
+                "needed, or target fewer or smaller layers (target_modules= / exclude_modules=)",
                 predicted_bytes=weights + nbytes, budget_bytes=cfg.budget_bytes,
                 breakdown={"parameters": weights, "buffers": nbytes}, min_budget_bytes=need)
 
