@@ -32,6 +32,9 @@ _DRY_RUN = ("keep", "drop")  # what the model of a dry run does with a plan: aut
 
 _LLAMA = {"model_type": "llama", "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}
 
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
 # The published configs (Hugging Face hub config.json of each model), trimmed to what shapes the step.
 HF_PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": {**_LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -43,6 +46,12 @@ HF_PRESETS: dict[str, dict[str, Any]] = {
     "llama-3-8b": {**_LLAMA, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
                    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                    "num_attention_heads": 32, "num_key_value_heads": 8},
+    "llama-3.1-8b": {**_LLAMA, "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                     "rope_scaling": dict(_LLAMA3_ROPE), "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8},
+    "llama-3.3-70b": {**_LLAMA, "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                      "rope_scaling": dict(_LLAMA3_ROPE), "hidden_size": 8192, "intermediate_size": 28672,
+                      "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8},
     # v0.3 (no sliding window; v0.1's 4096-token window does not change shorter sequences)
     "mistral-7b": {"model_type": "mistral", "vocab_size": 32768, "max_position_embeddings": 32768,
                    "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None, "hidden_size": 4096,

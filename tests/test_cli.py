@@ -141,12 +141,14 @@ def test_a_file_that_is_not_a_model_config_is_refused(tmp_path, capsys):
 @pytest.mark.parametrize("preset,params", [
     ("llama-2-7b", 6_738_415_616), ("llama-2-13b", 13_015_864_320), ("llama-2-70b", 68_976_648_192),
     ("llama-3-8b", 8_030_261_248), ("mistral-7b", 7_248_023_552),
+    ("llama-3.1-8b", 8_030_261_248), ("llama-3.3-70b", 70_553_706_496),  # the model cards' counts
 ])
 def test_presets_build_the_published_models_on_meta(preset, params):
     model, batch = _meta_model(_hf_config(preset), 1, 8, __import__("torch").bfloat16)
     assert sum(p.numel() for p in model.parameters()) == params
     assert all(p.device.type == "meta" for p in model.parameters()) and batch["input_ids"].shape == (1, 8)
-    assert set(HF_PRESETS) == {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "mistral-7b"}
+    assert set(HF_PRESETS) == {"llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "mistral-7b", "llama-3.1-8b",
+                               "llama-3.3-70b"}
 
 
 def test_an_unknown_quantize_format_is_refused_by_the_parser(tiny_config, capsys):
