@@ -31,6 +31,8 @@ def _batch(family: str, model: torch.nn.Module) -> dict:
 
 def _options(family: str, method: str) -> dict:
     """The method's options at these tiny widths (64): RandLoRA's and RSO's default ranks are above them."""
+    if method == "lisa":
+        return {"active_layers": 1}
     if method not in ("randlora", "rso"):
         return {}
     exclude = ["shared_expert_gate"] if family == "qwen2-moe" and method == "randlora" else None  # 1 output
@@ -58,7 +60,8 @@ def test_the_family_plans_lowers_and_trains_with_the_unplanned_gradients(family,
     budget = probe.min_budget_bytes + 0.3 * (probe.predicted_peak_bytes + probe.reserve_bytes - probe.min_budget_bytes)
     optimized = memopt.optimize(model, budget_gb=budget / GIB, example_inputs=batch, method=method, device="cpu",
                                 **options)
-    assert optimized.plan.needs_runtime and optimized.plan.fits
+    # LISA's minimum is often the embeddings' and head's optimizer step, which no activation plan lowers
+    assert optimized.plan.fits and (optimized.plan.needs_runtime or method == "lisa")
     inner = optimized.model
 
     def step(run):
