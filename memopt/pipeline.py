@@ -128,8 +128,13 @@ def _plan_variants(job: Job, result: PassResult) -> tuple[MemoryReport | None, J
     label, activate, chosen = max(planned, key=lambda v: (v[2][2].lowered, v[2][2].min_peak_bytes, v[2][2].peak_bytes))
     activate()
     others = "; ".join(f"{other}: {format_bytes(p[2].min_peak_bytes)}" for other, _, p in planned if other != label)
-    return (*chosen, f"planned for {label}, the costliest of {len(planned)} states the model will be in (smallest "
-                     f"peak {format_bytes(chosen[2].min_peak_bytes)}; {others})")
+    note = (f"planned for {label}, the costliest of {len(planned)} states the model will be in (smallest peak "
+            f"{format_bytes(chosen[2].min_peak_bytes)}; {others})")
+    if chosen[2].lowered:
+        as_is = max(_as_is_peak(p) for _, _, p in planned) + job.config.reserve_bytes
+        note += (f"; this step is lowered, so each other state re-plans and re-traces when it comes (seconds each, "
+                 f"logged): from a budget of {format_bytes(as_is)} the model runs as it is and switches at no cost")
+    return (*chosen, note)
 
 
 def _check_fixed(job: Job, result: PassResult) -> None:
@@ -147,6 +152,14 @@ def _check_fixed(job: Job, result: PassResult) -> None:
                 "needed, or target fewer or smaller layers (target_modules= / exclude_modules=)",
                 predicted_bytes=weights + nbytes, budget_bytes=cfg.budget_bytes,
                 breakdown={"parameters": weights, "buffers": nbytes}, min_budget_bytes=need)
+
+
+def _as_is_peak(planned: tuple[MemoryReport | None, JointTrace, ActivationPlan]) -> int:
+    """The model as it is: the simulated eager step's peak, else the trace's with everything kept."""
+    memory, _, activations = planned
+    if memory is not None:
+        return memory.peak_bytes
+    return max(activations.keep_all.peak_bytes, activations.problem.static.optimizer_phase_peak)
 
 
 def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan]:

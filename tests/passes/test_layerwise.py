@@ -181,6 +181,8 @@ def test_updates_inside_backward_follow_the_blocks_drawn(base):
     budget = info.value.min_budget_bytes - loose.plan.static.gradients // 8
     optimized = memopt.optimize(copy.deepcopy(model), budget / 2**30, batch, **options)
     assert optimized.plan.update_in_backward
+    note = next(n for n in optimized.plan.notes if n.startswith("planned for"))
+    assert "this step is lowered, so each other state re-plans and re-traces when it comes" in note
     opt = optimized.make_optimizer(lr=1e-2)
     sampler, blocks = _block_params(optimized)
     for _ in range(4):
