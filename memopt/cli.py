@@ -107,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
                       "holding one")
     plan.add_argument("--batch", type=int, required=True)
     plan.add_argument("--seq", type=int, required=True)
+    search = plan.add_mutually_exclusive_group()
+    search.add_argument("--max-seq", action="store_true",
+                        help="find the longest sequence that fits (from --seq up, by doubling then bisection) and "
+                             "print its plan")
+    search.add_argument("--max-batch", action="store_true",
+                        help="find the largest batch that fits (from --batch up) and print its plan")
     plan.add_argument("--budget", type=float, required=True, help="device memory in GiB")
     plan.add_argument("--method", default="lora", choices=sorted(METHOD_CONFIGS))
     plan.add_argument("--device", default="rtx4090", help="a device preset (rtx4090, l4, a100-40gb, a100-80gb, h100, ...)")
@@ -159,7 +165,10 @@ def _plan(args: argparse.Namespace) -> int:
     with _Progress() as progress:
         progress(f"building {args.hf_config} on the meta device ({args.dtype})")
         try:
-            plan = _plan_model(args, config, options, planner, progress)
+            if args.max_seq or args.max_batch:
+                plan, found = _search(args, config, options, planner, progress)
+            else:
+                plan, found = _plan_model(args, config, options, planner, progress), None
         except InfeasibleBudgetError as exc:
             alternatives = _alternatives(args, config, options, planner, progress)
             progress.close()
@@ -175,6 +184,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     out = sys.stderr if args.json == "-" else sys.stdout
     print(plan.summary(), file=out)
+    if found is not None:
+        print("", found, sep="\n", file=out)
     if any(t.action not in _DRY_RUN for t in plan.tensors):  # no model carries out a dry run's plan: say so
         print("", *applied_lines(plan, _DRY_RUN), sep="\n", file=out)
     if args.json == "-":
@@ -197,6 +208,73 @@ def _plan_model(args: argparse.Namespace, config: Any, options: dict[str, Any], 
     return plan_only(model, args.budget, batch, args.method, device=args.device, optimizer=args.optimizer,
                      optimizer_options=_optimizer_options(args), reserve_gb=args.reserve, planner=planner,
                      progress=progress, **options)
+
+
+def _search(args: argparse.Namespace, config: Any, options: dict[str, Any], planner: Any,
+            progress: Callable[[str], None]) -> tuple[Any, str]:
+    """The largest --seq (``--max-seq``) or --batch (``--max-batch``) whose step fits, from the given
+    one up: doubling until a size does not fit (or the model's position table ends), then bisection
+    to within 1/16 of the size found (at least 64 tokens, or 1). Returns its plan and a line saying
+    what bounds it. The given size not fitting is the budget's ``InfeasibleBudgetError``."""
+    from memopt.errors import InfeasibleBudgetError
+
+    dim = "seq" if args.max_seq else "batch"
+    limit = _position_limit(config) if dim == "seq" else None
+
+    def attempt(size: int) -> tuple[Any, int | None]:
+        tried = argparse.Namespace(**{**vars(args), dim: size})
+        progress(f"--max-{dim}: trying {dim} {size}")
+        try:
+            return _plan_model(tried, config, options, planner, None), None
+        except InfeasibleBudgetError as exc:
+            return None, exc.min_budget_bytes
+
+    start = getattr(args, dim)
+    best, least = attempt(start)
+    if best is None:
+        raise InfeasibleBudgetError(f"{dim} {start} does not fit in {args.budget:g} GiB (the smallest feasible budget is "
+                                    f"{_gib(least)} GiB): give a smaller --{dim} to search from",
+                                    predicted_bytes=least, budget_bytes=int(args.budget * 2**30), breakdown={},
+                                    min_budget_bytes=least)
+    lo, hi, hi_least = start, None, None
+    while hi is None:
+        size = lo * 2 if limit is None else min(lo * 2, limit)
+        if size == lo:
+            return best, (f"longest sequence: {lo} tokens at batch {args.batch}, the model's position table's length "
+                          f"(a longer sequence has no position embedding); it fits in {args.budget:g} GiB")
+        plan, need = attempt(size)
+        if plan is None:
+            hi, hi_least = size, need
+        else:
+            lo, best = size, plan
+    step = 1 if dim == "batch" else 64
+    while hi - lo > max(step, lo // 16):
+        size = (lo + hi) // 2 // step * step
+        if size <= lo:
+            break
+        plan, need = attempt(size)
+        if plan is None:
+            hi, hi_least = size, need
+        else:
+            lo, best = size, plan
+    what = f"longest sequence: {lo} tokens at batch {args.batch}" if dim == "seq" else \
+        f"largest batch: {lo} at seq {args.seq}"
+    return best, (f"{what} fits in {args.budget:g} GiB (predicted peak {_gib(best.predicted_peak_bytes)} GiB); "
+                  f"{dim} {hi} needs {_gib(hi_least)} GiB")
+
+
+def _position_limit(config: Any) -> int | None:
+    """The length of the model's learned position table (GPT-2's ``n_positions``, OPT's), else None:
+    rotary models (Llama, Mistral) compute positions for any length."""
+    import torch
+
+    AutoModelForCausalLM = _transformers().AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and length is not None
+              and m.num_embeddings in (length, length + 2)]  # OPT offsets its positions by 2
+    return length if tables and getattr(config, "vocab_size", None) not in (length, length + 2) else None
 
 
 def _gib(nbytes: int) -> str:

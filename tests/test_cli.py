@@ -222,3 +222,30 @@ def test_plan_takes_lisa_and_owlore_with_their_options(tiny_config, capsys):
     assert "the outlier ratios need real weights (a dry run on meta)" in printed
     assert main(argv[:-4] + ["--method", "lora", "--active-layers", "2"]) == EXIT_BAD_INPUT
     assert "--active-layers is for --method lisa or owlore" in capsys.readouterr().err
+
+
+def test_max_seq_stops_at_a_learned_position_tables_end(tmp_path, capsys):
+    path = tmp_path / "gpt2.json"
+    path.write_text(json.dumps({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 96,
+                                "n_positions": 64}))
+    argv = ["plan", "--hf-config", str(path), "--batch", "2", "--seq", "16", "--budget", "1", "--device", "rtx4090",
+            "--reserve", "0", "--max-seq", "--time-limit", "1"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "longest sequence: 64 tokens at batch 2, the model's position table's length" in captured.out
+    assert "trying seq 32" in captured.err and "trying seq 128" not in captured.err
+    assert "planned inputs: input_ids[2, 64]" in captured.out
+
+
+@pytest.mark.slow
+def test_max_seq_and_max_batch_find_the_largest_size_that_fits(tiny_config, capsys):
+    argv = ["plan", "--hf-config", tiny_config, "--batch", "2", "--seq", "16", "--budget", "0.004", "--device",
+            "rtx4090", "--reserve", "0", "--time-limit", "1"]
+    assert main([*argv, "--max-seq"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("longest sequence:"))
+    found, over = int(line.split()[2]), int(line.split("; seq ")[1].split()[0])
+    assert found < over <= found + max(64, found // 16) and "fits in 0.004 GiB" in line
+    assert main([*argv, "--max-batch"]) == 0
+    assert "largest batch: " in capsys.readouterr().out
+    assert main([*argv, "--budget", "0.0001", "--max-seq"]) == 3  # the last --budget counts: seq 16 does not fit
