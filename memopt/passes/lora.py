@@ -132,22 +132,24 @@ def apply_lora(model: nn.Module, graph: ModelGraph, cfg: LoraConfig, log: Rewrit
             in_features=layer.in_features, out_features=layer.out_features,
             trainable_params=cfg.rank * (layer.in_features + layer.out_features),
             details=LoraDetails(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, block=layer.block),
-            reason=_why(cfg),
+            reason=why_adapted(cfg),
         ))
-    chosen = {layer.name for layer in targets}
-    for layer in graph.linears:
-        if layer.name not in chosen:
-            decisions.append(ModuleDecision(
-                name=layer.name, role=layer.role.value, method="frozen",
-                in_features=layer.in_features, out_features=layer.out_features, trainable_params=0,
-                details=ModuleDetails(block=layer.block), reason=why_frozen(layer, cfg),
-            ))
-    return PassResult(model, tuple(decisions))
+    return PassResult(model, tuple(decisions + frozen_rest(graph, targets, cfg)))
 
 
-def _why(cfg: LoraConfig) -> str:
+def why_adapted(cfg: Any) -> str:
+    """Why an adapter method (``cfg.target_modules``) adapts a layer it targets."""
     target = cfg.target_modules
     return "all-linear" if target == "all-linear" else f"matched target_modules={target!r}"
+
+
+def frozen_rest(graph: ModelGraph, targets: list[LinearLayer], cfg: Any) -> list[ModuleDecision]:
+    """A "frozen" decision, with why, for each Linear-like layer of ``graph`` not in ``targets``."""
+    chosen = {layer.name for layer in targets}
+    return [ModuleDecision(name=layer.name, role=layer.role.value, method="frozen", in_features=layer.in_features,
+                           out_features=layer.out_features, trainable_params=0,
+                           details=ModuleDetails(block=layer.block), reason=why_frozen(layer, cfg))
+            for layer in graph.linears if layer.name not in chosen]
 
 
 def why_frozen(layer: LinearLayer, cfg: Any) -> str:

@@ -57,7 +57,7 @@ import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
 from memopt.config import PacaConfig
-from memopt.ir.structure import LinearLayer, ModelGraph, Role
+from memopt.ir.structure import LinearLayer, ModelGraph
 from memopt.kernels.paca import paca_forward
 from memopt.passes.base import (
     ModuleDecision,
@@ -70,6 +70,7 @@ from memopt.passes.base import (
     merge_wrapped,
     select_targets,
 )
+from memopt.passes.lora import frozen_rest
 from memopt.passes.quant_format import QuantizedWeight, dequantize_columns
 from memopt.passes.quantize import QuantLinear, _autocast_dtype
 
@@ -347,8 +348,7 @@ def apply_paca(model: nn.Module, graph: ModelGraph, cfg: PacaConfig, log: Rewrit
     _check_targets(model, targets, cfg)  # before any change, so a bad call leaves the model as it was
     log.freeze(model.parameters())
     decisions = [_wrap(model, layer, cfg, log) for layer in targets]
-    chosen = {layer.name for layer in targets}
-    decisions += [_frozen_decision(layer, cfg) for layer in graph.linears if layer.name not in chosen]
+    decisions += frozen_rest(graph, targets, cfg)
     return PassResult(model, tuple(decisions))
 
 
@@ -391,16 +391,6 @@ def _wrap(model: nn.Module, layer: LinearLayer, cfg: PacaConfig, log: RewriteLog
         trainable_params=cfg.rank * layer.out_features, details=details,
         reason="all-linear" if cfg.target_modules == "all-linear" else f"matched target_modules={cfg.target_modules!r}",
     )
-
-
-def _frozen_decision(layer: LinearLayer, cfg: PacaConfig) -> ModuleDecision:
-    if layer.role is Role.LM_HEAD and cfg.target_modules == "all-linear":
-        reason = "'all-linear' leaves the LM head out"
-    else:
-        reason = "not matched by target_modules, or excluded"
-    return ModuleDecision(name=layer.name, role=layer.role.value, method="frozen", in_features=layer.in_features,
-                          out_features=layer.out_features, trainable_params=0, details=ModuleDetails(block=layer.block),
-                          reason=reason)
 
 
 def merge_paca(model: nn.Module) -> nn.Module:

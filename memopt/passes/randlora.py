@@ -44,7 +44,7 @@ from memopt.passes.base import (
     merge_wrapped,
     select_targets,
 )
-from memopt.passes.lora import why_frozen
+from memopt.passes.lora import frozen_rest, why_adapted
 from memopt.passes.quantize import QuantLinear
 
 __all__ = ["RandLoraDetails", "RandLoraLinear", "apply_randlora", "draw_bases", "merge_randlora", "num_bases"]
@@ -192,15 +192,9 @@ def apply_randlora(model: nn.Module, graph: ModelGraph, cfg: RandLoraConfig, log
             in_features=layer.in_features, out_features=layer.out_features,
             trainable_params=cfg.rank * n + n * min(layer.in_features, layer.out_features),
             details=RandLoraDetails(rank=cfg.rank, bases=n, alpha=cfg.alpha, dropout=cfg.dropout, block=layer.block),
-            reason="all-linear" if cfg.target_modules == "all-linear" else f"matched target_modules={cfg.target_modules!r}",
+            reason=why_adapted(cfg),
         ))
-    chosen = {layer.name for layer in targets}
-    for layer in graph.linears:
-        if layer.name not in chosen:
-            decisions.append(ModuleDecision(
-                name=layer.name, role=layer.role.value, method="frozen", in_features=layer.in_features,
-                out_features=layer.out_features, trainable_params=0, details=ModuleDetails(block=layer.block),
-                reason=why_frozen(layer, cfg)))
+    decisions += frozen_rest(graph, targets, cfg)
     notes = ()
     if targets:
         notes = (f"RandLoRA bases: A [{cfg.rank}, 1, {small}] and B [{large}, {num_bases(small, small, cfg.rank)}, "

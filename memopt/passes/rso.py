@@ -50,7 +50,7 @@ from memopt.passes.base import (
     merge_wrapped,
     select_targets,
 )
-from memopt.passes.lora import why_frozen
+from memopt.passes.lora import frozen_rest, why_adapted
 
 __all__ = ["RsoDetails", "RsoLinear", "apply_rso", "attach", "draw_projection", "end_subproblem", "fold_transient_bytes",
            "merge_rso", "rso_layers"]
@@ -216,15 +216,9 @@ def apply_rso(model: nn.Module, graph: ModelGraph, cfg: RsoConfig, log: RewriteL
             in_features=layer.in_features, out_features=layer.out_features,
             trainable_params=layer.out_features * cfg.rank,
             details=RsoDetails(rank=cfg.rank, resample_every=cfg.resample_every, block=layer.block),
-            reason="all-linear" if cfg.target_modules == "all-linear" else f"matched target_modules={cfg.target_modules!r}",
+            reason=why_adapted(cfg),
         ))
-    chosen = {layer.name for layer in targets}
-    for layer in graph.linears:
-        if layer.name not in chosen:
-            decisions.append(ModuleDecision(
-                name=layer.name, role=layer.role.value, method="frozen", in_features=layer.in_features,
-                out_features=layer.out_features, trainable_params=0, details=ModuleDetails(block=layer.block),
-                reason=why_frozen(layer, cfg)))
+    decisions += frozen_rest(graph, targets, cfg)
     notes: tuple[str, ...] = ()
     if targets:
         notes = (f"RSO: {len(targets)} layers train B (out × {cfg.rank}) in W + B·P; every {cfg.resample_every} "
