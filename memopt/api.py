@@ -221,7 +221,9 @@ def from_pretrained(
     cfg = OptimizeConfig.from_options(checkpoint.method, plan.budget_bytes / GIB, optimizer=plan.optimizer,
                                       optimizer_options=dict(plan.optimizer_options),
                                       device=plan.device if device is None else device,
-                                      reserve_gb=plan.reserve_bytes / GIB, **options)
+                                      reserve_gb=plan.reserve_bytes / GIB,
+                                      host_budget_gb=None if plan.host_budget_bytes is None else
+                                      plan.host_budget_bytes / GIB, **options)
     kwargs = _inputs_of(plan, _parameter_device(model))
     bound = _bind_inputs(model, (), kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)

@@ -127,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="the optimizer the plan counts (full training: galore-adamw8bit, apollo-mini, ...)")
     plan.add_argument("--optimizer-rank", type=int, help="the projection rank of galore-* and apollo*")
     plan.add_argument("--optimizer-gap", type=int, help="steps between projection refreshes (update_proj_gap)")
+    plan.add_argument("--host-budget", type=float,
+                      help="GiB of host memory offloaded activations may hold (default: this machine's RAM)")
     plan.add_argument("--reserve", type=float, help="GiB kept free for the CUDA context (default: the device's)")
     plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per phase")
     plan.add_argument("--no-offload", action="store_true", help="never offload activations to host")
@@ -206,7 +208,8 @@ def _plan_model(args: argparse.Namespace, config: Any, options: dict[str, Any], 
 
     model, batch = _meta_model(config, args.batch, args.seq, getattr(torch, args.dtype))
     return plan_only(model, args.budget, batch, args.method, device=args.device, optimizer=args.optimizer,
-                     optimizer_options=_optimizer_options(args), reserve_gb=args.reserve, planner=planner,
+                     optimizer_options=_optimizer_options(args), reserve_gb=args.reserve,
+                     host_budget_gb=args.host_budget, planner=planner,
                      progress=progress, **options)
 
 

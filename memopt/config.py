@@ -390,9 +390,15 @@ class OptimizeConfig:
     device: DeviceSpec = field(default_factory=lambda: DEVICE_PRESETS["cpu"])
     reserve_gb: float | None = None
     quantize: QuantizeConfig | str | None = None
+    host_budget_gb: float | None = None  # host memory offloaded activations may hold; None: this machine's RAM
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget_gb", _positive_number(self.budget_gb, "budget_gb"))
+        if self.host_budget_gb is not None:
+            if isinstance(self.host_budget_gb, bool) or not isinstance(self.host_budget_gb, (int, float)) or \
+                    not math.isfinite(self.host_budget_gb) or self.host_budget_gb < 0:
+                raise ValueError(f"host_budget_gb must be a number of GiB >= 0 (0: never offload), got "
+                                 f"{self.host_budget_gb!r}")
         object.__setattr__(self, "quantize", _quantize_option(self.quantize))
         if not isinstance(self.method_config, MethodConfig):
             raise TypeError(f"method_config must be a MethodConfig, got {type(self.method_config).__name__}")
@@ -421,10 +427,15 @@ class OptimizeConfig:
     def usable_bytes(self) -> int:
         return self.budget_bytes - self.reserve_bytes
 
+    @property
+    def host_budget_bytes(self) -> int:
+        """What offloaded activations may hold in host memory: ``host_budget_gb``, else this machine's RAM."""
+        return machine_ram_bytes() if self.host_budget_gb is None else int(self.host_budget_gb * GIB)
+
     @classmethod
     def from_options(cls, method: str, budget_gb: Any, *, optimizer: str = "adamw",
                      optimizer_options: Mapping[str, Any] | None = None, device: Any = "cpu",
-                     reserve_gb: float | None = None, quantize: Any = None,
+                     reserve_gb: float | None = None, quantize: Any = None, host_budget_gb: float | None = None,
                      **method_options: Any) -> "OptimizeConfig":
         """Build from `optimize`'s keyword options; unknown options are an error, never ignored.
 
@@ -458,7 +469,23 @@ class OptimizeConfig:
             device=resolve_device(device),
             reserve_gb=reserve_gb,
             quantize=quantize,
+            host_budget_gb=host_budget_gb,
         )
+
+
+def machine_ram_bytes() -> int:
+    """This machine's physical memory (what offloaded activations may use unless ``host_budget_gb`` says)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: psutil if present, else say so
+        try:
+            import psutil
+        except ImportError:
+            raise RuntimeError("cannot read this machine's RAM; pass host_budget_gb= (GiB offloaded activations may "
+                               "hold in host memory)") from None
+        return int(psutil.virtual_memory().total)
 
 
 PEFT_LORA_NAMES = {"r": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout"}

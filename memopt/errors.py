@@ -45,6 +45,7 @@ class InfeasibleBudgetError(MemoptError):
         self.min_budget_bytes = int(min_budget_bytes if min_budget_bytes is not None else
                                     math.ceil(min_budget_gb * _GIB))  # type: ignore[operator]
         self.min_budget_gb = self.min_budget_bytes / _GIB
+        self.message = message
         self.breakdown = dict(breakdown)
         dominant = max(self.breakdown, key=self.breakdown.__getitem__) if self.breakdown else None
         parts = ", ".join(f"{k} {v / _GIB:.3f} GiB" for k, v in self.breakdown.items())

@@ -29,7 +29,14 @@ from memopt.passes.int8train import is_handle
 from memopt.passes.quantize import QuantLinear
 from memopt.plan import Plan
 from memopt.plan.report import format_bytes
-from memopt.planner.problem import Choice, PlanningProblem, build_problem, step_peak, with_optimizer_peak
+from memopt.planner.problem import (
+    Choice,
+    PlanningProblem,
+    build_problem,
+    offloaded_bytes,
+    step_peak,
+    with_optimizer_peak,
+)
 from memopt.planner.solve import ActivationPlan, PlannerConfig, decisions_for, plan_activations, step_plan
 from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.partition import plan_partition
@@ -212,7 +219,7 @@ def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan
 def _problem(job: Job, trace: JointTrace, update_in_backward: bool = False) -> PlanningProblem:
     return build_problem(trace, job.config.device, allow_recompute=job.planner.allow_recompute,
                          allow_offload=job.planner.allow_offload, allow_rng_recompute=job.planner.allow_rng_recompute,
-                         update_in_backward=update_in_backward)
+                         update_in_backward=update_in_backward, host_capacity=job.config.host_budget_bytes)
 
 
 def _solve(job: Job, problem: PlanningProblem, joint: JointGraph, trace: JointTrace,
@@ -221,11 +228,28 @@ def _solve(job: Job, problem: PlanningProblem, joint: JointGraph, trace: JointTr
     job.say(f"planning {len(problem.candidates)} saved tensors ({problem.num_classes} decision classes) "
             f"for {cfg.usable_bytes / GIB:.2f} GiB usable (traced in {trace.trace_seconds:.1f} s)"
             + (", updates inside backward" if problem.update_in_backward else ""))
-    return plan_activations(problem, cfg.usable_bytes, job.planner, reserve_bytes=cfg.reserve_bytes,
-                            what=f"{cfg.method} on {type(job.model).__name__}"
-                            + (" with updates inside backward" if problem.update_in_backward else ""),
-                            progress=job.progress, as_is_bytes=as_is_bytes, measure=_measure(joint, problem),
-                            lower=job.lower)
+    def solve(problem: PlanningProblem) -> ActivationPlan:
+        return plan_activations(problem, cfg.usable_bytes, job.planner, reserve_bytes=cfg.reserve_bytes,
+                                what=f"{cfg.method} on {type(job.model).__name__}"
+                                + (" with updates inside backward" if problem.update_in_backward else ""),
+                                progress=job.progress, as_is_bytes=as_is_bytes, measure=_measure(joint, problem),
+                                lower=job.lower)
+
+    try:
+        return solve(problem)
+    except InfeasibleBudgetError as exc:
+        if problem.host_capacity is None or not job.planner.allow_offload:
+            raise
+        try:  # would more host memory make it fit? Then say how much.
+            unlimited = solve(dataclasses.replace(problem, host_capacity=None))
+        except InfeasibleBudgetError:
+            raise exc from None
+        need = offloaded_bytes(problem, unlimited.choices)
+        raise InfeasibleBudgetError(
+            f"{exc.message}; it fits with {format_bytes(need)} of host memory for offloaded activations, above the host "
+            f"budget of {format_bytes(problem.host_capacity)}: raise host_budget_gb= (memopt plan --host-budget)",
+            predicted_bytes=exc.predicted_bytes, budget_bytes=exc.budget_bytes, breakdown=exc.breakdown,
+            min_budget_bytes=exc.min_budget_bytes) from None
 
 
 def _with_options(factory: OptimizerFactory, options: Mapping[str, Any]) -> OptimizerFactory:
@@ -269,6 +293,10 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     notes = [*captured.notes, *graph.captured.notes, *graph.notes, *result.notes,
              *plan_notes(cfg.optimizer, cfg.optimizer_options, trainable)]
+    if job.planner.allow_offload:
+        notes.append(f"host budget {format_bytes(cfg.host_budget_bytes)} for offloaded activations ("
+                     + ("host_budget_gb" if cfg.host_budget_gb is not None else "the RAM of the machine this plan was "
+                        "made on; host_budget_gb= / --host-budget sets it") + ")")
     if cfg.device.kind == "cuda":
         notes.append(f"device reserve {cfg.reserve_bytes / GIB:.3f} GiB for the CUDA context and allocator slack; "
                      f"every block rounded up to {cfg.device.alloc_granularity} bytes")
@@ -312,4 +340,5 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
         memory=memory,
         notes=tuple(notes),
         fingerprint=structural_fingerprint(model),
+        host_budget_bytes=cfg.host_budget_bytes if job.planner.allow_offload else None,
     )

@@ -95,6 +95,9 @@ def _headline(plan: "Plan") -> list[str]:
     by_action = plan.bytes_by_action()
     if plan.tensors:
         lines.append("saved activations: " + ", ".join(f"{a} {format_bytes(b)}" for a, b in by_action.items()))
+        if plan.host_budget_bytes is not None and by_action.get("offload"):
+            lines.append(f"host memory: {format_bytes(by_action['offload'])} offloaded of the "
+                         f"{format_bytes(plan.host_budget_bytes)} host budget")
     return lines
 
 

@@ -168,6 +168,13 @@ class _Model:
             row = [self._bool(f"{a}_{klass}", a in allowed) for a in ACTIONS]
             self.cp.AddExactlyOne(row)
             self.action.update({(klass, a): v for a, v in zip(ACTIONS, row)})
+        if problem.host_capacity is not None:  # every offloaded tensor is on the host at the end of the forward
+            host: dict[int, int] = {}
+            for c in problem.candidates:
+                if "offload" in c.allowed:
+                    host[c.klass] = host.get(c.klass, 0) + c.nbytes
+            self.cp.Add(cp_model.LinearExpr.WeightedSum([self.action[k, "offload"] for k in host], list(host.values()))
+                        <= problem.host_capacity)
         self.at: dict[int, list[cp_model.IntVar]] = {c.index: self._points(c) for c in problem.candidates}
         for c in problem.candidates:
             self._dependencies(c)

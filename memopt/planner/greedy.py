@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from memopt.planner.problem import Candidate, Choice, PlanningProblem, evaluate, keep_all
+from memopt.planner.problem import Candidate, Choice, PlanningProblem, evaluate, keep_all, offloaded_bytes
 
 __all__ = ["greedy_plan"]
 
@@ -47,6 +47,9 @@ def _best_move(problem: PlanningProblem, members: dict[int, list[Candidate]], ch
         for action in ("recompute", "offload"):
             if not all(_can(problem, c, action, choices) for c in group):
                 continue
+            if action == "offload" and problem.host_capacity is not None and \
+                    offloaded_bytes(problem, choices) + sum(c.nbytes for c in group) > problem.host_capacity:
+                continue  # the host budget is spent
             sources = {d for c in group for d in _sources_to_save(problem, c, action, choices)}
             extra = sum(e.nbytes for d in sources for e in members[problem.candidates[d].klass]
                         if e.define <= peak <= e.last_backward)

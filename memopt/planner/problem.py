@@ -63,7 +63,7 @@ from memopt.plan.schema import StaticMemory
 from memopt.planner.costmodel import DeviceSpec, op_time_us, transfer_time_us
 
 __all__ = ["ACTIONS", "StaticMemory", "Candidate", "PlanningProblem", "Choice", "Evaluation",
-           "build_problem", "with_optimizer_peak", "evaluate", "keep_all", "step_peak"]
+           "build_problem", "with_optimizer_peak", "evaluate", "keep_all", "offloaded_bytes", "step_peak"]
 
 ACTIONS = ("keep", "recompute", "offload", "drop")
 _MAX_POINTS = 4  # materialize points per saved tensor: its first backward use and 3 earlier ones
@@ -127,6 +127,7 @@ class PlanningProblem:
     num_classes: int
     class_blocks: Mapping[int, tuple[int | None, ...]]  # class -> the blocks sharing it
     update_in_backward: bool = False  # each parameter updated (its gradient freed) as its gradient is made
+    host_capacity: int | None = None  # bytes offloaded activations may hold in host memory (None: no limit)
 
     @property
     def forward_us(self) -> int:
@@ -204,13 +205,15 @@ class Evaluation:
 
 def build_problem(trace: JointTrace, device: DeviceSpec, *, allow_recompute: bool = True,
                   allow_offload: bool = True, allow_rng_recompute: bool = False,
-                  update_in_backward: bool = False) -> PlanningProblem:
+                  update_in_backward: bool = False, host_capacity: int | None = None) -> PlanningProblem:
     """Requires: ``trace`` from :func:`memopt.ir.joint.trace_joint`. Ensures: one candidate per
     saved storage and per useful recompute source, in forward order; ``keep`` is always allowed.
 
     ``update_in_backward``: each parameter is updated as soon as its gradient is made and the
     gradient freed (``trace.optimizer_step_bytes`` is then one parameter's update transient, which
-    may run at any backward point); there is no optimizer phase after the backward."""
+    may run at any backward point); there is no optimizer phase after the backward.
+    ``host_capacity``: the host bytes offloaded tensors may hold; they are all on the host at the
+    end of the forward, so their sum is the host's peak and must not exceed it."""
     point_us = tuple(op_time_us(device, op.flops, op.bytes_moved, op.dtype) for op in trace.ops)
     uses = trace.uses()
     extra = set(_stream_tensors(trace, uses)) if allow_recompute else set()
@@ -235,6 +238,7 @@ def build_problem(trace: JointTrace, device: DeviceSpec, *, allow_recompute: boo
         gradients=_base(trace, uses, kinds=("gradient",), in_backward=update_in_backward),
         static=_static(trace, update_in_backward), device=device,
         num_classes=num_classes, class_blocks=class_blocks, update_in_backward=update_in_backward,
+        host_capacity=host_capacity,
     )
 
 
@@ -545,6 +549,9 @@ def evaluate(problem: PlanningProblem, choices: Sequence[Choice]) -> Evaluation:
             spikes[choice.point] += c.recompute_bytes
             add(c.define, choice.point, c.replay_bytes)
             issues += _missing_deps(problem, c, choice.point, choices)
+    host = offloaded_bytes(problem, choices)
+    if problem.host_capacity is not None and host > problem.host_capacity:
+        issues.append(f"{host:,} bytes offloaded, above the host budget of {problem.host_capacity:,} bytes")
     static = problem.static.resident
     live = np.cumsum(np.asarray(delta[:-1], dtype=np.int64))
     total = problem.base_array + live + np.asarray(spikes, dtype=np.int64) + static
@@ -554,6 +561,11 @@ def evaluate(problem: PlanningProblem, choices: Sequence[Choice]) -> Evaluation:
     exposed = _exposed_out(problem, choices) + _exposed_in(problem, choices)
     return Evaluation(memory, memory[peak_point] if n else static, peak_point, recompute, exposed, not issues,
                       tuple(issues), tuple(live.tolist()))
+
+
+def offloaded_bytes(problem: PlanningProblem, choices: Sequence[Choice]) -> int:
+    """Host bytes of ``choices``' offloads: all are on the host at the end of the forward (the host's peak)."""
+    return sum(c.nbytes for c, ch in zip(problem.candidates, choices) if ch.action == "offload")
 
 
 def _missing_deps(problem: PlanningProblem, c: Candidate, m: int, choices: Sequence[Choice]) -> list[str]:
