@@ -61,6 +61,8 @@ def optimize(
             the fields of its config (``LoraConfig``, ``PacaConfig``, ``S2ftConfig``) — unknown
             options are an error. Or the config itself (``method=memopt.PacaConfig(rank=16)``;
             options beside it override its fields), or a ``peft.LoraConfig``.
+        host_budget_gb (in ``**options``): GiB of host memory offloaded activations may hold
+            (default: this machine's RAM; ``plan.host_budget_bytes``).
         loss_fn: ``loss_fn(output, (args, kwargs)) -> scalar`` for the simulated training step;
             not needed when the model returns its own ``.loss`` (HF models given labels).
         optimizer: the optimizer the plan counts (its states and step transients, measured), a name in
