@@ -57,6 +57,7 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     from memopt.passes.layerwise import candidates
 
     sampled = {id(p) for p in candidates(model) or ()}  # layerwise sampling: every block that may have trained
+    names = {id(p): n for n, p in model.named_parameters()}  # a tied weight under its first name
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         if (p.requires_grad or id(p) in sampled) and not is_handle(p):
@@ -68,7 +69,7 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if getattr(module, "trains_quantized_weight", False):
             out[f"{name}.qweight"], out[f"{name}.qscales"] = module.qweight, module.qscales
         if getattr(module, "trains_base_weight", False):  # RSO: W holds the folded subproblems, and its step
-            out[f"{name}.base_layer.weight"], out[f"{name}.rso_step"] = module.base_layer.weight, module.rso_step
+            out[names[id(module.base_layer.weight)]], out[f"{name}.rso_step"] = module.base_layer.weight, module.rso_step
     return out
 
 
@@ -100,7 +101,8 @@ def frozen_checksum(model: nn.Module) -> list[float]:
     from memopt.passes.layerwise import candidates
 
     adapted = [name + "." for name, m in model.named_modules() if isinstance(m, WrappedLinear)]
-    sampled = {id(p) for p in candidates(model) or ()}
+    sampled = {id(p) for p in candidates(model) or ()}  # trained, saved: not part of the base checked
+    sampled |= {id(m.base_layer.weight) for m in model.modules() if getattr(m, "trains_base_weight", False)}
     total = size = 0.0
     eps = 0.0
     for name, p in model.named_parameters():

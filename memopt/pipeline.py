@@ -111,9 +111,11 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
     # The weights alone are a lower bound of any step's peak: quantize="auto" moves on without a trace.
     if weights_must_fit and (weights := weight_bytes(job.model)) > cfg.usable_bytes:
         raise WeightsExceed(weights)
-    _check_fixed(job, result)
     # The step measured (eager, every activation kept), traced as one joint graph, and solved.
-    memory, trace, activations, chosen = _plan_variants(job, result)
+    try:
+        memory, trace, activations, chosen = _plan_variants(job, result)
+    except InfeasibleBudgetError as exc:
+        raise _named_fixed(job, result, exc) or exc from None
     # The record of it all: what was done per module, per saved tensor, and what it predicts.
     if chosen:
         result = dataclasses.replace(result, notes=(*result.notes, chosen))
@@ -135,7 +137,7 @@ def _plan_variants(job: Job, result: PassResult) -> tuple[MemoryReport | None, J
     label, activate, chosen = max(planned, key=lambda v: (v[2][2].lowered, v[2][2].min_peak_bytes, v[2][2].peak_bytes))
     activate()
     others = "; ".join(f"{other}: {format_bytes(p[2].min_peak_bytes)}" for other, _, p in planned if other != label)
-    note = (f"planned for {label}, the costliest of {len(planned)} states the model will be in (smallest peak "
+    note = (f"planned for {label}, the costliest of the {len(planned)} states planned (smallest peak "
             f"{format_bytes(chosen[2].min_peak_bytes)}; {others})")
     if chosen[2].lowered:
         as_is = max(_as_is_peak(p) for _, _, p in planned) + job.config.reserve_bytes
@@ -144,22 +146,21 @@ def _plan_variants(job: Job, result: PassResult) -> tuple[MemoryReport | None, J
     return (*chosen, note)
 
 
-def _check_fixed(job: Job, result: PassResult) -> None:
-    """What the method adds whatever the plan (RandLoRA's bases, RSO's projections) must fit beside
-    the weights: else the error names it, its bytes and the limit, before anything is traced."""
+def _named_fixed(job: Job, result: PassResult, exc: InfeasibleBudgetError) -> InfeasibleBudgetError | None:
+    """``exc`` said first through what the method adds whatever the plan (RandLoRA's bases, RSO's
+    projections), where that and the weights alone are above the usable budget; else None."""
     cfg = job.config
+    weights = weight_bytes(job.model)
     for label, nbytes in result.fixed:
-        weights = weight_bytes(job.model)
         if weights + nbytes > cfg.usable_bytes:
-            need = weights + nbytes + cfg.reserve_bytes
-            raise InfeasibleBudgetError(
+            return InfeasibleBudgetError(
                 f"{label} take {format_bytes(nbytes)} by themselves; with the model's weights "
                 f"({format_bytes(weights)}) that is above the {format_bytes(cfg.usable_bytes)} usable of "
-                f"budget_gb={cfg.budget_gb:g} before any activation: a budget of at least {format_bytes(need)} is "
-                "needed, or target fewer or smaller layers (target_modules= / exclude_modules=)",
-                predicted_bytes=weights + nbytes, budget_bytes=cfg.budget_bytes,
-                breakdown={"parameters": weights, "buffers": nbytes}, min_budget_bytes=need)
-
+                f"budget_gb={cfg.budget_gb:g} before any activation: raise the budget, or target fewer or smaller "
+                f"layers (target_modules= / exclude_modules=). {exc.message}",
+                predicted_bytes=exc.predicted_bytes, budget_bytes=exc.budget_bytes, breakdown=exc.breakdown,
+                min_budget_bytes=exc.min_budget_bytes)
+    return None
 
 def _as_is_peak(planned: tuple[MemoryReport | None, JointTrace, ActivationPlan]) -> int:
     """The model as it is: the simulated eager step's peak, else the trace's with everything kept."""

@@ -19,11 +19,13 @@ What the public code gets wrong and this does not:
   switches after ``switch_every`` updates. The count is saved in the optimizer's ``state_dict``
   (``"memopt_layerwise"``), so a resumed run switches when the original would have.
 
-The plan budgets the worst-case active set: the γ blocks with the most parameters, ties broken
-toward the last blocks (their gradients are made first in backward, while most saved activations
-are still alive). Which blocks are active is only ``requires_grad``: the model as it is runs the
-next set with no re-trace; a lowered step (recompute, offload) re-traces its backward for each
-distinct active set.
+The plan is made for two active sets and keeps the costlier: the γ blocks with the most parameters
+(ties broken toward the last blocks, whose gradients are made first in backward, while most saved
+activations are still alive) and the first γ blocks (whose saved inputs live longest); with equal
+blocks these are the extremes of the sets the sampler draws, not every set. Which blocks are
+active is only ``requires_grad``: the model as it is runs the next set with no re-trace; a lowered
+step (recompute, offload) re-plans and re-traces for each new active set (a set that does not fit
+is the budget's error then, not a silent overrun).
 """
 
 from __future__ import annotations
@@ -200,6 +202,19 @@ def outlier_ratios(model: nn.Module, graph: ModelGraph, threshold: float) -> lis
     return ratios
 
 
+def draw_probabilities(ratios: list[float] | None, blocks: int, active: int) -> torch.Tensor:
+    """Each block's probability of being drawn: ∝ its outlier ratio (OwLore), uniform without ratios
+    or when all are 0. Blocks with a ratio of 0 get 1 % of the smallest positive one, so a draw of
+    ``active`` distinct blocks fills from them at random when fewer have outliers (a draw without
+    replacement would otherwise take the same zero-weight blocks every time)."""
+    if ratios is None or sum(ratios) == 0:
+        return torch.full((blocks,), 1.0 / blocks)
+    weights = torch.tensor(ratios, dtype=torch.float64)
+    if int((weights > 0).sum()) < blocks:
+        weights = torch.where(weights > 0, weights, weights[weights > 0].min() / 100)
+    return (weights / weights.sum()).float()
+
+
 def apply_layerwise(model: nn.Module, graph: ModelGraph, cfg: LisaConfig, log: RewriteLog) -> PassResult:
     """Freeze the model but the embeddings and head (as configured) and the worst-case active set,
     and attach the sampler that switches blocks (module docstring)."""
@@ -221,8 +236,7 @@ def apply_layerwise(model: nn.Module, graph: ModelGraph, cfg: LisaConfig, log: R
     if cfg.train_head:
         always += [p for name in heads for p in model.get_submodule(name).parameters()]
     ratios = outlier_ratios(model, graph, cfg.outlier_threshold) if isinstance(cfg, OwloreConfig) else None
-    weights = torch.tensor(ratios if ratios is not None and sum(ratios) > 0 else [1.0] * len(blocks))
-    probabilities = weights / weights.sum()
+    probabilities = draw_probabilities(ratios, len(blocks), cfg.active_layers)
     size = [sum(p.numel() for p in ps) for _, ps in params]
     planned = tuple(sorted(sorted(range(len(params)), key=lambda i: (size[i], i))[-cfg.active_layers:]))
     sampler = LayerSampler(params, always, probabilities, cfg)
@@ -257,11 +271,15 @@ def apply_layerwise(model: nn.Module, graph: ModelGraph, cfg: LisaConfig, log: R
     elif sum(ratios) == 0:
         how = f"uniformly: no block has a Wanda score above M = {cfg.outlier_threshold:g} × its mean"
     else:
-        how = f"by outlier ratio (M = {cfg.outlier_threshold:g}): " + ", ".join(f"{r:.4f}" for r in ratios)
+        how = f"by outlier ratio (M = {cfg.outlier_threshold:g}): " + ", ".join(f"{r:.3g}" for r in ratios) + \
+            (" (blocks without outliers are drawn at 1 % of the smallest ratio)" if 0 in ratios else "")
+    tied = cfg.train_head and not cfg.train_embeddings and any(p.requires_grad for m in _input_embeddings(model)
+                                                               for p in m.parameters())
+    embeddings = "train" if cfg.train_embeddings else "train with it (tied to it)" if tied else "frozen"
     notes = (f"{label}: {cfg.active_layers} of {len(blocks)} blocks train at a time, drawn {how}, switched every "
              f"{cfg.switch_every} optimizer steps by the optimizer from make_optimizer (it holds every block; the "
-             "state of a block frozen again is freed); embeddings "
-             f"{'train' if cfg.train_embeddings else 'frozen'}, LM head {'trains' if cfg.train_head else 'frozen'}; "
+             f"state of a block frozen again is freed); LM head {'trains' if cfg.train_head else 'frozen'}, "
+             f"embeddings {embeddings}; "
              "the per-layer table counts each sampled layer's parameters as when its block is drawn",)
     first = tuple(range(cfg.active_layers))
 

@@ -158,7 +158,10 @@ class OptimizedModel(nn.Module):
             except PlanMismatchError as exc:
                 if self._replan is None:
                     raise
-                self._replan_for(args, kwargs, str(exc).splitlines()[0])
+                sampler = layerwise.sampler_of(self.model)
+                why = str(exc).splitlines()[0] if sampler is None else \
+                    f"layerwise sampling switched to blocks {sampler.active}, another program than the one planned"
+                self._replan_for(args, kwargs, why)
                 output = self.model(*args, **kwargs) if self.runtime is None else self.runtime(*args, **kwargs)
         self._plans[key] = (self._plan, self.runtime)
         while len(self._plans) > _MAX_PLANS:
@@ -342,9 +345,9 @@ class OptimizedModel(nn.Module):
         PaCA's original columns, S²FT's base weights) — e.g. a DPO reference model's logits."""
         from memopt.passes.base import WrappedLinear
 
-        if rso.rso_layers(self.model):
-            raise MemoptError("RSO trains the weights themselves (each subproblem's B·P is folded into W), so there "
-                              "is no adapter to switch off: keep a copy of the base model for the original function")
+        if rso.rso_layers(self.model) or layerwise.sampler_of(self.model) is not None:
+            raise MemoptError(f"{self.plan.method} trains the weights themselves, so there is no adapter to switch "
+                              "off: keep a copy of the base model for the original function (e.g. a DPO reference)")
         layers = [m for m in self.model.modules() if isinstance(m, WrappedLinear) and hasattr(m, "enabled")]
         before = [m.enabled for m in layers]
         for m in layers:

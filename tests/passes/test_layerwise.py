@@ -43,7 +43,7 @@ def test_the_plan_trains_the_embeddings_head_and_the_costliest_active_set(base):
     last = len(blocks) - 1
     # planned for the first and the last block active; the model is left in the costlier
     note = next(n for n in optimized.plan.notes if n.startswith("planned for"))
-    assert "the costliest of 2 states the model will be in" in note
+    assert "the costliest of the 2 states planned" in note
     assert f"model.layers.{last} active" in note and "model.layers.0 active" in note
     chosen = sampler.active
     assert chosen in ((0,), (last,)) and note.startswith(f"planned for model.layers.{chosen[0]} active")
@@ -129,8 +129,8 @@ def test_owlore_draws_blocks_by_their_outlier_ratio(base):
         planted.model.layers[0].mlp.up_proj.weight[:4, :4] *= 1000
     optimized = memopt.optimize(planted, 1, batch, method="owlore", active_layers=1, switch_every=1, device="cpu")
     sampler = sampler_of(optimized.model)
-    assert sampler.probabilities[0] == 1.0 and float(sampler.probabilities[1:].sum()) == 0.0
-    assert all(sampler.draw(k) == (0,) for k in range(5))
+    assert sampler.probabilities[0] > 0.97  # the others have no outliers: 1 % of its ratio each
+    assert sum(sampler.draw(k) == (0,) for k in range(100)) >= 90
     note = next(n for n in optimized.plan.notes if n.startswith("OwLore"))
     assert "drawn by outlier ratio (M = 13)" in note
     # the ratio itself: the fraction of |W_ij|·‖X_j‖ above 13 × the mean, on the block's layers
@@ -215,3 +215,24 @@ def test_save_reload_keeps_every_block_trained_so_far(base, tmp_path):
     merged = optimized.merge(inplace=False)
     with torch.no_grad():
         assert torch.equal(merged(**batch).logits, trained)
+
+
+def test_owlore_fills_a_draw_from_blocks_without_outliers_at_random():
+    from memopt.passes.layerwise import draw_probabilities
+
+    p = draw_probabilities([0.0, 0.0, 0.0, 0.02], 4, 2)
+    assert p[3] > 0.97 and torch.all(p[:3] > 0) and torch.allclose(p[:3], p[0].expand(3))
+    assert torch.equal(draw_probabilities([0.0] * 3, 3, 1), torch.full((3,), 1 / 3))
+    assert torch.equal(draw_probabilities(None, 2, 1), torch.full((2,), 0.5))
+    from memopt.passes.layerwise import LayerSampler
+
+    sampler = LayerSampler([(str(i), []) for i in range(4)], [], p, memopt.OwloreConfig(active_layers=2))
+    draws = {sampler.draw(k) for k in range(20)}
+    assert all(3 in d for d in draws) and len(draws) > 1
+
+
+def test_disable_adapter_is_refused(base):
+    optimized = _lisa(base)
+    with pytest.raises(memopt.MemoptError, match="lisa trains the weights themselves, so there is no adapter"):
+        with optimized.disable_adapter():
+            pass

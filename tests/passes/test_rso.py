@@ -188,6 +188,29 @@ def test_bad_input_and_what_rso_cannot_do(planned):
         memopt.RsoConfig(resample_every=0)
     with pytest.raises(ValueError, match="RSO folds B·P into each weight every subproblem"):
         memopt.optimize(copy.deepcopy(model), 1, batch, method="rso", rank=8, quantize="nf4", device="cpu")
-    with pytest.raises(memopt.MemoptError, match="no adapter to switch off"):
+    with pytest.raises(memopt.MemoptError, match="rso trains the weights themselves, so there is no adapter to switch off"):
         with optimized.disable_adapter():
             pass
+
+
+def test_a_tied_lm_head_trained_by_rso_reloads(tmp_path):
+    import transformers
+
+    def tied():
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            tie_word_embeddings=True))
+
+    batch = lm_batch(tied(), batch=2, seq=16)
+    optimized = memopt.optimize(tied(), 1, batch, method="rso", rank=8, resample_every=1,
+                                target_modules=["lm_head", "q_proj"], device="cpu")
+    opt = optimized.make_optimizer(lr=1e-2)
+    for _ in range(2):  # two folds into the tied weight
+        optimized(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    optimized.save_pretrained(tmp_path)
+    reloaded = memopt.from_pretrained(tied(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, optimized(**batch).logits)
