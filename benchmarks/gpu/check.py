@@ -1,0 +1,258 @@
+"""The GPU check kit: one script, one table, the ground truth for kernels, the allocator and streams.
+
+Run it whenever a GPU is at hand (≤ 8 minutes on one H100/H200); ``--cpu-smoke`` runs the same code
+at toy sizes on the CPU (CI runs it, so the kit cannot rot; under ``TRITON_INTERPRET=1`` the Triton
+kernels run through Triton's interpreter):
+
+    python benchmarks/gpu/check.py                        # on a GPU
+    TRITON_INTERPRET=1 python benchmarks/gpu/check.py --cpu-smoke
+
+Checks, one row each (``ok`` or ``FAIL`` and the numbers):
+
+1. **kernels** — the PaCA and dequant-matmul (NF4, int8) Triton kernels against their torch
+   references in fp16 and bf16 (fp32 in the smoke run): max error relative to the output's scale,
+   and time against the reference (a ratio; GPU only, CUDA events).
+2. **planned steps** — a Llama (≈1B on a GPU: hidden 2048, 16 layers, batch 1 × 2048; toy in the
+   smoke run) planned by ``memopt.optimize`` at three budgets (the smallest feasible, between, and
+   keeping everything): the real step's peak — ``torch.cuda.max_memory_allocated`` above what was
+   allocated before it, on a GPU; memopt's tracker on the CPU — against the plan's prediction, and
+   the step time against HF gradient checkpointing on the same model.
+3. **offload** — a plan that offloads, on CUDA: its step time against the plan's prediction of
+   exposed copy time (a failed overlap shows as time, not memory). Skipped without CUDA.
+4. **compiled** — the same planned step through Inductor (``compile=True``): peak against the plan.
+5. **QLoRA long context** — NF4 LoRA r32 on a Llama-3.1-8B-shaped model (random weights) at a long
+   sequence, real peak against predicted (GPU; a toy NF4 model in the smoke run).
+
+Not here yet: cut cross-entropy (issue 15 has it to build). The exit status is 1 if any row fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import memopt  # noqa: E402
+from memopt.memory.tracker import MemoryTracker  # noqa: E402
+
+MIB = 2**20
+TOLERANCE = 0.02  # a real peak may differ from the prediction by this fraction (allocator rounding, workspace)
+
+
+@dataclass
+class Row:
+    check: str
+    ok: bool | None  # None: skipped
+    detail: str
+
+
+def _llama(hidden: int, layers: int, vocab: int, intermediate: int, heads: int, kv_heads: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                                   max_position_embeddings=131072, use_cache=False)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _batch(vocab: int, batch: int, seq: int, device: str) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _time(fn: Callable[[], object], cuda: bool, repeat: int = 5) -> float:
+    """Median seconds of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+# ----------------------------------------------------------------------------- 1. kernels
+
+def check_kernels(cuda: bool, smoke: bool) -> list[Row]:
+    from memopt.kernels.dequant import dequant_matmul_reference, dequant_matmul_triton
+    from memopt.kernels.paca import Blocks, paca_forward_reference, paca_forward_triton, triton_available
+    from memopt.passes.quant_format import quantize_int8, quantize_nf4
+
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if not triton_available() or not (cuda or interpreted):
+        return [Row("kernels", None, "skipped: needs CUDA, or TRITON_INTERPRET=1 for the interpreter")]
+    device = "cuda" if cuda else "cpu"
+    m, k, n, r = (37, 41, 24, 5) if smoke else (4096, 4096, 11008, 64)
+    blocks = Blocks(m=16, n=16, k=16, group_m=2, num_warps=1, num_stages=1) if smoke else None
+    dtypes = (torch.float32,) if smoke else (torch.float16, torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for dtype in dtypes:
+        # the output rounds once to dtype; the references sum in another order: a few ulps of the scale
+        limit = 1e-4 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps * (k ** 0.5)
+        x = torch.randn(m, k, generator=gen).to(device, dtype)
+        w = torch.randn(n, k, generator=gen).to(device, dtype)
+        idx = torch.randperm(k, generator=gen)[:r].to(device)
+        got, gathered = paca_forward_triton(x, w, None, idx, "linear", blocks=blocks)
+        ref, ref_gathered = paca_forward_reference(x, w, None, idx, "linear")
+        err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+        ok = err <= limit and torch.equal(gathered, ref_gathered)
+        speed = ""
+        if cuda:
+            ratio = _time(lambda: paca_forward_triton(x, w, None, idx, "linear"), cuda) / \
+                _time(lambda: paca_forward_reference(x, w, None, idx, "linear"), cuda)
+            speed = f", time {ratio:.2f}x torch"
+        rows.append(Row(f"kernel paca {str(dtype)[6:]}", ok, f"max error {err:.2e} of the scale (limit {limit:.1e})"
+                                                               f"{speed}"))
+        for fmt, quantize in (("nf4", quantize_nf4), ("int8", quantize_int8)):
+            qw = quantize(torch.randn(n, k, generator=gen))
+            data, scales = qw.data.to(device), qw.scales().to(device)
+            args = (x, qw.fmt, data, scales, qw.shape, qw.block, None, True)
+            got = dequant_matmul_triton(*args, blocks=blocks)
+            ref = dequant_matmul_reference(*args)
+            err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
+            speed = ""
+            if cuda:
+                ratio = _time(lambda: dequant_matmul_triton(*args), cuda) / _time(lambda: dequant_matmul_reference(*args),
+                                                                                  cuda)
+                speed = f", time {ratio:.2f}x torch (dequantize + matmul)"
+            rows.append(Row(f"kernel dequant-matmul {fmt} {str(dtype)[6:]}", err <= limit,
+                            f"max error {err:.2e} of the scale (limit {limit:.1e}){speed}"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2-5. planned steps
+
+def _real_peak(optimized: torch.nn.Module, batch: dict, cuda: bool) -> tuple[int, float]:
+    """(the peak of one steady-state step above what was allocated before it, its median time)."""
+    opt = optimized.make_optimizer(lr=1e-4) if hasattr(optimized, "make_optimizer") else \
+        torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        optimized(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # trace, then the steady state (optimizer state exists)
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:  # memopt's tracker counts every category, as the plan does
+        with MemoryTracker(optimized, opt, inputs=batch) as tracker:
+            step()
+        peak = tracker.report().peak_bytes
+    return peak, _time(step, cuda, repeat=3)
+
+
+def _compare(name: str, plan: memopt.Plan, measured: int, cuda: bool, extra: str = "") -> Row:
+    """On CUDA the step's rise above what existed before it (``max_memory_allocated``) against the plan's
+    peak less what is resident (parameters, buffers, inputs, optimizer state); on the CPU whole peaks."""
+    predicted = plan.predicted_peak_bytes - (plan.static.resident if cuda else 0)
+    off = (measured - predicted) / max(predicted, 1)
+    what = "step rise" if cuda else "peak"
+    return Row(name, measured <= predicted * (1 + TOLERANCE),
+               f"{what} measured {measured / MIB:.2f} MiB, predicted {predicted / MIB:.2f} MiB ({100 * off:+.2f} %)"
+               + extra)
+
+
+def check_planned(cuda: bool, smoke: bool) -> list[Row]:
+    device = "cuda" if cuda else "cpu"
+    shape = dict(hidden=64, layers=3, vocab=96, intermediate=128, heads=4, kv_heads=4) if smoke else \
+        dict(hidden=2048, layers=16, vocab=32000, intermediate=5632, heads=16, kv_heads=16)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    base = _llama(**shape).to(device, dtype)
+    batch = _batch(shape["vocab"], 2 if smoke else 1, 64 if smoke else 2048, device)
+    target = "cpu" if smoke else "cuda"
+    probe = memopt.optimize(copy.deepcopy(base), 512, batch, method="lora", rank=16, device=target).plan
+    low, high = probe.min_budget_bytes, probe.predicted_peak_bytes + probe.reserve_bytes
+    rows = []
+    hf = copy.deepcopy(base)
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from peft import LoraConfig, get_peft_model
+
+    hf = get_peft_model(hf, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
+    _, hf_time = _real_peak(hf, batch, cuda)
+    for label, fraction in (("smallest", 0.0), ("between", 0.4), ("keep all", 1.0)):
+        budget = (low + fraction * (high - low)) / 2**30
+        optimized = memopt.optimize(copy.deepcopy(base), budget, batch, method="lora", rank=16, device=target)
+        measured, seconds = _real_peak(optimized, batch, cuda)
+        rows.append(_compare(f"planned step @ {label}", optimized.plan, measured, cuda,
+                             f"; step {seconds:.3f} s, HF checkpointing {hf_time:.3f} s ({seconds / hf_time:.2f}x)"))
+        if fraction == 0.4:
+            compiled = memopt.optimize(copy.deepcopy(base), budget, batch, method="lora", rank=16, device=target,
+                                       compile=True)
+            measured, seconds = _real_peak(compiled, batch, cuda)
+            rows.append(_compare("compiled step @ between", compiled.plan, measured, cuda, f"; step {seconds:.3f} s"))
+    if cuda:
+        pc = memopt.PlannerConfig(allow_recompute=False)
+        probe = memopt.optimize(copy.deepcopy(base), 512, batch, method="lora", rank=16, device=target, planner=pc).plan
+        budget = (probe.min_budget_bytes + 0.3 * (probe.predicted_peak_bytes + probe.reserve_bytes
+                                                  - probe.min_budget_bytes)) / 2**30
+        optimized = memopt.optimize(copy.deepcopy(base), budget, batch, method="lora", rank=16, device=target,
+                                    planner=pc)
+        measured, seconds = _real_peak(optimized, batch, cuda)
+        keep = memopt.optimize(copy.deepcopy(base), 512, batch, method="lora", rank=16, device=target)
+        _, keep_seconds = _real_peak(keep, batch, cuda)
+        exposed = optimized.plan.exposed_transfer_us / 1e6
+        rows.append(_compare("offload step", optimized.plan, measured, cuda,
+                             f"; {optimized.plan.bytes_by_action()['offload'] / MIB:.0f} MiB offloaded, step "
+                             f"{seconds:.3f} s vs {keep_seconds:.3f} s keeping all (predicted exposed copies "
+                             f"{exposed:.3f} s)"))
+    else:
+        rows.append(Row("offload step", None, "skipped: needs CUDA (copies to host overlap only on a GPU)"))
+    return rows
+
+
+def check_qlora(cuda: bool, smoke: bool) -> list[Row]:
+    device = "cuda" if cuda else "cpu"
+    shape = dict(hidden=64, layers=2, vocab=96, intermediate=128, heads=4, kv_heads=2) if smoke else \
+        dict(hidden=4096, layers=32, vocab=128256, intermediate=14336, heads=32, kv_heads=8)
+    seq = 128 if smoke else 32768
+    base = _llama(**shape).to(device, torch.float32 if smoke else torch.bfloat16)
+    batch = _batch(shape["vocab"], 1, seq, device)
+    target = "cpu" if smoke else "cuda"
+    budget = 1 if smoke else 70
+    optimized = memopt.optimize(base, budget, batch, method="lora", rank=32, quantize="nf4", device=target)
+    measured, seconds = _real_peak(optimized, batch, cuda)
+    return [_compare(f"QLoRA nf4 r32 1x{seq}", optimized.plan, measured, cuda, f"; step {seconds:.3f} s")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (what CI runs)")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.cpu_smoke
+    if not cuda and not args.cpu_smoke:
+        parser.error("no CUDA device: run on a GPU, or pass --cpu-smoke")
+    start = time.perf_counter()
+    rows = [*check_kernels(cuda, args.cpu_smoke), *check_planned(cuda, args.cpu_smoke),
+            *check_qlora(cuda, args.cpu_smoke)]
+    device = torch.cuda.get_device_name() if cuda else "CPU (smoke run: toy sizes)"
+    print(f"memopt GPU check kit on {device}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s")
+    width = max(len(r.check) for r in rows)
+    for r in rows:
+        status = "skip" if r.ok is None else "ok" if r.ok else "FAIL"
+        print(f"{r.check:<{width}}  {status:<4}  {r.detail}")
+    return 1 if any(r.ok is False for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
