@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import time
@@ -112,8 +113,8 @@ def check_kernels(cuda: bool, smoke: bool) -> list[Row]:
         ok = err <= limit and torch.equal(gathered, ref_gathered)
         speed = ""
         if cuda:
-            ratio = _time(lambda: paca_forward_triton(x, w, None, idx, "linear"), cuda) / \
-                _time(lambda: paca_forward_reference(x, w, None, idx, "linear"), cuda)
+            ratio = _time(functools.partial(paca_forward_triton, x, w, None, idx, "linear"), cuda) / \
+                _time(functools.partial(paca_forward_reference, x, w, None, idx, "linear"), cuda)
             speed = f", time {ratio:.2f}x torch"
         rows.append(Row(f"kernel paca {str(dtype)[6:]}", ok, f"max error {err:.2e} of the scale (limit {limit:.1e})"
                                                                f"{speed}"))
@@ -126,8 +127,8 @@ def check_kernels(cuda: bool, smoke: bool) -> list[Row]:
             err = float((got.float() - ref.float()).abs().max() / ref.float().abs().max())
             speed = ""
             if cuda:
-                ratio = _time(lambda: dequant_matmul_triton(*args), cuda) / _time(lambda: dequant_matmul_reference(*args),
-                                                                                  cuda)
+                ratio = _time(functools.partial(dequant_matmul_triton, *args), cuda) / \
+                    _time(functools.partial(dequant_matmul_reference, *args), cuda)
                 speed = f", time {ratio:.2f}x torch (dequantize + matmul)"
             rows.append(Row(f"kernel dequant-matmul {fmt} {str(dtype)[6:]}", err <= limit,
                             f"max error {err:.2e} of the scale (limit {limit:.1e}){speed}"))
