@@ -5,7 +5,8 @@ The corpus exists offline on every machine (the stdlib's ``.py`` files), tokenis
 marked below. The default budget, 0.075 GiB, is below the 99 MiB a step needs with every
 activation kept, so the plan recomputes some and the returned model carries that out; the last
 lines check the predicted peak against a measured real step. Run with ``make demo`` (or
-``python examples/finetune.py --steps 40 --budget-gb 1`` to keep everything).
+``python examples/finetune.py --steps 40 --budget-gb 1`` to keep everything; ``--method rso``,
+``randlora``, ``lisa`` or ``owlore`` for the founding papers' other methods).
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import memopt
 from memopt.memory import MemoryTracker
+
+
+# Each method's options at this size (the README's "Subspaces and sampled layers" says what they mean).
+METHODS = {
+    "lora": {"rank": 16, "alpha": 32},
+    "randlora": {"rank": 32, "alpha": 640},
+    "rso": {"rank": 16, "resample_every": 20},
+    "lisa": {"active_layers": 1, "switch_every": 10},
+    "owlore": {"active_layers": 1, "switch_every": 10, "optimizer": "galore-adamw", "optimizer_options": {"rank": 32}},
+}
 
 
 def stdlib_bytes(limit: int) -> torch.Tensor:
@@ -48,6 +59,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--budget-gb", type=float, default=0.075)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--method", default="lora", choices=sorted(METHODS),
+                        help="lora (the default), or one of the founding papers' other methods")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -59,11 +72,15 @@ def main() -> None:
     print(f"corpus: {len(tokens):,} bytes of the Python standard library")
 
     # The one memopt line: LoRA on every linear layer, planned for the budget, on this batch shape.
-    model = memopt.optimize(model, budget_gb=args.budget_gb, example_inputs=next(data), method="lora", rank=16, alpha=32)
+    model = memopt.optimize(model, budget_gb=args.budget_gb, example_inputs=next(data), method=args.method,
+                            **METHODS[args.method])
     print(model.summary())
     model.print_trainable_parameters()
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    if args.method == "lora":
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    else:  # RSO's subproblems and LISA's / OwLore's switches happen in the steps of memopt's optimizer
+        optimizer = model.make_optimizer(lr=args.lr)
     start, window = time.perf_counter(), []
     for step in range(1, args.steps + 1):
         loss = model(**next(data)).loss

@@ -34,6 +34,17 @@ def test_the_demo_runs_and_its_plan_matches_its_measurement():
     assert measured <= predicted <= 0.06 * 1024  # MiB: the plan holds, inside the budget
 
 
+@pytest.mark.parametrize("method", ["rso", pytest.param("lisa", marks=pytest.mark.slow),
+                                    pytest.param("owlore", marks=pytest.mark.slow),
+                                    pytest.param("randlora", marks=pytest.mark.slow)])
+def test_the_demo_trains_each_founding_method_inside_its_plan(method):
+    out = _run("finetune.py", "--steps", "2", "--batch", "4", "--seq", "64", "--budget-gb", "0.5", "--method", method)
+    assert f"method={method}" in out and "step   1" in out
+    line = next(line for line in out.splitlines() if line.startswith("peak of a real step"))
+    measured, predicted = (float(line.split(word)[1].split()[0]) for word in ("measured", "predicted"))
+    assert measured <= predicted * 1.001  # the plan holds for this method's step too
+
+
 def test_the_hf_trainer_example_trains_and_checkpoints_only_the_trained_tensors():
     pytest.importorskip("transformers")
     out = _run("hf_trainer.py", "--steps", "2")
