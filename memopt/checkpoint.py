@@ -54,13 +54,10 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable parameter (a tied one once, under its first name), every method buffer, and
     the codes and scales of each trainable int8 weight (in place of its memory-free handle)."""
     from memopt.passes.int8train import is_handle
-    from memopt.passes.layerwise import candidates
-
-    sampled = {id(p) for p in candidates(model) or ()}  # layerwise sampling: every block that may have trained
-    names = {id(p): n for n, p in model.named_parameters()}  # a tied weight under its first name
+    trained = _trained_without_grad(model)
     out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if (p.requires_grad or id(p) in sampled) and not is_handle(p):
+    for name, p in model.named_parameters():  # a tied weight once, under its first name
+        if (p.requires_grad or id(p) in trained) and not is_handle(p):
             out[name] = p
     for name, b in model.named_buffers():
         if name.rpartition(".")[2] in METHOD_BUFFERS:
@@ -68,9 +65,18 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if getattr(module, "trains_quantized_weight", False):
             out[f"{name}.qweight"], out[f"{name}.qscales"] = module.qweight, module.qscales
-        if getattr(module, "trains_base_weight", False):  # RSO: W holds the folded subproblems, and its step
-            out[names[id(module.base_layer.weight)]], out[f"{name}.rso_step"] = module.base_layer.weight, module.rso_step
+        if getattr(module, "trains_base_weight", False):  # RSO: its W is saved above; its step count here
+            out[f"{name}.rso_step"] = module.rso_step
     return out
+
+
+def _trained_without_grad(model: nn.Module) -> set[int]:
+    """Parameters (by id) that training changes though they may not require grad now: every block
+    layerwise sampling may have trained, and each base weight RSO folds its updates into."""
+    from memopt.passes.layerwise import candidates
+
+    trained = {id(p) for p in candidates(model) or ()}
+    return trained | {id(m.base_layer.weight) for m in model.modules() if getattr(m, "trains_base_weight", False)}
 
 
 def base_checksums(model: nn.Module) -> dict[str, list[float]]:
@@ -98,15 +104,12 @@ def frozen_checksum(model: nn.Module) -> list[float]:
     """[sum, sum of |w|, eps] over every frozen parameter outside the adapted layers (embeddings,
     norms, the LM head, layers left alone); eps: the coarsest dtype's machine epsilon among them."""
     from memopt.passes.base import WrappedLinear
-    from memopt.passes.layerwise import candidates
-
     adapted = [name + "." for name, m in model.named_modules() if isinstance(m, WrappedLinear)]
-    sampled = {id(p) for p in candidates(model) or ()}  # trained, saved: not part of the base checked
-    sampled |= {id(m.base_layer.weight) for m in model.modules() if getattr(m, "trains_base_weight", False)}
+    trained = _trained_without_grad(model)  # saved, so not part of the base checked
     total = size = 0.0
     eps = 0.0
     for name, p in model.named_parameters():
-        if p.requires_grad or id(p) in sampled or p.device.type == "meta" or any(name.startswith(a) for a in adapted):
+        if p.requires_grad or id(p) in trained or p.device.type == "meta" or any(name.startswith(a) for a in adapted):
             continue
         w = p.detach().double()
         total, size = total + float(w.sum()), size + float(w.abs().sum())

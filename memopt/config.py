@@ -77,6 +77,12 @@ def _normalise_targets(value: Any, what: str, allow_none: bool) -> "str | tuple[
     )
 
 
+def _normalise_target_fields(cfg: Any) -> None:
+    """A frozen config's ``target_modules`` and ``exclude_modules``, normalised in place (``_normalise_targets``)."""
+    object.__setattr__(cfg, "target_modules", _normalise_targets(cfg.target_modules, "target_modules", False))
+    object.__setattr__(cfg, "exclude_modules", _normalise_targets(cfg.exclude_modules, "exclude_modules", True))
+
+
 @dataclass(frozen=True)
 class LoraConfig(MethodConfig):
     """LoRA: y = x·Wᵀ + (alpha/rank)·dropout(x)·Aᵀ·Bᵀ with B zero-initialised (PEFT's numerics).
@@ -98,8 +104,7 @@ class LoraConfig(MethodConfig):
         if self.adapter_dtype not in ("float32", "model"):
             raise ValueError(f"adapter_dtype must be 'float32' or 'model', got {self.adapter_dtype!r}")
         _check_adapter(self)
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
-        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
+        _normalise_target_fields(self)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
 
@@ -108,10 +113,14 @@ class LoraConfig(MethodConfig):
         return self.alpha / self.rank
 
 
+def _positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+
+
 def _check_adapter(cfg: Any) -> None:
     """An adapter's ``rank`` (a positive int), ``alpha`` (a positive number) and ``dropout`` (in [0, 1))."""
-    if isinstance(cfg.rank, bool) or not isinstance(cfg.rank, int) or cfg.rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {cfg.rank!r}")
+    _positive_int(cfg.rank, "rank")
     if (isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or not math.isfinite(cfg.alpha)
             or cfg.alpha <= 0):
         raise ValueError(f"alpha must be a positive number, got {cfg.alpha!r}")
@@ -146,15 +155,8 @@ class RandLoraConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         _check_adapter(self)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
-        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
-
-
-def _positive_int(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        _check_seed(self.seed)
+        _normalise_target_fields(self)
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,7 @@ class RsoConfig(MethodConfig):
         _positive_int(self.rank, "rank")
         _positive_int(self.resample_every, "resample_every")
         _check_seed(self.seed)
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
-        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
+        _normalise_target_fields(self)
 
 
 @dataclass(frozen=True)
@@ -198,16 +199,14 @@ class PacaConfig(MethodConfig):
     exclude_modules: Any = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        _positive_int(self.rank, "rank")
         if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha)
                 or self.alpha <= 0):
             raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
         if self.selection not in ("random", "weight-norm"):
             raise ValueError(f"selection must be 'random' or 'weight-norm', got {self.selection!r}")
         _check_seed(self.seed)
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
-        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
+        _normalise_target_fields(self)
 
     @property
     def scaling(self) -> float:
@@ -270,8 +269,8 @@ class LisaConfig(MethodConfig):
     """LISA (layerwise importance sampling): every ``switch_every`` optimizer steps, ``active_layers``
     of the model's L blocks are drawn uniformly and train in full; the others are frozen. The
     embeddings and the LM head train throughout (``train_embeddings`` / ``train_head``, as the paper
-    does). The plan budgets the worst-case active set; the optimizer from ``make_optimizer`` switches
-    (``passes.layerwise``)."""
+    does). The plan is made for the first and the last ``active_layers`` blocks and keeps the
+    costlier; the optimizer from ``make_optimizer`` switches (``passes.layerwise``)."""
 
     method: ClassVar[str] = "lisa"
     active_layers: int = 2
@@ -339,8 +338,7 @@ class QuantizeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value % 2:
                 raise ValueError(f"{name} must be an even integer >= 2, got {value!r} (QLoRA uses 64 and 256)")
-        object.__setattr__(self, "target_modules", _normalise_targets(self.target_modules, "target_modules", False))
-        object.__setattr__(self, "exclude_modules", _normalise_targets(self.exclude_modules, "exclude_modules", True))
+        _normalise_target_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -24,7 +24,7 @@ from memopt.memory.inputs import input_dtypes, input_shapes
 from memopt.memory.report import MemoryReport
 from memopt.memory.simulate import OptimizerFactory, simulate_step
 from memopt.optim import OPTIMIZERS, factory, plan_notes
-from memopt.passes import PassResult, RewriteLog, check_bitsandbytes, rewrite, rso
+from memopt.passes import PassResult, RewriteLog, after_step_bytes, check_bitsandbytes, rewrite
 from memopt.passes.int8train import is_handle
 from memopt.passes.quantize import QuantLinear
 from memopt.plan import Plan
@@ -191,8 +191,8 @@ def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan
         job.say("tracing the joint forward + backward step")
         trace, joint = trace_joint_graph(job.model, job.inputs, loss_fn=job.loss_fn, optimizer=optimizer,
                                          device=cfg.device.kind, granularity=cfg.device.alloc_granularity)
-    # RSO's fold (B·P into W, at the end of a subproblem) runs after the step: its transient on top.
-    fold = rso.fold_transient_bytes(job.model)
+    # Bookkeeping after the optimizer step (RSO's fold of B·P into W): its transient on top of the step's.
+    fold, _ = after_step_bytes(job.model)
     trace = dataclasses.replace(trace, optimizer_step_bytes=trace.optimizer_step_bytes + fold)
     problem = _problem(job, trace)
     if memory is not None:  # the optimizer step runs as it is: its simulated peak
@@ -303,9 +303,9 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
                      f"every block rounded up to {cfg.device.alloc_granularity} bytes")
     notes.append("offload timing: each copy is on device for its own transfer time; queueing behind other copies "
                  "adds exposed time, not residency")
-    if fold := rso.fold_transient_bytes(model):
-        notes.append(f"RSO's fold of B·P into W at the end of each subproblem holds {format_bytes(fold)} (P in fp32 "
-                     "and one chunk of B·P), counted on top of the optimizer step's peak")
+    fold, what = after_step_bytes(model)
+    if fold:
+        notes.append(f"{what} holds {format_bytes(fold)}, counted on top of the optimizer step's peak")
     if memory is None:
         notes.append("the model as it is was not simulated (planned from the joint trace alone)")
     if activations.problem.update_in_backward:

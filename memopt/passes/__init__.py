@@ -48,7 +48,8 @@ from memopt.passes.rso import RsoDetails, RsoLinear, apply_rso, merge_rso
 from memopt.passes.s2ft import S2ftDetails, apply_s2ft, merge_s2ft
 from memopt.passes.s2ft_ops import S2ftLinear
 
-__all__ = ["PassSpec", "PASSES", "QUANTIZE", "REWRITTEN", "check_bitsandbytes", "get_pass", "register_pass",
+__all__ = ["PassSpec", "PASSES", "QUANTIZE", "REWRITTEN", "after_step_bytes", "check_bitsandbytes", "get_pass",
+           "register_pass",
            "rewrite", "DETAILS", "Int8TrainDetails", "Int8TrainLinear", "LayerwiseDetails",
            "LoraDetails", "ModuleDecision", "ModuleDetails", "PacaDetails", "PassResult",
            "QuantizeDetails", "RandLoraDetails", "RandLoraLinear", "RewriteLog", "RsoDetails", "RsoLinear",
@@ -132,6 +133,13 @@ def get_pass(method: MethodConfig | type[MethodConfig] | str) -> PassSpec:
     if config_type not in PASSES:
         raise ValueError(f"unknown method {method!r}; choose one of {sorted(c.method for c in PASSES)}")
     return PASSES[config_type]
+
+
+def after_step_bytes(model: nn.Module) -> tuple[int, str]:
+    """The most any module's bookkeeping after an optimizer step holds beside the model (RSO's fold),
+    and what it is: a module that has such work says so with ``after_step`` and ``after_step_bytes()``."""
+    found = [(m.after_step_bytes(), m.after_step) for m in model.modules() if hasattr(m, "after_step_bytes")]
+    return max(found, default=(0, ""))
 
 
 def check_bitsandbytes(method: MethodConfig) -> None:

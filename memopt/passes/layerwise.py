@@ -69,7 +69,7 @@ class LayerSampler:
         self.active_layers, self.switch_every, self.seed = cfg.active_layers, cfg.switch_every, cfg.seed
         self.step = 0  # optimizer steps taken
         self.active: tuple[int, ...] = ()
-        self.on_switch: list[Callable[[], None]] = []
+        self.on_switch: Callable[[], None] | None = None  # run after each switch (bind's)
 
     def draw(self, switch: int) -> tuple[int, ...]:
         """The blocks of switch number ``switch`` (γ distinct, by ``probabilities``), the same every time."""
@@ -89,8 +89,8 @@ class LayerSampler:
                     if optimizer is not None:
                         optimizer.state.pop(p, None)
         self.active = tuple(sorted(chosen))
-        for action in self.on_switch:
-            action()
+        if self.on_switch is not None:
+            self.on_switch()
 
     def parameters(self) -> list[nn.Parameter]:
         """Every parameter that may train (each once)."""
@@ -108,7 +108,7 @@ class LayerSampler:
         """Switch after ``optimizer``'s steps (from now on, this optimizer only; ``on_switch`` runs after
         each switch), and keep the step count in its ``state_dict``; the current switch's blocks are
         activated now."""
-        self.on_switch = [] if on_switch is None else [on_switch]
+        self.on_switch = on_switch
         self.activate(self.draw(self.step // self.switch_every), optimizer)
         optimizer.register_step_post_hook(lambda opt, args, kwargs: self.after_step(opt))
 

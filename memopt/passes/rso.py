@@ -33,7 +33,7 @@ Choices (the paper leaves them open or has no public code):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import ClassVar, Iterable
 
 import torch
 import torch.nn as nn
@@ -52,8 +52,8 @@ from memopt.passes.base import (
 )
 from memopt.passes.lora import frozen_rest, why_adapted
 
-__all__ = ["RsoDetails", "RsoLinear", "apply_rso", "attach", "draw_projection", "end_subproblem", "fold_transient_bytes",
-           "merge_rso", "rso_layers"]
+__all__ = ["RsoDetails", "RsoLinear", "apply_rso", "attach", "draw_projection", "end_subproblem", "merge_rso",
+           "rso_layers"]
 
 _FOLD_CHUNK = 2**20  # elements of B·P made at a time by the fold
 
@@ -125,6 +125,12 @@ class RsoLinear(WrappedLinear):
         """Rows of B·P the fold makes at a time (at most 2²⁰ elements)."""
         return min(self.out_features, max(1, _FOLD_CHUNK // self.in_features))
 
+    after_step = "RSO's fold of B·P into W at the end of each subproblem (P in fp32 and one chunk of B·P)"
+
+    def after_step_bytes(self) -> int:
+        """What the fold holds beside the model (``after_step``; ``passes.after_step_bytes``)."""
+        return 4 * (self.rank + self.fold_rows) * self.in_features
+
     @torch.no_grad()
     def fold(self) -> None:
         """W ← W + B·P in row chunks (module docstring); B is left as it is."""
@@ -186,11 +192,6 @@ def attach(optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Op
     return optimizer
 
 
-def fold_transient_bytes(model: nn.Module) -> int:
-    """The most a fold holds beside the model: P in fp32 and one chunk of B·P (fp32), for the largest layer."""
-    return max((4 * (layer.rank + layer.fold_rows) * layer.in_features for layer in rso_layers(model)), default=0)
-
-
 def apply_rso(model: nn.Module, graph: ModelGraph, cfg: RsoConfig, log: RewriteLog) -> PassResult:
     """Freeze every parameter and wrap each targeted Linear-like layer in an ``RsoLinear``.
 
@@ -234,7 +235,3 @@ def merge_rso(model: nn.Module) -> nn.Module:
     """Fold every ``RsoLinear``'s B·P into its weight and put the plain layer back, in place; returns ``model``."""
     return merge_wrapped(model, RsoLinear)
 
-
-def describe(model: nn.Module) -> dict[str, Any]:
-    """Each RSO layer's step and subproblem, by name (for logs and tests)."""
-    return {name: (m._steps, m.subproblem) for name, m in model.named_modules() if isinstance(m, RsoLinear)}

@@ -40,6 +40,7 @@ def greedy_plan(problem: PlanningProblem, capacity: int) -> tuple[Choice, ...]:
 def _best_move(problem: PlanningProblem, members: dict[int, list[Candidate]], choices: list[Choice],
                peak: int) -> tuple[int, str] | None:
     best, best_score = None, None
+    host_left = None if problem.host_capacity is None else problem.host_capacity - offloaded_bytes(problem, choices)
     for klass, group in members.items():
         if any(choices[c.index].action != "keep" or c.extra for c in group):
             continue
@@ -47,8 +48,7 @@ def _best_move(problem: PlanningProblem, members: dict[int, list[Candidate]], ch
         for action in ("recompute", "offload"):
             if not all(_can(problem, c, action, choices) for c in group):
                 continue
-            if action == "offload" and problem.host_capacity is not None and \
-                    offloaded_bytes(problem, choices) + sum(c.nbytes for c in group) > problem.host_capacity:
+            if action == "offload" and host_left is not None and sum(c.nbytes for c in group) > host_left:
                 continue  # the host budget is spent
             sources = {d for c in group for d in _sources_to_save(problem, c, action, choices)}
             extra = sum(e.nbytes for d in sources for e in members[problem.candidates[d].klass]

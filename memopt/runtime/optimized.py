@@ -159,8 +159,9 @@ class OptimizedModel(nn.Module):
                 if self._replan is None:
                     raise
                 sampler = layerwise.sampler_of(self.model)
-                why = str(exc).splitlines()[0] if sampler is None else \
-                    f"layerwise sampling switched to blocks {sampler.active}, another program than the one planned"
+                why = str(exc).splitlines()[0] if sampler is None else (
+                    f"layerwise sampling switched to {', '.join(sampler.names[i] for i in sampler.active)}, another "
+                    "program than the one planned")
                 self._replan_for(args, kwargs, why)
                 output = self.model(*args, **kwargs) if self.runtime is None else self.runtime(*args, **kwargs)
         self._plans[key] = (self._plan, self.runtime)
@@ -277,40 +278,32 @@ class OptimizedModel(nn.Module):
         With ``method="rso"`` its ``step()`` also ends each subproblem on time (every
         ``resample_every`` steps: B·P folded into W, B and its state reset, a new P drawn;
         ``memopt.passes.rso``)."""
-        opt = self._make_optimizer(lr, **options)
-        on_switch = None
-        if self.plan.update_in_backward:  # the blocks drawn next get the updates inside backward
-            def on_switch() -> None:
-                in_backward.attach(self._update_owner, opt, list(dict(self.model.named_parameters()).values()))
-        layerwise.attach(opt, self.model, on_switch)  # layerwise sampling: blocks switched after the period's last step
-        return rso.attach(opt, self.model)  # RSO's subproblems end after the step that completes them
-
-    def _make_optimizer(self, lr: float | None = None, **options: Any) -> torch.optim.Optimizer:
         from memopt.optim import build
 
         # the lr planned with the optimizer's options, else 1e-3
         lr = lr if lr is not None else self.plan.optimizer_options.get("lr", 1e-3)
         max_grad_norm = options.pop("max_grad_norm", None)
+        in_backward_plan = self.plan.update_in_backward
+        if max_grad_norm is not None and not in_backward_plan:
+            raise TypeError("max_grad_norm is for plans that update inside backward; clip with "
+                            "torch.nn.utils.clip_grad_norm_ before optimizer.step() as usual")
         # every parameter that may train: under layerwise sampling, the blocks frozen now too
         params = layerwise.candidates(self.model) or [p for p in self.model.parameters() if p.requires_grad]
-        if any(is_handle(p) for p in params):  # trainable int8 weights: only memopt's update can write them
-            opt = build(self.plan.optimizer, params, self.plan.optimizer_options, per_parameter=True, lr=lr, **options)
-            if self.plan.update_in_backward:
-                opt.max_grad_norm = max_grad_norm
-                in_backward.attach(self._update_owner, opt, list(dict(self.model.named_parameters()).values()))
-            elif max_grad_norm is not None:
-                raise TypeError("max_grad_norm is for plans that update inside backward; clip with "
-                                "torch.nn.utils.clip_grad_norm_ before optimizer.step() as usual")
-            return opt
-        if not self.plan.update_in_backward:
-            if max_grad_norm is not None:
-                raise TypeError("max_grad_norm is for plans that update inside backward; clip with "
-                                "torch.nn.utils.clip_grad_norm_ before optimizer.step() as usual")
-            return build(self.plan.optimizer, params, self.plan.optimizer_options, lr=lr, **options)
-        opt = build(self.plan.optimizer, params, self.plan.optimizer_options, per_parameter=True, lr=lr, **options)
-        opt.max_grad_norm = max_grad_norm
+        # trainable int8 weights: only memopt's per-parameter update can write them
+        per_parameter = in_backward_plan or any(is_handle(p) for p in params)
+        opt = build(self.plan.optimizer, params, self.plan.optimizer_options, per_parameter=per_parameter, lr=lr,
+                    **options)
+        if in_backward_plan:
+            opt.max_grad_norm = max_grad_norm
+            self._route_updates(opt)
+        # layerwise sampling switches blocks after the period's last step (and the blocks drawn get the
+        # updates inside backward); RSO's subproblems end after the step that completes them
+        layerwise.attach(opt, self.model, (lambda: self._route_updates(opt)) if in_backward_plan else None)
+        return rso.attach(opt, self.model)
+
+    def _route_updates(self, opt: torch.optim.Optimizer) -> None:
+        """Send each trainable parameter's gradient to ``opt`` inside backward (``in_backward.attach``)."""
         in_backward.attach(self._update_owner, opt, list(dict(self.model.named_parameters()).values()))
-        return opt
 
     def parameter_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; tied parameters count once."""
