@@ -18,7 +18,7 @@ from memopt.errors import InfeasibleBudgetError
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_dtypes, input_shapes, normalize_inputs, tensor_inputs, training_kwargs
 from memopt.optim import OPTIMIZERS, OptimizerConfig
-from memopt.passes import REWRITTEN, RewriteLog, get_pass, rewrite
+from memopt.passes import REWRITTEN, RewriteLog, cut_ce, get_pass, rewrite
 from memopt.passes.quantize import QuantLinear
 from memopt.pipeline import Job
 from memopt.plan import Plan
@@ -412,6 +412,9 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     args, kwargs = _widest(bound, old.input_shapes)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)
+    labels = bound.arguments.get("labels")
+    if isinstance(labels, torch.Tensor):  # a fused head and loss cuts the widest batch into pieces as optimize did
+        cut_ce.resize(model, labels.numel())
     job = Job(model, (args, kwargs), bound, cfg, planner, loss_fn or _own_loss_or_every_output, lower=lower)
     memory, trace, activations = pipeline.plan_step(job)
     notes = tuple(n for n in old.notes if not n.startswith("re-planned")) + (

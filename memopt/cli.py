@@ -129,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--optimizer-gap", type=int, help="steps between projection refreshes (update_proj_gap)")
     plan.add_argument("--host-budget", type=float,
                       help="GiB of host memory offloaded activations may hold (default: this machine's RAM)")
+    plan.add_argument("--cut-ce", action=argparse.BooleanOptionalAction, default=None,
+                      help="fuse the LM head and the loss (cut cross-entropy; no [tokens, vocab] logits): --cut-ce "
+                           "always, --no-cut-ce never (default: when the step does not fit as it is and the fused "
+                           "step is faster)")
     plan.add_argument("--reserve", type=float, help="GiB kept free for the CUDA context (default: the device's)")
     plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per phase")
     plan.add_argument("--no-offload", action="store_true", help="never offload activations to host")
@@ -210,6 +214,7 @@ def _plan_model(args: argparse.Namespace, config: Any, options: dict[str, Any], 
     return plan_only(model, args.budget, batch, args.method, device=args.device, optimizer=args.optimizer,
                      optimizer_options=_optimizer_options(args), reserve_gb=args.reserve,
                      host_budget_gb=args.host_budget, planner=planner,
+                     cut_cross_entropy="auto" if args.cut_ce is None else args.cut_ce,
                      progress=progress, **options)
 
 

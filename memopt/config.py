@@ -389,9 +389,12 @@ class OptimizeConfig:
     reserve_gb: float | None = None
     quantize: QuantizeConfig | str | None = None
     host_budget_gb: float | None = None  # host memory offloaded activations may hold; None: this machine's RAM
+    cut_cross_entropy: bool | str = "auto"  # fuse a HF causal LM's head and loss: True, False or "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget_gb", _positive_number(self.budget_gb, "budget_gb"))
+        if not (isinstance(self.cut_cross_entropy, bool) or self.cut_cross_entropy == "auto"):
+            raise ValueError(f"cut_cross_entropy must be True, False or 'auto', got {self.cut_cross_entropy!r}")
         if self.host_budget_gb is not None:
             if isinstance(self.host_budget_gb, bool) or not isinstance(self.host_budget_gb, (int, float)) or \
                     not math.isfinite(self.host_budget_gb) or self.host_budget_gb < 0:
@@ -434,7 +437,7 @@ class OptimizeConfig:
     def from_options(cls, method: str, budget_gb: Any, *, optimizer: str = "adamw",
                      optimizer_options: Mapping[str, Any] | None = None, device: Any = "cpu",
                      reserve_gb: float | None = None, quantize: Any = None, host_budget_gb: float | None = None,
-                     **method_options: Any) -> "OptimizeConfig":
+                     cut_cross_entropy: bool | str = "auto", **method_options: Any) -> "OptimizeConfig":
         """Build from `optimize`'s keyword options; unknown options are an error, never ignored.
 
         ``method`` may be a ``peft.LoraConfig`` (its r, lora_alpha, lora_dropout, target_modules and
@@ -468,6 +471,7 @@ class OptimizeConfig:
             reserve_gb=reserve_gb,
             quantize=quantize,
             host_budget_gb=host_budget_gb,
+            cut_cross_entropy=cut_cross_entropy,
         )
 
 

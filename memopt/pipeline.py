@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch.nn as nn
+from torch import Tensor
 
 from memopt.config import GIB, OptimizeConfig, QuantizeConfig
 from memopt.errors import InfeasibleBudgetError
@@ -24,7 +25,7 @@ from memopt.memory.inputs import input_dtypes, input_shapes
 from memopt.memory.report import MemoryReport
 from memopt.memory.simulate import OptimizerFactory, simulate_step
 from memopt.optim import OPTIMIZERS, factory, plan_notes
-from memopt.passes import PassResult, RewriteLog, after_step_bytes, check_bitsandbytes, rewrite
+from memopt.passes import PassResult, RewriteLog, after_step_bytes, check_bitsandbytes, cut_ce, rewrite
 from memopt.passes.int8train import is_handle
 from memopt.passes.quantize import QuantLinear
 from memopt.plan import Plan
@@ -113,13 +114,64 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
         raise WeightsExceed(weights)
     # The step measured (eager, every activation kept), traced as one joint graph, and solved.
     try:
-        memory, trace, activations, chosen = _plan_variants(job, result)
+        memory, trace, activations, chosen, cut = _plan_with_loss(job, result, rewrites)
     except InfeasibleBudgetError as exc:
         raise _named_fixed(job, result, exc) or exc from None
     # The record of it all: what was done per module, per saved tensor, and what it predicts.
-    if chosen:
-        result = dataclasses.replace(result, notes=(*result.notes, chosen))
+    result = dataclasses.replace(result, notes=(*result.notes, *(n for n in (chosen, cut) if n)))
     return _record(job, captured, result, memory, trace, activations)
+
+
+def _plan_with_loss(job: Job, result: PassResult, rewrites: RewriteLog) -> tuple[
+        MemoryReport | None, JointTrace, ActivationPlan, str, str]:
+    """``_plan_variants``, with the LM head and loss fused by cut cross-entropy where the config says
+    (``True``), or, for ``"auto"``, where the step does not fit as it is and the fused step is faster
+    (less recompute / offload) or is the only one that fits; the last item is the plan's note on it."""
+    choice = job.config.cut_cross_entropy
+    labels = job.bound.arguments.get("labels")
+    reason = cut_ce.why_not(job.model, isinstance(labels, Tensor), job.loss_fn is not None)
+    if reason is not None or choice is False:
+        if choice is True:
+            raise ValueError(f"cut_cross_entropy=True cannot apply to {type(job.model).__name__}: {reason}")
+        said = "cut_cross_entropy=False" if reason is None else reason
+        return (*_plan_variants(job, result), "" if cut_ce.why_not(job.model, True, False) else
+                f"cut cross-entropy not applied: {said}; the step makes the whole [tokens, vocab] logits")
+    first = failure = None
+    if choice == "auto":
+        try:
+            first = _plan_variants(job, result)
+        except InfeasibleBudgetError as exc:
+            failure = exc
+        if first is not None and not first[2].lowered:
+            return (*first, "cut cross-entropy not needed: the step fits as it is, logits included")
+    chunks = cut_ce.install(job.model, labels.numel(), rewrites)
+    job.say("planning the step with cut cross-entropy (the LM head and the loss fused)")
+    try:
+        fused = _plan_variants(job, result)
+    except InfeasibleBudgetError:
+        if first is None:
+            raise
+        cut_ce.uninstall(job.model)
+        return (*first, "cut cross-entropy not applied: the fused step did not fit either")
+    applied = (f"cut cross-entropy: the LM head and the loss fused ({chunks} piece{'s' if chunks > 1 else ''} of "
+               "tokens at a time; no [tokens, vocab] logits); the training step's output.logits are not made "
+               "(cut_cross_entropy=False keeps them)")
+    if first is None:
+        return (*fused, applied + (f"; without it the step does not fit ({failure.message.splitlines()[0]})"
+                                   if failure is not None else ""))
+    if _step_us(fused[2]) < _step_us(first[2]):
+        return (*fused, f"{applied}; chosen as the faster step: {_step_us(fused[2]) / 1e3:,.1f} ms predicted, against "
+                        f"{_step_us(first[2]) / 1e3:,.1f} ms with the logits made")
+    cut_ce.uninstall(job.model)
+    memory, trace, activations, chosen = first
+    return memory, trace, activations, chosen, (
+        f"cut cross-entropy not applied: the step with the logits made is as fast ({_step_us(first[2]) / 1e3:,.1f} ms "
+        f"predicted, fused {_step_us(fused[2]) / 1e3:,.1f} ms)")
+
+
+def _step_us(activations: ActivationPlan) -> int:
+    """A plan's predicted step time: every op's time, plus recomputation and exposed copies."""
+    return sum(activations.problem.point_us) + activations.evaluation.overhead_us
 
 
 def _plan_variants(job: Job, result: PassResult) -> tuple[MemoryReport | None, JointTrace, ActivationPlan, str]:

@@ -42,7 +42,7 @@ import torch.nn as nn
 from memopt.errors import MemoptError, PlanMismatchError
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
-from memopt.passes import layerwise, rso
+from memopt.passes import cut_ce, layerwise, rso
 from memopt.passes.int8train import is_handle
 from memopt.plan import RUNTIME_ACTIONS, Action, Plan
 from memopt.plan.report import applied_lines
@@ -167,7 +167,7 @@ class OptimizedModel(nn.Module):
         self._plans[key] = (self._plan, self.runtime)
         while len(self._plans) > _MAX_PLANS:
             self._plans.popitem(last=False)
-        return output
+        return cut_ce.finish_output(self.model, output)
 
     def _replan_for(self, args: tuple, kwargs: dict, why: str, error_ok: bool = False) -> None:
         if self._replan is None or (error_ok and self._larger_inputs == "error"):
@@ -383,6 +383,7 @@ class OptimizedModel(nn.Module):
 
 
 def _merged(plain: nn.Module, flags: dict[int, bool | None]) -> nn.Module:
+    cut_ce.uninstall(plain)
     for p in plain.parameters():
         flag = flags.get(id(p))
         if flag is not None:
