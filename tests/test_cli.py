@@ -249,3 +249,17 @@ def test_max_seq_and_max_batch_find_the_largest_size_that_fits(tiny_config, caps
     assert main([*argv, "--max-batch"]) == 0
     assert "largest batch: " in capsys.readouterr().out
     assert main([*argv, "--budget", "0.0001", "--max-seq"]) == 3  # the last --budget counts: seq 16 does not fit
+
+
+def test_cut_ce_fuses_the_head_and_loss_and_no_cut_ce_keeps_the_logits(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**TINY, "vocab_size": 4096}))  # the logits dominate this step
+    plans = {}
+    for flag in ("--cut-ce", "--no-cut-ce"):
+        assert main(_plan_args(str(path), "1", flag, "--json", str(tmp_path / f"{flag}.json"))) == 0
+        plans[flag] = load_plan(tmp_path / f"{flag}.json")
+    capsys.readouterr()
+    fused, unfused = plans["--cut-ce"], plans["--no-cut-ce"]
+    assert any(n.startswith("cut cross-entropy: the LM head and the loss fused") for n in fused.notes)
+    assert any("cut cross-entropy not applied: cut_cross_entropy=False" in n for n in unfused.notes)
+    assert fused.min_budget_bytes < unfused.min_budget_bytes

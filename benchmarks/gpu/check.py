@@ -23,7 +23,12 @@ Checks, one row each (``ok`` or ``FAIL`` and the numbers):
 5. **QLoRA long context** — NF4 LoRA r32 on a Llama-3.1-8B-shaped model (random weights) at a long
    sequence, real peak against predicted (GPU; a toy NF4 model in the smoke run).
 
-Not here yet: cut cross-entropy (issue 15 has it to build). The exit status is 1 if any row fails.
+6. **cut cross-entropy** — the row kernels (log-sum-exp, gradient) against the torch reference, and
+   the fused op (``cut_cross_entropy``) against the unfused head + ``cross_entropy`` at
+   8192 tokens × vocab 128256 (toy in the smoke run): loss and gradient error, the real peak of
+   each (``torch.cuda.max_memory_allocated`` on a GPU, memopt's tracker on the CPU) and the time ratio.
+
+The exit status is 1 if any row fails.
 """
 
 from __future__ import annotations
@@ -132,6 +137,77 @@ def check_kernels(cuda: bool, smoke: bool) -> list[Row]:
                 speed = f", time {ratio:.2f}x torch (dequantize + matmul)"
             rows.append(Row(f"kernel dequant-matmul {fmt} {str(dtype)[6:]}", err <= limit,
                             f"max error {err:.2e} of the scale (limit {limit:.1e}){speed}"))
+    return rows
+
+
+# ----------------------------------------------------------------------------- 6. cut cross-entropy
+
+def check_cut_ce(cuda: bool, smoke: bool) -> list[Row]:
+    from memopt.kernels.cut_ce import (
+        cut_ce_rows_grad_reference,
+        cut_ce_rows_grad_triton,
+        cut_ce_rows_reference,
+        cut_ce_rows_triton,
+        cut_cross_entropy,
+        cut_cross_entropy_reference,
+    )
+    from memopt.kernels.paca import triton_available
+    from memopt.memory import MemoryTracker
+
+    device = "cuda" if cuda else "cpu"
+    tokens, hidden, vocab = (64, 32, 1000) if smoke else (8192, 4096, 128256)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if triton_available() and (cuda or interpreted):
+        logits = (torch.randn(min(tokens, 512), vocab, generator=gen) * 4).to(device, dtype)
+        targets = torch.randint(0, vocab, (logits.shape[0],), generator=gen).to(device)
+        lse, picked = cut_ce_rows_triton(logits, targets, -100)
+        want_lse, want_picked = cut_ce_rows_reference(logits, targets, -100)
+        scale = torch.full_like(lse, 1.0 / logits.shape[0])
+        grad = cut_ce_rows_grad_triton(logits, targets, lse, scale, -100)
+        want = cut_ce_rows_grad_reference(logits, targets, want_lse, scale, -100)
+        err = max(float((lse - want_lse).abs().max()), float((picked - want_picked).abs().max()),
+                  float((grad.float() - want.float()).abs().max() / want.float().abs().max()))
+        limit = 1e-4 if dtype == torch.float32 else 1e-2
+        rows.append(Row(f"kernel cut-CE rows {str(dtype)[6:]}", err <= limit, f"max error {err:.2e} (limit {limit:.0e})"))
+    else:
+        rows.append(Row("kernel cut-CE rows", None, "skipped: needs CUDA, or TRITON_INTERPRET=1 for the interpreter"))
+
+    h = torch.randn(tokens, hidden, generator=gen).to(device, dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=gen) / hidden ** 0.5).to(device, dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
+
+    def run(fn: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        h.grad = w.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            loss = fn(h, w, targets)
+            loss.backward()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+        else:
+            with MemoryTracker(parameters=[h, w], inputs=targets) as tracker:
+                loss = fn(h, w, targets)
+                loss.backward()
+            peak = tracker.report().peak_bytes
+        return loss.detach(), h.grad.clone(), w.grad.clone(), peak
+
+    fused, unfused = run(cut_cross_entropy), run(cut_cross_entropy_reference)
+    err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in zip(fused[1:3], unfused[1:3]))
+    loss_err = float((fused[0] - unfused[0]).abs() / unfused[0].abs())
+    limit = 1e-4 if dtype == torch.float32 else 2e-2
+    speed = ""
+    if cuda:
+        def step(fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
+            return lambda: fn(h, w, targets).backward()
+        speed = f", time {_time(step(cut_cross_entropy), cuda) / _time(step(cut_cross_entropy_reference), cuda):.2f}x"
+    rows.append(Row(f"cut CE {tokens}x{vocab} {str(dtype)[6:]}", err <= limit and loss_err <= 1e-4 and fused[3] < unfused[3],
+                    f"loss rel. error {loss_err:.1e}, gradients {err:.1e} (limit {limit:.0e}); peak "
+                    f"{fused[3] / 2**20:,.1f} MiB fused vs {unfused[3] / 2**20:,.1f} MiB unfused{speed}"))
     return rows
 
 
@@ -244,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda and not args.cpu_smoke:
         parser.error("no CUDA device: run on a GPU, or pass --cpu-smoke")
     start = time.perf_counter()
-    rows = [*check_kernels(cuda, args.cpu_smoke), *check_planned(cuda, args.cpu_smoke),
-            *check_qlora(cuda, args.cpu_smoke)]
+    rows = [*check_kernels(cuda, args.cpu_smoke), *check_cut_ce(cuda, args.cpu_smoke),
+            *check_planned(cuda, args.cpu_smoke), *check_qlora(cuda, args.cpu_smoke)]
     device = torch.cuda.get_device_name() if cuda else "CPU (smoke run: toy sizes)"
     print(f"memopt GPU check kit on {device}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s")
     width = max(len(r.check) for r in rows)
