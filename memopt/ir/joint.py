@@ -55,6 +55,7 @@ from torch.utils import flop_counter
 from torch.utils._pytree import tree_flatten, tree_leaves
 
 from memopt.errors import MemoptError, UnsupportedModelError
+from memopt.memory.hf_masks import eager_masks
 from memopt.memory.inputs import normalize_inputs
 from memopt.memory.simulate import ADAMW, LossFn, OptimizerFactory, fake_inputs, fake_like, loss_of
 from memopt.memory.tracker import MemoryTracker
@@ -304,7 +305,7 @@ def _trace_once(model: nn.Module, params: dict, buffers: dict, args: tuple, kwar
     compiled = aot_function(step, fw_compiler=_never, partition_fn=partition)
     state = _compiling_state_context() if exporting else contextlib.nullcontext()
     try:
-        with fx_traceback.preserve_node_meta(), state, module_annotations(model):
+        with fx_traceback.preserve_node_meta(), state, module_annotations(model), eager_masks(model, args, kwargs):
             compiled(params, buffers, args, kwargs)
     except _Partitioned as done:
         return done

@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_map_only
 
 from memopt.errors import MemoptError
+from memopt.memory.hf_masks import eager_masks
 from memopt.memory.inputs import normalize_inputs
 from memopt.memory.report import MemoryReport
 from memopt.memory.tracker import MemoryTracker
@@ -224,7 +225,8 @@ def _train_step(
     opt: torch.optim.Optimizer | None,
 ) -> None:
     # The output dies with this call's frame before backward, as in HF Trainer's compute_loss.
-    loss = loss_of(torch.func.functional_call(model, state, args, kwargs), args, kwargs, loss_fn)
+    with eager_masks(model, args, kwargs):
+        loss = loss_of(torch.func.functional_call(model, state, args, kwargs), args, kwargs, loss_fn)
     loss.backward()
     if opt is not None:
         opt.step()

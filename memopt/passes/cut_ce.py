@@ -34,20 +34,25 @@ from memopt.errors import MemoptError
 from memopt.kernels.cut_ce import chunks_for, cut_cross_entropy
 from memopt.passes.base import RewriteLog
 
-__all__ = ["CutLogits", "NOT_MADE", "finish_output", "install", "installed", "resize", "uninstall", "why_not"]
+__all__ = ["CutLogits", "LogitsNotMade", "NOT_MADE", "finish_output", "install", "installed", "resize", "uninstall",
+           "why_not"]
 
 NOT_MADE = ("memopt computed this training step's loss with cut cross-entropy, which never makes the "
             "[tokens, vocab] logits; to get them in training, pass cut_cross_entropy=False to memopt.optimize "
             "(memopt plan --no-cut-ce). Evaluation (torch.no_grad) and calls without labels return them as usual")
 
 
+class LogitsNotMade(MemoptError, AttributeError):
+    """Raised on any use of ``CutLogits`` (an AttributeError too, so ``hasattr(out.logits, ...)`` is False)."""
+
+
 class CutLogits:
-    """Stands for the logits a cut cross-entropy step did not make: any use raises ``MemoptError``."""
+    """Stands for the logits a cut cross-entropy step did not make: any use raises ``LogitsNotMade``."""
 
     __slots__ = ()
 
     def __getattr__(self, name: str) -> Any:
-        raise MemoptError(NOT_MADE)
+        raise LogitsNotMade(NOT_MADE)
 
     def __getitem__(self, key: Any) -> Any:
         raise MemoptError(NOT_MADE)
@@ -98,10 +103,7 @@ def why_not(model: nn.Module, labels: bool, loss_fn: bool) -> str | None:
         return "its LM head has a bias"
     if "_loss_function" in vars(model) or getattr(model, "loss_type", None) not in (None, "ForCausalLM"):
         return f"its loss is not HF's causal-LM cross-entropy (loss_type={getattr(model, 'loss_type', None)!r})"
-    if not _head_feeds_loss(type(model).forward):
-        return (f"{type(model).__name__}.forward changes the logits between lm_head and the loss (soft-capping, "
-                "scaling) or does not pass them to self.loss_function")
-    return None
+    return _head_feeds_loss(type(model).forward, type(model).__name__)
 
 
 def install(model: nn.Module, tokens: int, rewrites: RewriteLog) -> int:
@@ -111,7 +113,7 @@ def install(model: nn.Module, tokens: int, rewrites: RewriteLog) -> int:
     assert head is not None and why_not(model, True, False) is None
     state = _State(head, chunks_for(tokens, head.out_features), model.loss_function, inspect.signature(model.forward))
     state.handles = (model.register_forward_pre_hook(_arm, with_kwargs=True),
-                     model.register_forward_hook(_disarm, with_kwargs=True))
+                     model.register_forward_hook(_disarm, with_kwargs=True, always_call=True))
     # Instance attributes: the modules, their classes and the state_dict are unchanged.
     head.forward = types.MethodType(_head_forward, head)
     setattr(head, _ATTR, state)
@@ -143,18 +145,29 @@ def uninstall(model: nn.Module) -> None:
 def _arm(model: nn.Module, args: tuple, kwargs: dict) -> None:
     state = getattr(model, _ATTR)
     try:
-        labels = state.signature.bind(*args, **kwargs).arguments.get("labels")
+        bound = state.signature.bind(*args, **kwargs).arguments
     except TypeError:
-        labels = None
+        bound = {}
+    labels = bound.get("labels")
     state.armed = torch.is_grad_enabled() and isinstance(labels, torch.Tensor)
+    extra = bound.get("kwargs") if isinstance(bound.get("kwargs"), dict) else {}
+    return_dict = bound.get("return_dict", extra.get("return_dict"))
+    if return_dict is None:
+        return_dict = getattr(model.config, "return_dict", True)
+    if state.armed and return_dict is False:
+        state.armed = False
+        raise MemoptError("this model computes its loss with cut cross-entropy, which makes no logits; a tuple output "
+                          "(return_dict=False) would have no place for them: call it with return_dict=True, or pass "
+                          "cut_cross_entropy=False to memopt.optimize")
 
 
 def _disarm(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    """The output without the head's pass-through: no ``logits`` entry (``CutLogits`` outside a trace)."""
     state = getattr(model, _ATTR)
-    if state.armed and hasattr(output, "logits"):
-        output.logits = None  # not made (OptimizedModel hands back CutLogits in its place)
-    state.armed = False
-    return output
+    armed, state.armed = state.armed, False  # also when the forward raised (always_call)
+    if not armed or output is None or not hasattr(output, "logits"):
+        return output
+    return _with_logits(output, None if _traced(getattr(output, "loss", None)) else CutLogits())
 
 
 def _head_forward(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -170,10 +183,26 @@ def _loss_function(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
 
 
 def finish_output(model: nn.Module, output: Any) -> Any:
-    """``output`` with ``CutLogits`` where a cut step made no logits."""
+    """``output`` with ``CutLogits`` where a cut step made no logits (a traced step's output has none)."""
     if installed(model) and getattr(output, "logits", 0) is None and getattr(output, "loss", None) is not None:
-        output.logits = CutLogits()
+        return _with_logits(output, CutLogits())
     return output
+
+
+def _with_logits(output: Any, logits: Any) -> Any:
+    """A copy of the ``ModelOutput`` ``output`` whose ``logits`` entry is ``logits`` (None: no entry, so
+    ``out[1]`` or ``out["logits"]`` cannot find the head's pass-through)."""
+    fields = {k: v for k, v in output.items() if k != "logits"}
+    return type(output)(**fields) if logits is None else type(output)(**fields, logits=logits)
+
+
+def _traced(t: Any) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if not isinstance(t, torch.Tensor):
+        return False
+    return isinstance(t, (FakeTensor, FunctionalTensor)) or torch._is_functional_tensor(t)
 
 
 def _cut_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, chunks: int,
@@ -207,13 +236,15 @@ def _head(model: nn.Module) -> nn.Module | None:
     return head if isinstance(head, nn.Module) and hasattr(model, "loss_function") else None
 
 
-def _head_feeds_loss(forward: Callable[..., Any]) -> bool:
-    """Does ``forward`` pass ``x = self.lm_head(...)`` unchanged to ``self.loss_function(x, ...)``
-    (first argument or ``logits=x``), with no other use of ``x`` in between?"""
+def _head_feeds_loss(forward: Callable[..., Any], name: str) -> str | None:
+    """None if ``forward`` passes ``x = self.lm_head(...)`` unchanged to ``self.loss_function(x, ...)``
+    (first argument or ``logits=x``), with no other use of ``x`` in between; else why not."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError):
-        return False
+        return f"{name}.forward's source cannot be read, so memopt cannot check that the head feeds the loss directly"
+    changed = (f"{name}.forward changes the logits between lm_head and the loss (soft-capping, scaling) or does not "
+               "pass them to self.loss_function")
 
     def self_call(node: ast.AST, attr: str) -> bool:
         return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr and \
@@ -223,12 +254,12 @@ def _head_feeds_loss(forward: Callable[..., Any]) -> bool:
              and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)]
     losses = [n for n in ast.walk(tree) if self_call(n, "loss_function")]
     if len(heads) != 1 or len(losses) != 1:
-        return False
-    name, loss = heads[0].targets[0].id, losses[0]
+        return changed
+    var, loss = heads[0].targets[0].id, losses[0]
     first = loss.args[0] if loss.args else next((k.value for k in loss.keywords if k.arg == "logits"), None)
-    if not (isinstance(first, ast.Name) and first.id == name):
-        return False
+    if not (isinstance(first, ast.Name) and first.id == var):
+        return changed
     inside = {id(n) for n in ast.walk(loss)}
-    between = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name and id(n) not in inside
+    between = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == var and id(n) not in inside
                and heads[0].lineno < n.lineno <= loss.lineno]
-    return not between
+    return changed if between else None

@@ -50,6 +50,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from memopt.errors import MemoptError, UnsupportedModelError
 from memopt.ir.joint import module_annotations
 from memopt.kernels.dequant import simulating
+from memopt.memory.hf_masks import eager_masks
 from memopt.memory.inputs import input_shapes, training_kwargs
 from memopt.memory.tracker import not_counted
 from memopt.plan import Plan
@@ -123,7 +124,8 @@ class PlannedStep:
                 self._traces.move_to_end(cache_key)
                 return trace.fn(params, buffers, tensors)
         start = time.perf_counter()
-        trace, output = self._lower(args, kwargs, fake, leaves, spec, (params, buffers, tensors), device)
+        with eager_masks(self.model, args, kwargs):  # HF's masks as eager HF makes them, as the planner traced them
+            trace, output = self._lower(args, kwargs, fake, leaves, spec, (params, buffers, tensors), device)
         self.trace_seconds += time.perf_counter() - start
         self._serial += 1
         self._traces[(key, self._serial)] = trace

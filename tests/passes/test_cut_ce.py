@@ -78,14 +78,29 @@ def test_full_training_gradients_equal_the_unfused_models():
     _assert_same_step(_step(optimized, optimized.model, batch), _step(reference, reference, batch), rtol=1e-4)
 
 
-def test_the_logits_a_fused_step_did_not_make_say_how_to_get_them():
+@pytest.mark.parametrize("lowered", [False, True])
+def test_the_logits_a_fused_step_did_not_make_say_how_to_get_them(lowered):
     model = _model()
     batch = lm_batch(model, batch=2, seq=32)
-    optimized = _optimized(model, batch, cut=True, budget=8)
+    tight = 1.01 * memopt.optimize(copy.deepcopy(model), 8, batch, cut_cross_entropy=True).plan.min_budget_bytes / GIB
+    optimized = _optimized(model, batch, cut=True, budget=tight if lowered else 8)
+    assert (optimized.runtime is not None) == lowered  # the planned step (traced) or the model as it is
     out = optimized(**batch)
     with pytest.raises(MemoptError, match="cut_cross_entropy=False"):
         out.logits.argmax(-1)
+    for read in (lambda: out["logits"].shape, lambda: out[1].shape, lambda: out.to_tuple()[1].shape):
+        with pytest.raises(MemoptError, match="cut_cross_entropy=False"):  # never the head's input in their place
+            read()
+    assert not hasattr(out.logits, "shape")
     assert out.loss.requires_grad
+    bare = optimized.model(**batch)  # the HF model inside, called directly
+    with pytest.raises(MemoptError, match="cut_cross_entropy=False"):
+        bare[1].shape
+    with pytest.raises(MemoptError, match="return_dict=True"):
+        optimized(**batch, return_dict=False)
+    with pytest.raises(RuntimeError, match="outside"):  # a step that fails leaves the head as it is
+        optimized(**{**batch, "labels": batch["labels"] + 4096})
+    assert optimized.model.lm_head(torch.zeros(1, 64)).shape == (1, 4096)
     with torch.no_grad():  # evaluation returns the logits as usual
         assert optimized(**batch).logits.shape == (2, 32, 4096)
     no_labels = {k: v for k, v in batch.items() if k != "labels"}

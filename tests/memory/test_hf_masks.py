@@ -1,0 +1,79 @@
+"""HF's causal masks, planned as eager HF makes them: a batch of whole sequences (no attention_mask,
+no position ids) makes no [batch, 1, T, T] mask in the plan or in the lowered step, and the step's
+numbers equal the eager model's; a call with packed position ids keeps HF's own masking."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from memopt.memory.hf_masks import eager_masks
+from tests.models import tiny_llama
+from tests.runtime._planned import gradients, planned
+
+
+def _batch(model, batch=2, seq=32):
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _masks(plan, batch, seq):
+    return [t.name for t in plan.tensors if tuple(t.shape[-2:]) == (seq, seq) and len(t.shape) == 4]
+
+
+def test_whole_sequences_plan_and_run_without_a_mask_and_equal_the_eager_step():
+    model = tiny_llama(num_hidden_layers=3)
+    reference = copy.deepcopy(model)
+    batch = _batch(model)
+    optimized = planned(model, batch, 0.3, method="full")
+    assert _masks(optimized.plan, 2, 32) == []
+    loss, grads = gradients(optimized, optimized.model, batch)
+    ref_loss, ref_grads = gradients(reference, reference, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_position_ids_keep_hfs_masking_and_equal_the_eager_step():
+    model = tiny_llama(num_hidden_layers=3)
+    reference = copy.deepcopy(model)
+    batch = _batch(model)
+    batch["position_ids"] = torch.cat([torch.arange(16), torch.arange(16)]).expand(2, -1)  # two sequences a row
+    optimized = planned(model, batch, 0.3, method="full")
+    loss, grads = gradients(optimized, optimized.model, batch)
+    # HF reads packed position ids only without a cache, as memopt's training step runs it (use_cache=False).
+    ref_loss, ref_grads = gradients(lambda **b: reference(**b, use_cache=False), reference, batch)
+    unmasked = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}  # same positions, not packed
+    assert not torch.allclose(ref_loss, reference(**unmasked, use_cache=False).loss)  # packing masks across sequences
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
+
+
+def test_a_dry_run_plans_no_mask_at_long_context():
+    from memopt.api import plan_only
+    from memopt.cli import _hf_config, _meta_model
+
+    cfg = _hf_config("llama-2-7b")
+    cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads = 2, 256, 512, 4
+    cfg.num_key_value_heads = 4
+    model, batch = _meta_model(cfg, 1, 4096, torch.bfloat16)
+    plan = plan_only(model, 24, batch, "lora", device="rtx4090")
+    assert _masks(plan, 1, 4096) == []
+
+
+def test_only_calls_without_mask_or_position_inputs_are_changed():
+    import transformers.masking_utils as mu
+
+    model = tiny_llama()
+    original = mu.find_packed_sequence_indices
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with eager_masks(model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+        assert mu.find_packed_sequence_indices is original
+    with eager_masks(model, (), {"input_ids": ids}):
+        assert mu.find_packed_sequence_indices is not original
+        with eager_masks(model, (), {"input_ids": ids}):  # nested: restored by the outermost only
+            pass
+        assert mu.find_packed_sequence_indices is not original
+    assert mu.find_packed_sequence_indices is original
