@@ -2,7 +2,7 @@
 
 The corpus exists offline on every machine (the stdlib's ``.py`` files), tokenised as raw bytes
 (vocabulary 256). The training loop is a plain PyTorch loop; the only memopt line is the one
-marked below. The default budget, 0.075 GiB, is below the 99 MiB a step needs with every
+marked below. The default budget, 0.075 GiB, is below the 93 MiB a step needs with every
 activation kept, so the plan recomputes some and the returned model carries that out; the last
 lines check the predicted peak against a measured real step. Run with ``make demo`` (or
 ``python examples/finetune.py --steps 40 --budget-gb 1`` to keep everything; ``--method rso``,
