@@ -87,6 +87,13 @@ class MemoryReport:
             raise ValueError(f"peak_phase {self.peak_phase!r} is not one of {PHASES}")
         object.__setattr__(self, "phase_peaks", MappingProxyType(dict(self.phase_peaks)))
 
+    def __deepcopy__(self, memo: dict) -> "MemoryReport":
+        return self  # immutable (frozen, a read-only mapping): a copy of a model and its plan shares it
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.device, self.peak_bytes, self.peak, self.peak_phase, dict(self.phase_peaks),
+                             self.final))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "device": self.device,

@@ -274,3 +274,21 @@ def test_a_loss_fn_with_a_data_dependent_shape_is_named_with_the_way_out():
 
     with pytest.raises(memopt.MemoptError, match="write it with masks"):
         memopt.optimize(model, budget_gb=1, example_inputs=batch, device="cpu", loss_fn=loss_fn)
+
+
+def test_a_deep_copy_of_a_planned_model_steps_with_its_own_parameters():
+    """An EMA or reference copy: ``copy.deepcopy`` of a lowered model (plan, traced step and all)."""
+    from tests.runtime._planned import gradients, llama, planned
+
+    model, batch = llama()
+    optimized = planned(model, batch, 0.3)
+    twin = copy.deepcopy(optimized)
+    assert twin.plan.memory is optimized.plan.memory  # immutable records are shared
+    loss, grads = gradients(optimized, optimized.model, batch)
+    twin_loss, twin_grads = gradients(twin, twin.model, batch)
+    assert torch.equal(loss, twin_loss) and all(torch.equal(grads[k], twin_grads[k]) for k in grads)
+    with torch.no_grad():
+        for p in twin.model.parameters():
+            p.add_(0.01)
+    assert not torch.equal(gradients(twin, twin.model, batch)[0], loss)
+    assert torch.equal(gradients(optimized, optimized.model, batch)[0], loss)
