@@ -416,7 +416,8 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     if isinstance(labels, torch.Tensor):  # a fused head and loss cuts the widest batch into pieces as optimize did
         cut_ce.resize(model, labels.numel())
     job = Job(model, (args, kwargs), bound, cfg, planner, loss_fn or _own_loss_or_every_output, lower=lower)
-    memory, trace, activations = pipeline.plan_step(job)
+    every = pipeline.plan_every_set(job) if old.traced_trainable is not None else "not planned so"
+    memory, trace, activations = every if isinstance(every, tuple) else pipeline.plan_step(job)
     notes = tuple(n for n in old.notes if not n.startswith("re-planned")) + (
         f"re-planned for inputs {input_shapes(bound)} in {'train' if model.training else 'eval'} mode"
         f"{'' if autocast_state(cfg.device.kind) is None else ' under autocast ' + str(autocast_state(cfg.device.kind))}"
@@ -424,7 +425,8 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     step = step_plan(activations, trace_seconds=trace.trace_seconds, op_flops=[op.flops for op in trace.ops])
     return old.with_step(step, input_shapes=input_shapes(bound), input_dtypes=input_dtypes(bound), memory=memory,
                          notes=notes, fingerprint=structural_fingerprint(model), training=model.training,
-                         autocast=autocast_state(cfg.device.kind))
+                         autocast=autocast_state(cfg.device.kind),
+                         traced_trainable=pipeline.traced_trainable(model) if trace.dropped else None)
 
 
 def _own_loss_or_every_output(output: Any, inputs: Any) -> torch.Tensor:

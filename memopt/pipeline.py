@@ -7,10 +7,11 @@ the ``Job``, loops ``plan`` for ``quantize="auto"`` and hands the Plan to the ru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch.nn as nn
 from torch import Tensor
@@ -25,7 +26,7 @@ from memopt.memory.inputs import input_dtypes, input_shapes
 from memopt.memory.report import MemoryReport
 from memopt.memory.simulate import OptimizerFactory, simulate_step
 from memopt.optim import OPTIMIZERS, factory, plan_notes
-from memopt.passes import PassResult, RewriteLog, after_step_bytes, check_bitsandbytes, cut_ce, rewrite
+from memopt.passes import PassResult, RewriteLog, after_step_bytes, check_bitsandbytes, cut_ce, layerwise, rewrite
 from memopt.passes.int8train import is_handle
 from memopt.passes.quantize import QuantLinear
 from memopt.plan import Plan
@@ -177,8 +178,10 @@ def _step_us(activations: ActivationPlan) -> int:
 def _plan_variants(job: Job, result: PassResult) -> tuple[MemoryReport | None, JointTrace, ActivationPlan, str]:
     """``plan_step`` for the rewritten model, or, where the pass gives variants (states the model will
     be in, e.g. other active blocks), for each: the costliest is kept — one that must be lowered
-    first (the lowered step re-plans for the others as they come), then the highest smallest peak —
-    and the model is left in it. An infeasible variant is the budget's error."""
+    first, then the highest smallest peak — and the model is left in it. An infeasible variant is
+    the budget's error. A lowered step of a layerwise-sampled model is then planned for every
+    active set at once (``plan_every_set``); where that is not possible or does not fit, the lowered
+    step re-plans for the other sets as they come."""
     if not result.variants:
         return (*plan_step(job), "")
     planned = []
@@ -193,9 +196,83 @@ def _plan_variants(job: Job, result: PassResult) -> tuple[MemoryReport | None, J
             f"{format_bytes(chosen[2].min_peak_bytes)}; {others})")
     if chosen[2].lowered:
         as_is = max(_as_is_peak(p) for _, _, p in planned) + job.config.reserve_bytes
+        free = f"from a budget of {format_bytes(as_is)} the model runs as it is and switches at no cost"
+        try:
+            every = plan_every_set(job)
+        except InfeasibleBudgetError as exc:
+            every, why = None, f"planning every active set at once does not fit ({exc.message.splitlines()[0]})"
+        else:
+            why = "" if isinstance(every, tuple) else every
+        if isinstance(every, tuple):
+            return (chosen[0], *every[1:], every_set_note(job.model) + f"; {free}")
         note += (f"; this step is lowered, so each other state re-plans and re-traces when it comes (seconds each, "
-                 f"logged): from a budget of {format_bytes(as_is)} the model runs as it is and switches at no cost")
+                 f"logged), because {why}: {free}")
     return (*chosen, note)
+
+
+def traced_trainable(model: nn.Module) -> tuple[str, ...]:
+    """Names of every parameter a layerwise-sampled model may train (the step planned for every set)."""
+    may = {id(p) for p in layerwise.candidates(model) or ()}
+    return tuple(n for n, p in model.named_parameters() if id(p) in may)
+
+
+def every_set_note(model: nn.Module) -> str:
+    sampler = layerwise.sampler_of(model)
+    assert sampler is not None
+    held = ", ".join(sampler.names[i] for i in sampler.worst_case)
+    return (f"planned for every active set at once: one lowered step in which every sampled block is traced as "
+            f"trainable, and the backward of a call leaves out the gradients of the blocks frozen then (their "
+            f"weight-gradient ops); its peak bounds every set of {sampler.active_layers} blocks by the set whose "
+            f"gradients are made first ({held}), so a switch re-plans and re-traces nothing")
+
+
+@contextlib.contextmanager
+def _every_block_trainable(model: nn.Module) -> Iterator[tuple[frozenset[str], str]]:
+    """Every sampled block's parameters require grad inside (each parameter's flag restored after);
+    yields the names of those outside the worst-case active set (their gradients are dropped), and
+    why the sets cannot be planned at once ("" if they can)."""
+    sampler = layerwise.sampler_of(model)
+    if sampler is None:
+        yield frozenset(), "the model does not sample blocks"
+        return
+    sizes = {sum(p.numel() * p.element_size() for p in params) for params in sampler.blocks}
+    if len(sizes) > 1:
+        yield frozenset(), "its sampled blocks differ in size"
+        return
+    names = {id(p): n for n, p in model.named_parameters()}
+    held = {id(p) for i in sampler.worst_case for p in sampler.blocks[i]}
+    flags = [(p, p.requires_grad) for p in sampler.parameters()]
+    dropped = frozenset(names[id(p)] for p in sampler.parameters()
+                        if id(p) not in held and not any(p is q for q in sampler.always))
+    try:
+        for p, _ in flags:
+            p.requires_grad_(True)
+        yield dropped, ""
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def plan_every_set(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan] | str:
+    """``plan_step`` for every active set of a layerwise-sampled model at once: the step traced with
+    every sampled block trainable and the gradients of all but the worst-case set dropped
+    (``trace_joint_graph(dropped=...)``). The lowered step runs that program, its backward pruned
+    to the blocks active at each call, so switching needs no re-plan or re-trace. The bound holds
+    when the worst-case set's gradients are made before any other block's (checked on the trace)
+    and blocks are equal in size. Returns why not (a string) when that does not hold."""
+    with _every_block_trainable(job.model) as (dropped, why):
+        if why:
+            return why
+        job.say("planning every active set at once (every sampled block traced as trainable)")
+        planned = plan_step(dataclasses.replace(job, simulate=False), dropped=dropped)
+    sampler = layerwise.sampler_of(job.model)
+    assert sampler is not None
+    sampled = {id(p) for params in sampler.blocks for p in params}
+    params = [(n, p) for n, p in job.model.named_parameters()]
+    born = [params[position][0] in dropped for position, _ in planned[1].gradients if id(params[position][1]) in sampled]
+    if True in born and False in born[born.index(True):]:
+        return "the gradients of the worst-case set are not all made before the other blocks' in this model's backward"
+    return planned
 
 
 def _named_fixed(job: Job, result: PassResult, exc: InfeasibleBudgetError) -> InfeasibleBudgetError | None:
@@ -222,8 +299,9 @@ def _as_is_peak(planned: tuple[MemoryReport | None, JointTrace, ActivationPlan])
     return max(activations.keep_all.peak_bytes, activations.problem.static.optimizer_phase_peak)
 
 
-def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan]:
-    """(Simulate,) trace and plan the training step of the already rewritten model.
+def plan_step(job: Job, dropped: frozenset[str] = frozenset()) -> tuple[MemoryReport | None, JointTrace, ActivationPlan]:
+    """(Simulate,) trace and plan the training step of the already rewritten model (``dropped``:
+    trainable parameters whose gradients the step drops, see ``trace_joint_graph``).
 
     The plan's peak is measured, not modelled: each candidate plan is lowered onto the traced
     joint graph as the runtime lowers it and its liveness swept (``_measure``); the model as it is
@@ -242,7 +320,8 @@ def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan
         # The same step as one joint graph: what backward needs, when, and what recomputing it costs.
         job.say("tracing the joint forward + backward step")
         trace, joint = trace_joint_graph(job.model, job.inputs, loss_fn=job.loss_fn, optimizer=optimizer,
-                                         device=cfg.device.kind, granularity=cfg.device.alloc_granularity)
+                                         device=cfg.device.kind, granularity=cfg.device.alloc_granularity,
+                                         dropped=dropped)
     # Bookkeeping after the optimizer step (RSO's fold of B·P into W): its transient on top of the step's.
     fold, _ = after_step_bytes(job.model)
     trace = dataclasses.replace(trace, optimizer_step_bytes=trace.optimizer_step_bytes + fold)
@@ -260,7 +339,7 @@ def plan_step(job: Job) -> tuple[MemoryReport | None, JointTrace, ActivationPlan
         # Gradients held to an optimizer step after the backward do not fit: update each parameter
         # inside the backward as soon as its gradient is made, one update's transient at a time.
         job.say(f"{str(exc).splitlines()[0]}; planning updates inside backward")
-        trainable = [p for p in job.model.parameters() if p.requires_grad]
+        trainable = [p for n, p in job.model.named_parameters() if p.requires_grad and n not in dropped]
         _, step = optimizer_bytes(trainable, _with_options(per_parameter, cfg.optimizer_options), cfg.device.kind,
                                   cfg.device.alloc_granularity)
         trace = dataclasses.replace(trace, optimizer_step_bytes=max(step, fold))
@@ -394,4 +473,5 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
         notes=tuple(notes),
         fingerprint=structural_fingerprint(model),
         host_budget_bytes=cfg.host_budget_bytes if job.planner.allow_offload else None,
+        traced_trainable=traced_trainable(model) if trace.dropped else None,
     )

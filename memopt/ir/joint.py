@@ -123,6 +123,10 @@ class JointTrace:
     block_prefix: str | None = None  # "model.layers": the container whose children are blocks
     trace_seconds: float = field(default=0.0, compare=False)
     rng_state_bytes: int = 0  # what torch's partitioner saves to replay one recomputed seeded op
+    # (parameter position, storage id) of each parameter's gradient, in backward order; a dropped
+    # gradient (``trace_joint_graph(dropped=...)``) is here with a storage of 0 bytes
+    gradients: tuple[tuple[int, int], ...] = ()
+    dropped: frozenset[int] = frozenset()  # parameter positions whose gradients count 0 bytes (``dropped``)
 
     @property
     def num_points(self) -> int:
@@ -165,6 +169,7 @@ class JointGraph:
     state_bytes: int
     step_bytes: int
     fake_mode: Any
+    dropped: frozenset[int] = frozenset()  # parameter positions whose gradients the step drops
 
     def partitioned(self, partition_fn: Callable[..., Any]) -> JointTrace:
         graph = torch.fx.Graph()
@@ -177,7 +182,7 @@ class JointGraph:
             module.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
         return _Builder(self.granularity, op_keys(gm.graph)).build(fw, bw, list(self.kinds), self.optimizer,
                                                                    self.state_bytes, self.step_bytes,
-                                                                   self.kwargs["num_fwd_outputs"])
+                                                                   self.kwargs["num_fwd_outputs"], self.dropped)
 
 
 def trace_joint(
@@ -204,6 +209,7 @@ def trace_joint_graph(
     device: str = "cuda",
     granularity: int = 1,
     partition_fn: Callable[..., Any] = default_partition,
+    dropped: frozenset[str] = frozenset(),
 ) -> tuple[JointTrace, JointGraph]:
     """Trace one training step of ``model`` on fake tensors; see the module docstring. Also
     returns the joint graph, to measure other partitions of the same step (``JointGraph``).
@@ -211,6 +217,13 @@ def trace_joint_graph(
     ``partition_fn`` splits the joint graph (torch's partitioner signature); the default saves what
     eager-like autograd would. Another partitioner (e.g. torch's min-cut) gives its own saved set,
     and the ops it recomputes appear in the backward.
+
+    ``dropped``: names of trainable parameters whose gradients the step makes but does not keep
+    (layerwise sampling plans every active set with one step: the blocks frozen at a call have
+    their gradients pruned from its backward). Their gradient storages count 0 bytes and the ops
+    making them no time; what those ops read lives as long as in the step that keeps them (so the
+    trace bounds every set of kept gradients whose gradients are made no earlier); the optimizer
+    holds no state for them.
 
     Requires: ``model(*args, **kwargs)`` runs on CPU tensors (parameters may be on ``meta``) and
     some parameter requires grad. Ensures: ``model`` is unchanged (hooks are removed again).
@@ -224,22 +237,26 @@ def trace_joint_graph(
         params = {n: fake_like(p) for n, p in model.named_parameters()}
         buffers = {n: fake_like(b) for n, b in model.named_buffers()}
         fargs, fkwargs = fake_inputs((args, kwargs))
-        trainable = [p for p in params.values() if p.requires_grad]
-        if not trainable:
+        unknown = sorted(set(dropped) - {n for n, p in params.items() if p.requires_grad})
+        if unknown:
+            raise ValueError(f"dropped gradients of parameters that do not train in this step: {unknown[:3]}")
+        trainable = [p for n, p in params.items() if p.requires_grad and n not in dropped]
+        if not any(p.requires_grad for p in params.values()):
             raise MemoptError("no parameter requires grad, so there is no training step to trace: "
                               "unfreeze some parameters or apply a pass that adds trainable ones")
         state_bytes, step_bytes = _optimizer_bytes(trainable, optimizer, device, granularity)
         done = _partitioned(model, params, buffers, fargs, fkwargs, loss_fn, partition_fn)
     kinds = ["parameter"] * len(names) + ["buffer"] * len(buffer_names)
     label = "none" if optimizer is None else getattr(optimizer, "__name__", type(optimizer).__name__)
+    positions = frozenset(i for i, n in enumerate(names) if n in dropped)
     trace = _Builder(granularity, done.keys).build(done.fw, done.bw, kinds, label, state_bytes, step_bytes,
-                                                   done.kwargs["num_fwd_outputs"])
+                                                   done.kwargs["num_fwd_outputs"], positions)
     trace = _with_time(trace, time.perf_counter() - start)
     trace = dataclasses.replace(trace, rng_state_bytes=-(-torch.get_rng_state().nbytes // granularity) * granularity)
     log.debug("memopt: traced the joint step in %.1f s: %d forward + %d backward ops, %d saved storages",
               trace.trace_seconds, trace.num_forward, len(trace.ops) - trace.num_forward, len(trace.saved))
     joint = JointGraph(done.joint, tuple(done.joint_inputs), dict(done.kwargs), tuple(kinds), granularity, label,
-                       state_bytes, step_bytes, fake_mode)
+                       state_bytes, step_bytes, fake_mode, positions)
     return trace, joint
 
 
@@ -402,7 +419,8 @@ class _Builder:
         self.outputs: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (graph, node) -> [(key, sid)]
 
     def build(self, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, kinds: list[str], optimizer: str,
-              state_bytes: int, step_bytes: int, num_fwd_outputs: int = 0) -> JointTrace:
+              state_bytes: int, step_bytes: int, num_fwd_outputs: int = 0,
+              dropped: frozenset[int] = frozenset()) -> JointTrace:
         primal_keys: dict[int, int] = {}  # inputs that share a storage (labels a view of input_ids) share it here
         for i, node in enumerate(n for n in fw.graph.nodes if n.op == "placeholder"):
             kind = kinds[i] if i < len(kinds) else "input"
@@ -428,10 +446,11 @@ class _Builder:
                 self.outputs["bw", node.name] = [(k, self._new(node.name, t, "tangent", num_forward))
                                                  for k, t in _keyed(node)]
         self._run(bw, "bw", "backward")
-        self._mark_gradients(bw)
+        gradients = self._mark_gradients(bw, kinds.count("parameter"), dropped)
         storages = tuple(Storage(id=i, **s) for i, s in enumerate(self.storages))
         prefix, ops = _assign_blocks(tuple(self.ops))
-        return JointTrace(ops, storages, num_forward, saved, self.granularity, optimizer, state_bytes, step_bytes, prefix)
+        return JointTrace(ops, storages, num_forward, saved, self.granularity, optimizer, state_bytes, step_bytes, prefix,
+                          gradients=gradients, dropped=dropped)
 
     def _new(self, name: str, t: torch.Tensor, kind: str, producer: int | None, key: str | None = None) -> int:
         nbytes = -(-t.untyped_storage().nbytes() // self.granularity) * self.granularity
@@ -495,13 +514,26 @@ class _Builder:
                     if self.storages[sid]["kind"] == "activation":
                         self.storages[sid]["kind"] = "output"
 
-    def _mark_gradients(self, bw: torch.fx.GraphModule) -> None:
+    def _mark_gradients(self, bw: torch.fx.GraphModule, num_params: int,
+                        dropped: frozenset[int]) -> tuple[tuple[int, int], ...]:
+        """Mark the backward's outputs as gradients; (parameter position, storage) of each, by
+        birth. A ``dropped`` parameter's gradient is made by no op (0 bytes, no time)."""
         out = next(n for n in bw.graph.nodes if n.op == "output")
-        for value in tree_leaves(out.args):
+        found: list[tuple[int, int]] = []
+        values = out.args[0] if isinstance(out.args[0], (list, tuple)) else tree_leaves(out.args)
+        for position, value in enumerate(values):
             if isinstance(value, torch.fx.Node):
                 for _, sid in self.outputs.get(("bw", value.name), ()):
                     if self.storages[sid]["kind"] == "temporary":
                         self.storages[sid]["kind"] = "gradient"
+                        if position < num_params:
+                            found.append((position, sid))
+        for position, sid in found:
+            if position in dropped:
+                self.storages[sid]["nbytes"] = 0
+                point = self.storages[sid]["producer"]
+                self.ops[point] = dataclasses.replace(self.ops[point], flops=0, bytes_moved=0)
+        return tuple(sorted(found, key=lambda f: self.storages[f[1]]["producer"]))
 
 
 def op_keys(graph: torch.fx.Graph) -> dict[str, str]:

@@ -23,9 +23,12 @@ The plan is made for two active sets and keeps the costlier: the γ blocks with 
 (ties broken toward the last blocks, whose gradients are made first in backward, while most saved
 activations are still alive) and the first γ blocks (whose saved inputs live longest); with equal
 blocks these are the extremes of the sets the sampler draws, not every set. Which blocks are
-active is only ``requires_grad``: the model as it is runs the next set with no re-trace; a lowered
-step (recompute, offload) re-plans and re-traces for each new active set (a set that does not fit
-is the budget's error then, not a silent overrun).
+active is only ``requires_grad``: the model as it is runs the next set with no re-trace. A step
+that must be lowered (recompute, offload) is planned for every set at once
+(``memopt.pipeline.plan_every_set``): traced with every sampled block trainable, each call's
+backward pruned to the blocks active then, so a switch re-plans and re-traces nothing; where that
+bound does not hold (blocks of unequal sizes) the lowered step re-plans for each new set (a set
+that does not fit is the budget's error then, not a silent overrun).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class LayerSampler:
         self.active_layers, self.switch_every, self.seed = cfg.active_layers, cfg.switch_every, cfg.seed
         self.step = 0  # optimizer steps taken
         self.active: tuple[int, ...] = ()
+        self.worst_case: tuple[int, ...] = ()  # the set planned for: its gradients are made first in backward
         self.on_switch: Callable[[], None] | None = None  # run after each switch (bind's)
 
     def draw(self, switch: int) -> tuple[int, ...]:
@@ -242,6 +246,7 @@ def apply_layerwise(model: nn.Module, graph: ModelGraph, cfg: LisaConfig, log: R
     sampler = LayerSampler(params, always, probabilities, cfg)
     for p in always:
         p.requires_grad_(True)
+    sampler.worst_case = planned
     sampler.activate(planned)
     setattr(model, ATTR, sampler)
     log.on_undo(lambda: model.__dict__.pop(ATTR, None))

@@ -262,6 +262,10 @@ class Plan:
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)  # the counted optimizer's options (rank, ...)
     update_in_backward: bool = False  # each parameter updated, its gradient freed, as soon as its gradient is made
     host_budget_bytes: int | None = None  # host memory offloaded activations may hold (None: an older plan, no limit)
+    # parameters the lowered step is traced with as trainable, whether or not they train at a call
+    # (layerwise sampling: every sampled block; a call's backward leaves out the frozen ones'
+    # gradients); None: those that require grad at the call
+    traced_trainable: tuple[str, ...] | None = None
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @classmethod
@@ -270,14 +274,16 @@ class Plan:
               input_shapes: Mapping[str, tuple[int, ...]], input_dtypes: Mapping[str, str] | None,
               training: bool | None, autocast: str | None, capture: str, modules: tuple[ModuleDecision, ...],
               trainable_params: int, total_params: int, memory: MemoryReport | None, notes: tuple[str, ...],
-              fingerprint: str | None, host_budget_bytes: int | None = None) -> "Plan":
+              fingerprint: str | None, host_budget_bytes: int | None = None,
+              traced_trainable: tuple[str, ...] | None = None) -> "Plan":
         """A Plan from the planner's ``step`` and what the job was: every field named and typed."""
         return cls(model=model, method=method, method_config=method_config, optimizer=optimizer,
                    optimizer_options=optimizer_options, device=device, budget_bytes=budget_bytes,
                    reserve_bytes=reserve_bytes, input_shapes=input_shapes, input_dtypes=input_dtypes,
                    training=training, autocast=autocast, capture=capture, modules=modules,
                    trainable_params=trainable_params, total_params=total_params, memory=memory, notes=notes,
-                   fingerprint=fingerprint, host_budget_bytes=host_budget_bytes, **step.fields())
+                   fingerprint=fingerprint, host_budget_bytes=host_budget_bytes, traced_trainable=traced_trainable,
+                   **step.fields())
 
     def with_step(self, step: StepPlan, **changes: Any) -> "Plan":
         """This Plan with the planner's part replaced by ``step`` (a re-plan), and ``changes``."""
@@ -391,6 +397,7 @@ class Plan:
             "optimizer_options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.optimizer_options.items()},
             "update_in_backward": self.update_in_backward,
             "host_budget_bytes": self.host_budget_bytes,
+            "traced_trainable": None if self.traced_trainable is None else list(self.traced_trainable),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -455,6 +462,7 @@ class Plan:
             optimizer_options=opt("optimizer_options", _lists_to_tuples) or {},
             update_in_backward=opt("update_in_backward", _bool) or False,
             host_budget_bytes=opt("host_budget_bytes", _count),
+            traced_trainable=opt("traced_trainable", lambda v: tuple(_str(n) for n in v)),
             version=PLAN_FORMAT_VERSION,  # an older plan is upgraded as it is read
         )
 

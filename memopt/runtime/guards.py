@@ -16,7 +16,7 @@ must be re-optimized after changing it.
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from typing import Any, Collection, Hashable
 
 import torch
 from torch import nn
@@ -28,9 +28,11 @@ __all__ = ["step_state", "module_state", "global_state"]
 _PLAIN = (bool, int, float, str, type(None), torch.dtype)
 
 
-def step_state(model: nn.Module, device_type: str) -> Hashable:
-    """Everything besides the inputs' sizes that a traced step of ``model`` depends on."""
-    params = tuple((tuple(p.shape), p.dtype, p.requires_grad, p.device.type) for p in model.parameters())
+def step_state(model: nn.Module, device_type: str, trainable_as: Collection[str] = ()) -> Hashable:
+    """Everything besides the inputs' sizes that a traced step of ``model`` depends on
+    (``trainable_as``: parameters traced as trainable whether or not they require grad now)."""
+    params = tuple((tuple(p.shape), p.dtype, p.requires_grad or name in trainable_as, p.device.type)
+                   for name, p in model.named_parameters())
     return module_state(model), global_state(device_type), params
 
 

@@ -99,6 +99,11 @@ def _(grad: torch.Tensor, owner: int, index: int) -> torch.Tensor:
 has_side_effect(torch.ops.memopt.update_in_backward.default)  # never removed as dead code: its result is unused
 
 
+def is_update(node: fx.Node) -> bool:
+    """Is ``node`` an update inside backward (``insert_updates``)? Its args: (grad, owner, index)."""
+    return node.op == "call_function" and node.target is torch.ops.memopt.update_in_backward.default
+
+
 def insert_updates(bw: fx.GraphModule, owner: int, num_params: int) -> None:
     """Rewrite the partitioned backward ``bw``: each parameter gradient (outputs ``0..num_params-1``,
     the step's parameters in order) goes to the optimizer where it is made, and is not returned."""

@@ -136,7 +136,7 @@ class OptimizedModel(nn.Module):
         device = _device_of(self.model)
         # Plans are kept per step state and per pattern of size-1 dimensions: a trace specializes
         # a size of 1 (batch 1 is another program), so such a batch gets a plan of its own.
-        key = (step_state(self.model, device.type), _unit_dims(bound))
+        key = (step_state(self.model, device.type, self._plan.traced_trainable or ()), _unit_dims(bound))
         known = self._plans.get(key)
         if known is not None:
             self._plan, self.runtime = known

@@ -77,6 +77,17 @@ class Compilers:
 
 
 @dataclass
+class _Dropped:
+    """The gradient outputs the backward of the latest call leaves out: parameters traced as
+    trainable (``plan.traced_trainable``) that were frozen when the forward ran."""
+
+    positions: frozenset[int] = frozenset()
+
+    def __call__(self) -> frozenset[int]:
+        return self.positions
+
+
+@dataclass
 class _Trace:
     """One traced step: the AOT function, what its lowering did, and the sizes it covers."""
 
@@ -84,6 +95,7 @@ class _Trace:
     report: LoweringReport
     covers: Callable[[list[torch.Tensor]], bool]  # do these input tensors' sizes satisfy its guards?
     symbolic: bool
+    dropped: _Dropped
 
 
 class PlannedStep:
@@ -102,6 +114,7 @@ class PlannedStep:
         self.traces_made = 0
         self.trace_seconds = 0.0  # spent tracing, partitioning and compiling (each trace's first call included)
         self.update_owner: int | None = None  # with plan.update_in_backward: whose optimizer gets the gradients
+        self._traced_trainable = frozenset(plan.traced_trainable or ())
 
     @property
     def reports(self) -> list[LoweringReport]:
@@ -118,14 +131,19 @@ class PlannedStep:
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         fake = any(isinstance(t, FakeTensor) for t in [*tensors, *params.values()])
         device = next((t.device for t in [*tensors, *params.values()]), torch.device("cpu"))
-        key = (spec, tuple(_describe(x, exact=fake) for x in leaves), fake, step_state(self.model, device.type))
+        key = (spec, tuple(_describe(x, exact=fake) for x in leaves), fake,
+               step_state(self.model, device.type, self._traced_trainable))
+        # Parameters traced as trainable but frozen now: this call's backward leaves their gradients out.
+        dropped = frozenset(i for i, (name, p) in enumerate(params.items())
+                            if name in self._traced_trainable and not p.requires_grad)
         for cache_key, trace in self._traces.items():
             if cache_key[0] == key and trace.covers(tensors):
                 self._traces.move_to_end(cache_key)
+                trace.dropped.positions = dropped
                 return trace.fn(params, buffers, tensors)
         start = time.perf_counter()
         with eager_masks(self.model, args, kwargs):  # HF's masks as eager HF makes them, as the planner traced them
-            trace, output = self._lower(args, kwargs, fake, leaves, spec, (params, buffers, tensors), device)
+            trace, output = self._lower(args, kwargs, fake, leaves, spec, (params, buffers, tensors), device, dropped)
         self.trace_seconds += time.perf_counter() - start
         self._serial += 1
         self._traces[(key, self._serial)] = trace
@@ -136,8 +154,9 @@ class PlannedStep:
     # ------------------------------------------------------------------------- tracing
 
     def _lower(self, args: tuple, kwargs: dict, fake: bool, leaves: list, spec: Any,
-               inputs: tuple[dict, dict, list], device: torch.device) -> tuple[_Trace, Any]:
-        """Trace, partition and compile the step for these inputs, and run it on them once."""
+               inputs: tuple[dict, dict, list], device: torch.device, dropped: frozenset[int]) -> tuple[_Trace, Any]:
+        """Trace, partition and compile the step for these inputs, and run it on them once
+        (``dropped``: the gradient outputs this call leaves out)."""
         if fake and not self.compilers.runs_fake:
             raise MemoptError(f"the {self.compilers.name} lowering cannot run on fake tensors; simulate the eager one")
         shapes = input_shapes(self._signature.bind(*args, **kwargs))
@@ -155,16 +174,23 @@ class PlannedStep:
         # A plan without keys (format v3) names fx nodes of a trace at exact sizes.
         if not fake and all(t.key is not None for t in self.plan.tensors):
             try:
-                return self._trace_symbolic(step, inputs, mode, at_plan_shapes)
+                return self._trace_symbolic(step, inputs, mode, at_plan_shapes, _Dropped(dropped))
             except (MemoptError, torch.OutOfMemoryError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the exact-size trace below reports real failures
                 log.info("memopt: %s's step could not be traced with symbolic sizes (%s: %s); tracing it at "
                          "these sizes (one trace per size)", type(model).__name__, type(exc).__name__,
                          _first_line(exc))
-        return self._trace_exact(step, inputs, mode, at_plan_shapes, fake)
+        return self._trace_exact(step, inputs, mode, at_plan_shapes, fake, _Dropped(dropped))
 
-    def _aot(self, step: Callable, partition: Callable, resume: Callable[[], None] | None) -> Callable[..., Any]:
+    def _traced_as(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``params`` as the step is traced: each parameter of ``plan.traced_trainable`` frozen now
+        stands in as a trainable alias (its gradient is left out of the backward, ``_Dropped``)."""
+        return {n: p.detach().requires_grad_(True) if n in self._traced_trainable and not p.requires_grad else p
+                for n, p in params.items()}
+
+    def _aot(self, step: Callable, partition: Callable, resume: Callable[[], None] | None,
+             dropped: _Dropped) -> Callable[..., Any]:
         """The AOT function of ``step``; ``resume`` (if given) is called once compiled, before the
         forward first runs (a simulated step counts from there)."""
         compilers = self.compilers
@@ -189,13 +215,13 @@ class PlannedStep:
             return run
 
         def backward_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-            return BackwardVariants(gm, example_inputs, compilers.backward)
+            return BackwardVariants(gm, example_inputs, compilers.backward, dropped)
 
         fn = aot_function(step, fw_compiler=forward_compiler, bw_compiler=backward_compiler, partition_fn=partition)
         return _without_zero_gradients(fn)
 
     def _trace_symbolic(self, step: Callable, inputs: tuple[dict, dict, list], mode: str,
-                        at_plan_shapes: bool) -> tuple[_Trace, Any]:
+                        at_plan_shapes: bool, dropped: _Dropped) -> tuple[_Trace, Any]:
         from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
         params, buffers, tensors = inputs
@@ -208,14 +234,14 @@ class PlannedStep:
         # tensors the trace makes (the RNG state saved for a replayed op) in the fake mode.
         with _disable_current_modes():
             with fake_mode:
-                fparams = {n: fake_mode.from_tensor(p, static_shapes=True) for n, p in params.items()}
+                fparams = {n: fake_mode.from_tensor(p, static_shapes=True) for n, p in self._traced_as(params).items()}
                 fbuffers = {n: fake_mode.from_tensor(b, static_shapes=True) for n, b in buffers.items()}
                 ftensors = [fake_mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(
                     dynamic_sizes=[DimDynamic.DUCK] * t.dim())) for t in tensors]
             fn = None
             for exporting in (False, True):
                 with not_counted():  # nothing of the trace, its fake run included, is a real allocation
-                    fn = self._aot(step, partition, None)
+                    fn = self._aot(step, partition, None, dropped)
                     try:
                         # The caller's saved-tensor hooks (a tracker's) see no fake tensor either.
                         with self._tracing(exporting), fake_mode, \
@@ -235,22 +261,23 @@ class PlannedStep:
 
         output = fn(params, buffers, tensors)
         log.debug("memopt: traced the planned step with symbolic sizes (guards: %s)", guards)
-        return _Trace(fn, report, covers, symbolic=True), output
+        return _Trace(fn, report, covers, symbolic=True, dropped=dropped), output
 
     def _trace_exact(self, step: Callable, inputs: tuple[dict, dict, list], mode: str, at_plan_shapes: bool,
-                     fake: bool) -> tuple[_Trace, Any]:
+                     fake: bool, dropped: _Dropped) -> tuple[_Trace, Any]:
         report = LoweringReport()
         partition = self._partition(mode, at_plan_shapes, report)
         sizes = [tuple(t.shape) for t in inputs[2]]
+        inputs = (self._traced_as(inputs[0]), *inputs[1:])
         for exporting in (False, True):
             # Tracing makes fake tensors a simulated step must not count: count from the first op run.
             with not_counted() as resume:
-                fn = self._aot(step, partition, resume)
+                fn = self._aot(step, partition, resume, dropped)
                 try:
                     with self._tracing(exporting):
                         output = fn(*inputs)
                     return _Trace(fn, report, lambda actual: [tuple(t.shape) for t in actual] == sizes,
-                                  symbolic=False), output
+                                  symbolic=False, dropped=dropped), output
                 except DataDependentOutputException:
                     if exporting:
                         raise

@@ -15,20 +15,32 @@ loss did differentiate comes in as a real tangent. A gradient that is zero throu
 Where a zero reaches an op no rule covers, the fold gives up on that tangent: the runtime then
 passes a real zero tensor for it (exact; it costs the tensor's bytes, as torch's own AOTAutograd
 does for every unused output).
+
+Gradients nobody wants are the other kind of variant: a step traced with parameters trainable that
+are frozen at a call (layerwise sampling plans every active set with one trace) runs the backward
+with those gradients pruned (:func:`drop_gradients`): their outputs become ``None`` and every op
+that only fed them — the weight-gradient GEMMs, a recomputation or a reload only they read, their
+updates inside backward — is removed, so the call computes and allocates what a trace made with
+those parameters frozen would, never more than the plan counted.
 """
 
 from __future__ import annotations
 
 import operator
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["fold_zero_tangents", "tangent_positions", "BackwardVariants"]
+from memopt.runtime.in_backward import is_update
+
+__all__ = ["fold_zero_tangents", "drop_gradients", "tangent_positions", "BackwardVariants"]
 
 aten = torch.ops.aten
+
+MAX_VARIANTS = 16  # backward variants kept per traced step (each a compiled graph)
 
 # Ops whose result is zero when any tensor argument is zero (products, and ops that only move or
 # reshape their one tensor argument).
@@ -178,25 +190,67 @@ def _outputs(value: Any, zeros: set[fx.Node]) -> Any:
     return value
 
 
+def drop_gradients(gm: fx.GraphModule, positions: Iterable[int]) -> fx.GraphModule:
+    """A copy of backward graph ``gm`` whose outputs at ``positions`` (gradients) are ``None``, with
+    every op that only fed them removed (updates inside backward of those positions included; the
+    offload reloads only they read too). Requires: ``gm`` is an AOTAutograd backward graph."""
+    drop = set(positions)
+    graph = fx.Graph()
+    output = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    out_value, old_output = output if isinstance(output, tuple) else (output, None)
+    outs = list(out_value) if isinstance(out_value, (list, tuple)) else [out_value]
+    for i in drop:
+        if i < len(outs):
+            outs[i] = None
+    for node in list(graph.nodes):
+        if is_update(node) and node.args[2] in drop:
+            graph.erase_node(node)
+    graph.output(type(out_value)(outs) if isinstance(out_value, (list, tuple)) else outs[0])
+    if old_output is not None:
+        graph.output_node().meta = dict(old_output.meta)
+    graph.eliminate_dead_code(is_impure_node=_kept)
+    graph.lint()
+    return fx.GraphModule(gm, graph)
+
+
+_RELOADS = ("ao.reload", "ao.wait_tensor", "memopt.reload_simulated")
+
+
+def _kept(node: fx.Node) -> bool:
+    """Is ``node`` kept even when nothing reads it? Placeholders and side effects, except the copies
+    back from host (a reload nobody reads need not happen)."""
+    if node.op == "placeholder":
+        return True
+    target = node.target
+    name = f"{target.namespace}.{target._opname}" if isinstance(target, torch._ops.OpOverload) else ""
+    return name not in _RELOADS and node.is_impure(impure_random=False)
+
+
 class BackwardVariants:
     """A backward callable (AOTAutograd's boxed convention) that runs, for each set of tangents
     the caller leaves ``None``, the graph with those tangents folded away — built on first use by
     ``compile_graph(gm, example_inputs)``. A tangent that does not fold is passed as real zeros."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list,
-                 compile_graph: Callable[[fx.GraphModule, list], Callable[[list], Any]]) -> None:
+                 compile_graph: Callable[[fx.GraphModule, list], Callable[[list], Any]],
+                 dropped: Callable[[], frozenset[int]] = frozenset) -> None:
         self.gm, self.example_inputs, self.compile_graph = gm, list(example_inputs), compile_graph
+        self.dropped = dropped  # the gradient outputs this call does not want (drop_gradients)
         self.positions = tangent_positions(gm)
         self._symbols = {x.node.expr: i for i, x in enumerate(self.example_inputs)
                          if isinstance(x, torch.SymInt) and x.node.expr.is_Symbol}
-        self._variants: dict[frozenset[int], tuple[Callable[[list], Any], frozenset[int]]] = {}
+        self._variants: OrderedDict[tuple[frozenset[int], frozenset[int]],
+                                    tuple[Callable[[list], Any], frozenset[int]]] = OrderedDict()
         self._boxed_call = True
 
     def __call__(self, args: list) -> Any:
-        zero = frozenset(i for i in self.positions if args[i] is None)
-        entry = self._variants.get(zero)
+        key = (frozenset(i for i in self.positions if args[i] is None), self.dropped())
+        entry = self._variants.get(key)
         if entry is None:
-            entry = self._variants[zero] = self._build(zero)
+            entry = self._variants[key] = self._build(*key)
+            while len(self._variants) > MAX_VARIANTS:
+                self._variants.popitem(last=False)
+        self._variants.move_to_end(key)
         run, materialize = entry
         for i in materialize:
             args[i] = _zeros_like_example(self.example_inputs[i], args, self._symbols)
@@ -206,14 +260,15 @@ class BackwardVariants:
     def variants(self) -> int:
         return len(self._variants)
 
-    def _build(self, zero: frozenset[int]) -> tuple[Callable[[list], Any], frozenset[int]]:
+    def _build(self, zero: frozenset[int], dropped: frozenset[int]) -> tuple[Callable[[list], Any], frozenset[int]]:
+        gm = drop_gradients(self.gm, dropped) if dropped else self.gm
         if not zero:
-            return self.compile_graph(self.gm, self.example_inputs), frozenset()
-        folded = fold_zero_tangents(self.gm, zero)
+            return self.compile_graph(gm, self.example_inputs), frozenset()
+        folded = fold_zero_tangents(gm, zero)
         if folded is not None:
             return self.compile_graph(folded, self.example_inputs), frozenset()
-        foldable = frozenset(i for i in zero if fold_zero_tangents(self.gm, {i}) is not None)
-        folded = fold_zero_tangents(self.gm, foldable) if foldable else self.gm
+        foldable = frozenset(i for i in zero if fold_zero_tangents(gm, {i}) is not None)
+        folded = fold_zero_tangents(gm, foldable) if foldable else gm
         assert folded is not None
         return self.compile_graph(folded, self.example_inputs), zero - foldable
 

@@ -182,10 +182,12 @@ def test_updates_inside_backward_follow_the_blocks_drawn(base):
     optimized = memopt.optimize(copy.deepcopy(model), budget / 2**30, batch, **options)
     assert optimized.plan.update_in_backward
     note = next(n for n in optimized.plan.notes if n.startswith("planned for"))
-    assert "this step is lowered, so each other state re-plans and re-traces when it comes" in note
+    assert note.startswith("planned for every active set at once") and optimized.plan.traced_trainable
     opt = optimized.make_optimizer(lr=1e-2)
     sampler, blocks = _block_params(optimized)
+    drawn = set()
     for _ in range(4):
+        drawn.add(sampler.active)
         active = sampler.active
         before = [[p.detach().clone() for p in params] for params in blocks]
         optimized(**batch).loss.backward()
@@ -194,6 +196,8 @@ def test_updates_inside_backward_follow_the_blocks_drawn(base):
         for i, params in enumerate(blocks):
             moved = not all(torch.equal(a, p) for a, p in zip(before[i], params))
             assert moved == (i in active), (i, active)
+    # one traced step for every set drawn: the updates of the frozen blocks are pruned, not re-traced
+    assert len(drawn) > 1 and optimized.runtime.traces_made == 1 and optimized.replans == []
 
 
 def test_save_reload_keeps_every_block_trained_so_far(base, tmp_path):
@@ -236,3 +240,62 @@ def test_disable_adapter_is_refused(base):
     with pytest.raises(memopt.MemoptError, match="lisa trains the weights themselves, so there is no adapter"):
         with optimized.disable_adapter():
             pass
+
+
+@pytest.fixture(scope="module")
+def lowered():
+    """LISA (1 of 4 blocks, a switch every step) at a budget that needs recomputation: the step is
+    planned once for every active set; the user's loop beside the same model run as it is."""
+    from tests.runtime._planned import budget_between
+
+    torch.manual_seed(0)
+    model = tiny_llama(num_hidden_layers=4)
+    batch = lm_batch(model, batch=2, seq=64)
+    options = {"method": "lisa", "active_layers": 1, "switch_every": 1, "seed": 3, "device": "cpu", "reserve_gb": 0,
+               "cut_cross_entropy": False}
+    optimized = memopt.optimize(copy.deepcopy(model), budget_between(model, batch, 0.3, **options), batch, **options)
+    return optimized, batch
+
+
+def test_a_lowered_step_switches_blocks_without_a_re_plan_or_re_trace(lowered):
+    """Every set drawn runs the one traced step, its backward pruned to the active blocks: the
+    gradients equal the model's own eager step with the same blocks trainable (bit for bit), the
+    frozen blocks get none, and the tracker's peak of each step is at most the plan's (equal for the
+    worst-case set, whose gradients are made first), inside the budget."""
+    from memopt.memory.tracker import MemoryTracker
+
+    optimized, batch = lowered
+    plan = optimized.plan
+    assert plan.needs_runtime and plan.bytes_by_action()["recompute"] > 0
+    assert plan.traced_trainable and any(n.startswith("planned for every active set at once") for n in plan.notes)
+    assert memopt.Plan.from_json(plan.to_json()).traced_trainable == plan.traced_trainable
+    sampler = sampler_of(optimized.model)
+    reference = copy.deepcopy(optimized.model)  # the model as it is, run eagerly
+    opt = optimized.make_optimizer(lr=1e-3)
+    peaks: dict[tuple[int, ...], int] = {}
+    for _ in range(6):
+        active = sampler.active
+        for p, q in zip(optimized.model.parameters(), reference.parameters()):
+            q.data.copy_(p.data)
+            q.requires_grad_(p.requires_grad)
+            q.grad = None
+        with MemoryTracker(optimized, opt, inputs=batch) as tracker:
+            optimized(**batch).loss.backward()
+            got = [None if p.grad is None else p.grad.clone() for p in optimized.model.parameters()]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        reference(**batch).loss.backward()
+        for (name, q), g in zip(reference.named_parameters(), got):
+            assert (g is None) == (q.grad is None), name
+            assert g is None or torch.equal(g, q.grad), name
+        peaks[active] = max(peaks.get(active, 0), tracker.report("cpu").peak_bytes)
+    assert len(peaks) > 2 and optimized.runtime.traces_made == 1 and optimized.replans == []
+    assert max(peaks.values()) <= plan.predicted_peak_bytes <= plan.usable_bytes
+    sampler.activate(sampler.worst_case, opt)
+    sampler.switch_every = 10**9
+    for _ in range(2):  # a steady-state step of the worst-case set (its optimizer state made by the first)
+        with MemoryTracker(optimized, opt, inputs=batch) as tracker:
+            optimized(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert tracker.report("cpu").peak_bytes == plan.predicted_peak_bytes

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 from torch._functorch.aot_autograd import aot_function
 
-from memopt.runtime.tangents import BackwardVariants, fold_zero_tangents, tangent_positions
+from memopt.runtime.tangents import BackwardVariants, drop_gradients, fold_zero_tangents, tangent_positions
 
 aten = torch.ops.aten
 
@@ -103,3 +103,40 @@ def _boxed_graph(gm: fx.GraphModule):
         return out
 
     return run
+
+
+def _two_layers(x, w1, w2):
+    return ((x @ w1).relu() @ w2).sum()
+
+
+def test_dropping_a_gradient_removes_the_ops_that_only_made_it():
+    x, w1, w2 = torch.randn(3, 4), torch.randn(4, 5, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    bw = _backward_of(lambda *a: (_two_layers(*a),), x, w1, w2)
+    outputs = next(n for n in bw.graph.nodes if n.op == "output").args[0]
+    assert outputs[1] is not None and outputs[2] is not None  # before: both weights' gradients
+    mms = sum(t is aten.mm.default for t in _targets(bw))
+    pruned = drop_gradients(bw, {1})  # w1 frozen at this call
+    out = next(n for n in pruned.graph.nodes if n.op == "output").args[0]
+    assert out[1] is None and out[2] is not None
+    # w1's gradient GEMM and the grad-of-activation GEMM only it needed are gone: w2's gradient alone remains
+    assert sum(t is aten.mm.default for t in _targets(pruned)) == mms - 2 == 1
+    assert len([n for n in pruned.graph.nodes if n.op == "placeholder"]) == len(
+        [n for n in bw.graph.nodes if n.op == "placeholder"])  # positions kept
+
+
+def test_a_backward_variant_per_set_of_dropped_gradients_computes_what_autograd_does():
+    x, w1, w2 = torch.randn(3, 4), torch.randn(4, 5), torch.randn(5, 2)
+    dropped = {"positions": frozenset()}
+    fn = aot_function(_two_layers, fw_compiler=lambda gm, _: gm,
+                      bw_compiler=lambda gm, ex: _boxed(BackwardVariants(gm, ex, lambda g, _: _boxed_graph(g),
+                                                                         lambda: dropped["positions"])))
+    for frozen in (frozenset(), frozenset({1}), frozenset({2})):
+        # the step traced with both weights trainable; a frozen one passed as a trainable stand-in
+        a, b = w1.clone().requires_grad_(True), w2.clone().requires_grad_(True)
+        dropped["positions"] = frozen
+        fn(x, a, b).backward()
+        ra, rb = w1.clone().requires_grad_(1 not in frozen), w2.clone().requires_grad_(2 not in frozen)
+        _two_layers(x, ra, rb).backward()
+        for got, want in ((a, ra), (b, rb)):
+            assert (got.grad is None) == (want.grad is None)  # a dropped gradient never reaches .grad
+            assert got.grad is None or torch.equal(got.grad, want.grad)
