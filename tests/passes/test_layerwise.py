@@ -299,3 +299,21 @@ def test_a_lowered_step_switches_blocks_without_a_re_plan_or_re_trace(lowered):
             opt.step()
             opt.zero_grad(set_to_none=True)
     assert tracker.report("cpu").peak_bytes == plan.predicted_peak_bytes
+
+
+def test_a_longer_batch_re_plans_for_every_active_set_again(lowered):
+    optimized, batch = lowered
+    longer = lm_batch(optimized.model, batch=2, seq=80)
+    opt = optimized.make_optimizer(lr=1e-3)
+    sampler = sampler_of(optimized.model)
+    sampler.switch_every = 1  # as planned (the test above held a set)
+    replans = len(optimized.replans)
+    drawn = set()
+    for _ in range(3):
+        drawn.add(sampler.active)
+        optimized(**longer).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert len(optimized.replans) == replans + 1 and "larger than planned" in optimized.replans[-1]
+    assert len(drawn) > 1 and optimized.plan.traced_trainable  # the new plan covers every set: no re-plan at a switch
+    assert optimized.plan.input_shapes["input_ids"] == (2, 80)
