@@ -74,6 +74,19 @@ Across budgets, memopt compiled @0.5 (90.6 MiB, 0.576 s) meets the target agains
 121.8 MiB); n/a against HF GC (every layer recomputed, 41.9 MiB, below memopt's smallest plan
 here). Every configuration's first-step loss is the same (7.70633).
 
+At memopt's smallest budget (``python benchmarks/bench_runtime.py --fractions 0.0,0.05 --amb 0.1``,
+283 s; the planner may now re-run a whole block at its backward's start, so the smallest feasible
+budget fell from 81.2 to 76.4 MiB):
+
+    budget (MiB)    predicted  memopt eager   memopt compiled   HF GC         compile+amb(0.1)
+    0.00 (76.4)     38.0       37.4 / 0.474   43.9 / 0.412      40.4 / 0.508  100.5 / 0.405
+    0.05 (81.4)     43.0       41.8 / 0.476   40.4 / 0.378      40.4 / 0.508  100.5 / 0.405
+
+memopt's smallest plan peaks below HF gradient checkpointing (37.4 vs 40.4 MiB) at x0.93 its step
+time; at HF's peak memopt compiled takes x0.74 of its time. At the very minimum the compiled
+backward rises above the prediction (43.9 vs 38.0 MiB: Inductor holds more of a block re-run
+whole); the eager lowering does not.
+
 Worker subprocesses run ``python benchmarks/bench_runtime.py --worker '<json>'`` and print one
 JSON line; ``--threads`` (default 1, as in bench_adapters.py: on a shared 2-core machine
 multi-threaded times swing with other processes' load) is set in every worker.

@@ -6,7 +6,9 @@ DeviceSpec). Program points are the trace's ops: forward first, then backward. E
 
 * **keep** — on device from its producer to its last backward use.
 * **recompute** — freed after its last forward use and recomputed at a *materialize point* ``m``
-  (by default its first backward use) by re-running its *closure*: the forward ops between it and
+  (its first backward use, one of the latest points where a dependent is recomputed, or the first
+  backward point of its block — the whole block re-run from what is saved, as a checkpointed block
+  is) by re-running its *closure*: the forward ops between it and
   what is still available (parameters, inputs, other saved tensors). The saved tensors the closure
   reads (``deps``) must be on device at ``m``: kept, or themselves materialized at or before
   ``m``; so ``m`` may be moved earlier, to a point where a dependent is recomputed. While it runs,
@@ -379,11 +381,21 @@ def _materialize_points(drafts: list[dict]) -> list[tuple[int, ...]]:
     """A dependency may have to be on device where a dependent is recomputed: add those points.
 
     Transitively, but only the ``_MAX_POINTS`` latest per tensor (a longer chain of recomputation
-    would have to keep the tensor, which is sound — it only narrows the choices). A recompute
-    source has no use of its own: its points are all its dependents'."""
+    would have to keep the tensor, which is sound — it only narrows the choices), plus the first
+    backward point of each block: a tensor may be recomputed with its whole block there, so one
+    saved block input serves the whole block's backward (the plan HF gradient checkpointing runs).
+    A recompute source has no use of its own: its points are all its dependents'."""
+    starts: dict[int, int] = {}  # block -> its backward's first point: where a whole block is re-run
+    for d in drafts:
+        if d["block"] is not None and d["first_backward"] is not None:
+            starts[d["block"]] = min(starts.get(d["block"], d["first_backward"]), d["first_backward"])
+    whole = set(starts.values())
     points = [set() if d["extra"] else {d["first_backward"]} for d in drafts]
     for i in reversed(range(len(drafts))):  # dependents are made after their dependencies
-        points[i] = set(sorted(points[i])[-_MAX_POINTS:])
+        start = starts.get(drafts[i]["block"])
+        if start is not None and points[i] and min(points[i]) >= start:
+            points[i].add(start)  # recomputed with its whole block, as a checkpointed block is
+        points[i] = set(sorted(points[i])[-_MAX_POINTS:]) | (points[i] & whole)
         if "recompute" in drafts[i]["reasons"]:
             continue
         for dep in drafts[i]["deps"]:
