@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 from ortools.sat.python import cp_model
 
-from memopt.planner.greedy import greedy_plan
+from memopt.planner.greedy import greedy_plan, whole_blocks_plan
 from memopt.planner.problem import ACTIONS, Candidate, Choice, PlanningProblem, evaluate, keep_all
 
 __all__ = ["SolveResult", "SolverOptions", "solve_min_peak", "solve_min_time", "choose_quantum"]
@@ -85,7 +85,8 @@ def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOpti
     peak = model.cp.NewIntVar(0, model.upper_bound(), "peak")
     model.add_memory(peak)
     model.cp.Minimize(peak)
-    model.hint(greedy_plan(problem, 0))
+    starts = [c for c in (greedy_plan(problem, 0), whole_blocks_plan(problem)) if evaluate(problem, c).valid]
+    model.hint(min(starts, key=lambda c: evaluate(problem, c).peak_bytes))
     result = model.run(options, "minimum peak", progress, lambda v: f"{v * model.quantum / 2**30:.3f} GiB")
     if result.choices is None:
         return result
@@ -157,6 +158,8 @@ class _Model:
         self.problem, self.quantum = problem, quantum
         self.cp = cp_model.CpModel()
         self._segments: list | None = None
+        self._spikes: dict[int, list[tuple[int, int, int]]] = {}  # point -> (candidate, point index, bytes)
+        self._spike_vars: dict[int, cp_model.IntVar] = {}
         # Auxiliary variables and how to compute them from the decisions, so a hint is complete:
         # (variable, [(decision index, coefficient)], constant) -> max(0, constant + sum).
         self._derived: list[tuple[cp_model.IntVar, list[tuple[int, int]], int]] = []
@@ -239,8 +242,11 @@ class _Model:
                 interval(c.fetch_start, c.last_backward, ("class", c.klass, "offload"), c.nbytes)
             for j, m in enumerate(c.points):
                 interval(m, c.last_backward, ("at", c.index, j), c.nbytes)
-                interval(m, m, ("at", c.index, j), c.recompute_bytes)
+                if c.recompute_bytes:
+                    self._spikes.setdefault(m, []).append((c.index, j, c.recompute_bytes))
                 interval(c.define, m, ("at", c.index, j), c.replay_bytes)
+        for m in self._spikes:  # the largest closure recomputed at m (they run one after another)
+            interval(m, m, ("spike", m, 0), self.quantum)
         forward = itertools.accumulate(delta[:-1])
         constant = [p.static.resident + b + x for b, x in zip(p.base, forward)]
         return constant, events
@@ -309,7 +315,20 @@ class _Model:
 
     def _var(self, key: tuple) -> cp_model.IntVar:
         kind, a, b = key
+        if kind == "spike":
+            return self._spike(a)
         return self.action[a, b] if kind == "class" else self.at[a][b]
+
+    def _spike(self, m: int) -> cp_model.IntVar:
+        """Quanta of the largest closure recomputed at point ``m``."""
+        if m not in self._spike_vars:
+            q = self.quantum
+            terms = [(self.at[i][j], -(-nbytes // q)) for i, j, nbytes in self._spikes[m]]
+            var = self.cp.NewIntVar(0, max(c for _, c in terms), f"spike_{m}")
+            for at, c in terms:
+                self.cp.Add(var >= c * at)
+            self._spike_vars[m] = var
+        return self._spike_vars[m]
 
     def time_objective(self) -> cp_model.LinearExpr:
         p = self.problem
@@ -372,6 +391,9 @@ class _Model:
                 var = self.at[c.index][j]
                 if var is not self.action[c.klass, "recompute"]:
                     values[var.Index()] = int(ch.action == "recompute" and ch.point == m)
+        q = self.quantum
+        for m, var in self._spike_vars.items():
+            values[var.Index()] = max(-(-nbytes // q) * values[self.at[i][j].Index()] for i, j, nbytes in self._spikes[m])
         return values
 
     def hint(self, choices: Sequence[Choice]) -> None:

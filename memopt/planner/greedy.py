@@ -15,7 +15,7 @@ from typing import Sequence
 
 from memopt.planner.problem import Candidate, Choice, PlanningProblem, evaluate, keep_all, offloaded_bytes
 
-__all__ = ["greedy_plan"]
+__all__ = ["greedy_plan", "whole_blocks_plan"]
 
 
 def greedy_plan(problem: PlanningProblem, capacity: int) -> tuple[Choice, ...]:
@@ -35,6 +35,34 @@ def greedy_plan(problem: PlanningProblem, capacity: int) -> tuple[Choice, ...]:
                 for e in members[problem.candidates[d].klass]:
                     choices[e.index] = Choice("keep")
             choices[c.index] = Choice(action, _point(problem, c, choices))
+
+
+def whole_blocks_plan(problem: PlanningProblem) -> tuple[Choice, ...]:
+    """What gradient checkpointing does, as an assignment: every saved tensor of a block that may be
+    recomputed is, at the block's first backward point (the whole block re-run from what is
+    saved); recompute sources are saved where a recomputation starts from them. Ensures: a valid
+    assignment (the caller compares its peak); the CP-SAT warm start on problems too large for the
+    solver to get there from the greedy plan in its time."""
+    starts: dict[int, int] = {}
+    for c in problem.candidates:
+        if c.block is not None and not c.extra:
+            starts[c.block] = min(starts.get(c.block, c.first_backward), c.first_backward)
+    choices = list(keep_all(problem))
+    for c in problem.candidates:
+        start = starts.get(c.block) if c.block is not None else None
+        if not c.extra and "recompute" in c.allowed and start in c.points:
+            choices[c.index] = Choice("recompute", start)
+    for c in reversed(problem.candidates):  # dependents come after their dependencies
+        if choices[c.index].action == "recompute":
+            m = choices[c.index].point
+            for d in c.deps:
+                dep = problem.candidates[d]
+                if dep.extra and choices[d].action != "recompute":  # a source: re-run with the block, else saved
+                    can = "recompute" in dep.allowed and m in dep.points and dep.block == c.block
+                    choices[d] = Choice("recompute", m) if can else Choice("keep")
+                elif choices[d].action == "recompute" and choices[d].point > m:
+                    choices[d] = Choice("keep")  # needed earlier than its block re-runs
+    return tuple(choices)
 
 
 def _best_move(problem: PlanningProblem, members: dict[int, list[Candidate]], choices: list[Choice],

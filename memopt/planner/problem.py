@@ -13,7 +13,9 @@ DeviceSpec). Program points are the trace's ops: forward first, then backward. E
   reads (``deps``) must be on device at ``m``: kept, or themselves materialized at or before
   ``m``; so ``m`` may be moved earlier, to a point where a dependent is recomputed. While it runs,
   the most bytes its closure holds at once (replayed in forward order, each temporary freed after
-  its last reader) are counted at ``m``; its time is counted once per recomputed tensor (an upper
+  its last reader) are counted at ``m`` — the largest of the closures recomputed at ``m``, which
+  run one after another (the lowered step's peak is measured, so a closure sharing temporaries
+  with another is caught there); its time is counted once per recomputed tensor (an upper
   bound when closures overlap). Every seeded op in the closure (dropout, and attention kernels
   that take a seed even at dropout 0) makes torch's partitioner save the RNG state to replay it,
   from the forward to ``m`` (``replay_bytes``; once per tensor: an upper bound when closures share
@@ -558,7 +560,7 @@ def evaluate(problem: PlanningProblem, choices: Sequence[Choice]) -> Evaluation:
         add(c.define, fwd_end, c.nbytes)
         add(choice.point if choice.action == "recompute" else c.fetch_start, c.last_backward, c.nbytes)
         if choice.action == "recompute":
-            spikes[choice.point] += c.recompute_bytes
+            spikes[choice.point] = max(spikes[choice.point], c.recompute_bytes)  # closures run one after another
             add(c.define, choice.point, c.replay_bytes)
             issues += _missing_deps(problem, c, choice.point, choices)
     host = offloaded_bytes(problem, choices)

@@ -63,7 +63,12 @@ def milp(problem: PlanningProblem, capacity: int | None, time_limit_s: float = 6
     _recompute_inputs(problem, solver, x)
     peak = solver.NumVar(0, solver.infinity(), "peak")
     for point in range(problem.num_points):
-        solver.Add(_bytes_at(problem, x, point) <= (peak if capacity is None else capacity))
+        spike = solver.NumVar(0, solver.infinity(), f"spike_{point}")  # the largest closure recomputed here
+        for c in problem.candidates:
+            for i, ch in enumerate(_options(c)):
+                if ch.action == "recompute" and ch.point == point:
+                    solver.Add(spike >= c.recompute_bytes * x[c.index, i])
+        solver.Add(_bytes_at(problem, x, point) + spike <= (peak if capacity is None else capacity))
     if capacity is None:
         solver.Minimize(peak)
     else:
@@ -104,8 +109,6 @@ def _bytes_at(problem: PlanningProblem, x: dict, p: int):
         for i, ch in enumerate(_options(c)):
             if _resident(problem, c, ch, p):
                 total = total + c.nbytes * x[c.index, i]
-            if ch.action == "recompute" and ch.point == p:
-                total = total + c.recompute_bytes * x[c.index, i]
             if ch.action == "recompute" and c.define <= p <= ch.point:
                 total = total + c.replay_bytes * x[c.index, i]
     return total
