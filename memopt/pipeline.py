@@ -200,7 +200,10 @@ def _plan_variants(job: Job, result: PassResult) -> tuple[MemoryReport | None, J
         try:
             every = plan_every_set(job)
         except InfeasibleBudgetError as exc:
-            every, why = None, f"planning every active set at once does not fit ({exc.message.splitlines()[0]})"
+            every, why = None, (
+                "planning every active set at once does not fit: it needs a budget of "
+                f"{format_bytes(exc.min_budget_bytes)} or more, and a set drawn later that needs more than this "
+                "budget raises InfeasibleBudgetError at its switch")
         else:
             why = "" if isinstance(every, tuple) else every
         if isinstance(every, tuple):

@@ -147,6 +147,7 @@ class OptimizedModel(nn.Module):
         elif self._plan.training is not None and (self._plan.training, self._plan.autocast) != \
                 (self.model.training, autocast_state(device.type)):
             self._replan_for(args, kwargs, _state_change(self._plan, self.model.training, autocast_state(device.type)))
+        self._check_sampled_blocks()
         self._note_other_inputs(bound)
         if self._plan.update_in_backward and self.model.training:
             in_backward.require(self._update_owner)  # gradients held to a step after backward break the peak
@@ -182,6 +183,20 @@ class OptimizedModel(nn.Module):
         log.warning("memopt: re-planned in %.1f s (%s): predicted peak %.3f GiB of %.3f GiB usable%s", seconds, why,
                     plan.predicted_peak_bytes / 2**30, plan.usable_bytes / 2**30,
                     ", recomputing/offloading" if plan.needs_runtime else "")
+
+    def _check_sampled_blocks(self) -> None:
+        """A plan made for every active set bounds sets of ``active_layers`` blocks: more, unfrozen
+        by hand, is another step than planned (its gradients would not fit what was counted)."""
+        sampler = layerwise.sampler_of(self.model)
+        if not self._plan.traced_trainable or sampler is None:
+            return
+        active = [sampler.names[i] for i, params in enumerate(sampler.blocks) if any(p.requires_grad for p in params)]
+        if len(active) > sampler.active_layers:
+            raise PlanMismatchError(
+                f"{len(active)} sampled blocks require grad ({', '.join(active[:4])}{', ...' if len(active) > 4 else ''})"
+                f"; the plan bounds every set of active_layers={sampler.active_layers}: freeze the others (the "
+                "optimizer from make_optimizer switches blocks itself), or call memopt.optimize with "
+                f"active_layers={len(active)}")
 
     def _check_inputs(self, bound: inspect.BoundArguments) -> None:
         """The same tensor inputs as planned, each with its planned dtype and number of dimensions."""

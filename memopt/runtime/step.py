@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -76,15 +77,25 @@ class Compilers:
     runs_fake: bool  # can the compiled code run on fake tensors (a simulated step)?
 
 
-@dataclass
-class _Dropped:
-    """The gradient outputs the backward of the latest call leaves out: parameters traced as
-    trainable (``plan.traced_trainable``) that were frozen when the forward ran."""
+_local = threading.local()  # .calling: the gradients the forward being called drops; .backward: the backward's
 
-    positions: frozenset[int] = frozenset()
 
-    def __call__(self) -> frozenset[int]:
-        return self.positions
+@contextlib.contextmanager
+def _dropping(positions: frozenset[int]) -> Any:
+    """The step called inside leaves the gradient outputs at ``positions`` out of its backward:
+    parameters traced as trainable (``plan.traced_trainable``) that are frozen at this call. The
+    set travels with the call's autograd node (a pre-hook hands it to the backward), so a deep copy
+    sharing the traced function, or a second forward before the first's backward, gets its own."""
+    previous = getattr(_local, "calling", frozenset())
+    _local.calling = positions
+    try:
+        yield
+    finally:
+        _local.calling = previous
+
+
+def _backward_dropped() -> frozenset[int]:
+    return getattr(_local, "backward", frozenset())
 
 
 @dataclass
@@ -95,7 +106,6 @@ class _Trace:
     report: LoweringReport
     covers: Callable[[list[torch.Tensor]], bool]  # do these input tensors' sizes satisfy its guards?
     symbolic: bool
-    dropped: _Dropped
 
 
 class PlannedStep:
@@ -139,11 +149,12 @@ class PlannedStep:
         for cache_key, trace in self._traces.items():
             if cache_key[0] == key and trace.covers(tensors):
                 self._traces.move_to_end(cache_key)
-                trace.dropped.positions = dropped
-                return trace.fn(params, buffers, tensors)
+                with _dropping(dropped):
+                    return trace.fn(params, buffers, tensors)
         start = time.perf_counter()
-        with eager_masks(self.model, args, kwargs):  # HF's masks as eager HF makes them, as the planner traced them
-            trace, output = self._lower(args, kwargs, fake, leaves, spec, (params, buffers, tensors), device, dropped)
+        # HF's masks as eager HF makes them, as the planner traced them
+        with eager_masks(self.model, args, kwargs), _dropping(dropped):
+            trace, output = self._lower(args, kwargs, fake, leaves, spec, (params, buffers, tensors), device)
         self.trace_seconds += time.perf_counter() - start
         self._serial += 1
         self._traces[(key, self._serial)] = trace
@@ -154,9 +165,8 @@ class PlannedStep:
     # ------------------------------------------------------------------------- tracing
 
     def _lower(self, args: tuple, kwargs: dict, fake: bool, leaves: list, spec: Any,
-               inputs: tuple[dict, dict, list], device: torch.device, dropped: frozenset[int]) -> tuple[_Trace, Any]:
-        """Trace, partition and compile the step for these inputs, and run it on them once
-        (``dropped``: the gradient outputs this call leaves out)."""
+               inputs: tuple[dict, dict, list], device: torch.device) -> tuple[_Trace, Any]:
+        """Trace, partition and compile the step for these inputs, and run it on them once."""
         if fake and not self.compilers.runs_fake:
             raise MemoptError(f"the {self.compilers.name} lowering cannot run on fake tensors; simulate the eager one")
         shapes = input_shapes(self._signature.bind(*args, **kwargs))
@@ -174,23 +184,22 @@ class PlannedStep:
         # A plan without keys (format v3) names fx nodes of a trace at exact sizes.
         if not fake and all(t.key is not None for t in self.plan.tensors):
             try:
-                return self._trace_symbolic(step, inputs, mode, at_plan_shapes, _Dropped(dropped))
+                return self._trace_symbolic(step, inputs, mode, at_plan_shapes)
             except (MemoptError, torch.OutOfMemoryError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the exact-size trace below reports real failures
                 log.info("memopt: %s's step could not be traced with symbolic sizes (%s: %s); tracing it at "
                          "these sizes (one trace per size)", type(model).__name__, type(exc).__name__,
                          _first_line(exc))
-        return self._trace_exact(step, inputs, mode, at_plan_shapes, fake, _Dropped(dropped))
+        return self._trace_exact(step, inputs, mode, at_plan_shapes, fake)
 
     def _traced_as(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``params`` as the step is traced: each parameter of ``plan.traced_trainable`` frozen now
-        stands in as a trainable alias (its gradient is left out of the backward, ``_Dropped``)."""
+        stands in as a trainable alias (its gradient is left out of the backward, ``_dropping``)."""
         return {n: p.detach().requires_grad_(True) if n in self._traced_trainable and not p.requires_grad else p
                 for n, p in params.items()}
 
-    def _aot(self, step: Callable, partition: Callable, resume: Callable[[], None] | None,
-             dropped: _Dropped) -> Callable[..., Any]:
+    def _aot(self, step: Callable, partition: Callable, resume: Callable[[], None] | None) -> Callable[..., Any]:
         """The AOT function of ``step``; ``resume`` (if given) is called once compiled, before the
         forward first runs (a simulated step counts from there)."""
         compilers = self.compilers
@@ -215,13 +224,13 @@ class PlannedStep:
             return run
 
         def backward_compiler(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-            return BackwardVariants(gm, example_inputs, compilers.backward, dropped)
+            return BackwardVariants(gm, example_inputs, compilers.backward, _backward_dropped)
 
         fn = aot_function(step, fw_compiler=forward_compiler, bw_compiler=backward_compiler, partition_fn=partition)
         return _without_zero_gradients(fn)
 
     def _trace_symbolic(self, step: Callable, inputs: tuple[dict, dict, list], mode: str,
-                        at_plan_shapes: bool, dropped: _Dropped) -> tuple[_Trace, Any]:
+                        at_plan_shapes: bool) -> tuple[_Trace, Any]:
         from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
         params, buffers, tensors = inputs
@@ -241,7 +250,7 @@ class PlannedStep:
             fn = None
             for exporting in (False, True):
                 with not_counted():  # nothing of the trace, its fake run included, is a real allocation
-                    fn = self._aot(step, partition, None, dropped)
+                    fn = self._aot(step, partition, None)
                     try:
                         # The caller's saved-tensor hooks (a tracker's) see no fake tensor either.
                         with self._tracing(exporting), fake_mode, \
@@ -261,10 +270,10 @@ class PlannedStep:
 
         output = fn(params, buffers, tensors)
         log.debug("memopt: traced the planned step with symbolic sizes (guards: %s)", guards)
-        return _Trace(fn, report, covers, symbolic=True, dropped=dropped), output
+        return _Trace(fn, report, covers, symbolic=True), output
 
     def _trace_exact(self, step: Callable, inputs: tuple[dict, dict, list], mode: str, at_plan_shapes: bool,
-                     fake: bool, dropped: _Dropped) -> tuple[_Trace, Any]:
+                     fake: bool) -> tuple[_Trace, Any]:
         report = LoweringReport()
         partition = self._partition(mode, at_plan_shapes, report)
         sizes = [tuple(t.shape) for t in inputs[2]]
@@ -272,12 +281,12 @@ class PlannedStep:
         for exporting in (False, True):
             # Tracing makes fake tensors a simulated step must not count: count from the first op run.
             with not_counted() as resume:
-                fn = self._aot(step, partition, resume, dropped)
+                fn = self._aot(step, partition, resume)
                 try:
                     with self._tracing(exporting):
                         output = fn(*inputs)
                     return _Trace(fn, report, lambda actual: [tuple(t.shape) for t in actual] == sizes,
-                                  symbolic=False, dropped=dropped), output
+                                  symbolic=False), output
                 except DataDependentOutputException:
                     if exporting:
                         raise
@@ -323,6 +332,7 @@ def _without_zero_gradients(fn: Callable[..., Any]) -> Callable[..., Any]:
     does not reach (instead of a zero tensor of its size): the backward folds those tangents away."""
 
     def call(*args: Any) -> Any:
+        dropped = getattr(_local, "calling", frozenset())
         output = fn(*args)
         seen: set[int] = set()
         for t in tree_leaves(output):
@@ -332,9 +342,17 @@ def _without_zero_gradients(fn: Callable[..., Any]) -> Callable[..., Any]:
                         type(candidate).__name__ == "CompiledFunctionBackward":
                     seen.add(id(candidate))
                     candidate.set_materialize_grads(False)
+                    candidate.register_prehook(_hand_over(dropped))
         return output
 
     return call
+
+
+def _hand_over(dropped: frozenset[int]) -> Callable[[Any], None]:
+    def prehook(grad_outputs: Any) -> None:  # runs on the thread that runs this node's backward, right before it
+        _local.backward = dropped
+
+    return prehook
 
 
 def _boxed(gm: torch.fx.GraphModule) -> Callable[[list], Any]:

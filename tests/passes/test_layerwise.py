@@ -317,3 +317,45 @@ def test_a_longer_batch_re_plans_for_every_active_set_again(lowered):
     assert len(optimized.replans) == replans + 1 and "larger than planned" in optimized.replans[-1]
     assert len(drawn) > 1 and optimized.plan.traced_trainable  # the new plan covers every set: no re-plan at a switch
     assert optimized.plan.input_shapes["input_ids"] == (2, 80)
+
+
+def test_a_deep_copy_and_a_second_forward_get_their_own_gradients(lowered):
+    """The traced step is shared by a deep copy, and one model may run two forwards before either
+    backward: each call's backward leaves out the gradients frozen at *its* forward."""
+    optimized, batch = lowered
+    sampler = sampler_of(optimized.model)
+    optimized(**batch).loss.backward()  # the original's last forward: its active set
+    twin = copy.deepcopy(optimized)
+    twin_sampler = sampler_of(twin.model)
+    for block in range(len(twin_sampler.blocks)):
+        twin_sampler.activate((block,))
+        for p in twin.model.parameters():
+            p.grad = None
+        twin(**batch).loss.backward()
+        for i, params in enumerate(twin_sampler.blocks):
+            assert all((p.grad is not None) == (i == block) for p in params), (block, i)
+    # two forwards (embeddings trainable, then frozen by hand), the first one's backward last
+    embeddings = optimized.model.get_input_embeddings().weight
+    sampler.activate(sampler.worst_case)
+    embeddings.grad = None
+    first = optimized(**batch).loss
+    embeddings.requires_grad_(False)
+    second = optimized(**batch).loss
+    embeddings.requires_grad_(True)
+    second.backward()
+    assert embeddings.grad is None
+    first.backward()
+    assert embeddings.grad is not None
+
+
+def test_more_blocks_unfrozen_by_hand_than_planned_is_refused(lowered):
+    optimized, batch = lowered
+    sampler = sampler_of(optimized.model)
+    for params in sampler.blocks:
+        for p in params:
+            p.requires_grad_(True)
+    try:
+        with pytest.raises(memopt.PlanMismatchError, match="active_layers=1"):
+            optimized(**batch)
+    finally:
+        sampler.activate(sampler.worst_case)

@@ -8,6 +8,7 @@ offload simulated by the lowering's own copy ops). The 7B-shaped run is in test_
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -117,3 +118,34 @@ def test_simulating_a_lowered_step_with_tensor_constants_is_refused_clearly():
     assert optimized.plan.needs_runtime
     with pytest.raises(memopt.MemoptError, match="tensor constants"):
         _measured(optimized, batch, "cuda", 512)
+
+
+def test_the_smallest_plan_peaks_below_hf_gradient_checkpointing():
+    """Issue 15, item 6: memopt's smallest feasible plan, measured by the tracker in the user's loop,
+    is at or below HF's gradient checkpointing (every decoder layer re-run) on the same LoRA model:
+    a saved tensor may be recomputed with its whole block at the block's first backward point."""
+    from memopt.memory.tracker import MemoryTracker
+
+    torch.manual_seed(0)
+    model = tiny_llama(num_hidden_layers=4)
+    batch = lm_batch(model, batch=4, seq=64)
+    options = dict(method="lora", rank=8, device="cpu", reserve_gb=0, cut_cross_entropy=False)
+    with pytest.raises(memopt.InfeasibleBudgetError) as info:
+        memopt.optimize(copy.deepcopy(model), 1e-4, batch, **options)
+
+    def steady_peak(run, opt) -> int:
+        for _ in range(2):  # the second step has the optimizer state
+            with MemoryTracker(run, opt, inputs=batch) as tracker:
+                run(**batch).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return tracker.report("cpu").peak_bytes
+
+    smallest = memopt.optimize(copy.deepcopy(model), info.value.min_budget_bytes / 2**30, batch, **options)
+    ours = steady_peak(smallest, smallest.make_optimizer(lr=1e-3))
+    assert ours == smallest.plan.predicted_peak_bytes
+    as_is = memopt.optimize(copy.deepcopy(model), 64, batch, **options)
+    as_is.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    theirs = steady_peak(as_is.model, as_is.make_optimizer(lr=1e-3))
+    print(f"smallest plan {ours:,} bytes, HF gradient checkpointing {theirs:,}")
+    assert ours <= theirs
