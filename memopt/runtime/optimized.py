@@ -45,7 +45,7 @@ from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
 from memopt.passes import cut_ce, layerwise, rso
 from memopt.passes.int8train import is_handle
 from memopt.plan import RUNTIME_ACTIONS, Action, Plan
-from memopt.plan.report import applied_lines
+from memopt.plan.report import applied_lines, format_bytes
 from memopt.runtime import in_backward
 from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.guards import step_state
@@ -148,6 +148,7 @@ class OptimizedModel(nn.Module):
                 (self.model.training, autocast_state(device.type)):
             self._replan_for(args, kwargs, _state_change(self._plan, self.model.training, autocast_state(device.type)))
         self._check_sampled_blocks()
+        self._note_held_gradients()
         self._note_other_inputs(bound)
         if self._plan.update_in_backward and self.model.training:
             in_backward.require(self._update_owner)  # gradients held to a step after backward break the peak
@@ -183,6 +184,21 @@ class OptimizedModel(nn.Module):
         log.warning("memopt: re-planned in %.1f s (%s): predicted peak %.3f GiB of %.3f GiB usable%s", seconds, why,
                     plan.predicted_peak_bytes / 2**30, plan.usable_bytes / 2**30,
                     ", recomputing/offloading" if plan.needs_runtime else "")
+
+    def _note_held_gradients(self) -> None:
+        """Gradients left from an earlier backward (gradient accumulation) are held through this whole
+        step; the plan counts them from where the backward makes them: say so, once, with the bound."""
+        if "held" in self._said or self._plan.update_in_backward or not self.model.training:
+            return
+        if any(p.grad is not None for p in self.model.parameters() if p.requires_grad):
+            self._said.add("held")
+            static = self._plan.static
+            extra = 0 if static is None else static.gradients
+            log.warning("memopt: this step starts with gradients from an earlier backward (gradient accumulation): the "
+                        "plan counts gradients only from where the backward makes them, so a step may peak up to %s "
+                        "above the predicted %s; for a bound that holds, plan with budget_gb smaller by that much (or "
+                        "zero the gradients before each step)", format_bytes(extra),
+                        format_bytes(self._plan.predicted_peak_bytes))
 
     def _check_sampled_blocks(self) -> None:
         """A plan made for every active set bounds sets of ``active_layers`` blocks: more, unfrozen

@@ -149,3 +149,28 @@ def test_the_smallest_plan_peaks_below_hf_gradient_checkpointing():
     theirs = steady_peak(as_is.model, as_is.make_optimizer(lr=1e-3))
     print(f"smallest plan {ours:,} bytes, HF gradient checkpointing {theirs:,}")
     assert ours <= theirs
+
+
+def test_gradient_accumulation_is_said_with_its_bound(caplog):
+    """Two micro-batches per optimizer step: the second starts with the first's gradients held,
+    which the plan does not count; the step says so once, and its measured peak is within the bound
+    it gives (the predicted peak plus the gradients' bytes)."""
+    from memopt.memory.tracker import MemoryTracker
+
+    torch.manual_seed(0)
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=2, seq=32)
+    optimized = memopt.optimize(model, 1, batch, method="full", device="cpu", reserve_gb=0)
+    opt = optimized.make_optimizer(lr=1e-3)
+    plan = optimized.plan
+    with caplog.at_level("WARNING", logger="memopt"):
+        for _ in range(2):
+            with MemoryTracker(optimized, opt, inputs=batch) as tracker:
+                for _ in range(2):  # micro-batches
+                    optimized(**batch).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    said = [r.getMessage() for r in caplog.records if "gradient accumulation" in r.getMessage()]
+    assert len(said) == 1 and "zero the gradients" in said[0]
+    peak = tracker.report("cpu").peak_bytes
+    assert plan.predicted_peak_bytes < peak <= plan.predicted_peak_bytes + plan.static.gradients
