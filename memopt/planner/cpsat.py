@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 from ortools.sat.python import cp_model
 
-from memopt.planner.greedy import greedy_plan, whole_blocks_plan
+from memopt.planner.greedy import greedy_plan, whole_blocks_plan, with_sources_offloaded
 from memopt.planner.problem import ACTIONS, Candidate, Choice, PlanningProblem, evaluate, keep_all
 
 __all__ = ["SolveResult", "SolverOptions", "solve_min_peak", "solve_min_time", "choose_quantum"]
@@ -85,7 +85,9 @@ def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOpti
     peak = model.cp.NewIntVar(0, model.upper_bound(), "peak")
     model.add_memory(peak)
     model.cp.Minimize(peak)
-    starts = [c for c in (greedy_plan(problem, 0), whole_blocks_plan(problem)) if evaluate(problem, c).valid]
+    whole = whole_blocks_plan(problem)
+    starts = [c for c in (greedy_plan(problem, 0), whole, with_sources_offloaded(problem, whole))
+              if evaluate(problem, c).valid]
     model.hint(min(starts, key=lambda c: evaluate(problem, c).peak_bytes))
     result = model.run(options, "minimum peak", progress, lambda v: f"{v * model.quantum / 2**30:.3f} GiB")
     if result.choices is None:

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from memopt.planner.problem import Candidate, Choice, PlanningProblem, evaluate, keep_all, offloaded_bytes
 
-__all__ = ["greedy_plan", "whole_blocks_plan"]
+__all__ = ["greedy_plan", "whole_blocks_plan", "with_sources_offloaded"]
 
 
 def greedy_plan(problem: PlanningProblem, capacity: int) -> tuple[Choice, ...]:
@@ -34,7 +34,7 @@ def greedy_plan(problem: PlanningProblem, capacity: int) -> tuple[Choice, ...]:
             for d in _sources_to_save(problem, c, action, choices):
                 for e in members[problem.candidates[d].klass]:
                     choices[e.index] = Choice("keep")
-            choices[c.index] = Choice(action, _point(problem, c, choices))
+            choices[c.index] = Choice(action, c.first_backward if action == "offload" else _point(problem, c, choices))
 
 
 def whole_blocks_plan(problem: PlanningProblem) -> tuple[Choice, ...]:
@@ -65,17 +65,37 @@ def whole_blocks_plan(problem: PlanningProblem) -> tuple[Choice, ...]:
     return tuple(choices)
 
 
+def with_sources_offloaded(problem: PlanningProblem, choices: Sequence[Choice]) -> tuple[Choice, ...]:
+    """``choices`` with every saved recompute source (the residual stream a block re-runs from)
+    offloaded where allowed, in forward order while the host budget lasts: the offloaded
+    checkpoints of the residual stream. Ensures: a valid assignment when ``choices`` is one."""
+    out = list(choices)
+    host_left = None if problem.host_capacity is None else problem.host_capacity - offloaded_bytes(problem, out)
+    for c in problem.candidates:
+        if not (c.extra and out[c.index].action == "keep" and "offload" in c.allowed):
+            continue
+        if any(out[t].action == "recompute" and out[t].point < c.first_backward for t in problem.dependents[c.index]):
+            continue  # a dependent is re-made before the offloaded copy is back
+        if host_left is not None:
+            if c.nbytes > host_left:
+                continue
+            host_left -= c.nbytes
+        out[c.index] = Choice("offload", c.first_backward)
+    return tuple(out)
+
+
 def _best_move(problem: PlanningProblem, members: dict[int, list[Candidate]], choices: list[Choice],
                peak: int) -> tuple[int, str] | None:
     best, best_score = None, None
     host_left = None if problem.host_capacity is None else problem.host_capacity - offloaded_bytes(problem, choices)
     for klass, group in members.items():
-        if any(choices[c.index].action != "keep" or c.extra for c in group):
+        if any(choices[c.index].action != "keep" for c in group):
             continue
-        freed = sum(c.nbytes for c in group if _freed_at(problem, c, peak))
-        for action in ("recompute", "offload"):
+        sources = any(c.extra for c in group)  # saved recompute sources: only offloaded
+        for action in ("offload",) if sources else ("recompute", "offload"):
             if not all(_can(problem, c, action, choices) for c in group):
                 continue
+            freed = sum(c.nbytes for c in group if _freed_at(problem, c, peak, action))
             if action == "offload" and host_left is not None and sum(c.nbytes for c in group) > host_left:
                 continue  # the host budget is spent
             sources = {d for c in group for d in _sources_to_save(problem, c, action, choices)}
@@ -90,8 +110,10 @@ def _best_move(problem: PlanningProblem, members: dict[int, list[Candidate]], ch
     return best
 
 
-def _freed_at(problem: PlanningProblem, c: Candidate, point: int) -> bool:
-    """Would recompute/offload of ``c`` remove it from device at ``point``?"""
+def _freed_at(problem: PlanningProblem, c: Candidate, point: int, action: str) -> bool:
+    """Would ``action`` (recompute / offload) of ``c`` remove it from device at ``point``?"""
+    if action == "offload":
+        return max(c.last_forward, c.ready) < point < c.fetch_start
     if point < problem.num_forward:
         return c.last_forward < point
     return point < c.points[-1] if c.points else False
@@ -108,8 +130,8 @@ def _can(problem: PlanningProblem, c: Candidate, action: str, choices: Sequence[
     if action not in c.allowed:
         return False
     m = _point(problem, c, choices)
-    if m is None or (action == "offload" and m != c.first_backward):
-        return False
+    if m is None or (action == "offload" and (m < c.first_backward if c.extra else m != c.first_backward)):
+        return False  # (an offloaded source is back at its first point: no dependent may be re-made earlier)
     if action == "recompute":
         return all(choices[d].action == "keep" or problem.candidates[d].extra
                    or (choices[d].point is not None and choices[d].point <= m) for d in c.deps)

@@ -36,8 +36,10 @@ Recompute sources (``extra`` candidates): the residual stream — tensors a bloc
 code or hands across a block boundary — is not saved by the default partitioner, but saving it
 instead of what is derived from it (e.g. the fp32 copy a norm makes of a bf16 residual) is what
 makes short recomputations possible, as torch's min-cut partitioner does. Such a tensor is a
-candidate with the options **drop** (the default: not saved) and **keep** (saved until the last
-point a dependent may be recomputed), and **recompute** if its own closure allows.
+candidate with the options **drop** (the default: not saved), **keep** (saved until the last
+point a dependent may be recomputed), **offload** (saved on the host, prefetched for the first
+point a dependent may be recomputed — the offloaded checkpoint of the residual stream Unsloth
+runs), and **recompute** if its own closure allows.
 
 Hard rules: a closure containing an RNG op (``rng`` tag: dropout, rand*) is never recomputed —
 torch's non-reentrant checkpoint would replay RNG state, but the compiled lowering does not, so
@@ -226,11 +228,14 @@ def build_problem(trace: JointTrace, device: DeviceSpec, *, allow_recompute: boo
     drafts = [_draft(trace, sid, uses.get(sid, []), stops, point_us, allow_rng_recompute, sid in extra)
               for sid in order]
     points = _materialize_points(drafts)
+    fetch = _source_fetch_points(drafts, points)
     after = list(itertools.accumulate(point_us))  # time when op i has finished
     candidates = []
-    for d, p in zip(drafts, points):
+    for i, (d, p) in enumerate(zip(drafts, points)):
         if d["extra"] and not p:
             continue  # no recomputation can start from it: it stays a forward temporary
+        if d["extra"]:
+            d.update(first_backward=fetch[i], last_backward=max(p))
         candidates.append(_candidate(trace, d, p, device, after, allow_recompute, allow_offload))
     candidates = _renumbered(candidates, order)
     candidates, num_classes, class_blocks = _classes(trace, candidates)
@@ -255,11 +260,9 @@ def _candidate(trace: JointTrace, d: dict, points: tuple[int, ...], device: Devi
     elif not allow_recompute:
         reasons.setdefault("recompute", "recomputation is switched off")
     transfer = transfer_time_us(device, d["nbytes"])
-    if d["extra"]:  # a recompute source: saved in addition, or not at all
+    if d["extra"]:  # a recompute source: not saved, saved, or saved on the host until a recomputation
         allowed.add("drop")
-        reasons["offload"] = "the backward does not read it: it is only a recompute source"
-        d.update(first_backward=min(points), last_backward=max(points))
-    elif allow_offload and device.can_offload and "offload" not in reasons:
+    if allow_offload and device.can_offload and "offload" not in reasons:
         allowed.add("offload")
     elif "offload" not in reasons:
         reasons["offload"] = "offload is switched off" if not allow_offload else f"{device.name} has no host link"
@@ -404,6 +407,30 @@ def _materialize_points(drafts: list[dict]) -> list[tuple[int, ...]]:
             own = drafts[dep]["first_backward"]
             points[dep] |= {m for m in points[i] if own is None or m < own}
     return [tuple(sorted(p)) for p in points]
+
+
+def _source_fetch_points(drafts: list[dict], points: list[tuple[int, ...]]) -> dict[int, int]:
+    """Where an offloaded recompute source must be back on device: the first of its points in the
+    backward of the blocks that read it (the block it is the input of, re-run from it). Its earlier
+    points serve recomputations reaching through it for later blocks (a block output re-made at
+    the next block's start); an offloaded source is not back for those, so they must find it kept
+    (the solver's dependency rule), which keeps the offloaded copy's device time short."""
+    starts: dict[int, int] = {}
+    for d in drafts:
+        if d["block"] is not None and d["first_backward"] is not None:
+            starts[d["block"]] = min(starts.get(d["block"], d["first_backward"]), d["first_backward"])
+    readers: dict[int, set] = {i: set() for i, d in enumerate(drafts) if d["extra"]}
+    for d in drafts:
+        for dep in d["deps"]:
+            if dep in readers:
+                readers[dep].add(d["block"])
+    out = {}
+    for i, blocks in readers.items():
+        if not points[i]:
+            continue
+        start = None if None in blocks or not blocks else min(starts.get(b, 0) for b in blocks)
+        out[i] = min((p for p in points[i] if start is None or p >= start), default=min(points[i]))
+    return out
 
 
 def _ready(define: int, transfer: int, after: Sequence[int], num_forward: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from memopt.config import LoraConfig
@@ -130,3 +132,29 @@ def test_the_step_peak_of_a_trace_is_keep_all_with_every_storage_to_its_last_rea
     peak, point = step_peak(trace)
     assert peak == evaluate(problem, keep_all(problem)).peak_bytes
     assert 0 <= point < trace.num_points
+
+
+def test_a_recompute_source_may_be_offloaded_off_device_from_its_copy_until_its_first_recomputation(llama3):
+    """The residual stream a block is re-run from (Unsloth's offloaded checkpoints): saved on the
+    host, back on device for the earliest point a dependent may be recomputed."""
+    from memopt.planner.greedy import whole_blocks_plan, with_sources_offloaded
+
+    problem = llama3
+    sources = [c for c in problem.candidates if c.extra]
+    assert sources and all("offload" in c.allowed for c in sources)
+    whole = whole_blocks_plan(problem)
+    saved = [c for c in sources if whole[c.index].action == "keep"]
+    assert saved
+    offloaded = with_sources_offloaded(problem, whole)
+    assert [c.index for c in problem.candidates if offloaded[c.index] != whole[c.index]] == [c.index for c in saved]
+    assert all(offloaded[c.index] == Choice("offload", c.first_backward) and c.first_backward in c.points
+               for c in saved)
+    result = evaluate(problem, offloaded)
+    assert result.valid and result.peak_bytes <= evaluate(problem, whole).peak_bytes
+    diff = [a - b for a, b in zip(result.memory, evaluate(problem, whole).memory)]
+    expected = [-sum(c.nbytes for c in saved if max(c.last_forward, c.ready) < p < c.fetch_start)
+                for p in range(problem.num_points)]
+    assert diff == expected and min(expected) < 0
+    # The host budget bounds them: none fits in fewer bytes than the smallest source.
+    tight = dataclasses.replace(problem, host_capacity=min(c.nbytes for c in saved) - 1)
+    assert with_sources_offloaded(tight, whole) == whole

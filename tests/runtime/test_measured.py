@@ -59,6 +59,24 @@ def test_a_gpu_plan_with_offload_runs_simulated_within_its_prediction(fraction):
     assert len(report.offloaded) == sum(t.action == "offload" for t in plan.tensors)
 
 
+def test_an_offloaded_recompute_source_runs_simulated_within_its_prediction():
+    """A host budget too small to offload what the backward reads: the plan recomputes, and saves
+    the residual stream it recomputes from on the host (Unsloth's offloaded checkpoints)."""
+    model = tiny_llama(num_hidden_layers=3).to(torch.bfloat16)
+    batch = lm_batch(model, batch=4, seq=64)
+    options = dict(device="cuda", reserve_gb=0, host_budget_gb=0.0001)
+    optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, 0.0, **options),
+                                example_inputs=batch, **options)
+    plan = optimized.plan
+    sources = [t for t in plan.tensors if t.action == "offload" and t.reason.startswith("saved on the host")]
+    assert sources and plan.bytes_by_action()["recompute"] > 0
+    measured = _measured(optimized, batch, "cuda", 512)
+    assert measured == plan.predicted_peak_bytes <= plan.usable_bytes
+    report = optimized.runtime.reports[-1]
+    assert len(report.offloaded) == sum(t.action == "offload" for t in plan.tensors)
+    assert report.host_bytes <= 0.0001 * 2**30
+
+
 @pytest.mark.slow  # a costly scenario: make test-all
 def test_recompute_flops_equal_the_plans_prediction():
     """FLOPs of a planned step minus the unplanned step's = ``plan.recompute_flops`` (eager
