@@ -18,7 +18,7 @@ from memopt.errors import InfeasibleBudgetError
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_dtypes, input_shapes, normalize_inputs, tensor_inputs, training_kwargs
 from memopt.optim import OPTIMIZERS, OptimizerConfig
-from memopt.passes import REWRITTEN, RewriteLog, cut_ce, get_pass, rewrite
+from memopt.passes import REWRITTEN, RewriteLog, cut_ce, get_pass, rewrite, seq_chunk
 from memopt.passes.quantize import QuantLinear
 from memopt.pipeline import Job
 from memopt.plan import Plan
@@ -206,6 +206,8 @@ def from_pretrained(
         plan = checkpoint.plan
         if device is None and plan is not None:
             device = plan.device
+        if plan is not None and plan.sequence_chunks is not None:
+            options.setdefault("chunk_sequence", plan.sequence_chunks)
         optimized = optimize(model, budget_gb, example_inputs, checkpoint.method, loss_fn=loss_fn,
                              optimizer=plan.optimizer if plan is not None else "adamw",
                              optimizer_options=dict(plan.optimizer_options) if plan is not None else None, device=device,
@@ -236,6 +238,8 @@ def from_pretrained(
             captured = pipeline.capture(job, rewrites)
             rewrite(model, captured.graph, cfg.method_config,
                     cfg.quantize if isinstance(cfg.quantize, QuantizeConfig) else None, rewrites)
+            if plan.sequence_chunks is not None:
+                seq_chunk.install(model, plan.sequence_chunks, rewrites)
             load_trained(model, checkpoint)
             optimized = wrap(model, plan, _merge_fn(cfg), rewrites.original_requires_grad(),
                              config=(cfg, _applied_quantize(cfg, model)))

@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="fuse the LM head and the loss (cut cross-entropy; no [tokens, vocab] logits): --cut-ce "
                            "always, --no-cut-ce never (default: when the step does not fit as it is and the fused "
                            "step is faster)")
+    plan.add_argument("--chunk-seq", type=int, metavar="N",
+                      help="run each position-wise MLP N pieces of tokens at a time in training (sequence chunking: "
+                           "no whole-sequence MLP intermediate; one more MLP forward per step)")
     plan.add_argument("--reserve", type=float, help="GiB kept free for the CUDA context (default: the device's)")
     plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per phase")
     plan.add_argument("--no-offload", action="store_true", help="never offload activations to host")
@@ -215,7 +218,7 @@ def _plan_model(args: argparse.Namespace, config: Any, options: dict[str, Any], 
                      optimizer_options=_optimizer_options(args), reserve_gb=args.reserve,
                      host_budget_gb=args.host_budget, planner=planner,
                      cut_cross_entropy="auto" if args.cut_ce is None else args.cut_ce,
-                     progress=progress, **options)
+                     chunk_sequence=args.chunk_seq, progress=progress, **options)
 
 
 def _search(args: argparse.Namespace, config: Any, options: dict[str, Any], planner: Any,

@@ -26,7 +26,16 @@ from memopt.memory.inputs import input_dtypes, input_shapes
 from memopt.memory.report import MemoryReport
 from memopt.memory.simulate import OptimizerFactory, simulate_step
 from memopt.optim import OPTIMIZERS, factory, plan_notes
-from memopt.passes import PassResult, RewriteLog, after_step_bytes, check_bitsandbytes, cut_ce, layerwise, rewrite
+from memopt.passes import (
+    PassResult,
+    RewriteLog,
+    after_step_bytes,
+    check_bitsandbytes,
+    cut_ce,
+    layerwise,
+    rewrite,
+    seq_chunk,
+)
 from memopt.passes.int8train import is_handle
 from memopt.passes.quantize import QuantLinear
 from memopt.plan import Plan
@@ -110,6 +119,9 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
     # Rewrite in place through the undo log, composed with quantization as the method's pass declares;
     # everything after measures the rewritten model.
     result = rewrite(job.model, captured.graph, cfg.method_config, quant, rewrites)
+    if cfg.chunk_sequence is not None:
+        result = dataclasses.replace(result, notes=(*result.notes, chunk_sequence(job.model, cfg.chunk_sequence,
+                                                                                   rewrites)))
     # The weights alone are a lower bound of any step's peak: quantize="auto" moves on without a trace.
     if weights_must_fit and (weights := weight_bytes(job.model)) > cfg.usable_bytes:
         raise WeightsExceed(weights)
@@ -121,6 +133,20 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
     # The record of it all: what was done per module, per saved tensor, and what it predicts.
     result = dataclasses.replace(result, notes=(*result.notes, *(n for n in (chosen, cut) if n)))
     return _record(job, captured, result, memory, trace, activations)
+
+
+def chunk_sequence(model: nn.Module, chunks: int, rewrites: RewriteLog) -> str:
+    """Run ``model``'s position-wise MLPs ``chunks`` pieces of tokens at a time (``passes.seq_chunk``);
+    the plan's note on it. A model with no MLP that can be chunked is an error naming why."""
+    chosen, left = seq_chunk.install(model, chunks, rewrites)
+    whole = "; ".join(f"{name}: {why}" for name, why in list(left.items())[:3]) + (
+        f" (and {len(left) - 3} more)" if len(left) > 3 else "")
+    if not chosen:
+        raise ValueError(f"chunk_sequence={chunks}: no MLP of {type(model).__name__} can run in pieces of tokens"
+                         + (f" ({whole})" if whole else " (none found: chunking applies to position-wise MLPs)"))
+    return (f"sequence chunking: {len(chosen)} MLP{'s' if len(chosen) > 1 else ''} run {chunks} pieces of tokens at a "
+            "time in training, saving only their input (each piece re-run in the backward: one more MLP forward "
+            "per step)" + (f"; left whole: {whole}" if whole else ""))
 
 
 def _plan_with_loss(job: Job, result: PassResult, rewrites: RewriteLog) -> tuple[
@@ -477,4 +503,5 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
         fingerprint=structural_fingerprint(model),
         host_budget_bytes=cfg.host_budget_bytes if job.planner.allow_offload else None,
         traced_trainable=traced_trainable(model) if trace.dropped else None,
+        sequence_chunks=seq_chunk.installed(model),
     )

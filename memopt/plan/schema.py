@@ -266,6 +266,7 @@ class Plan:
     # (layerwise sampling: every sampled block; a call's backward leaves out the frozen ones'
     # gradients); None: those that require grad at the call
     traced_trainable: tuple[str, ...] | None = None
+    sequence_chunks: int | None = None  # the pieces of tokens each position-wise MLP runs in (None: whole)
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @classmethod
@@ -275,7 +276,7 @@ class Plan:
               training: bool | None, autocast: str | None, capture: str, modules: tuple[ModuleDecision, ...],
               trainable_params: int, total_params: int, memory: MemoryReport | None, notes: tuple[str, ...],
               fingerprint: str | None, host_budget_bytes: int | None = None,
-              traced_trainable: tuple[str, ...] | None = None) -> "Plan":
+              traced_trainable: tuple[str, ...] | None = None, sequence_chunks: int | None = None) -> "Plan":
         """A Plan from the planner's ``step`` and what the job was: every field named and typed."""
         return cls(model=model, method=method, method_config=method_config, optimizer=optimizer,
                    optimizer_options=optimizer_options, device=device, budget_bytes=budget_bytes,
@@ -283,7 +284,7 @@ class Plan:
                    training=training, autocast=autocast, capture=capture, modules=modules,
                    trainable_params=trainable_params, total_params=total_params, memory=memory, notes=notes,
                    fingerprint=fingerprint, host_budget_bytes=host_budget_bytes, traced_trainable=traced_trainable,
-                   **step.fields())
+                   sequence_chunks=sequence_chunks, **step.fields())
 
     def with_step(self, step: StepPlan, **changes: Any) -> "Plan":
         """This Plan with the planner's part replaced by ``step`` (a re-plan), and ``changes``."""
@@ -398,6 +399,7 @@ class Plan:
             "update_in_backward": self.update_in_backward,
             "host_budget_bytes": self.host_budget_bytes,
             "traced_trainable": None if self.traced_trainable is None else list(self.traced_trainable),
+            "sequence_chunks": self.sequence_chunks,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -463,6 +465,7 @@ class Plan:
             update_in_backward=opt("update_in_backward", _bool) or False,
             host_budget_bytes=opt("host_budget_bytes", _count),
             traced_trainable=opt("traced_trainable", lambda v: tuple(_str(n) for n in v)),
+            sequence_chunks=opt("sequence_chunks", _count),
             version=PLAN_FORMAT_VERSION,  # an older plan is upgraded as it is read
         )
 

@@ -42,7 +42,7 @@ import torch.nn as nn
 from memopt.errors import MemoptError, PlanMismatchError
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
-from memopt.passes import cut_ce, layerwise, rso
+from memopt.passes import cut_ce, layerwise, rso, seq_chunk
 from memopt.passes.int8train import is_handle
 from memopt.plan import RUNTIME_ACTIONS, Action, Plan
 from memopt.plan.report import applied_lines, format_bytes
@@ -415,6 +415,7 @@ class OptimizedModel(nn.Module):
 
 def _merged(plain: nn.Module, flags: dict[int, bool | None]) -> nn.Module:
     cut_ce.uninstall(plain)
+    seq_chunk.uninstall(plain)
     for p in plain.parameters():
         flag = flags.get(id(p))
         if flag is not None:

@@ -1,0 +1,160 @@
+"""Sequence chunking of position-wise regions: a block's MLP run a piece of the tokens at a time.
+
+Design note. At long context the largest tensors of a transformer block are its MLP's
+intermediates (tokens × intermediate size, several of them, and their gradients in the
+backward). An MLP is position-wise — each token's output reads only that token's input — so it
+may run on pieces of the sequence, one after another, with the same result. :func:`install` makes
+each chunkable MLP of the model do that in training (grad enabled): the forward runs the pieces
+without autograd and concatenates their outputs, saving only the MLP's input; the backward re-runs
+one piece at a time with autograd and takes its gradients (input and parameters, summed over the
+pieces), so no whole-sequence intermediate of the MLP is ever alive — in the forward or the
+backward. This is the mini-sequence training of MsT (Luo et al., 2024), here as a rewrite of the
+user's model: an instance attribute ``forward`` on each chunked module (its class, parameters and
+``state_dict`` unchanged; a deep copy is chunked over its own module; ``uninstall`` removes it).
+
+What memopt's planner then sees is the step that runs: the saved MLP input is a decision like any
+other (kept, recomputed with its block, offloaded), the pieces' forward are forward temporaries and
+their recomputation is part of the backward. Its cost is one more forward of the MLP per step.
+
+Exactness rules, checked, never assumed (``why_not`` gives the reason a module is left whole, and
+the plan's note names them): the module's class is a known position-wise MLP (its class name ends
+in ``MLP`` and its forward takes the hidden states alone); it holds no active dropout (a re-run
+piece would redraw the mask); the pieces re-run under the autocast state of the forward. The
+gradients equal the unchunked step's up to the order of the parameter-gradient sums (fp32: within
+1e-5 relative; the test says so).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import types
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from memopt.passes.base import RewriteLog
+
+__all__ = ["chunkable", "install", "installed", "uninstall", "why_not"]
+
+_ATTR = "_memopt_seq_chunks"
+_plain = threading.local()  # set while a piece re-runs: the module's own forward, not the chunked one
+
+
+def why_not(module: nn.Module) -> str | None:
+    """Why ``module`` is not chunked along the sequence (None: it is a position-wise MLP that can be)."""
+    name = type(module).__name__
+    if not name.upper().endswith("MLP"):
+        return f"{name} is not a known position-wise MLP"
+    params = [p for p in inspect.signature(type(module).forward).parameters.values()][1:]
+    required = [p for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) != 1 or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return f"{name}.forward takes more than the hidden states"
+    dropout = [n for n, m in module.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    if dropout:
+        return f"{name} holds dropout ({dropout[0] or 'itself'}, p > 0): a re-run piece would redraw its mask"
+    return None
+
+
+def chunkable(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """The MLPs of ``model`` that can be chunked (by name, outermost first), and those left whole with why."""
+    chosen, left = [], {}
+    for name, module in model.named_modules():
+        if not type(module).__name__.upper().endswith("MLP") or any(name.startswith(c + ".") for c in chosen):
+            continue
+        reason = why_not(module)
+        if reason is None:
+            chosen.append(name)
+        else:
+            left[name] = reason
+    return chosen, left
+
+
+def install(model: nn.Module, chunks: int, rewrites: RewriteLog) -> tuple[list[str], dict[str, str]]:
+    """Run every chunkable MLP of ``model`` ``chunks`` pieces of tokens at a time in training. Returns
+    ``chunkable(model)``. Undone by ``rewrites``."""
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 2:
+        raise ValueError(f"chunk_sequence must be a number of pieces >= 2 (or None: no chunking), got {chunks!r}")
+    chosen, left = chunkable(model)
+    for name in chosen:
+        module = model.get_submodule(name)
+        module.forward = types.MethodType(_chunked_forward, module)
+        setattr(module, _ATTR, chunks)
+    rewrites.on_undo(lambda: uninstall(model))
+    return chosen, left
+
+
+def installed(model: nn.Module) -> int | None:
+    """The pieces ``model``'s MLPs run in (None: not chunked)."""
+    return next((vars(m)[_ATTR] for m in model.modules() if _ATTR in vars(m)), None)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Nothing of the chunking left on ``model``."""
+    for module in model.modules():
+        if vars(module).pop(_ATTR, None) is not None:
+            vars(module).pop("forward", None)
+
+
+def _chunked_forward(self: nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    plain = type(self).forward
+    if getattr(_plain, "on", False) or args or kwargs or not torch.is_grad_enabled() or hidden.dim() < 2:
+        return plain(self, hidden, *args, **kwargs)
+    named = dict(self.named_parameters())
+    named.update(self.named_buffers())
+    if not (hidden.requires_grad or any(t.requires_grad for t in named.values())):
+        return plain(self, hidden)
+    return _Pieces.apply(hidden, self, tuple(named), *named.values())
+
+
+def _pieces(x: torch.Tensor, chunks: int) -> list[torch.Tensor]:
+    """``chunks`` pieces along the sequence (the dim before the features), always that many (some empty
+    when the sequence is shorter), so the count never depends on a symbolic size."""
+    dim, length = x.dim() - 2, x.shape[x.dim() - 2]
+    bounds = [(i * length) // chunks for i in range(chunks + 1)]
+    return [x.narrow(dim, lo, hi - lo) for lo, hi in zip(bounds, bounds[1:])]
+
+
+class _Pieces(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, module: nn.Module, names: tuple[str, ...],
+                *tensors: torch.Tensor) -> torch.Tensor:
+        ctx.module, ctx.names = module, names
+        ctx.device_type = hidden.device.type if hidden.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+        ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
+        ctx.save_for_backward(hidden, *tensors)
+        plain = type(module).forward
+        with torch.no_grad():
+            return torch.cat([plain(module, piece) for piece in _pieces(hidden, getattr(module, _ATTR))],
+                             dim=hidden.dim() - 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        hidden, *tensors = ctx.saved_tensors
+        wanted = [i for i in range(len(tensors)) if ctx.needs_input_grad[3 + i]]
+        chunks = getattr(ctx.module, _ATTR)
+        inputs, sums = [], [None] * len(wanted)
+        enabled, dtype = ctx.autocast
+        for piece, grad_piece in zip(_pieces(hidden, chunks), _pieces(grad, chunks)):
+            piece = piece.detach().requires_grad_(ctx.needs_input_grad[0])
+            leaves = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(tensors)]
+            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+                _plain.on = True
+                try:
+                    out = functional_call(ctx.module, dict(zip(ctx.names, leaves)), (piece,))
+                finally:
+                    _plain.on = False
+            targets = ([piece] if ctx.needs_input_grad[0] else []) + [leaves[i] for i in wanted]
+            grads = torch.autograd.grad(out, targets, grad_piece, allow_unused=True)
+            if ctx.needs_input_grad[0]:
+                inputs.append(grads[0])
+                grads = grads[1:]
+            sums = [g if s is None else s if g is None else s + g for s, g in zip(sums, grads)]
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        for i, total in zip(wanted, sums):
+            out[i] = total
+        grad_in = torch.cat(inputs, dim=hidden.dim() - 2) if ctx.needs_input_grad[0] else None
+        return (grad_in, None, None, *out)

@@ -1,0 +1,142 @@
+"""Sequence chunking (``chunk_sequence=N``): each position-wise MLP runs N pieces of tokens at a time
+in training. Checked the way a user trains: their loop, batches of varying length, autocast, a deep
+copy, save and reload — the gradients against the same model unchunked (an independent eager
+reference), the peak against the plan with memopt's tracker."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import memopt
+from memopt.memory.tracker import MemoryTracker
+from memopt.passes import seq_chunk
+from tests.models import lm_batch, tiny_gpt2, tiny_llama
+from tests.runtime._planned import budget_between
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _close(chunked: dict, whole: dict, rtol: float) -> float:
+    assert chunked.keys() == whole.keys() and chunked
+    worst = max(((chunked[n] - whole[n]).abs().max() / whole[n].abs().max().clamp_min(1e-30)).item() for n in whole)
+    assert worst <= rtol, worst
+    return worst
+
+
+@pytest.fixture(scope="module")
+def chunked():
+    torch.manual_seed(0)
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=2, seq=64)
+    options = dict(device="cpu", method="lora", chunk_sequence=4)
+    budget = budget_between(model, batch, 0.0, **options)
+    return memopt.optimize(model, budget_gb=budget, example_inputs=batch, **options), batch, budget
+
+
+def test_a_chunked_step_trains_in_the_users_loop_with_the_unchunked_gradients_inside_its_prediction(chunked):
+    optimized, batch, _ = chunked
+    plan = optimized.plan
+    assert plan.sequence_chunks == 4 and plan.needs_runtime
+    assert any(n.startswith("sequence chunking: 2 MLPs run 4 pieces") for n in plan.notes)
+    assert all(vars(layer.mlp)[seq_chunk._ATTR] == 4 for layer in optimized.model.model.layers)
+    reference = copy.deepcopy(optimized.model)  # the same weights, every MLP whole, plain eager autograd
+    seq_chunk.uninstall(reference)
+    assert seq_chunk.installed(reference) is None and seq_chunk.installed(optimized.model) == 4
+    opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad], lr=1e-3)
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-3)
+    peaks = []
+    for step, seq in enumerate((64, 37, 64, 64)):  # a data loader of varying lengths (37: pieces of 9 and 10)
+        b = lm_batch(optimized.model, batch=2, seq=seq)
+        with MemoryTracker(optimized, opt, inputs=b) as tracker:
+            loss = optimized(**b).loss
+            loss.backward()
+        ref_loss = reference(**b).loss
+        ref_loss.backward()
+        assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=0)
+        _close(_grads(optimized.model), _grads(reference), rtol=1e-5)
+        for o in (opt, ref_opt):
+            o.step()
+            o.zero_grad(set_to_none=True)
+        peaks.append(tracker.report("cpu").peak_bytes)
+    # The tracker's peak of a full-length step is the plan's prediction; the shorter one is lower.
+    assert peaks[0] <= plan.predicted_peak_bytes and peaks[1] < peaks[0]
+    assert optimized.replans == []  # a shorter batch runs the same traced step
+
+
+def test_chunking_lowers_the_smallest_feasible_budget(chunked):
+    _, batch, budget = chunked
+    model = tiny_llama(num_hidden_layers=2)
+    whole = budget_between(model, batch, 0.0, device="cpu", method="lora")
+    assert budget < whole * 0.95  # measured: 0.958 against 1.072 MB
+
+
+def test_a_steady_step_peaks_at_the_prediction():
+    """The user's loop with its optimizer, real CPU tensors: the tracker's peak equals the plan's."""
+    torch.manual_seed(1)
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=2, seq=64)
+    options = dict(device="cpu", method="lora", chunk_sequence=4)
+    optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, 0.3, **options), example_inputs=batch,
+                                **options)
+    opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(3):
+        with MemoryTracker(optimized, opt, inputs=batch) as tracker:
+            optimized(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert tracker.report("cpu").peak_bytes == optimized.plan.predicted_peak_bytes <= optimized.plan.usable_bytes
+
+
+def test_under_autocast_the_pieces_rerun_in_the_forwards_precision():
+    torch.manual_seed(2)
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=2, seq=32)
+    optimized = memopt.optimize(model, budget_gb=64, example_inputs=batch, device="cpu", chunk_sequence=3)
+    reference = copy.deepcopy(optimized.model)
+    seq_chunk.uninstall(reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        optimized(**batch).loss.backward()
+        reference(**batch).loss.backward()
+    _close(_grads(optimized.model), _grads(reference), rtol=2e-2)  # bf16 GEMMs on pieces vs whole
+
+
+def test_a_deep_copy_is_chunked_over_its_own_modules_and_merge_leaves_a_plain_model(chunked):
+    optimized, batch, _ = chunked
+    clone = copy.deepcopy(optimized.model)
+    mlp = clone.model.layers[0].mlp
+    assert mlp.forward.__self__ is mlp and seq_chunk.installed(clone) == 4
+    plain = copy.deepcopy(optimized).merge()
+    assert seq_chunk.installed(plain) is None and "forward" not in vars(plain.model.layers[0].mlp)
+
+
+def test_save_and_reload_in_a_fresh_model_keeps_the_chunking(chunked, tmp_path):
+    optimized, batch, _ = chunked
+    optimized.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    fresh = tiny_llama(num_hidden_layers=2)
+    reloaded = memopt.from_pretrained(fresh, tmp_path)
+    assert reloaded.plan.sequence_chunks == 4 and seq_chunk.installed(reloaded.model) == 4
+    reloaded(**batch).loss.backward()
+    optimized.model.zero_grad(set_to_none=True)
+    optimized(**batch).loss.backward()
+    _close(_grads(reloaded.model), _grads(optimized.model), rtol=1e-6)
+    assert type(optimized.plan).from_json(optimized.plan.to_json()).sequence_chunks == 4
+
+
+def test_what_cannot_be_chunked_is_said():
+    model = tiny_gpt2()  # GPT-2's MLP holds dropout: a re-run piece would redraw its mask
+    batch = lm_batch(model, batch=2, seq=16)
+    with pytest.raises(ValueError, match=r"no MLP of GPT2LMHeadModel can run in pieces.*dropout"):
+        memopt.optimize(model, budget_gb=64, example_inputs=batch, device="cpu", chunk_sequence=2)
+    for bad in (1, 0, True, 2.5):
+        with pytest.raises(ValueError, match="chunk_sequence must be a number of pieces >= 2"):
+            memopt.optimize(tiny_llama(), budget_gb=64, example_inputs=lm_batch(tiny_llama()), chunk_sequence=bad)
+    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1)
+    with pytest.raises(ValueError, match="none found: chunking applies to position-wise MLPs"):
+        memopt.optimize(encoder, budget_gb=64, example_inputs=(torch.randn(2, 8, 16),), method="full",
+                        loss_fn=lambda out, inputs: out.square().mean(), chunk_sequence=2)
