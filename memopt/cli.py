@@ -133,9 +133,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="fuse the LM head and the loss (cut cross-entropy; no [tokens, vocab] logits): --cut-ce "
                            "always, --no-cut-ce never (default: when the step does not fit as it is and the fused "
                            "step is faster)")
-    plan.add_argument("--chunk-seq", type=int, metavar="N",
+    plan.add_argument("--chunk-seq", type=_pieces, metavar="N|auto",
                       help="run each position-wise MLP N pieces of tokens at a time in training (sequence chunking: "
-                           "no whole-sequence MLP intermediate; one more MLP forward per step)")
+                           "no whole-sequence MLP intermediate; one more MLP forward per step); auto: only when the "
+                           "step does not fit with whole MLPs, in pieces of about 4096 tokens")
     plan.add_argument("--reserve", type=float, help="GiB kept free for the CUDA context (default: the device's)")
     plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per phase")
     plan.add_argument("--no-offload", action="store_true", help="never offload activations to host")
@@ -204,6 +205,15 @@ def _plan(args: argparse.Namespace) -> int:
     if args.report is not None:
         progress(f"picture of the plan drawn to {plan.draw(args.report)}")
     return 0
+
+
+def _pieces(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number of pieces or 'auto', got {text!r}") from None
 
 
 def _plan_model(args: argparse.Namespace, config: Any, options: dict[str, Any], planner: Any,

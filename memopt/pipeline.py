@@ -119,7 +119,7 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
     # Rewrite in place through the undo log, composed with quantization as the method's pass declares;
     # everything after measures the rewritten model.
     result = rewrite(job.model, captured.graph, cfg.method_config, quant, rewrites)
-    if cfg.chunk_sequence is not None:
+    if cfg.chunk_sequence not in (None, "auto"):
         result = dataclasses.replace(result, notes=(*result.notes, chunk_sequence(job.model, cfg.chunk_sequence,
                                                                                    rewrites)))
     # The weights alone are a lower bound of any step's peak: quantize="auto" moves on without a trace.
@@ -127,12 +127,37 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
         raise WeightsExceed(weights)
     # The step measured (eager, every activation kept), traced as one joint graph, and solved.
     try:
-        memory, trace, activations, chosen, cut = _plan_with_loss(job, result, rewrites)
+        try:
+            memory, trace, activations, chosen, cut = _plan_with_loss(job, result, rewrites)
+        except InfeasibleBudgetError as exc:
+            pieces = _auto_chunks(job)
+            if pieces is None:
+                raise
+            # Whole MLPs do not fit: run them in pieces of tokens (sequence chunking) and plan again.
+            job.say(f"{str(exc).splitlines()[0]}; planning with the MLPs run {pieces} pieces of tokens at a time")
+            note = chunk_sequence(job.model, pieces, rewrites)
+            result = dataclasses.replace(result, notes=(*result.notes, f"{note}; chosen (chunk_sequence='auto') "
+                                                        f"because the step with whole MLPs does not fit: "
+                                                        f"{str(exc).splitlines()[0]}"))
+            memory, trace, activations, chosen, cut = _plan_with_loss(job, result, rewrites)
     except InfeasibleBudgetError as exc:
         raise _named_fixed(job, result, exc) or exc from None
     # The record of it all: what was done per module, per saved tensor, and what it predicts.
     result = dataclasses.replace(result, notes=(*result.notes, *(n for n in (chosen, cut) if n)))
     return _record(job, captured, result, memory, trace, activations)
+
+
+_TOKENS_PER_PIECE = 4096  # chunk_sequence="auto": pieces of about this many positions (GEMMs still large)
+
+
+def _auto_chunks(job: Job) -> int | None:
+    """``chunk_sequence="auto"``'s pieces for this job (None: not asked, or nothing to chunk): the
+    example's sequence in pieces of about ``_TOKENS_PER_PIECE`` positions, at least 2."""
+    if job.config.chunk_sequence != "auto" or seq_chunk.installed(job.model) or not seq_chunk.chunkable(job.model)[0]:
+        return None
+    lengths = [v.shape[-1] for v in job.bound.arguments.values() if isinstance(v, Tensor) and v.dim() >= 2
+               and not v.is_floating_point()]
+    return max(2, -(-max(lengths, default=0) // _TOKENS_PER_PIECE))
 
 
 def chunk_sequence(model: nn.Module, chunks: int, rewrites: RewriteLog) -> str:

@@ -140,3 +140,20 @@ def test_what_cannot_be_chunked_is_said():
     with pytest.raises(ValueError, match="none found: chunking applies to position-wise MLPs"):
         memopt.optimize(encoder, budget_gb=64, example_inputs=(torch.randn(2, 8, 16),), method="full",
                         loss_fn=lambda out, inputs: out.square().mean(), chunk_sequence=2)
+
+
+def test_auto_chunks_only_when_whole_mlps_do_not_fit():
+    torch.manual_seed(3)
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=2, seq=64)
+    options = dict(device="cpu", method="lora")
+    budget = budget_between(model, batch, 0.0, chunk_sequence=2, **options)  # 64 tokens: "auto" makes 2 pieces
+    with pytest.raises(memopt.InfeasibleBudgetError):
+        memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, **options)
+    optimized = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, chunk_sequence="auto",
+                                **options)
+    assert optimized.plan.sequence_chunks == 2 and optimized.plan.fits
+    assert any("chosen (chunk_sequence='auto') because the step with whole MLPs does not fit" in n
+               for n in optimized.plan.notes)
+    roomy = memopt.optimize(copy.deepcopy(model), budget_gb=64, example_inputs=batch, chunk_sequence="auto", **options)
+    assert roomy.plan.sequence_chunks is None and seq_chunk.installed(roomy.model) is None
