@@ -147,17 +147,18 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
     return _record(job, captured, result, memory, trace, activations)
 
 
-_TOKENS_PER_PIECE = 4096  # chunk_sequence="auto": pieces of about this many positions (GEMMs still large)
+_TOKENS_PER_PIECE = 4096  # chunk_sequence="auto": pieces of about this many positions (GEMMs still large),
+_MAX_PIECES = 16  # and at most this many (each piece's ops are traced and planned: the graph grows with them)
 
 
 def _auto_chunks(job: Job) -> int | None:
     """``chunk_sequence="auto"``'s pieces for this job (None: not asked, or nothing to chunk): the
-    example's sequence in pieces of about ``_TOKENS_PER_PIECE`` positions, at least 2."""
+    example's sequence in pieces of about ``_TOKENS_PER_PIECE`` positions, from 2 to ``_MAX_PIECES``."""
     if job.config.chunk_sequence != "auto" or seq_chunk.installed(job.model) or not seq_chunk.chunkable(job.model)[0]:
         return None
     lengths = [v.shape[-1] for v in job.bound.arguments.values() if isinstance(v, Tensor) and v.dim() >= 2
                and not v.is_floating_point()]
-    return max(2, -(-max(lengths, default=0) // _TOKENS_PER_PIECE))
+    return min(_MAX_PIECES, max(2, -(-max(lengths, default=0) // _TOKENS_PER_PIECE)))
 
 
 def chunk_sequence(model: nn.Module, chunks: int, rewrites: RewriteLog) -> str:
