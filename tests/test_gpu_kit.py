@@ -17,6 +17,6 @@ def test_the_gpu_check_kit_runs_its_cpu_smoke_and_every_row_passes():
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith(("kernel", "planned", "compiled", "QLoRA",
-                                                                          "offload", "cut CE"))]
-    assert len(rows) == 11 and all("  ok  " in r or "  skip  " in r for r in rows), done.stdout
-    assert sum("  ok  " in r for r in rows) == 10 and "offload step" in next(r for r in rows if "skip" in r)
+                                                                          "offload", "cut CE", "chunked"))]
+    assert len(rows) == 13 and all("  ok  " in r or "  skip  " in r for r in rows), done.stdout
+    assert sum("  ok  " in r for r in rows) == 12 and "offload step" in next(r for r in rows if "skip" in r)

@@ -27,6 +27,10 @@ Checks, one row each (``ok`` or ``FAIL`` and the numbers):
    the fused op (``cut_cross_entropy``) against the unfused head + ``cross_entropy`` at
    8192 tokens × vocab 128256 (toy in the smoke run): loss and gradient error, the real peak of
    each (``torch.cuda.max_memory_allocated`` on a GPU, memopt's tracker on the CPU) and the time ratio.
+7. **long context** — a Llama (≈1B, 1 × 16384 tokens on a GPU) with its MLPs run in 8 pieces of
+   tokens (``chunk_sequence``) and a 2 GiB host budget (so the residual stream it re-runs blocks
+   from is offloaded), planned 10 % above its smallest budget: the real peak against the plan, and
+   its gradients against the same model with whole MLPs.
 
 The exit status is 1 if any row fails.
 """
@@ -312,6 +316,42 @@ def check_qlora(cuda: bool, smoke: bool) -> list[Row]:
     return [_compare(f"QLoRA nf4 r32 1x{seq}", optimized.plan, measured, cuda, f"; step {seconds:.3f} s")]
 
 
+def check_long_context(cuda: bool, smoke: bool) -> list[Row]:
+    """Sequence chunking with the residual stream offloaded: the planned step's real peak against the
+    plan, and its gradients against the same model with whole MLPs."""
+    from memopt.passes import seq_chunk
+
+    device = "cuda" if cuda else "cpu"
+    shape = dict(hidden=64, layers=2, vocab=96, intermediate=256, heads=4, kv_heads=4) if smoke else \
+        dict(hidden=2048, layers=16, vocab=32000, intermediate=5632, heads=16, kv_heads=16)
+    base = _llama(**shape).to(device, torch.float32 if smoke else torch.bfloat16)
+    batch = _batch(shape["vocab"], 1, 128 if smoke else 16384, device)
+    options = dict(method="lora", rank=16, device="cpu" if smoke else "cuda", chunk_sequence=4 if smoke else 8,
+                   host_budget_gb=None if smoke else 2)
+    probe = memopt.optimize(copy.deepcopy(base), 512, batch, **options).plan
+    budget = (probe.min_budget_bytes + 0.1 * (probe.predicted_peak_bytes + probe.reserve_bytes
+                                              - probe.min_budget_bytes)) / 2**30
+    optimized = memopt.optimize(copy.deepcopy(base), budget, batch, **options)
+    measured, seconds = _real_peak(optimized, batch, cuda)
+    plan = optimized.plan
+    sources = sum(t.nbytes for t in plan.tensors if t.action == "offload" and t.reason.startswith("saved on the host"))
+    rows = [_compare(f"chunked MLPs ({options['chunk_sequence']} pieces) 1x{batch['input_ids'].shape[1]}", plan,
+                     measured, cuda, f"; {sources / MIB:.0f} MiB of residual stream offloaded; step {seconds:.3f} s")]
+    whole = copy.deepcopy(optimized.model)
+    seq_chunk.uninstall(whole)
+    for m in (optimized, whole):
+        for p in m.parameters():
+            p.grad = None
+        m(**batch).loss.backward()
+    named = dict(whole.named_parameters())
+    worst = max(((p.grad - named[n].grad).abs().max() / named[n].grad.abs().max().clamp_min(1e-30)).item()
+                for n, p in optimized.model.named_parameters() if p.grad is not None)
+    tolerance = 1e-5 if smoke else 2e-2  # bf16 GEMMs on pieces against whole ones
+    rows.append(Row("chunked MLP gradients vs whole", worst <= tolerance,
+                    f"largest relative difference {worst:.2e} (tolerance {tolerance:g})"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (what CI runs)")
@@ -321,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA device: run on a GPU, or pass --cpu-smoke")
     start = time.perf_counter()
     rows = [*check_kernels(cuda, args.cpu_smoke), *check_cut_ce(cuda, args.cpu_smoke),
-            *check_planned(cuda, args.cpu_smoke), *check_qlora(cuda, args.cpu_smoke)]
+            *check_planned(cuda, args.cpu_smoke), *check_long_context(cuda, args.cpu_smoke),
+            *check_qlora(cuda, args.cpu_smoke)]
     device = torch.cuda.get_device_name() if cuda else "CPU (smoke run: toy sizes)"
     print(f"memopt GPU check kit on {device}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s")
     width = max(len(r.check) for r in rows)
