@@ -257,6 +257,9 @@ def _reason(problem: PlanningProblem, c: "Candidate", choices: tuple[Choice, ...
         if choice.action == "offload":
             return (f"saved on the host (the backward does not read it; {c.transfer_us} us each way, back by backward "
                     f"point {choice.point}) so that {', '.join(recomputed)} can be recomputed from it")
+        if choice.action == "recompute":
+            return (f"recomputed before backward point {choice.point} (the backward does not read it) so that "
+                    f"{', '.join(recomputed)} can be recomputed from it")
         return "not saved: the backward does not read it and no recomputation starts from it"
     if choice.action == "recompute":
         inputs = ", ".join(problem.candidates[d].name for d in c.deps) or "parameters and inputs"
