@@ -19,7 +19,8 @@ their recomputation is part of the backward. Its cost is one more forward of the
 Exactness rules, checked, never assumed (``why_not`` gives the reason a module is left whole, and
 the plan's note names them): the module's class is a known position-wise MLP (its class name ends
 in ``MLP`` and its forward takes the hidden states alone); it holds no active dropout (a re-run
-piece would redraw the mask); the pieces re-run under the autocast state of the forward. The
+piece would redraw the mask); it is a transformers model's MLP (a module of the user's own is not
+assumed position-wise because of its name); the pieces re-run under the autocast state of the forward. The
 gradients equal the unchunked step's up to the order of the parameter-gradient sums (fp32: within
 1e-5 relative; the test says so).
 """
@@ -48,6 +49,9 @@ def why_not(module: nn.Module) -> str | None:
     name = type(module).__name__
     if not name.upper().endswith("MLP"):
         return f"{name} is not a known position-wise MLP"
+    if not type(module).__module__.startswith("transformers."):
+        return (f"{name} is not a transformers model's MLP: memopt chunks only those, whose forward is known to treat "
+                "each position alone")
     params = [p for p in inspect.signature(type(module).forward).parameters.values()][1:]
     required = [p for p in params if p.default is inspect.Parameter.empty
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -157,3 +157,19 @@ def test_auto_chunks_only_when_whole_mlps_do_not_fit():
                for n in optimized.plan.notes)
     roomy = memopt.optimize(copy.deepcopy(model), budget_gb=64, example_inputs=batch, chunk_sequence="auto", **options)
     assert roomy.plan.sequence_chunks is None and seq_chunk.installed(roomy.model) is None
+
+
+def test_a_module_of_the_users_own_is_not_assumed_position_wise_because_of_its_name():
+    class TokenMixingMLP(torch.nn.Module):  # mixes positions: chunking it would be silently wrong
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            return self.proj(hidden - hidden.mean(dim=1, keepdim=True))
+
+    model = torch.nn.Sequential(TokenMixingMLP())
+    assert "not a transformers model's MLP" in seq_chunk.why_not(model[0])
+    with pytest.raises(ValueError, match="not a transformers model's MLP"):
+        memopt.optimize(model, budget_gb=64, example_inputs=(torch.randn(2, 6, 8),), method="full",
+                        loss_fn=lambda out, inputs: out.square().mean(), chunk_sequence=2)
