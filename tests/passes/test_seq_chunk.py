@@ -75,6 +75,7 @@ def test_chunking_lowers_the_smallest_feasible_budget(chunked):
     assert budget < whole * 0.95  # measured: 0.958 against 1.072 MB
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_a_steady_step_peaks_at_the_prediction():
     """The user's loop with its optimizer, real CPU tensors: the tracker's peak equals the plan's."""
     torch.manual_seed(1)
@@ -142,6 +143,7 @@ def test_what_cannot_be_chunked_is_said():
                         loss_fn=lambda out, inputs: out.square().mean(), chunk_sequence=2)
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_auto_chunks_only_when_whole_mlps_do_not_fit():
     torch.manual_seed(3)
     model = tiny_llama(num_hidden_layers=2)

@@ -59,6 +59,7 @@ def test_a_gpu_plan_with_offload_runs_simulated_within_its_prediction(fraction):
     assert len(report.offloaded) == sum(t.action == "offload" for t in plan.tensors)
 
 
+@pytest.mark.slow  # a costly scenario: make test-all
 def test_an_offloaded_recompute_source_runs_simulated_within_its_prediction():
     """A host budget too small to offload what the backward reads: the plan recomputes, and saves
     the residual stream it recomputes from on the host (Unsloth's offloaded checkpoints)."""
