@@ -28,20 +28,19 @@ gradients equal the unchunked step's up to the order of the parameter-gradient s
 from __future__ import annotations
 
 import inspect
-import threading
 import types
 from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
+from memopt.errors import MemoptError
 from memopt.passes.base import RewriteLog
 
 __all__ = ["chunkable", "install", "installed", "uninstall", "why_not"]
 
 _ATTR = "_memopt_seq_chunks"
-_plain = threading.local()  # set while a piece re-runs: the module's own forward, not the chunked one
 
 
 def why_not(module: nn.Module) -> str | None:
@@ -52,6 +51,8 @@ def why_not(module: nn.Module) -> str | None:
     if not type(module).__module__.startswith("transformers."):
         return (f"{name} is not a transformers model's MLP: memopt chunks only those, whose forward is known to treat "
                 "each position alone")
+    if any(word in name for word in _NOT_POSITION_WISE):
+        return f"{name} routes tokens to experts with a capacity over all positions"
     params = [p for p in inspect.signature(type(module).forward).parameters.values()][1:]
     required = [p for p in params if p.default is inspect.Parameter.empty
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
@@ -59,8 +60,24 @@ def why_not(module: nn.Module) -> str | None:
         return f"{name}.forward takes more than the hidden states"
     dropout = [n for n, m in module.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
     if dropout:
-        return f"{name} holds dropout ({dropout[0] or 'itself'}, p > 0): a re-run piece would redraw its mask"
+        return (f"{name} holds dropout ({dropout[0] or 'itself'}, p > 0): a re-run piece would redraw its mask (set "
+                "that dropout to 0, e.g. the method's dropout=0, or leave chunk_sequence unset)")
+    if "dropout" in _source(type(module).forward):
+        return f"{name}'s forward applies dropout: a re-run piece would redraw its mask"
+    stats = [n for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    if stats:
+        return f"{name} holds {type(module.get_submodule(stats[0])).__name__}: its statistics span all positions"
     return None
+
+
+_NOT_POSITION_WISE = ("Sparse", "Switch", "Moe", "MoE")  # expert MLPs whose routing counts over the sequence
+
+
+def _source(fn: Any) -> str:
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return "dropout"  # unknown code: assume the worst
 
 
 def chunkable(model: nn.Module) -> tuple[list[str], dict[str, str]]:
@@ -105,7 +122,7 @@ def uninstall(model: nn.Module) -> None:
 
 def _chunked_forward(self: nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     plain = type(self).forward
-    if getattr(_plain, "on", False) or args or kwargs or not torch.is_grad_enabled() or hidden.dim() < 2:
+    if args or kwargs or not torch.is_grad_enabled() or hidden.dim() < 2:
         return plain(self, hidden, *args, **kwargs)
     named = dict(self.named_parameters())
     named.update(self.named_buffers())
@@ -119,7 +136,7 @@ def _pieces(x: torch.Tensor, chunks: int) -> list[torch.Tensor]:
     when the sequence is shorter), so the count never depends on a symbolic size."""
     dim, length = x.dim() - 2, x.shape[x.dim() - 2]
     bounds = [(i * length) // chunks for i in range(chunks + 1)]
-    return [x.narrow(dim, lo, hi - lo) for lo, hi in zip(bounds, bounds[1:])]
+    return [x.narrow(dim, lo, hi - lo).contiguous() for lo, hi in zip(bounds, bounds[1:])]
 
 
 class _Pieces(torch.autograd.Function):
@@ -131,9 +148,13 @@ class _Pieces(torch.autograd.Function):
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
         ctx.save_for_backward(hidden, *tensors)
         plain = type(module).forward
+        pieces = _pieces(hidden, getattr(module, _ATTR))
         with torch.no_grad():
-            return torch.cat([plain(module, piece) for piece in _pieces(hidden, getattr(module, _ATTR))],
-                             dim=hidden.dim() - 2)
+            outs = [plain(module, piece) for piece in pieces]
+        if any(o.shape[:-1] != piece.shape[:-1] for o, piece in zip(outs, pieces)):
+            raise MemoptError(f"{type(module).__name__} changes more than the last dimension of its input, so it cannot "
+                              "run in pieces of tokens: leave chunk_sequence unset")
+        return torch.cat(outs, dim=hidden.dim() - 2)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -145,12 +166,10 @@ class _Pieces(torch.autograd.Function):
         for piece, grad_piece in zip(_pieces(hidden, chunks), _pieces(grad, chunks)):
             piece = piece.detach().requires_grad_(ctx.needs_input_grad[0])
             leaves = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(tensors)]
-            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-                _plain.on = True
-                try:
-                    out = functional_call(ctx.module, dict(zip(ctx.names, leaves)), (piece,))
-                finally:
-                    _plain.on = False
+            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled), \
+                    _reparametrize_module(ctx.module, dict(zip(ctx.names, leaves))):
+                out = type(ctx.module).forward(ctx.module, piece)  # as the forward's pieces ran: the module's own hooks
+                # ran once, around the whole chunked call
             targets = ([piece] if ctx.needs_input_grad[0] else []) + [leaves[i] for i in wanted]
             grads = torch.autograd.grad(out, targets, grad_piece, allow_unused=True)
             if ctx.needs_input_grad[0]:

@@ -266,7 +266,10 @@ class PlannedStep:
             guards = shape_env.produce_guards_expression(ftensors)
 
         def covers(actual: list[torch.Tensor]) -> bool:
-            return guards is None or bool(shape_env.evaluate_guards_expression(guards, actual))
+            try:
+                return guards is None or bool(shape_env.evaluate_guards_expression(guards, actual))
+            except ZeroDivisionError:  # a guard dividing by a size that is 0 here (a piece of a short sequence)
+                return False
 
         output = fn(params, buffers, tensors)
         log.debug("memopt: traced the planned step with symbolic sizes (guards: %s)", guards)

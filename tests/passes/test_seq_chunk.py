@@ -175,3 +175,36 @@ def test_a_module_of_the_users_own_is_not_assumed_position_wise_because_of_its_n
     with pytest.raises(ValueError, match="not a transformers model's MLP"):
         memopt.optimize(model, budget_gb=64, example_inputs=(torch.randn(2, 6, 8),), method="full",
                         loss_fn=lambda out, inputs: out.square().mean(), chunk_sequence=2)
+
+
+def test_what_is_not_position_wise_or_redraws_at_random_is_left_whole():
+    from transformers import Starcoder2Config, Starcoder2ForCausalLM
+
+    config = Starcoder2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, residual_dropout=0.5)
+    mlp = Starcoder2ForCausalLM(config).model.layers[0].mlp  # functional dropout in its forward
+    assert "forward applies dropout" in seq_chunk.why_not(mlp)
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    assert "capacity over all positions" in seq_chunk.why_not(SwitchTransformersSparseMLP.__new__(
+        SwitchTransformersSparseMLP))
+
+
+def test_hooks_on_a_chunked_mlp_run_once_around_the_whole_call_and_a_short_batch_still_runs(chunked):
+    optimized, batch, _ = chunked
+    reference = copy.deepcopy(optimized.model)
+    seq_chunk.uninstall(reference)
+    handles = [m.model.layers[0].mlp.register_forward_hook(lambda module, args, out: out * 2)
+               for m in (optimized.model, reference)]
+    try:
+        for seq in (64, 3):  # 3 tokens in 4 pieces: some empty
+            b = lm_batch(optimized.model, batch=2, seq=seq)
+            for m in (optimized.model, reference):
+                m.zero_grad(set_to_none=True)
+            loss = optimized(**b).loss
+            loss.backward()
+            reference(**b).loss.backward()
+            _close(_grads(optimized.model), _grads(reference), rtol=1e-5)
+    finally:
+        for h in handles:
+            h.remove()
