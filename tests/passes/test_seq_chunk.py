@@ -190,8 +190,13 @@ def test_what_is_not_position_wise_or_redraws_at_random_is_left_whole():
         SwitchTransformersSparseMLP))
 
 
-def test_hooks_on_a_chunked_mlp_run_once_around_the_whole_call_and_a_short_batch_still_runs(chunked):
-    optimized, batch, _ = chunked
+def test_hooks_on_a_chunked_mlp_run_once_around_the_whole_call_and_a_short_batch_still_runs():
+    torch.manual_seed(4)
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=2, seq=64)
+    options = dict(device="cpu", method="lora", chunk_sequence=4)
+    optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, 0.0, **options), example_inputs=batch,
+                                **options)
     reference = copy.deepcopy(optimized.model)
     seq_chunk.uninstall(reference)
     handles = [m.model.layers[0].mlp.register_forward_hook(lambda module, args, out: out * 2)
