@@ -17,10 +17,13 @@ other (kept, recomputed with its block, offloaded), the pieces' forward are forw
 their recomputation is part of the backward. Its cost is one more forward of the MLP per step.
 
 Exactness rules, checked, never assumed (``why_not`` gives the reason a module is left whole, and
-the plan's note names them): the module's class is a known position-wise MLP (its class name ends
-in ``MLP`` and its forward takes the hidden states alone); it holds no active dropout (a re-run
-piece would redraw the mask); it is a transformers model's MLP (a module of the user's own is not
-assumed position-wise because of its name); the pieces re-run under the autocast state of the forward. The
+the plan's note names them): the module is a transformers model's MLP (its class name ends in
+``MLP``; a module of the user's own is not assumed position-wise because of its name), not an
+expert MLP routing over the sequence, and its forward takes the hidden states alone; it holds no
+active dropout, module or functional (a re-run piece would redraw the mask), and no batch
+statistics; an output changing more than the last dimension is refused at the first call. A re-run
+piece goes through the class's forward over the saved parameters, so hooks on the module run once,
+around the whole call; the pieces re-run under the autocast state of the forward. The
 gradients equal the unchunked step's up to the order of the parameter-gradient sums (fp32: within
 1e-5 relative; the test says so).
 """

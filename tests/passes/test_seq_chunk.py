@@ -28,14 +28,20 @@ def _close(chunked: dict, whole: dict, rtol: float) -> float:
     return worst
 
 
-@pytest.fixture(scope="module")
-def chunked():
-    torch.manual_seed(0)
+def _planned(seed: int, fraction: float) -> tuple[memopt.OptimizedModel, dict, float]:
+    """A tiny Llama's LoRA step with its MLPs in 4 pieces, planned ``fraction`` of the way from its smallest
+    feasible budget to keeping everything (the step lowered); and its batch and budget."""
+    torch.manual_seed(seed)
     model = tiny_llama(num_hidden_layers=2)
     batch = lm_batch(model, batch=2, seq=64)
     options = dict(device="cpu", method="lora", chunk_sequence=4)
-    budget = budget_between(model, batch, 0.0, **options)
+    budget = budget_between(model, batch, fraction, **options)
     return memopt.optimize(model, budget_gb=budget, example_inputs=batch, **options), batch, budget
+
+
+@pytest.fixture(scope="module")
+def chunked():
+    return _planned(0, 0.0)
 
 
 def test_a_chunked_step_trains_in_the_users_loop_with_the_unchunked_gradients_inside_its_prediction(chunked):
@@ -78,12 +84,7 @@ def test_chunking_lowers_the_smallest_feasible_budget(chunked):
 @pytest.mark.slow  # a costly scenario: make test-all
 def test_a_steady_step_peaks_at_the_prediction():
     """The user's loop with its optimizer, real CPU tensors: the tracker's peak equals the plan's."""
-    torch.manual_seed(1)
-    model = tiny_llama(num_hidden_layers=2)
-    batch = lm_batch(model, batch=2, seq=64)
-    options = dict(device="cpu", method="lora", chunk_sequence=4)
-    optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, 0.3, **options), example_inputs=batch,
-                                **options)
+    optimized, batch, _ = _planned(1, 0.3)
     opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad], lr=1e-3)
     for step in range(3):
         with MemoryTracker(optimized, opt, inputs=batch) as tracker:
@@ -191,12 +192,7 @@ def test_what_is_not_position_wise_or_redraws_at_random_is_left_whole():
 
 
 def test_hooks_on_a_chunked_mlp_run_once_around_the_whole_call_and_a_short_batch_still_runs():
-    torch.manual_seed(4)
-    model = tiny_llama(num_hidden_layers=2)
-    batch = lm_batch(model, batch=2, seq=64)
-    options = dict(device="cpu", method="lora", chunk_sequence=4)
-    optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, 0.0, **options), example_inputs=batch,
-                                **options)
+    optimized, _, _ = _planned(4, 0.0)
     reference = copy.deepcopy(optimized.model)
     seq_chunk.uninstall(reference)
     handles = [m.model.layers[0].mlp.register_forward_hook(lambda module, args, out: out * 2)
