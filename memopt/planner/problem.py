@@ -390,10 +390,7 @@ def _materialize_points(drafts: list[dict]) -> list[tuple[int, ...]]:
     backward point of each block: a tensor may be recomputed with its whole block there, so one
     saved block input serves the whole block's backward (the plan HF gradient checkpointing runs).
     A recompute source has no use of its own: its points are all its dependents'."""
-    starts: dict[int, int] = {}  # block -> its backward's first point: where a whole block is re-run
-    for d in drafts:
-        if d["block"] is not None and d["first_backward"] is not None:
-            starts[d["block"]] = min(starts.get(d["block"], d["first_backward"]), d["first_backward"])
+    starts = _block_starts(drafts)  # where a whole block is re-run
     whole = set(starts.values())
     points = [set() if d["extra"] else {d["first_backward"]} for d in drafts]
     for i in reversed(range(len(drafts))):  # dependents are made after their dependencies
@@ -409,16 +406,22 @@ def _materialize_points(drafts: list[dict]) -> list[tuple[int, ...]]:
     return [tuple(sorted(p)) for p in points]
 
 
+def _block_starts(drafts: list[dict]) -> dict[int, int]:
+    """Block -> the first backward point of any tensor it saves (its backward's start)."""
+    starts: dict[int, int] = {}
+    for d in drafts:
+        if d["block"] is not None and d["first_backward"] is not None:
+            starts[d["block"]] = min(starts.get(d["block"], d["first_backward"]), d["first_backward"])
+    return starts
+
+
 def _source_fetch_points(drafts: list[dict], points: list[tuple[int, ...]]) -> dict[int, int]:
     """Where an offloaded recompute source must be back on device: the first of its points in the
     backward of the blocks that read it (the block it is the input of, re-run from it). Its earlier
     points serve recomputations reaching through it for later blocks (a block output re-made at
     the next block's start); an offloaded source is not back for those, so they must find it kept
     (the solver's dependency rule), which keeps the offloaded copy's device time short."""
-    starts: dict[int, int] = {}
-    for d in drafts:
-        if d["block"] is not None and d["first_backward"] is not None:
-            starts[d["block"]] = min(starts.get(d["block"], d["first_backward"]), d["first_backward"])
+    starts = _block_starts(drafts)
     readers: dict[int, set] = {i: set() for i, d in enumerate(drafts) if d["extra"]}
     for d in drafts:
         for dep in d["deps"]:
