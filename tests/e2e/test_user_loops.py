@@ -276,6 +276,7 @@ def test_a_loss_fn_with_a_data_dependent_shape_is_named_with_the_way_out():
         memopt.optimize(model, budget_gb=1, example_inputs=batch, device="cpu", loss_fn=loss_fn)
 
 
+@pytest.mark.slow
 def test_a_deep_copy_of_a_planned_model_steps_with_its_own_parameters():
     """An EMA or reference copy: ``copy.deepcopy`` of a lowered model (plan, traced step and all)."""
     from tests.runtime._planned import gradients, llama, planned

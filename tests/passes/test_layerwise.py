@@ -170,6 +170,7 @@ def test_bad_input(base):
         memopt.optimize(copy.deepcopy(model), 1, batch, method="lisa", quantize="nf4", device="cpu")
 
 
+@pytest.mark.slow
 def test_updates_inside_backward_follow_the_blocks_drawn(base):
     model, batch = base
     options = {"method": "lisa", "active_layers": 1, "switch_every": 1, "seed": 3, "device": "cpu", "reserve_gb": 0}

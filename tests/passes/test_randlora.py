@@ -115,6 +115,7 @@ def test_a_quantized_base_and_bad_ranks(planned):
         memopt.RandLoraConfig(rank=0)
 
 
+@pytest.mark.slow
 def test_bases_that_do_not_fit_beside_the_weights_are_named_before_any_trace(planned):
     model, batch, _, _ = planned
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -139,6 +139,7 @@ def test_simulating_a_lowered_step_with_tensor_constants_is_refused_clearly():
         _measured(optimized, batch, "cuda", 512)
 
 
+@pytest.mark.slow
 def test_the_smallest_plan_peaks_below_hf_gradient_checkpointing():
     """Issue 15, item 6: memopt's smallest feasible plan, measured by the tracker in the user's loop,
     is at or below HF's gradient checkpointing (every decoder layer re-run) on the same LoRA model:
