@@ -266,7 +266,7 @@ class Plan:
     # (layerwise sampling: every sampled block; a call's backward leaves out the frozen ones'
     # gradients); None: those that require grad at the call
     traced_trainable: tuple[str, ...] | None = None
-    sequence_chunks: int | None = None  # the pieces of tokens each position-wise MLP runs in (None: whole)
+    sequence_chunks: int | None = None  # the pieces of tokens each position-wise MLP and norm runs in (None: whole)
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @classmethod
