@@ -15,6 +15,7 @@ import torch.nn as nn
 from memopt import pipeline
 from memopt.config import GIB, OptimizeConfig, QuantizeConfig, with_peft_default_targets
 from memopt.errors import InfeasibleBudgetError
+from memopt.memory import hf_masks
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_dtypes, input_shapes, normalize_inputs, tensor_inputs, training_kwargs
 from memopt.optim import OPTIMIZERS, OptimizerConfig
@@ -311,11 +312,14 @@ def plan_only(
 def _plan(job: Job, rewrites: RewriteLog) -> Plan:
     """Capture once, then the pipeline's plan; ``quantize="auto"`` plans unquantized, then int8, then
     nf4 (least lossy first), undoing the rewrites between tries, and keeps the first that fits."""
-    captured = pipeline.capture(job, rewrites)
-    attempt = functools.partial(pipeline.plan, job, captured, rewrites)
-    if job.config.quantize == "auto":
-        return _plan_auto(attempt, job, rewrites)
-    return attempt(job.config.quantize)
+    # An attention_mask of all ones (no padding) is read here, on the real batch: the step is planned
+    # without a mask tensor, as HF runs it (memory.hf_masks).
+    with hf_masks.assume_unpadded(hf_masks.unpadded(job.model, *job.inputs)):
+        captured = pipeline.capture(job, rewrites)
+        attempt = functools.partial(pipeline.plan, job, captured, rewrites)
+        if job.config.quantize == "auto":
+            return _plan_auto(attempt, job, rewrites)
+        return attempt(job.config.quantize)
 
 
 _AUTO_FORMATS = (None, "int8", "nf4")  # least lossy first: int8 keeps ~0.5 % of a weight's error, nf4 ~9 %
@@ -413,6 +417,7 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     for the widest of ``old``'s shapes and these inputs': the rewrite stays (``old``'s module
     decisions); the step is simulated, traced and planned again."""
     bound = _bind_inputs(model, args, kwargs)
+    unpadded = bool(hf_masks.unpadded(model, args, kwargs))  # read on the call's real mask, before widening
     args, kwargs = _widest(bound, old.input_shapes)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)
@@ -420,8 +425,9 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     if isinstance(labels, torch.Tensor):  # a fused head and loss cuts the widest batch into pieces as optimize did
         cut_ce.resize(model, labels.numel())
     job = Job(model, (args, kwargs), bound, cfg, planner, loss_fn or _own_loss_or_every_output, lower=lower)
-    every = pipeline.plan_every_set(job) if old.traced_trainable is not None else "not planned so"
-    memory, trace, activations = every if isinstance(every, tuple) else pipeline.plan_step(job)
+    with hf_masks.assume_unpadded(unpadded):
+        every = pipeline.plan_every_set(job) if old.traced_trainable is not None else "not planned so"
+        memory, trace, activations = every if isinstance(every, tuple) else pipeline.plan_step(job)
     notes = tuple(n for n in old.notes if not n.startswith("re-planned")) + (
         f"re-planned for inputs {input_shapes(bound)} in {'train' if model.training else 'eval'} mode"
         f"{'' if autocast_state(cfg.device.kind) is None else ' under autocast ' + str(autocast_state(cfg.device.kind))}"
@@ -430,7 +436,8 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     return old.with_step(step, input_shapes=input_shapes(bound), input_dtypes=input_dtypes(bound), memory=memory,
                          notes=notes, fingerprint=structural_fingerprint(model), training=model.training,
                          autocast=autocast_state(cfg.device.kind),
-                         traced_trainable=pipeline.traced_trainable(model) if trace.dropped else None)
+                         traced_trainable=pipeline.traced_trainable(model) if trace.dropped else None,
+                         unpadded_mask=unpadded)
 
 
 def _own_loss_or_every_output(output: Any, inputs: Any) -> torch.Tensor:

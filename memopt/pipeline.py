@@ -22,6 +22,7 @@ from memopt.errors import InfeasibleBudgetError
 from memopt.ir.joint import JointGraph, JointTrace, optimizer_bytes, trace_joint_graph
 from memopt.ir.structure import ModelGraph, build_model_graph
 from memopt.kernels.dequant import simulating
+from memopt.memory import hf_masks
 from memopt.memory.autocast import autocast_state, on_target
 from memopt.memory.inputs import input_dtypes, input_shapes
 from memopt.memory.report import MemoryReport
@@ -536,4 +537,5 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
         host_budget_bytes=cfg.host_budget_bytes if job.planner.allow_offload else None,
         traced_trainable=traced_trainable(model) if trace.dropped else None,
         sequence_chunks=seq_chunk.installed(model),
+        unpadded_mask=bool(hf_masks.unpadded(model, *job.inputs)),
     )

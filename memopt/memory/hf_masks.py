@@ -13,7 +13,18 @@ eager step — and a GPU running memopt's lowered step — never makes: 2 GiB at
 without values: the ids are the model's own ``arange`` (so not packed), and with no padding mask
 the causal mask may be skipped exactly when HF's own rule says (``q_length == kv_length`` or
 ``q_length == 1``, no sliding window reached). It applies only when the call passes none of those
-inputs; a call with an ``attention_mask`` or explicit position ids traces HF's own logic unchanged.
+inputs; a call with explicit position ids traces HF's own logic unchanged.
+
+A call with an ``attention_mask`` of all ones (the tokenizer's mask of a batch without padding) is
+such a call too: eager HF reads the mask's values, finds no padding and skips the causal mask.
+Traced on fake tensors, those values are unknown, and the trace would build the mask a GPU never
+allocates. Whether the mask is all ones is read, on the real tensor, before the trace
+(:func:`unpadded`: a ``.all()``, the same device sync eager HF makes on every call), and the trace
+is told (``eager_masks(..., unpadded=True)``): it is a *state* of the step, like training or
+autocast, so a padded batch is another trace — and another plan (``Plan.unpadded_mask``) — and
+both are kept. Fake or meta inputs carry no values: the planner takes what it was told
+(:func:`assume_unpadded`), a simulated step the plan's state.
+
 The planner, the simulation and the runtime all trace under it, so the plan and the lowered step
 see the same program.
 """
@@ -21,39 +32,81 @@ see the same program.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import threading
 from typing import Any, Iterator
 
+import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
-__all__ = ["eager_masks"]
+__all__ = ["assume_unpadded", "eager_masks", "unpadded"]
 
 _INPUTS = ("attention_mask", "position_ids", "cache_position")
 _lock = threading.Lock()
 _depth = 0
 _saved: dict[str, Any] = {}
+_IGNORE_PADDING = contextvars.ContextVar("memopt_ignore_padding", default=False)  # inside eager_masks(unpadded=True)
+_ASSUMED = contextvars.ContextVar("memopt_assumed_unpadded", default=False)  # assume_unpadded: the planner's state
 
 
-def _applies(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+def _inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """The call's arguments by name, if ``model`` is an HF model called with token ids or embeddings."""
     if getattr(model, "config", None) is None or not hasattr(model, "get_input_embeddings"):
-        return False
+        return None
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     except (TypeError, ValueError):
-        return False
+        return None
     if "input_ids" not in bound and "inputs_embeds" not in bound:
-        return False
+        return None
     extra = bound.get("kwargs", {}) if isinstance(bound.get("kwargs"), dict) else {}
-    return all(bound.get(name) is None and extra.get(name) is None for name in _INPUTS)
+    return {**extra, **bound}
+
+
+def unpadded(model: nn.Module, args: tuple, kwargs: dict) -> bool | None:
+    """Does this call pass an ``attention_mask`` of all ones (True) or with padding (False)? None: it
+    passes none, passes position inputs too, is not an HF model's, or its mask carries no values
+    (fake or meta tensors)."""
+    inputs = _inputs(model, args, kwargs)
+    if inputs is None or any(inputs.get(name) is not None for name in _INPUTS[1:]):
+        return None
+    mask = inputs.get("attention_mask")
+    if (not isinstance(mask, torch.Tensor) or isinstance(mask, FakeTensor) or mask.device.type == "meta"
+            or mask.dim() != 2 or mask.is_floating_point() or mask.is_complex()):
+        return None
+    return bool(mask.all())
 
 
 @contextlib.contextmanager
-def eager_masks(model: nn.Module, args: tuple, kwargs: dict) -> Iterator[None]:
-    """Within this block, HF's mask helpers decide as eager HF does for this call (see the note)."""
-    global _depth
-    if not _applies(model, args, kwargs):
+def assume_unpadded(value: bool | None) -> Iterator[None]:
+    """Within this block, ``eager_masks`` without its own ``unpadded`` takes a call's ``attention_mask``
+    as all ones when ``value`` (the planner: what :func:`unpadded` said of the real example batch)."""
+    token = _ASSUMED.set(bool(value))
+    try:
         yield
+    finally:
+        _ASSUMED.reset(token)
+
+
+def _applies(model: nn.Module, args: tuple, kwargs: dict, unpadded: bool) -> bool:
+    inputs = _inputs(model, args, kwargs)
+    return inputs is not None and all(inputs.get(name) is None for name in _INPUTS[1 if unpadded else 0:])
+
+
+@contextlib.contextmanager
+def eager_masks(model: nn.Module, args: tuple, kwargs: dict, unpadded: bool | None = None) -> Iterator[None]:
+    """Within this block, HF's mask helpers decide as eager HF does for this call (see the note).
+    ``unpadded``: the call's ``attention_mask`` is all ones (None: as ``assume_unpadded`` says)."""
+    global _depth
+    unpadded = _ASSUMED.get() if unpadded is None else unpadded
+    if not _applies(model, args, kwargs, unpadded):
+        token = _IGNORE_PADDING.set(False)  # HF's own logic, even inside an outer block that ignores padding
+        try:
+            yield
+        finally:
+            _IGNORE_PADDING.reset(token)
         return
     try:
         from transformers import masking_utils
@@ -67,9 +120,11 @@ def eager_masks(model: nn.Module, args: tuple, kwargs: dict) -> Iterator[None]:
             masking_utils.find_packed_sequence_indices = _not_packed
             masking_utils._ignore_causal_mask_sdpa = _skip_without_padding
         _depth += 1
+    token = _IGNORE_PADDING.set(unpadded)
     try:
         yield
     finally:
+        _IGNORE_PADDING.reset(token)
         with _lock:
             _depth -= 1
             if _depth == 0:
@@ -83,6 +138,8 @@ def _not_packed(position_ids: Any) -> None:
 
 def _skip_without_padding(padding_mask: Any, q_length: int, kv_length: int, q_offset: Any, kv_offset: Any,
                           local_attention_size: int | None = None) -> bool:
+    if padding_mask is not None and _IGNORE_PADDING.get():
+        padding_mask = None  # all ones: read on the real tensor before this trace (``unpadded``)
     if padding_mask is not None or not isinstance(q_offset, int):
         return _saved["ignore"](padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
     if local_attention_size is not None and kv_length >= local_attention_size:

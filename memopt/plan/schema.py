@@ -267,6 +267,9 @@ class Plan:
     # gradients); None: those that require grad at the call
     traced_trainable: tuple[str, ...] | None = None
     sequence_chunks: int | None = None  # the pieces of tokens each position-wise MLP and norm runs in (None: whole)
+    # the planned batch's attention_mask was all ones: the step is planned, as HF runs it, with no mask
+    # tensor; a padded batch is another state of the step, with a plan of its own (memory.hf_masks)
+    unpadded_mask: bool = False
     version: int = field(default=PLAN_FORMAT_VERSION)
 
     @classmethod
@@ -276,7 +279,8 @@ class Plan:
               training: bool | None, autocast: str | None, capture: str, modules: tuple[ModuleDecision, ...],
               trainable_params: int, total_params: int, memory: MemoryReport | None, notes: tuple[str, ...],
               fingerprint: str | None, host_budget_bytes: int | None = None,
-              traced_trainable: tuple[str, ...] | None = None, sequence_chunks: int | None = None) -> "Plan":
+              traced_trainable: tuple[str, ...] | None = None, sequence_chunks: int | None = None,
+              unpadded_mask: bool = False) -> "Plan":
         """A Plan from the planner's ``step`` and what the job was: every field named and typed."""
         return cls(model=model, method=method, method_config=method_config, optimizer=optimizer,
                    optimizer_options=optimizer_options, device=device, budget_bytes=budget_bytes,
@@ -284,7 +288,7 @@ class Plan:
                    training=training, autocast=autocast, capture=capture, modules=modules,
                    trainable_params=trainable_params, total_params=total_params, memory=memory, notes=notes,
                    fingerprint=fingerprint, host_budget_bytes=host_budget_bytes, traced_trainable=traced_trainable,
-                   sequence_chunks=sequence_chunks, **step.fields())
+                   sequence_chunks=sequence_chunks, unpadded_mask=unpadded_mask, **step.fields())
 
     def with_step(self, step: StepPlan, **changes: Any) -> "Plan":
         """This Plan with the planner's part replaced by ``step`` (a re-plan), and ``changes``."""
@@ -400,6 +404,7 @@ class Plan:
             "host_budget_bytes": self.host_budget_bytes,
             "traced_trainable": None if self.traced_trainable is None else list(self.traced_trainable),
             "sequence_chunks": self.sequence_chunks,
+            "unpadded_mask": self.unpadded_mask,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -466,6 +471,7 @@ class Plan:
             host_budget_bytes=opt("host_budget_bytes", _count),
             traced_trainable=opt("traced_trainable", lambda v: tuple(_str(n) for n in v)),
             sequence_chunks=opt("sequence_chunks", _count),
+            unpadded_mask=opt("unpadded_mask", _bool) or False,
             version=PLAN_FORMAT_VERSION,  # an older plan is upgraded as it is read
         )
 

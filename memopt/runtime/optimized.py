@@ -11,8 +11,9 @@ A training step (autograd recording) is the plan's:
 * inputs larger than planned re-plan for the larger shapes (``larger_inputs="replan"``, the
   default: logged with the time it took) or raise ``PlanMismatchError`` (``"error"``); smaller
   ones run with the same decisions;
-* a step in another train/eval mode or autocast state than planned re-plans for it, and so does
-  one whose traced program no longer holds the plan's tensors (an adapter disabled, dropout
+* a step in another train/eval mode or autocast state than planned re-plans for it, and so do a
+  padded batch after one without padding and the reverse (an HF ``attention_mask`` of all ones
+  traces no mask tensor: ``memopt.memory.hf_masks``), and one whose traced program no longer holds the plan's tensors (an adapter disabled, dropout
   switched on): a stale plan never runs. Plans made so are kept per state (``max_plans``), so
   switching back costs nothing;
 * when the plan recomputes or offloads anything (or ``compile=True``) the step runs lowered
@@ -40,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from memopt.errors import MemoptError, PlanMismatchError
+from memopt.memory import hf_masks
 from memopt.memory.autocast import autocast_state
 from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
 from memopt.passes import cut_ce, layerwise, rso, seq_chunk
@@ -136,7 +138,10 @@ class OptimizedModel(nn.Module):
         device = _device_of(self.model)
         # Plans are kept per step state and per pattern of size-1 dimensions: a trace specializes
         # a size of 1 (batch 1 is another program), so such a batch gets a plan of its own.
-        key = (step_state(self.model, device.type, self._plan.traced_trainable or ()), _unit_dims(bound))
+        # A padded batch and one without padding (an attention_mask of all ones: no mask tensor) are
+        # two states of the step, each with its own plan.
+        unpadded = hf_masks.unpadded(self.model, args, kwargs)
+        key = (step_state(self.model, device.type, self._plan.traced_trainable or ()), _unit_dims(bound), unpadded)
         known = self._plans.get(key)
         if known is not None:
             self._plan, self.runtime = known
@@ -147,6 +152,10 @@ class OptimizedModel(nn.Module):
         elif self._plan.training is not None and (self._plan.training, self._plan.autocast) != \
                 (self.model.training, autocast_state(device.type)):
             self._replan_for(args, kwargs, _state_change(self._plan, self.model.training, autocast_state(device.type)))
+        elif unpadded is not None and unpadded != self._plan.unpadded_mask:
+            self._replan_for(args, kwargs, "a batch without padding (the attention_mask all ones: no mask tensor), "
+                             "planned with one" if unpadded else "a padded batch (its attention_mask holds zeros: a "
+                             "mask tensor), planned without padding")
         self._check_sampled_blocks()
         self._note_held_gradients()
         self._note_other_inputs(bound)

@@ -19,9 +19,10 @@ land in ``.grad`` as usual and mutated buffers are written back. The graphs go t
   (fake tensors) and a plan without decision keys (format v3) are traced at the call's exact
   sizes instead. Traces live in a bounded LRU cache (``max_traces``).
 * **Guards.** A trace is reused only for the same input structure (tree, dtypes, devices,
-  ``requires_grad``, non-tensor values) and the same :func:`memopt.runtime.guards.step_state`
-  (training flags, dropout probabilities, adapter flags, autocast, parameter dtypes, ...); any
-  change traces again. A trace in which the plan's tensors are not found (another program: an
+  ``requires_grad``, non-tensor values), the same :func:`memopt.runtime.guards.step_state`
+  (training flags, dropout probabilities, adapter flags, autocast, parameter dtypes, ...) and the
+  same attention-mask state (all ones: no mask tensor, as HF runs it; :mod:`memopt.memory.hf_masks`);
+  any change traces again. A trace in which the plan's tensors are not found (another program: an
   adapter disabled, dropout switched on) raises :class:`~memopt.errors.PlanMismatchError`, which
   ``OptimizedModel`` answers by re-planning.
 * **Autocast.** A step traced under autocast records the casts; its backward is traced without
@@ -51,6 +52,7 @@ from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 from memopt.errors import MemoptError, UnsupportedModelError
 from memopt.ir.joint import module_annotations
 from memopt.kernels.dequant import simulating
+from memopt.memory import hf_masks
 from memopt.memory.hf_masks import eager_masks
 from memopt.memory.inputs import input_shapes, training_kwargs
 from memopt.memory.tracker import not_counted
@@ -141,8 +143,11 @@ class PlannedStep:
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         fake = any(isinstance(t, FakeTensor) for t in [*tensors, *params.values()])
         device = next((t.device for t in [*tensors, *params.values()]), torch.device("cpu"))
+        # An attention_mask of all ones (read on the real tensor; a fake one: as planned) traces no mask.
+        unpadded = hf_masks.unpadded(self.model, args, kwargs)
+        unpadded = self.plan.unpadded_mask if unpadded is None else unpadded
         key = (spec, tuple(_describe(x, exact=fake) for x in leaves), fake,
-               step_state(self.model, device.type, self._traced_trainable))
+               step_state(self.model, device.type, self._traced_trainable), unpadded)
         # Parameters traced as trainable but frozen now: this call's backward leaves their gradients out.
         dropped = frozenset(i for i, (name, p) in enumerate(params.items())
                             if name in self._traced_trainable and not p.requires_grad)
@@ -153,7 +158,7 @@ class PlannedStep:
                     return trace.fn(params, buffers, tensors)
         start = time.perf_counter()
         # HF's masks as eager HF makes them, as the planner traced them
-        with eager_masks(self.model, args, kwargs), _dropping(dropped):
+        with eager_masks(self.model, args, kwargs, unpadded), _dropping(dropped):
             trace, output = self._lower(args, kwargs, fake, leaves, spec, (params, buffers, tensors), device)
         self.trace_seconds += time.perf_counter() - start
         self._serial += 1

@@ -63,7 +63,7 @@ def test_a_plan_of_another_format_version_is_refused(llama_optimized, tmp_path):
 
 
 def test_predicted_peak_equals_the_measured_peak_of_a_real_step():
-    model = tiny_gpt2()  # no attention mask to materialize (see the next test)
+    model = tiny_gpt2()
     batch = lm_batch(model)
     del batch["attention_mask"]
     optimized = memopt.optimize(model, budget_gb=1, example_inputs=batch, rank=4)
@@ -73,18 +73,17 @@ def test_predicted_peak_equals_the_measured_peak_of_a_real_step():
 
 
 @pytest.mark.parametrize("mask", [True, False])
-def test_a_causal_mask_costs_the_simulation_at_most_a_mask(mask):
-    # A real Llama run sees that the mask is all ones (or absent) and drops it; fake tensors carry
-    # no values, so the simulated step materialises the [B, 1, T, T] mask: an overestimate, bounded
-    # by its bytes.
+def test_a_batch_without_padding_is_planned_without_a_mask_exactly(mask):
+    # A real Llama run sees that the mask is all ones (or absent) and makes no [B, 1, T, T] mask; the
+    # plan reads the example's mask before tracing, so it counts none either: prediction = measurement.
     model = tiny_llama()
     batch = lm_batch(model)
     if not mask:
         del batch["attention_mask"]
     optimized = memopt.optimize(model, budget_gb=1, example_inputs=batch, rank=4)
     measured = measured_steady_step(optimized, batch)
-    b, t = batch["input_ids"].shape
-    assert 0 <= optimized.plan.predicted_peak_bytes - measured.peak_bytes <= 8 * b * t * t
+    assert optimized.plan.unpadded_mask is mask
+    assert measured.peak_bytes == optimized.plan.predicted_peak_bytes
 
 
 def test_training_reduces_the_loss_and_only_adapters_change():

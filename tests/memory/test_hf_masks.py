@@ -8,7 +8,7 @@ import copy
 
 import torch
 
-from memopt.memory.hf_masks import eager_masks
+from memopt.memory.hf_masks import eager_masks, unpadded
 from tests.models import tiny_llama
 from tests.runtime._planned import gradients, planned
 
@@ -77,3 +77,40 @@ def test_only_calls_without_mask_or_position_inputs_are_changed():
             pass
         assert mu.find_packed_sequence_indices is not original
     assert mu.find_packed_sequence_indices is original
+
+
+def test_a_tokenizers_all_ones_mask_plans_no_mask_and_a_padded_batch_gets_a_plan_of_its_own():
+    # The user's loader: a tokenizer's batches carry an attention_mask, all ones until a batch is padded.
+    model = tiny_llama(num_hidden_layers=2)
+    reference = copy.deepcopy(model)
+    whole = {**_batch(model), "attention_mask": torch.ones(2, 32, dtype=torch.long)}
+    padded = {**_batch(model), "attention_mask": torch.ones(2, 32, dtype=torch.long)}
+    padded["attention_mask"][1, 20:] = 0
+    padded["labels"] = padded["labels"].masked_fill(padded["attention_mask"] == 0, -100)
+    assert unpadded(model, (), whole) is True and unpadded(model, (), padded) is False
+    assert unpadded(model, (), _batch(model)) is None  # no mask: nothing to read
+    optimized = planned(model, whole, 0.3, method="full")
+    assert optimized.plan.unpadded_mask and _masks(optimized.plan, 2, 32) == []
+    for step, batch in enumerate((whole, padded, whole, padded)):
+        loss, grads = gradients(optimized, optimized.model, batch)
+        ref_loss, ref_grads = gradients(reference, reference, batch)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
+        assert optimized.plan.unpadded_mask == (batch is whole)
+        if batch is padded:
+            assert _masks(optimized.plan, 2, 32)  # the padded step's plan counts its mask
+    # One re-plan, for the first padded batch; both plans are kept after it.
+    assert len(optimized.replans) == 1 and optimized.replans[0].startswith("a padded batch")
+    assert type(optimized.plan).from_json(optimized.plan.to_json()).unpadded_mask is False
+
+
+def test_a_mask_with_no_values_is_not_read():
+    model = tiny_llama()
+    with torch.device("meta"):
+        ids = torch.zeros(1, 4, dtype=torch.long)
+    assert unpadded(model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) is None
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    assert unpadded(model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                "position_ids": torch.arange(4)[None]}) is None  # HF's own logic: not changed
+    assert unpadded(torch.nn.Linear(2, 2), (torch.ones(2, 2),), {}) is None
