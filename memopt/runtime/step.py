@@ -45,7 +45,7 @@ import torch.fx.traceback as fx_traceback
 from torch import nn
 from torch._export.utils import _compiling_state_context
 from torch._functorch.aot_autograd import aot_function
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
@@ -262,11 +262,10 @@ class PlannedStep:
                                 torch.autograd.graph.saved_tensors_hooks(_same, _same):
                             fn(fparams, fbuffers, ftensors)
                         break
-                    except DataDependentOutputException:
+                    except (MemoptError, torch.OutOfMemoryError):
+                        raise
+                    except Exception:  # noqa: BLE001 - as the planner's trace: once more on export's branch
                         if exporting:
-                            raise
-                    except Exception as exc:  # noqa: BLE001
-                        if exporting or not _data_dependent(exc):
                             raise
             guards = shape_env.produce_guards_expression(ftensors)
 
@@ -295,13 +294,14 @@ class PlannedStep:
                         output = fn(*inputs)
                     return _Trace(fn, report, lambda actual: [tuple(t.shape) for t in actual] == sizes,
                                   symbolic=False), output
-                except DataDependentOutputException:
-                    if exporting:
-                        raise
                 except (MemoptError, torch.OutOfMemoryError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - tracing failures are reported with the way out
-                    if _data_dependent(exc) and not exporting:
+                    if not exporting:
+                        # As the planner's trace (ir/joint.py): a value-dependent branch (HF: "is the
+                        # mask all ones?") or a path fake tensors cannot run (HF MoE: a grouped GEMM
+                        # whose fake kernel wants bf16) is traced again on export's branch. A failed
+                        # forward wrote no buffer back (AOTAutograd writes mutations after it ends).
                         continue
                     raise UnsupportedModelError(
                         f"memopt could not lower the plan onto {type(self.model).__name__}'s training step: "
@@ -369,13 +369,6 @@ def _boxed(gm: torch.fx.GraphModule) -> Callable[[list], Any]:
 
     return run
 
-
-
-def _data_dependent(exc: BaseException) -> bool:
-    """Did tracing stop on a value-dependent branch (HF: "is the attention mask all ones?")?"""
-    cause = exc.__cause__ or exc.__context__
-    return isinstance(exc, DataDependentOutputException) or isinstance(cause, DataDependentOutputException) or \
-        "data-dependent" in str(exc).lower() or "GuardOnDataDependentSymNode" in type(exc).__name__
 
 
 def _first_line(exc: BaseException) -> str:
