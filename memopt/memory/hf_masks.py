@@ -59,10 +59,9 @@ def _inputs(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any] | Non
         bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
     except (TypeError, ValueError):
         return None
-    if "input_ids" not in bound and "inputs_embeds" not in bound:
-        return None
     extra = bound.get("kwargs", {}) if isinstance(bound.get("kwargs"), dict) else {}
-    return {**extra, **bound}
+    inputs = {**extra, **bound}  # a wrapper's forward(*args, **kwargs) too (memopt's OptimizedModel)
+    return inputs if "input_ids" in inputs or "inputs_embeds" in inputs else None
 
 
 def unpadded(model: nn.Module, args: tuple, kwargs: dict) -> bool | None:

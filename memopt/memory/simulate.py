@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_map_only
 
 from memopt.errors import MemoptError
+from memopt.memory import hf_masks
 from memopt.memory.hf_masks import eager_masks
 from memopt.memory.inputs import normalize_inputs
 from memopt.memory.report import MemoryReport
@@ -127,6 +128,7 @@ def _simulate(model: nn.Module, example_inputs: Any, loss_fn: LossFn | None, opt
     from torch._export.utils import _compiling_state_context
 
     args, kwargs = normalize_inputs(example_inputs)
+    unpadded = hf_masks.unpadded(model, args, kwargs)  # an all-ones mask is read before its values are faked
     rounding = _default_round_to(device) if round_to is None else round_to
     state = _compiling_state_context() if exporting else contextlib.nullcontext()
     with state, FakeTensorMode(allow_non_fake_inputs=True):
@@ -147,7 +149,7 @@ def _simulate(model: nn.Module, example_inputs: Any, loss_fn: LossFn | None, opt
             device_label=device,
         )
         with tracker:
-            _train_step(model, {**params, **buffers}, args, kwargs, loss_fn, opt)
+            _train_step(model, {**params, **buffers}, args, kwargs, loss_fn, opt, unpadded)
     return tracker.report(device)
 
 
@@ -223,9 +225,10 @@ def _train_step(
     kwargs: dict[str, Any],
     loss_fn: LossFn | None,
     opt: torch.optim.Optimizer | None,
+    unpadded: bool | None = None,
 ) -> None:
     # The output dies with this call's frame before backward, as in HF Trainer's compute_loss.
-    with eager_masks(model, args, kwargs):
+    with eager_masks(model, args, kwargs, unpadded):
         loss = loss_of(torch.func.functional_call(model, state, args, kwargs), args, kwargs, loss_fn)
     loss.backward()
     if opt is not None:

@@ -13,9 +13,9 @@ A training step (autograd recording) is the plan's:
   ones run with the same decisions;
 * a step in another train/eval mode or autocast state than planned re-plans for it, and so do a
   padded batch after one without padding and the reverse (an HF ``attention_mask`` of all ones
-  traces no mask tensor: ``memopt.memory.hf_masks``), and one whose traced program no longer holds the plan's tensors (an adapter disabled, dropout
-  switched on): a stale plan never runs. Plans made so are kept per state (``max_plans``), so
-  switching back costs nothing;
+  traces no mask tensor: ``memopt.memory.hf_masks``), and one whose traced program no longer
+  holds the plan's tensors (an adapter disabled, dropout switched on): a stale plan never runs.
+  Plans made so are kept per state (``max_plans``), so switching back costs nothing;
 * when the plan recomputes or offloads anything (or ``compile=True``) the step runs lowered
   (``runtime``, a ``memopt.runtime.step.PlannedStep``: eager or compiled); otherwise the wrapped
   model runs as it is, which is then exactly the plan. Either way it gets ``use_cache=False``
@@ -43,6 +43,7 @@ import torch.nn as nn
 from memopt.errors import MemoptError, PlanMismatchError
 from memopt.memory import hf_masks
 from memopt.memory.autocast import autocast_state
+from memopt.memory.hf_masks import eager_masks
 from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
 from memopt.passes import cut_ce, layerwise, rso, seq_chunk
 from memopt.passes.int8train import is_handle
@@ -162,7 +163,10 @@ class OptimizedModel(nn.Module):
         if self._plan.update_in_backward and self.model.training:
             in_backward.require(self._update_owner)  # gradients held to a step after backward break the peak
         if self.runtime is None:
-            output = self.model(*args, **kwargs)
+            # The model as it is: HF decides its mask itself on real tensors; on fake ones (a simulated
+            # step) the plan's mask state stands in for the values they do not carry.
+            with eager_masks(self.model, args, kwargs, self._plan.unpadded_mask if unpadded is None else unpadded):
+                output = self.model(*args, **kwargs)
         else:
             try:
                 output = self.runtime(*args, **kwargs)
