@@ -75,7 +75,7 @@ ACTIONS = ("keep", "recompute", "offload", "drop")
 _MAX_POINTS = 4  # materialize points per saved tensor: its first backward use and 3 earlier ones
 # A closure longer than this walks back through tensors nobody saved (e.g. a whole residual
 # stream); such a recomputation is never worth its time, and leaving it out keeps the model small.
-_MAX_CLOSURE_OPS = 64
+_MAX_CLOSURE_OPS = 512
 _FORBIDDEN_IN_RECOMPUTE = {
     "rng": "its recomputation would redraw random numbers ({op}); RNG state replay is not planned",
     "collective": "its recomputation would repeat a collective ({op})",
