@@ -73,8 +73,10 @@ __all__ = ["ACTIONS", "StaticMemory", "Candidate", "PlanningProblem", "Choice", 
 
 ACTIONS = ("keep", "recompute", "offload", "drop")
 _MAX_POINTS = 4  # materialize points per saved tensor: its first backward use and 3 earlier ones
-# A closure longer than this walks back through tensors nobody saved (e.g. a whole residual
-# stream); such a recomputation is never worth its time, and leaving it out keeps the model small.
+# A closure stays inside one block; longer than this, it walks back through tensors nobody saved
+# and is not worth its time, and leaving it out keeps the model small. A Llama block whose MLP and
+# norms run in 16 pieces of tokens (passes/seq_chunk.py) has ~500 forward ops: at 64 its LoRA
+# inputs could not be recomputed (Llama-3.1-8B at 512k tokens: a 961 GiB lower bound).
 _MAX_CLOSURE_OPS = 512
 _FORBIDDEN_IN_RECOMPUTE = {
     "rng": "its recomputation would redraw random numbers ({op}); RNG state replay is not planned",
