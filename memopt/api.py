@@ -412,13 +412,14 @@ def _merge_fn(cfg: OptimizeConfig) -> Callable[[nn.Module], nn.Module]:
 
 
 def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_fn: Any, lower: bool, old: Plan,
-            args: tuple, kwargs: dict, why: str) -> Plan:
+            args: tuple, kwargs: dict, why: str, widen: bool = True) -> Plan:
     """A new Plan for the already rewritten ``model`` as it is now (train/eval mode, autocast, flags),
-    for the widest of ``old``'s shapes and these inputs': the rewrite stays (``old``'s module
-    decisions); the step is simulated, traced and planned again."""
+    for the widest of ``old``'s shapes and these inputs' (``widen=False``: these inputs' own): the
+    rewrite stays (``old``'s module decisions); the step is simulated, traced and planned again."""
     bound = _bind_inputs(model, args, kwargs)
     unpadded = bool(hf_masks.unpadded(model, args, kwargs))  # read on the call's real mask, before widening
-    args, kwargs = _widest(bound, old.input_shapes)
+    if widen:
+        args, kwargs = _widest(bound, old.input_shapes)
     bound = _bind_inputs(model, args, kwargs)
     kwargs = training_kwargs(bound.signature, kwargs)
     labels = bound.arguments.get("labels")

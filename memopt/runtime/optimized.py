@@ -61,7 +61,7 @@ log = logging.getLogger("memopt")
 LARGER_INPUTS = ("replan", "error")
 _MAX_PLANS = 4  # plans kept per model, one per step state (train/eval, autocast, adapter flags, ...)
 
-Replan = Callable[[Plan, tuple, dict, str], Plan]
+Replan = Callable[..., Plan]  # (plan, args, kwargs, why, widen=True): a new plan
 
 @dataclass(frozen=True)
 class Applied:
@@ -178,19 +178,30 @@ class OptimizedModel(nn.Module):
                     f"layerwise sampling switched to {', '.join(sampler.names[i] for i in sampler.active)}, another "
                     "program than the one planned")
                 self._replan_for(args, kwargs, why)
-                output = self.model(*args, **kwargs) if self.runtime is None else self.runtime(*args, **kwargs)
+                try:
+                    output = self.model(*args, **kwargs) if self.runtime is None else self.runtime(*args, **kwargs)
+                except PlanMismatchError as again:
+                    # A batch smaller than the plan whose program is not the planned one at its own sizes
+                    # (sizes of 0 or 1 specialize a trace: fewer tokens than sequence-chunking pieces): a
+                    # plan widened to the larger shapes does not fit its program; plan at its own sizes.
+                    if not _larger(self._plan.input_shapes, input_shapes(bound)):
+                        raise
+                    self._replan_for(args, kwargs, f"{str(again).splitlines()[0]} (planned at this batch's own "
+                                     "sizes: a smaller batch traces another program)", widen=False)
+                    output = self.model(*args, **kwargs) if self.runtime is None else self.runtime(*args, **kwargs)
         self._plans[key] = (self._plan, self.runtime)
         while len(self._plans) > _MAX_PLANS:
             self._plans.popitem(last=False)
         return cut_ce.finish_output(self.model, output)
 
-    def _replan_for(self, args: tuple, kwargs: dict, why: str, error_ok: bool = False) -> None:
+    def _replan_for(self, args: tuple, kwargs: dict, why: str, error_ok: bool = False, widen: bool = True) -> None:
         if self._replan is None or (error_ok and self._larger_inputs == "error"):
             raise PlanMismatchError(
                 f"{why}. The plan's peak holds only for what was planned; call memopt.optimize with a batch "
                 "of the new size" + (", or pass larger_inputs='replan'" if error_ok else ""))
         start = time.perf_counter()
-        plan = self._replan(self._plan, args, kwargs, why)
+        plan = self._replan(self._plan, args, kwargs, why) if widen else \
+            self._replan(self._plan, args, kwargs, why, widen=False)
         self._install(plan, self._compile)
         seconds = time.perf_counter() - start
         self.replans.append(why)
