@@ -134,10 +134,9 @@ def _parser() -> argparse.ArgumentParser:
                            "always, --no-cut-ce never (default: when the step does not fit as it is and the fused "
                            "step is faster)")
     plan.add_argument("--chunk-seq", type=_pieces, metavar="N|auto",
-                      help="run each position-wise MLP and norm N pieces of tokens at a time in training (sequence "
-                           "chunking: no whole-sequence intermediate of them; one more forward of each per step); "
-                           "auto: only when the "
-                           "step does not fit whole, in pieces of about 4096 tokens (2 to 16)")
+                      help="run each position-wise MLP N pieces of tokens at a time in training (sequence chunking: "
+                           "no whole-sequence MLP intermediate; one more MLP forward per step); auto: only when the "
+                           "step does not fit with whole MLPs, in pieces of about 4096 tokens (2 to 16)")
     plan.add_argument("--reserve", type=float, help="GiB kept free for the CUDA context (default: the device's)")
     plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per phase")
     plan.add_argument("--no-offload", action="store_true", help="never offload activations to host")

@@ -390,14 +390,15 @@ class OptimizeConfig:
     quantize: QuantizeConfig | str | None = None
     host_budget_gb: float | None = None  # host memory offloaded activations may hold; None: this machine's RAM
     cut_cross_entropy: bool | str = "auto"  # fuse a HF causal LM's head and loss: True, False or "auto"
-    chunk_sequence: int | str | None = None  # each position-wise MLP and norm in this many pieces; "auto": if needed
+    chunk_sequence: int | str | None = None  # each position-wise MLP in this many pieces of tokens; "auto": if needed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget_gb", _positive_number(self.budget_gb, "budget_gb"))
         if self.chunk_sequence not in (None, "auto") and (isinstance(self.chunk_sequence, bool) or
                                                 not isinstance(self.chunk_sequence, int) or self.chunk_sequence < 2):
-            raise ValueError(f"chunk_sequence must be a number of pieces >= 2, 'auto' (when the whole step does not "
-                             f"fit) or None (no chunking), got {self.chunk_sequence!r}")
+            raise ValueError(f"chunk_sequence must be a number of pieces >= 2, 'auto' (when whole MLPs do not fit) "
+                             f"or None (no chunking), got "
+                             f"{self.chunk_sequence!r}")
         if not (isinstance(self.cut_cross_entropy, bool) or self.cut_cross_entropy == "auto"):
             raise ValueError(f"cut_cross_entropy must be True, False or 'auto', got {self.cut_cross_entropy!r}")
         if self.host_budget_gb is not None:

@@ -7,7 +7,6 @@ the ``Job``, loops ``plan`` for ``quantize="auto"`` and hands the Plan to the ru
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import inspect
@@ -135,12 +134,11 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
             pieces = _auto_chunks(job)
             if pieces is None:
                 raise
-            # Whole MLPs and norms do not fit: run them in pieces of tokens (sequence chunking) and plan again.
-            job.say(f"{str(exc).splitlines()[0]}; planning with the MLPs and norms run {pieces} pieces of tokens at "
-                    "a time")
+            # Whole MLPs do not fit: run them in pieces of tokens (sequence chunking) and plan again.
+            job.say(f"{str(exc).splitlines()[0]}; planning with the MLPs run {pieces} pieces of tokens at a time")
             note = chunk_sequence(job.model, pieces, rewrites)
             result = dataclasses.replace(result, notes=(*result.notes, f"{note}; chosen (chunk_sequence='auto') "
-                                                        f"because the step with whole MLPs and norms does not fit: "
+                                                        f"because the step with whole MLPs does not fit: "
                                                         f"{str(exc).splitlines()[0]}"))
             memory, trace, activations, chosen, cut = _plan_with_loss(job, result, rewrites)
     except InfeasibleBudgetError as exc:
@@ -165,21 +163,17 @@ def _auto_chunks(job: Job) -> int | None:
 
 
 def chunk_sequence(model: nn.Module, chunks: int, rewrites: RewriteLog) -> str:
-    """Run ``model``'s position-wise MLPs and norms ``chunks`` pieces of tokens at a time
-    (``passes.seq_chunk``); the plan's note on it. A model with none that can be chunked is an error
-    naming why."""
+    """Run ``model``'s position-wise MLPs ``chunks`` pieces of tokens at a time (``passes.seq_chunk``);
+    the plan's note on it. A model with no MLP that can be chunked is an error naming why."""
     chosen, left = seq_chunk.install(model, chunks, rewrites)
     whole = "; ".join(f"{name}: {why}" for name, why in list(left.items())[:3]) + (
         f" (and {len(left) - 3} more)" if len(left) > 3 else "")
     if not chosen:
-        raise ValueError(f"chunk_sequence={chunks}: no MLP or norm of {type(model).__name__} can run in pieces of "
-                         "tokens" + (f" ({whole})" if whole else " (none found: chunking applies to position-wise MLPs "
-                                                             "and norms)"))
-    kinds = collections.Counter(seq_chunk.kind(model.get_submodule(name)) for name in chosen)
-    what = " and ".join(f"{n} {k}{'s' if n > 1 else ''}" for k, n in sorted(kinds.items()))
-    return (f"sequence chunking: {what} run {chunks} pieces of tokens at a time in training, saving only their "
-            "input (each piece re-run in the backward: one more forward of each per step)"
-            + (f"; left whole: {whole}" if whole else ""))
+        raise ValueError(f"chunk_sequence={chunks}: no MLP of {type(model).__name__} can run in pieces of tokens"
+                         + (f" ({whole})" if whole else " (none found: chunking applies to position-wise MLPs)"))
+    return (f"sequence chunking: {len(chosen)} MLP{'s' if len(chosen) > 1 else ''} run {chunks} pieces of tokens at a "
+            "time in training, saving only their input (each piece re-run in the backward: one more MLP forward "
+            "per step)" + (f"; left whole: {whole}" if whole else ""))
 
 
 def _plan_with_loss(job: Job, result: PassResult, rewrites: RewriteLog) -> tuple[

@@ -1,30 +1,25 @@
-"""Sequence chunking of position-wise regions: a block's MLP and norms run a piece of the tokens at a time.
+"""Sequence chunking of position-wise regions: a block's MLP run a piece of the tokens at a time.
 
 Design note. At long context the largest tensors of a transformer block are its MLP's
 intermediates (tokens × intermediate size, several of them, and their gradients in the
-backward) and its norms' fp32 copies of the hidden states (an RMSNorm computes in fp32: twice
-a bf16 [tokens, hidden] tensor, saved for its backward). An MLP and a norm are position-wise —
-each token's output reads only that token's input — so they may run on pieces of the sequence,
-one after another, with the same result. :func:`install` makes each chunkable MLP and norm of
-the model do that in training (grad enabled): the forward runs the pieces without autograd and
-concatenates their outputs, saving only the module's input; the backward re-runs one piece at a
-time with autograd and takes its gradients (input and parameters, summed over the pieces), so no
-whole-sequence intermediate of the module is ever alive — in the forward or the backward. This is
-the mini-sequence training of MsT (Luo et al., 2024), here as a rewrite of the user's model: an
-instance attribute ``forward`` on each chunked module (its class, parameters and ``state_dict``
-unchanged; a deep copy is chunked over its own module; ``uninstall`` removes it).
+backward). An MLP is position-wise — each token's output reads only that token's input — so it
+may run on pieces of the sequence, one after another, with the same result. :func:`install` makes
+each chunkable MLP of the model do that in training (grad enabled): the forward runs the pieces
+without autograd and concatenates their outputs, saving only the MLP's input; the backward re-runs
+one piece at a time with autograd and takes its gradients (input and parameters, summed over the
+pieces), so no whole-sequence intermediate of the MLP is ever alive — in the forward or the
+backward. This is the mini-sequence training of MsT (Luo et al., 2024), here as a rewrite of the
+user's model: an instance attribute ``forward`` on each chunked module (its class, parameters and
+``state_dict`` unchanged; a deep copy is chunked over its own module; ``uninstall`` removes it).
 
-What memopt's planner then sees is the step that runs: the saved input is a decision like any
+What memopt's planner then sees is the step that runs: the saved MLP input is a decision like any
 other (kept, recomputed with its block, offloaded), the pieces' forward are forward temporaries and
-their recomputation is part of the backward. Its cost is one more forward of each chunked module
-per step.
+their recomputation is part of the backward. Its cost is one more forward of the MLP per step.
 
 Exactness rules, checked, never assumed (``why_not`` gives the reason a module is left whole, and
-the plan's note names them): the module is a transformers model's MLP or norm (its class name
-ends in ``MLP``, ``RMSNorm`` or ``LayerNorm``; a module of the user's own is not assumed
-position-wise because of its name), or torch's own ``LayerNorm`` / ``RMSNorm`` over the last
-dimension alone; not an expert MLP routing over the sequence, not a norm holding a parameter of
-more than one dimension, and its forward takes the hidden states alone; it holds no
+the plan's note names them): the module is a transformers model's MLP (its class name ends in
+``MLP``; a module of the user's own is not assumed position-wise because of its name), not an
+expert MLP routing over the sequence, and its forward takes the hidden states alone; it holds no
 active dropout, module or functional (a re-run piece would redraw the mask), and no batch
 statistics; an output changing more than the last dimension is refused at the first call. A re-run
 piece goes through the class's forward over the saved parameters, so hooks on the module run once,
@@ -46,37 +41,19 @@ from torch.nn.utils.stateless import _reparametrize_module
 from memopt.errors import MemoptError
 from memopt.passes.base import RewriteLog
 
-__all__ = ["chunkable", "install", "installed", "kind", "uninstall", "why_not"]
+__all__ = ["chunkable", "install", "installed", "uninstall", "why_not"]
 
 _ATTR = "_memopt_seq_chunks"
 
 
-def kind(module: nn.Module) -> str | None:
-    """What position-wise region ``module`` would be chunked as: ``"MLP"``, ``"norm"``, or None."""
-    name = type(module).__name__
-    if name.upper().endswith("MLP"):
-        return "MLP"
-    if type(module) in (nn.LayerNorm, nn.RMSNorm) or name.endswith(_NORMS):
-        return "norm"
-    return None
-
-
-_NORMS = ("RMSNorm", "LayerNorm")  # transformers' per-model norm classes (LlamaRMSNorm, T5LayerNorm, ...)
-
-
 def why_not(module: nn.Module) -> str | None:
-    """Why ``module`` is not chunked along the sequence (None: it is a position-wise MLP or norm that can be)."""
-    name, what = type(module).__name__, kind(module)
-    if what is None:
-        return f"{name} is not a known position-wise MLP or norm"
-    if type(module) in (nn.LayerNorm, nn.RMSNorm):  # torch's own: position-wise when it normalizes the last dim
-        if len(module.normalized_shape) != 1:
-            return (f"{name} normalizes over its last {len(module.normalized_shape)} dimensions, the sequence's "
-                    "among them")
-        return None
+    """Why ``module`` is not chunked along the sequence (None: it is a position-wise MLP that can be)."""
+    name = type(module).__name__
+    if not name.upper().endswith("MLP"):
+        return f"{name} is not a known position-wise MLP"
     if not type(module).__module__.startswith("transformers."):
-        return (f"{name} is not a transformers model's {what}: memopt chunks only those (and torch's LayerNorm and "
-                "RMSNorm), whose forward is known to treat each position alone")
+        return (f"{name} is not a transformers model's MLP: memopt chunks only those, whose forward is known to treat "
+                "each position alone")
     if any(word in name for word in _NOT_POSITION_WISE):
         return f"{name} routes tokens to experts with a capacity over all positions"
     params = [p for p in inspect.signature(type(module).forward).parameters.values()][1:]
@@ -84,8 +61,6 @@ def why_not(module: nn.Module) -> str | None:
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(required) != 1 or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
         return f"{name}.forward takes more than the hidden states"
-    if what == "norm" and any(p.dim() > 1 for p in module.parameters(recurse=False)):
-        return f"{name} holds a parameter of more than one dimension: it may normalize over the sequence"
     dropout = [n for n, m in module.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
     if dropout:
         return (f"{name} holds dropout ({dropout[0] or 'itself'}, p > 0): a re-run piece would redraw its mask (set "
@@ -109,11 +84,10 @@ def _source(fn: Any) -> str:
 
 
 def chunkable(model: nn.Module) -> tuple[list[str], dict[str, str]]:
-    """The MLPs and norms of ``model`` that can be chunked (by name, outermost first), and those left
-    whole with why."""
+    """The MLPs of ``model`` that can be chunked (by name, outermost first), and those left whole with why."""
     chosen, left = [], {}
     for name, module in model.named_modules():
-        if kind(module) is None or any(name.startswith(c + ".") for c in chosen):
+        if not type(module).__name__.upper().endswith("MLP") or any(name.startswith(c + ".") for c in chosen):
             continue
         reason = why_not(module)
         if reason is None:
@@ -124,7 +98,7 @@ def chunkable(model: nn.Module) -> tuple[list[str], dict[str, str]]:
 
 
 def install(model: nn.Module, chunks: int, rewrites: RewriteLog) -> tuple[list[str], dict[str, str]]:
-    """Run every chunkable MLP and norm of ``model`` ``chunks`` pieces of tokens at a time in training. Returns
+    """Run every chunkable MLP of ``model`` ``chunks`` pieces of tokens at a time in training. Returns
     ``chunkable(model)``. Undone by ``rewrites``."""
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 2:
         raise ValueError(f"chunk_sequence must be a number of pieces >= 2 (or None: no chunking), got {chunks!r}")
@@ -138,7 +112,7 @@ def install(model: nn.Module, chunks: int, rewrites: RewriteLog) -> tuple[list[s
 
 
 def installed(model: nn.Module) -> int | None:
-    """The pieces ``model``'s MLPs and norms run in (None: not chunked)."""
+    """The pieces ``model``'s MLPs run in (None: not chunked)."""
     return next((vars(m)[_ATTR] for m in model.modules() if _ATTR in vars(m)), None)
 
 

@@ -266,7 +266,7 @@ class Plan:
     # (layerwise sampling: every sampled block; a call's backward leaves out the frozen ones'
     # gradients); None: those that require grad at the call
     traced_trainable: tuple[str, ...] | None = None
-    sequence_chunks: int | None = None  # the pieces of tokens each position-wise MLP and norm runs in (None: whole)
+    sequence_chunks: int | None = None  # the pieces of tokens each position-wise MLP runs in (None: whole)
     # the planned batch's attention_mask was all ones: the step is planned, as HF runs it, with no mask
     # tensor; a padded batch is another state of the step, with a plan of its own (memory.hf_masks)
     unpadded_mask: bool = False

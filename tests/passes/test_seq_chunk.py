@@ -1,5 +1,5 @@
-"""Sequence chunking (``chunk_sequence=N``): each position-wise MLP and norm runs N pieces of tokens at
-a time in training. Checked the way a user trains: their loop, batches of varying length, autocast, a deep
+"""Sequence chunking (``chunk_sequence=N``): each position-wise MLP runs N pieces of tokens at a time
+in training. Checked the way a user trains: their loop, batches of varying length, autocast, a deep
 copy, save and reload — the gradients against the same model unchunked (an independent eager
 reference), the peak against the plan with memopt's tracker."""
 
@@ -48,11 +48,9 @@ def test_a_chunked_step_trains_in_the_users_loop_with_the_unchunked_gradients_in
     optimized, batch, _ = chunked
     plan = optimized.plan
     assert plan.sequence_chunks == 4 and plan.needs_runtime
-    assert any(n.startswith("sequence chunking: 2 MLPs and 5 norms run 4 pieces") for n in plan.notes)
-    assert all(vars(m)[seq_chunk._ATTR] == 4 for layer in optimized.model.model.layers
-               for m in (layer.mlp, layer.input_layernorm, layer.post_attention_layernorm))
-    assert vars(optimized.model.model.norm)[seq_chunk._ATTR] == 4
-    reference = copy.deepcopy(optimized.model)  # the same weights, every MLP and norm whole, plain eager autograd
+    assert any(n.startswith("sequence chunking: 2 MLPs run 4 pieces") for n in plan.notes)
+    assert all(vars(layer.mlp)[seq_chunk._ATTR] == 4 for layer in optimized.model.model.layers)
+    reference = copy.deepcopy(optimized.model)  # the same weights, every MLP whole, plain eager autograd
     seq_chunk.uninstall(reference)
     assert seq_chunk.installed(reference) is None and seq_chunk.installed(optimized.model) == 4
     opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad], lr=1e-3)
@@ -133,57 +131,21 @@ def test_save_and_reload_in_a_fresh_model_keeps_the_chunking(chunked, tmp_path):
 
 
 def test_what_cannot_be_chunked_is_said():
-    model = tiny_gpt2()  # GPT-2's MLP holds dropout: a re-run piece would redraw its mask; its LayerNorms are chunked
+    model = tiny_gpt2()  # GPT-2's MLP holds dropout: a re-run piece would redraw its mask
     batch = lm_batch(model, batch=2, seq=16)
-    optimized = memopt.optimize(model, budget_gb=64, example_inputs=batch, device="cpu", chunk_sequence=2)
-    note = next(n for n in optimized.plan.notes if n.startswith("sequence chunking"))
-    assert note.startswith("sequence chunking: 5 norms run 2 pieces")  # ln_1, ln_2 of 2 blocks and ln_f
-    assert "left whole: transformer.h.0.mlp: GPT2MLP holds dropout" in note
+    with pytest.raises(ValueError, match=r"no MLP of GPT2LMHeadModel can run in pieces.*dropout"):
+        memopt.optimize(model, budget_gb=64, example_inputs=batch, device="cpu", chunk_sequence=2)
     for bad in (1, 0, True, 2.5):
         with pytest.raises(ValueError, match="chunk_sequence must be a number of pieces >= 2"):
             memopt.optimize(tiny_llama(), budget_gb=64, example_inputs=lm_batch(tiny_llama()), chunk_sequence=bad)
-    with pytest.raises(ValueError, match="none found: chunking applies to position-wise MLPs and norms"):
-        memopt.optimize(torch.nn.Sequential(torch.nn.Linear(8, 8)), budget_gb=64, example_inputs=(torch.randn(2, 6, 8),),
-                        method="full", loss_fn=lambda out, inputs: out.square().mean(), chunk_sequence=2)
-    over_two = torch.nn.LayerNorm((6, 8))  # normalizes over the sequence too
-    assert "normalizes over its last 2 dimensions" in seq_chunk.why_not(over_two)
-
-
-def test_torchs_own_transformer_encoder_trains_with_its_norms_chunked_and_the_unchunked_gradients():
-    torch.manual_seed(5)
-    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
-                                          enable_nested_tensor=False)
-    reference = copy.deepcopy(encoder)
-    optimized = memopt.optimize(encoder, budget_gb=64, example_inputs=(torch.randn(2, 8, 16),), method="full",
-                                loss_fn=lambda out, inputs: out.square().mean(), chunk_sequence=3, device="cpu")
-    assert any(n.startswith("sequence chunking: 4 norms run 3 pieces") for n in optimized.plan.notes)
-    for seq in (8, 5):  # the user's loop, a shorter batch too
-        x = torch.randn(2, seq, 16)
-        optimized(x).square().mean().backward()
-        reference(x).square().mean().backward()
-        _close(_grads(optimized.model), _grads(reference), rtol=1e-5)
-        for m in (optimized.model, reference):
-            m.zero_grad(set_to_none=True)
-
-
-def test_norms_over_heads_chunk_exactly():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(6)  # Qwen3 normalizes q and k per head: [batch, tokens, heads, head_dim], pieces over heads
-    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8))
-    batch = lm_batch(model, batch=2, seq=12)
-    reference = copy.deepcopy(model)
-    optimized = memopt.optimize(model, budget_gb=64, example_inputs=batch, method="full", chunk_sequence=3,
-                                device="cpu")
-    assert seq_chunk.installed(optimized.model.model.layers[0].self_attn.q_norm) == 3
-    optimized(**batch).loss.backward()
-    reference(**batch).loss.backward()
-    _close(_grads(optimized.model), _grads(reference), rtol=1e-5)
+    encoder = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 1)
+    with pytest.raises(ValueError, match="none found: chunking applies to position-wise MLPs"):
+        memopt.optimize(encoder, budget_gb=64, example_inputs=(torch.randn(2, 8, 16),), method="full",
+                        loss_fn=lambda out, inputs: out.square().mean(), chunk_sequence=2)
 
 
 @pytest.mark.slow  # a costly scenario: make test-all
-def test_auto_chunks_only_when_the_whole_step_does_not_fit():
+def test_auto_chunks_only_when_whole_mlps_do_not_fit():
     torch.manual_seed(3)
     model = tiny_llama(num_hidden_layers=2)
     batch = lm_batch(model, batch=2, seq=64)
@@ -194,7 +156,7 @@ def test_auto_chunks_only_when_the_whole_step_does_not_fit():
     optimized = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, chunk_sequence="auto",
                                 **options)
     assert optimized.plan.sequence_chunks == 2 and optimized.plan.fits
-    assert any("chosen (chunk_sequence='auto') because the step with whole MLPs and norms does not fit" in n
+    assert any("chosen (chunk_sequence='auto') because the step with whole MLPs does not fit" in n
                for n in optimized.plan.notes)
     roomy = memopt.optimize(copy.deepcopy(model), budget_gb=64, example_inputs=batch, chunk_sequence="auto", **options)
     assert roomy.plan.sequence_chunks is None and seq_chunk.installed(roomy.model) is None
