@@ -347,7 +347,7 @@ def check_long_context(cuda: bool, smoke: bool) -> list[Row]:
     measured, seconds = _real_peak(optimized, batch, cuda)
     plan = optimized.plan
     sources = sum(t.nbytes for t in plan.tensors if t.action == "offload" and t.reason.startswith("saved on the host"))
-    rows = [_compare(f"chunked MLPs+norms ({options['chunk_sequence']} pieces) 1x{batch['input_ids'].shape[1]}", plan,
+    rows = [_compare(f"chunked MLPs ({options['chunk_sequence']} pieces) 1x{batch['input_ids'].shape[1]}", plan,
                      measured, cuda, f"; {sources / MIB:.0f} MiB of residual stream offloaded; step {seconds:.3f} s")]
     whole = copy.deepcopy(optimized.model)
     seq_chunk.uninstall(whole)

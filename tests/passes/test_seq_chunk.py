@@ -192,7 +192,7 @@ def test_what_is_not_position_wise_or_redraws_at_random_is_left_whole():
 
 
 def test_hooks_on_a_chunked_mlp_run_once_around_the_whole_call_and_a_short_batch_still_runs():
-    optimized, _, _ = _planned(4, 0.0)
+    optimized, _, _ = _planned(4, 0.5)
     reference = copy.deepcopy(optimized.model)
     seq_chunk.uninstall(reference)
     handles = [m.model.layers[0].mlp.register_forward_hook(lambda module, args, out: out * 2)
@@ -208,7 +208,38 @@ def test_hooks_on_a_chunked_mlp_run_once_around_the_whole_call_and_a_short_batch
             _close(_grads(optimized.model), _grads(reference), rtol=1e-5)
         # The hook is another program (re-planned); 3 tokens in 4 pieces specialize the trace (pieces of
         # 0 and 1 token), a program the plan widened to 64 tokens does not hold: planned at its own sizes.
-        assert len(optimized.replans) == 3 and "planned at this batch's own sizes" in optimized.replans[-1]
+        assert optimized.replans == []  # the hook's op is in no recomputation: the plan holds
     finally:
         for h in handles:
             h.remove()
+
+
+def test_a_smaller_batch_whose_program_the_widened_plan_does_not_hold_is_planned_at_its_own_sizes(chunked):
+    """Sizes of 0 and 1 specialize a trace (fewer tokens than pieces): when the plan re-made for the
+    widest shapes still does not hold the small batch's program, it is planned at the batch's own."""
+    optimized = copy.deepcopy(chunked[0])
+    calls = []
+    real_replan, real_install = optimized._replan, optimized._install
+
+    def replan(plan, args, kwargs, why, widen=True):
+        calls.append(widen)
+        return real_replan(plan, args, kwargs, why, widen=widen)
+
+    def refusing(inner):  # refuses every program but one planned at the call's own sizes
+        def runtime(*args, **kwargs):
+            if tuple(optimized.plan.input_shapes["input_ids"]) != tuple(kwargs["input_ids"].shape):
+                raise memopt.PlanMismatchError("recomputing what the plan recomputes re-runs an op no closure holds")
+            return inner(*args, **kwargs)
+        return runtime
+
+    def install(plan, compile):
+        real_install(plan, compile)
+        if optimized.runtime is not None:  # a plan keeping everything runs the model as it is
+            optimized.runtime = refusing(optimized.runtime)
+
+    optimized._replan, optimized._install = replan, install
+    optimized.runtime = refusing(optimized.runtime)
+    batch = lm_batch(optimized.model, batch=2, seq=3)
+    optimized(**batch).loss.backward()
+    assert calls == [True, False] and optimized.plan.input_shapes["input_ids"] == (2, 3)
+    assert "planned at this batch's own sizes" in optimized.replans[-1]
