@@ -72,9 +72,17 @@ def unpadded(model: nn.Module, args: tuple, kwargs: dict) -> bool | None:
     if inputs is None or any(inputs.get(name) is not None for name in _INPUTS[1:]):
         return None
     mask = inputs.get("attention_mask")
-    if (not isinstance(mask, torch.Tensor) or isinstance(mask, FakeTensor) or mask.device.type == "meta"
-            or mask.dim() != 2 or mask.is_floating_point() or mask.is_complex()):
+    if not isinstance(mask, torch.Tensor):
         return None
+    if isinstance(mask, FakeTensor) or mask.device.type == "meta":
+        return None
+    # Anything but a plain [batch, tokens] 0/1 mask of a decoder-only model is taken as padded: HF's
+    # own logic decides (a float or 4-D mask; an encoder-decoder's decoder mask, which this does not read).
+    others = any(isinstance(v, torch.Tensor) for k, v in inputs.items() if k.endswith("attention_mask")
+                 and k != "attention_mask")
+    if (mask.dim() != 2 or mask.is_floating_point() or mask.is_complex() or others
+            or getattr(getattr(model, "config", None), "is_encoder_decoder", False)):
+        return False
     return bool(mask.all())
 
 

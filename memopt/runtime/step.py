@@ -298,6 +298,7 @@ class PlannedStep:
                     raise
                 except Exception as exc:  # noqa: BLE001 - tracing failures are reported with the way out
                     if not exporting:
+                        first = exc
                         # As the planner's trace (ir/joint.py): a value-dependent branch (HF: "is the
                         # mask all ones?") or a path fake tensors cannot run (HF MoE: a grouped GEMM
                         # whose fake kernel wants bf16) is traced again on export's branch. A failed
@@ -305,7 +306,8 @@ class PlannedStep:
                         continue
                     raise UnsupportedModelError(
                         f"memopt could not lower the plan onto {type(self.model).__name__}'s training step: "
-                        f"{type(exc).__name__}: {_first_line(exc)}") from exc
+                        f"{type(first).__name__}: {_first_line(first)} (on export's branch too: "
+                        f"{type(exc).__name__}: {_first_line(exc)})") from first
         raise AssertionError("unreachable")
 
     def _partition(self, mode: str, at_plan_shapes: bool, report: LoweringReport) -> Callable[..., Any]:

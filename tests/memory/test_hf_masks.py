@@ -105,7 +105,7 @@ def test_a_tokenizers_all_ones_mask_plans_no_mask_and_a_padded_batch_gets_a_plan
     assert type(optimized.plan).from_json(optimized.plan.to_json()).unpadded_mask is False
 
 
-def test_a_mask_with_no_values_is_not_read():
+def test_a_mask_with_no_values_is_not_read_and_one_it_cannot_read_is_padded():
     model = tiny_llama()
     with torch.device("meta"):
         ids = torch.zeros(1, 4, dtype=torch.long)
@@ -114,3 +114,7 @@ def test_a_mask_with_no_values_is_not_read():
     assert unpadded(model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                 "position_ids": torch.arange(4)[None]}) is None  # HF's own logic: not changed
     assert unpadded(torch.nn.Linear(2, 2), (torch.ones(2, 2),), {}) is None
+    # Masks this does not read as 0/1 tokens are taken as padded (HF's own logic), never as all ones.
+    assert unpadded(model, (), {"input_ids": ids, "attention_mask": torch.ones(1, 4)}) is False  # float
+    assert unpadded(model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                "decoder_attention_mask": torch.ones_like(ids)}) is False
