@@ -72,7 +72,10 @@ def test_every_step_of_a_padded_loader_measures_inside_the_budget_with_one_trace
     from memopt.memory.tracker import MemoryTracker
 
     model = tiny_llama(num_hidden_layers=3)
-    optimized = _planned(model, lm_batch(model, batch=4, seq=48))
+    example = lm_batch(model, batch=4, seq=48)  # a batch of the user's padded loader: one row shorter
+    example["attention_mask"][0, 40:] = 0
+    example["labels"][0, 40:] = -100
+    optimized = _planned(model, example)
     opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad])
     gen = torch.Generator().manual_seed(0)
     peaks = []
