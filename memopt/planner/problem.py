@@ -69,7 +69,8 @@ from memopt.plan.schema import StaticMemory
 from memopt.planner.costmodel import DeviceSpec, op_time_us, transfer_time_us
 
 __all__ = ["ACTIONS", "StaticMemory", "Candidate", "PlanningProblem", "Choice", "Evaluation",
-           "build_problem", "with_optimizer_peak", "evaluate", "keep_all", "offloaded_bytes", "step_peak"]
+           "build_problem", "with_optimizer_peak", "evaluate", "without_idle_sources", "keep_all", "offloaded_bytes",
+           "step_peak"]
 
 ACTIONS = ("keep", "recompute", "offload", "drop")
 _MAX_POINTS = 4  # materialize points per saved tensor: its first backward use and 3 earlier ones
@@ -607,6 +608,27 @@ def evaluate(problem: PlanningProblem, choices: Sequence[Choice]) -> Evaluation:
     exposed = _exposed_out(problem, choices) + _exposed_in(problem, choices)
     return Evaluation(memory, memory[peak_point] if n else static, peak_point, recompute, exposed, not issues,
                       tuple(issues), tuple(live.tolist()))
+
+
+def without_idle_sources(problem: PlanningProblem, choices: Sequence[Choice]) -> tuple[Choice, ...]:
+    """``choices`` with every recompute source (``extra``) that no recomputation reads put back to
+    drop: saving one costs device or host bytes and copies for nothing, and the lowering (torch's
+    partitioner saves only what the backward reads) would not save it, so the plan would not say
+    what runs. Per decision class, as the solver decides: a class is dropped only when none of its
+    members has a recomputed dependent."""
+    out = list(choices)
+    changed = True
+    while changed:  # a source dropped may leave the source it was recomputed from idle
+        changed = False
+        for members in problem.classes.values():
+            if not members[0].extra or all(out[c.index].action == "drop" for c in members):
+                continue
+            if any(out[t].action == "recompute" for c in members for t in problem.dependents[c.index]):
+                continue
+            for c in members:
+                out[c.index] = Choice("drop")
+            changed = True
+    return tuple(out)
 
 
 def offloaded_bytes(problem: PlanningProblem, choices: Sequence[Choice]) -> int:

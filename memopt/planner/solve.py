@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from memopt.errors import InfeasibleBudgetError
 from memopt.planner.cpsat import SolveResult, SolverOptions, solve_min_peak, solve_min_time
 from memopt.planner.greedy import greedy_plan
-from memopt.planner.problem import Candidate, Choice, Evaluation, PlanningProblem, evaluate, keep_all
+from memopt.planner.problem import Candidate, Choice, Evaluation, PlanningProblem, evaluate, keep_all, without_idle_sources
 
 if TYPE_CHECKING:
     from memopt.plan import MemoryTimeline, StepPlan, TensorDecision
@@ -176,7 +176,7 @@ def _fitting(problem: PlanningProblem, usable: int, config: PlannerConfig, progr
 def _min_peak(problem: PlanningProblem, config: PlannerConfig, progress: Callable[[str], None] | None) -> SolveResult:
     result = solve_min_peak(problem, config.solver, progress)
     if result.choices is not None:
-        return result
+        return replace(result, choices=without_idle_sources(problem, result.choices))
     greedy = greedy_plan(problem, 0)  # the solver found nothing in time: the greedy plan is an upper bound
     return SolveResult("GREEDY", greedy, evaluate(problem, greedy).peak_bytes, None, result.seconds, result.quantum)
 
@@ -185,7 +185,7 @@ def _min_time(problem: PlanningProblem, usable: int, config: PlannerConfig,
               progress: Callable[[str], None] | None, phase1: SolveResult) -> tuple[tuple[Choice, ...], str, int]:
     result = solve_min_time(problem, usable, config.solver, progress, hint=phase1.choices)
     if result.choices is not None:
-        return result.choices, result.status, result.quantum
+        return without_idle_sources(problem, result.choices), result.status, result.quantum
     return phase1.choices, f"{result.status}: the minimum-peak plan", phase1.quantum
 
 

@@ -158,3 +158,29 @@ def test_a_recompute_source_may_be_offloaded_off_device_from_its_copy_until_its_
     # The host budget bounds them: none fits in fewer bytes than the smallest source.
     tight = dataclasses.replace(problem, host_capacity=min(c.nbytes for c in saved) - 1)
     assert with_sources_offloaded(tight, whole) == whole
+
+
+def test_a_recompute_source_no_recomputation_reads_is_not_saved(llama3):
+    """A source saved (kept or offloaded) with no dependent recomputed costs bytes and copies for
+    nothing, and the lowering (torch's partitioner saves what the backward reads) would not save
+    it: the solver's indifferent choice is put back to drop, and a used one stays."""
+    from memopt.planner.greedy import whole_blocks_plan
+    from memopt.planner.problem import without_idle_sources
+
+    problem = llama3
+    whole = whole_blocks_plan(problem)
+    assert without_idle_sources(problem, whole) == whole  # every source it saves is read
+    # One class of sources whose dependents are all kept instead: idle, dropped; nothing else moves.
+    source = next(c for c in problem.candidates if c.extra and whole[c.index].action == "keep")
+    members = problem.classes[source.klass]
+    choices = list(whole)
+    for c in members:
+        for t in problem.dependents[c.index]:
+            choices[t] = Choice("keep")
+        choices[c.index] = Choice("offload", c.first_backward)
+    pruned = without_idle_sources(problem, choices)
+    assert all(pruned[c.index] == Choice("drop") for c in members)
+    assert all(pruned[c.index] == choices[c.index] for c in problem.candidates if not c.extra)
+    # Nothing recomputed: no source is read, whatever the solver said of it.
+    kept = [Choice("keep") for c in problem.candidates]
+    assert without_idle_sources(problem, kept) == keep_all(problem)
