@@ -35,6 +35,7 @@ import contextlib
 import contextvars
 import inspect
 import threading
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -83,7 +84,23 @@ def unpadded(model: nn.Module, args: tuple, kwargs: dict) -> bool | None:
     if (mask.dim() != 2 or mask.is_floating_point() or mask.is_complex() or others
             or getattr(getattr(model, "config", None), "is_encoder_decoder", False)):
         return False
-    return bool(mask.all())
+    return _all_ones(mask)
+
+
+_last_read: tuple[Any, int, bool] | None = None  # (weak reference to the mask, its version, the answer)
+
+
+def _all_ones(mask: torch.Tensor) -> bool:
+    """``mask.all()``, read once per mask: ``OptimizedModel`` and its lowered step both ask of the
+    same call's mask, and on a GPU each read waits for the device. The answer is kept for the
+    same tensor object at the same version (an in-place write bumps it)."""
+    global _last_read
+    last = _last_read
+    if last is not None and last[0]() is mask and last[1] == mask._version:
+        return last[2]
+    value = bool(mask.all())
+    _last_read = (weakref.ref(mask), mask._version, value)
+    return value
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import copy
 import torch
 
 from memopt.memory.hf_masks import eager_masks, unpadded
-from tests.models import tiny_llama
+from tests.models import lm_batch, tiny_llama
 from tests.runtime._planned import gradients, planned
 
 
@@ -118,3 +118,23 @@ def test_a_mask_with_no_values_is_not_read_and_one_it_cannot_read_is_padded():
     assert unpadded(model, (), {"input_ids": ids, "attention_mask": torch.ones(1, 4)}) is False  # float
     assert unpadded(model, (), {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                 "decoder_attention_mask": torch.ones_like(ids)}) is False
+
+
+def test_a_mask_is_read_once_per_call_and_again_after_an_in_place_write(monkeypatch):
+    """``OptimizedModel`` and its lowered step both ask of one call's mask: one read (a device
+    sync on a GPU). A write into the same tensor is read again; a new tensor is read."""
+    from memopt.memory import hf_masks
+
+    model = tiny_llama()
+    batch = lm_batch(model, batch=2, seq=8)
+    mask = batch["attention_mask"]
+    reads = []
+    real_all = torch.Tensor.all
+    monkeypatch.setattr(torch.Tensor, "all", lambda self, *a, **k: reads.append(1) or real_all(self, *a, **k))
+    assert hf_masks.unpadded(model, (), batch) is True
+    assert hf_masks.unpadded(model, (), batch) is True
+    assert len(reads) == 1
+    mask[0, :3] = 0
+    assert hf_masks.unpadded(model, (), batch) is False and len(reads) == 2
+    batch["attention_mask"] = torch.ones_like(mask)
+    assert hf_masks.unpadded(model, (), batch) is True and len(reads) == 3
