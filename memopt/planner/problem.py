@@ -51,7 +51,8 @@ inputs and optimizer states are resident for the whole step (``static``).
 
 Identical blocks: blocks (numbered children of one container, e.g. ``model.layers.N``) whose
 forward and backward op sequences and saved sizes are identical share one decision per saved
-tensor (``klass``): the solver decides one block and the plan broadcasts it.
+tensor (``klass``) within a run of consecutive blocks (up to ``_CLASS_RUNS`` runs): the solver
+decides one block per run and the plan broadcasts it.
 """
 
 from __future__ import annotations
@@ -73,6 +74,12 @@ __all__ = ["ACTIONS", "StaticMemory", "Candidate", "PlanningProblem", "Choice", 
            "step_peak"]
 
 ACTIONS = ("keep", "recompute", "offload", "drop")
+# Identical blocks share their decisions in up to this many runs of consecutive blocks, so a plan
+# may treat some blocks one way and the rest another (e.g. save attention's output in 24 of 32
+# layers and recompute it in 8, where saving it in all does not fit and recomputing it in all costs
+# +50 %), with a model that grows by this factor, not by the number of blocks.
+_CLASS_RUNS = 4
+_MIN_RUN = 4  # blocks per run at least: fewer identical blocks than 2 runs' worth share one class
 _MAX_POINTS = 4  # materialize points per saved tensor: its first backward use and 3 earlier ones
 # A closure stays inside one block; longer than this, it walks back through tensors nobody saved
 # and is not worth its time, and leaving it out keeps the model small. A Llama block whose MLP and
@@ -135,6 +142,8 @@ class PlanningProblem:
     device: DeviceSpec
     num_classes: int
     class_blocks: Mapping[int, tuple[int | None, ...]]  # class -> the blocks sharing it
+    # class -> the class it shares with every run of the same identical blocks (``merged``)
+    run_of: Mapping[int, int] = field(default_factory=dict)
     update_in_backward: bool = False  # each parameter updated (its gradient freed) as its gradient is made
     host_capacity: int | None = None  # bytes offloaded activations may hold in host memory (None: no limit)
 
@@ -241,7 +250,7 @@ def build_problem(trace: JointTrace, device: DeviceSpec, *, allow_recompute: boo
             d.update(first_backward=fetch[i], last_backward=max(p))
         candidates.append(_candidate(trace, d, p, device, after, allow_recompute, allow_offload))
     candidates = _renumbered(candidates, order)
-    candidates, num_classes, class_blocks = _classes(trace, candidates)
+    candidates, num_classes, class_blocks, run_of = _classes(trace, candidates)
     modelled = {c.storage for c in candidates}
     return PlanningProblem(
         candidates=tuple(candidates), num_points=trace.num_points, num_forward=trace.num_forward,
@@ -250,7 +259,7 @@ def build_problem(trace: JointTrace, device: DeviceSpec, *, allow_recompute: boo
         gradients=_base(trace, uses, kinds=("gradient",), in_backward=update_in_backward),
         static=_static(trace, update_in_backward), device=device,
         num_classes=num_classes, class_blocks=class_blocks, update_in_backward=update_in_backward,
-        host_capacity=host_capacity,
+        host_capacity=host_capacity, run_of=run_of,
     )
 
 
@@ -500,8 +509,9 @@ def _static(trace: JointTrace, in_backward: bool = False) -> StaticMemory:
     )
 
 
-def _classes(trace: JointTrace, candidates: list[Candidate]) -> tuple[list[Candidate], int, dict]:
-    """Share one decision class per position across blocks whose step is identical."""
+def _classes(trace: JointTrace, candidates: list[Candidate]) -> tuple[list[Candidate], int, dict, dict]:
+    """Share one decision class per position across a run of consecutive blocks whose step is
+    identical; and say, per class, the class of the same position in the first run of its blocks."""
     by_block: dict[int, list[Candidate]] = {}
     for c in candidates:
         if c.block is not None:
@@ -512,20 +522,52 @@ def _classes(trace: JointTrace, candidates: list[Candidate]) -> tuple[list[Candi
         groups.setdefault(signature[b], []).append(b)
     klass: dict[int, int] = {}
     class_blocks: dict[int, tuple[int | None, ...]] = {}
-    for blocks in groups.values():
-        for position in range(len(by_block[blocks[0]])):
-            k = len(class_blocks)
-            class_blocks[k] = tuple(blocks)
-            for b in blocks:
-                klass[by_block[b][position].index] = k
+    run_of: dict[int, int] = {}
+    for same in groups.values():
+        for position in range(len(by_block[same[0]])):
+            first = len(class_blocks)
+            for blocks in _runs(same):
+                k = len(class_blocks)
+                class_blocks[k] = tuple(blocks)
+                run_of[k] = first
+                for b in blocks:
+                    klass[by_block[b][position].index] = k
     out = []
     for c in candidates:
         if c.index not in klass:
             k = len(class_blocks)
             class_blocks[k] = (c.block,)
+            run_of[k] = k
             klass[c.index] = k
         out.append(dataclasses.replace(c, klass=klass[c.index]))
-    return out, len(class_blocks), class_blocks
+    return out, len(class_blocks), class_blocks, run_of
+
+
+def merged(problem: PlanningProblem) -> PlanningProblem:
+    """``problem`` with every run of identical blocks sharing one class (one decision for all of
+    them): a smaller model, whose assignments are assignments of ``problem`` too."""
+    if all(k == v for k, v in problem.run_of.items()):
+        return problem
+    renumber = {k: i for i, k in enumerate(sorted(set(problem.run_of.values())))}
+    blocks: dict[int, tuple[int | None, ...]] = {}
+    for k, first in sorted(problem.run_of.items()):
+        blocks[renumber[first]] = blocks.get(renumber[first], ()) + tuple(problem.class_blocks[k])
+    candidates = tuple(dataclasses.replace(c, klass=renumber[problem.run_of[c.klass]]) for c in problem.candidates)
+    return dataclasses.replace(problem, candidates=candidates, num_classes=len(renumber), class_blocks=blocks,
+                               run_of={k: k for k in renumber.values()})
+
+
+def _runs(blocks: list[int]) -> list[list[int]]:
+    """Identical blocks in up to ``_CLASS_RUNS`` contiguous runs of at least ``_MIN_RUN`` blocks, one
+    decision class each."""
+    runs = min(_CLASS_RUNS, max(1, len(blocks) // _MIN_RUN))
+    size, extra = divmod(len(blocks), runs)
+    out, start = [], 0
+    for r in range(runs):
+        end = start + size + (r < extra)
+        out.append(blocks[start:end])
+        start = end
+    return out
 
 
 def _block_signature(trace: JointTrace, block: int, members: list[Candidate]) -> tuple:

@@ -103,3 +103,40 @@ def test_a_traced_tiny_llama_plan_equals_the_milp_optimum():
     capacity = _between(problem, least, 3)
     phase2 = solve_min_time(problem, capacity, EXACT)
     assert phase2.status == "OPTIMAL" and phase2.objective == milp(problem, capacity) > 0
+
+
+def test_runs_of_identical_blocks_are_decided_on_their_own_and_no_plan_is_slower():
+    """Nine layers: blocks 1-8 are identical and share their decisions in two runs of four. Where
+    recomputing a tensor in every block costs more than the budget needs, the plan recomputes it in
+    one run only: faster than the best plan deciding all eight blocks alike (``merged``), which
+    the minimum-peak phase solves and hints with."""
+    from memopt.config import LoraConfig
+    from memopt.ir.joint import trace_joint
+    from memopt.ir.structure import build_model_graph
+    from memopt.passes import RewriteLog, get_pass
+    from memopt.planner.problem import merged
+    from tests.models import lm_batch, tiny_llama
+
+    model = tiny_llama(num_hidden_layers=9)
+    batch = lm_batch(model)
+    del batch["attention_mask"]
+    get_pass("lora").apply(model, build_model_graph(model, (), batch), LoraConfig(rank=4), RewriteLog(model))
+    problem = build_problem(trace_joint(model, batch, device="cuda", granularity=512), RTX, allow_offload=False)
+    shared = {blocks for blocks in problem.class_blocks.values() if len(blocks) > 1}
+    assert shared == {(1, 2, 3, 4), (5, 6, 7, 8)}
+    one = merged(problem)
+    assert {blocks for blocks in one.class_blocks.values() if len(blocks) > 1} == {(1, 2, 3, 4, 5, 6, 7, 8)}
+    positions = sum(len(blocks) > 1 for blocks in problem.class_blocks.values()) // 2
+    assert one.num_classes == problem.num_classes - positions  # one class less per position
+    options = SolverOptions(workers=1, time_limit_s=5)
+    low = solve_min_peak(one, options).objective
+    capacity = _between(problem, low, share=3)
+    alike = solve_min_time(one, capacity, options)
+    runs = solve_min_time(problem, capacity, options, hint=alike.choices)
+    assert alike.status == runs.status == "OPTIMAL"
+    assert runs.objective < alike.objective
+    assert evaluate(problem, alike.choices).valid  # an assignment of the merged problem is one of this one
+    actions: dict[int, set[str]] = {}
+    for c, choice in zip(problem.candidates, runs.choices):
+        actions.setdefault(problem.run_of[c.klass], set()).add(choice.action)
+    assert any(len(a) > 1 for a in actions.values())  # some tensor saved in one run, recomputed in the other
