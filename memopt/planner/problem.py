@@ -16,7 +16,8 @@ DeviceSpec). Program points are the trace's ops: forward first, then backward. E
   its last reader) are counted at ``m`` — the largest of the closures recomputed at ``m``, which
   run one after another (the lowered step's peak is measured, so a closure sharing temporaries
   with another is caught there); its time is counted once per recomputed tensor (an upper
-  bound when closures overlap). Every seeded op in the closure (dropout, and attention kernels
+  bound when closures overlap), and once for the outputs of one op (attention's output and
+  log-sum-exp: one decision class, the time on the first). Every seeded op in the closure (dropout, and attention kernels
   that take a seed even at dropout 0) makes torch's partitioner save the RNG state to replay it,
   from the forward to ``m`` (``replay_bytes``; once per tensor: an upper bound when closures share
   one). A closure may not reach into another layer (what that layer made is not saved) and has at
@@ -126,6 +127,9 @@ class Candidate:
     replay_bytes: int = 0  # RNG states saved from the forward to ``m`` to replay its seeded ops
     key: str | None = None  # the producing op's name-free identity (``memopt.ir.joint.op_keys``)
     closure_keys: tuple[str, ...] | None = None  # the closure's ops by key (None: an op without one)
+    # Another output of the op that makes it (attention's log-sum-exp beside its output): decided
+    # with that one (one class), and its recomputation re-runs the same ops, counted there.
+    made_with: int | None = None
 
 
 @dataclass(frozen=True)
@@ -250,7 +254,8 @@ def build_problem(trace: JointTrace, device: DeviceSpec, *, allow_recompute: boo
             d.update(first_backward=fetch[i], last_backward=max(p))
         candidates.append(_candidate(trace, d, p, device, after, allow_recompute, allow_offload))
     candidates = _renumbered(candidates, order)
-    candidates, num_classes, class_blocks, run_of = _classes(trace, candidates)
+    candidates, class_blocks, run_of = _outputs_tied(*_classes(trace, candidates))
+    num_classes = len(class_blocks)
     modelled = {c.storage for c in candidates}
     return PlanningProblem(
         candidates=tuple(candidates), num_points=trace.num_points, num_forward=trace.num_forward,
@@ -509,7 +514,7 @@ def _static(trace: JointTrace, in_backward: bool = False) -> StaticMemory:
     )
 
 
-def _classes(trace: JointTrace, candidates: list[Candidate]) -> tuple[list[Candidate], int, dict, dict]:
+def _classes(trace: JointTrace, candidates: list[Candidate]) -> tuple[list[Candidate], dict, dict]:
     """Share one decision class per position across a run of consecutive blocks whose step is
     identical; and say, per class, the class of the same position in the first run of its blocks."""
     by_block: dict[int, list[Candidate]] = {}
@@ -540,7 +545,30 @@ def _classes(trace: JointTrace, candidates: list[Candidate]) -> tuple[list[Candi
             run_of[k] = k
             klass[c.index] = k
         out.append(dataclasses.replace(c, klass=klass[c.index]))
-    return out, len(class_blocks), class_blocks, run_of
+    return out, class_blocks, run_of
+
+
+def _outputs_tied(candidates: list[Candidate], class_blocks: dict, run_of: dict) -> tuple[list[Candidate], dict, dict]:
+    """Outputs of one op (attention's output and log-sum-exp) share a class: recomputing one re-runs
+    the op, which makes both, so the time is counted once (on the first); keeping one while
+    recomputing the other would pay for the op and keep its bytes too."""
+    first: dict[int, Candidate] = {}
+    into: dict[int, int] = {}
+    for c in candidates:
+        if c.extra:
+            continue
+        f = first.setdefault(c.define, c)
+        if f is not c and f.allowed == c.allowed and f.closure == c.closure and f.klass != c.klass:
+            into.setdefault(c.klass, f.klass)
+    if not into:
+        return candidates, class_blocks, run_of
+    out = []
+    for c in candidates:
+        if c.klass in into:
+            c = dataclasses.replace(c, klass=into[c.klass], recompute_us=0, made_with=first[c.define].index)
+        out.append(c)
+    return (out, {k: v for k, v in class_blocks.items() if k not in into},
+            {k: into.get(v, v) for k, v in run_of.items() if k not in into})
 
 
 def merged(problem: PlanningProblem) -> PlanningProblem:

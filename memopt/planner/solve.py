@@ -276,6 +276,9 @@ def _reason(problem: PlanningProblem, c: "Candidate", choices: tuple[Choice, ...
                     f"{', '.join(recomputed)} can be recomputed from it")
         return "not saved: the backward does not read it and no recomputation starts from it"
     if choice.action == "recompute":
+        if c.made_with is not None:
+            return (f"recomputed before backward point {choice.point} with {problem.candidates[c.made_with].name}, "
+                    "by the same op (its time counted there)")
         inputs = ", ".join(problem.candidates[d].name for d in c.deps) or "parameters and inputs"
         return (f"recomputed before backward point {choice.point}: {len(c.closure)} forward ops from {inputs} "
                 f"({c.recompute_flops:,} FLOPs, {c.recompute_us} us)")

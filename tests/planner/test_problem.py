@@ -184,3 +184,24 @@ def test_a_recompute_source_no_recomputation_reads_is_not_saved(llama3):
     # Nothing recomputed: no source is read, whatever the solver said of it.
     kept = [Choice("keep") for c in problem.candidates]
     assert without_idle_sources(problem, kept) == keep_all(problem)
+
+
+def test_the_outputs_of_one_op_are_decided_together_and_their_recomputation_is_counted_once(llama3):
+    """Attention makes its output and its log-sum-exp in one op: one class, and recomputing both
+    costs the op's time once (the lowered step re-runs it once)."""
+    problem = llama3
+    twins = [c for c in problem.candidates if c.made_with is not None]
+    assert {"attention" in c.target for c in twins} == {True, False}  # and dropout's mask beside its output
+    assert all("attention" in c.target or "dropout" in c.target for c in twins)
+    for c in twins:
+        first = problem.candidates[c.made_with]
+        assert (first.define, first.klass, first.closure) == (c.define, c.klass, c.closure)
+        assert c.recompute_us == 0 < first.recompute_us and first.made_with is None
+    choices = list(keep_all(problem))
+    c = next(c for c in twins if "attention" in c.target)
+    for t in problem.classes[c.klass]:
+        choices[t.index] = Choice("recompute", t.first_backward)
+    result = evaluate(problem, choices)
+    assert result.valid
+    assert result.recompute_us == sum(problem.candidates[t.made_with].recompute_us
+                                      for t in problem.classes[c.klass] if t.made_with is not None)
