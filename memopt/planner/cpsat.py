@@ -181,6 +181,7 @@ class _Model:
             self.cp.Add(cp_model.LinearExpr.WeightedSum([self.action[k, "offload"] for k in host], list(host.values()))
                         <= problem.host_capacity)
         self.at: dict[int, list[cp_model.IntVar]] = {c.index: self._points(c) for c in problem.candidates}
+        self.off: dict[int, list[cp_model.IntVar]] = {c.index: self._offload_points(c) for c in problem.candidates}
         for c in problem.candidates:
             self._dependencies(c)
 
@@ -199,6 +200,15 @@ class _Model:
         self.cp.Add(sum(row) == whole)
         return row
 
+    def _offload_points(self, c: Candidate) -> list[cp_model.IntVar]:
+        """"Offload ``c``, fetched for point j" per offload point (the class variable if only one)."""
+        whole = self.action[c.klass, "offload"]
+        if len(c.offload_points) <= 1 or "offload" not in c.allowed:
+            return [whole] + [self._bool(f"offload_{c.index}_{j}", False) for j in range(1, len(c.offload_points))]
+        row = [self._bool(f"offload_{c.index}_{j}") for j in range(len(c.offload_points))]
+        self.cp.Add(sum(row) == whole)
+        return row
+
     def _dependencies(self, c: Candidate) -> None:
         if "recompute" not in c.allowed:
             return
@@ -208,8 +218,8 @@ class _Model:
                 dep = self.problem.candidates[d]
                 ready = [self.action[dep.klass, "keep"]]
                 ready += [self.at[d][jd] for jd, md in enumerate(dep.points) if md <= m]
-                if dep.first_backward <= m and "offload" in dep.allowed:
-                    ready.append(self.action[dep.klass, "offload"])
+                if "offload" in dep.allowed:
+                    ready += [self.off[d][jd] for jd, md in enumerate(dep.offload_points) if md <= m]
                 self.cp.Add(here <= sum(ready))
 
     def upper_bound(self) -> int:
@@ -241,7 +251,8 @@ class _Model:
             interval(p.num_forward, c.last_backward, ("class", c.klass, "keep"), c.nbytes)
             if "offload" in c.allowed:
                 interval(c.last_forward + 1, min(c.ready, p.num_forward - 1), ("class", c.klass, "offload"), c.nbytes)
-                interval(c.fetch_start, c.last_backward, ("class", c.klass, "offload"), c.nbytes)
+                for j, start in enumerate(c.fetch_starts):
+                    interval(start, c.last_backward, ("off", c.index, j), c.nbytes)
             for j, m in enumerate(c.points):
                 interval(m, c.last_backward, ("at", c.index, j), c.nbytes)
                 if c.recompute_bytes:
@@ -319,6 +330,8 @@ class _Model:
         kind, a, b = key
         if kind == "spike":
             return self._spike(a)
+        if kind == "off":
+            return self.off[a][b]
         return self.action[a, b] if kind == "class" else self.at[a][b]
 
     def _spike(self, m: int) -> cp_model.IntVar:
@@ -355,8 +368,8 @@ class _Model:
         p = self.problem
         before = [0] + list(itertools.accumulate(p.point_us))
         start = before[p.num_forward]
-        jobs = [(before[c.first_backward] - start, c.transfer_us, self.action[c.klass, "offload"])
-                for c in p.candidates if "offload" in c.allowed]
+        jobs = [(before[m] - start, c.transfer_us, self.off[c.index][j])
+                for c in p.candidates if "offload" in c.allowed for j, m in enumerate(c.offload_points)]
         return self._lateness(sorted(jobs, key=lambda j: j[0]), lambda due: due, "exposed_in")
 
     def _lateness(self, jobs: list[tuple[int, int, cp_model.IntVar]], slack: Callable[[int], int],
@@ -393,6 +406,10 @@ class _Model:
                 var = self.at[c.index][j]
                 if var is not self.action[c.klass, "recompute"]:
                     values[var.Index()] = int(ch.action == "recompute" and ch.point == m)
+            for j, m in enumerate(c.offload_points):
+                var = self.off[c.index][j]
+                if var is not self.action[c.klass, "offload"]:
+                    values[var.Index()] = int(ch.action == "offload" and ch.point == m)
         q = self.quantum
         for m, var in self._spike_vars.items():
             values[var.Index()] = max(-(-nbytes // q) * values[self.at[i][j].Index()] for i, j, nbytes in self._spikes[m])
@@ -441,7 +458,7 @@ class _Model:
             if action == "recompute":
                 point = next(m for j, m in enumerate(c.points) if solver.Value(self.at[c.index][j]))
             elif action == "offload":
-                point = c.first_backward
+                point = next(m for j, m in enumerate(c.offload_points) if solver.Value(self.off[c.index][j]))
             out.append(Choice(action, point))
         return tuple(out)
 

@@ -34,7 +34,8 @@ def greedy_plan(problem: PlanningProblem, capacity: int) -> tuple[Choice, ...]:
             for d in _sources_to_save(problem, c, action, choices):
                 for e in members[problem.candidates[d].klass]:
                     choices[e.index] = Choice("keep")
-            choices[c.index] = Choice(action, c.first_backward if action == "offload" else _point(problem, c, choices))
+            m = _point(problem, c, choices)
+            choices[c.index] = Choice(action, c.first_backward if action == "offload" and c.extra else m)
 
 
 def whole_blocks_plan(problem: PlanningProblem) -> tuple[Choice, ...]:
@@ -130,7 +131,7 @@ def _can(problem: PlanningProblem, c: Candidate, action: str, choices: Sequence[
     if action not in c.allowed:
         return False
     m = _point(problem, c, choices)
-    if m is None or (action == "offload" and (m < c.first_backward if c.extra else m != c.first_backward)):
+    if m is None or (action == "offload" and (m < c.first_backward if c.extra else m not in c.offload_points)):
         return False  # (an offloaded source is back at its first point: no dependent may be re-made earlier)
     if action == "recompute":
         return all(choices[d].action == "keep" or problem.candidates[d].extra

@@ -25,8 +25,10 @@ DeviceSpec). Program points are the trace's ops: forward first, then backward. E
 * **offload** — copied to host on a copy engine that overlaps compute, as soon as it is made; on
   device until the copy has had time to finish (``ready``, its own transfer time after the
   producer) or its last forward use, whichever is later; prefetched to arrive by its first
-  backward use, on device from the point its own transfer time before that (``fetch_start``);
-  a recomputation that needs it earlier must find it kept or recomputed instead. Copies queue on
+  backward use, on device from the point its own transfer time before that (``fetch_start``) —
+  or, for a tensor a recomputation reads, by one of its earlier points (``offload_points``, each
+  with its ``fetch_starts``): attention's output offloaded and fetched where its block's
+  residual is re-made from it, so the residual need not be saved too. Copies queue on
   one engine per direction (PCIe is full duplex): the forward copies' finishing time is the makespan of a
   single machine with release dates (Jackson's bound, exact for that machine) and whatever passes
   the end of the forward is exposed; prefetches start at the backward and their lateness against
@@ -130,6 +132,11 @@ class Candidate:
     # Another output of the op that makes it (attention's log-sum-exp beside its output): decided
     # with that one (one class), and its recomputation re-runs the same ops, counted there.
     made_with: int | None = None
+    # Where an offloaded copy may be back on device (ascending; the last is first_backward), and
+    # from which point each fetch holds it: earlier than its first backward use when a
+    # recomputation reads it (attention's output, read where its block's residual is re-made).
+    offload_points: tuple[int, ...] = ()
+    fetch_starts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -253,7 +260,7 @@ def build_problem(trace: JointTrace, device: DeviceSpec, *, allow_recompute: boo
         if d["extra"]:
             d.update(first_backward=fetch[i], last_backward=max(p))
         candidates.append(_candidate(trace, d, p, device, after, allow_recompute, allow_offload))
-    candidates = _renumbered(candidates, order)
+    candidates = _with_offload_points(_renumbered(candidates, order), after, trace.num_forward)
     candidates, class_blocks, run_of = _outputs_tied(*_classes(trace, candidates))
     num_classes = len(class_blocks)
     modelled = {c.storage for c in candidates}
@@ -287,6 +294,20 @@ def _candidate(trace: JointTrace, d: dict, points: tuple[int, ...], device: Devi
                                                                          trace.num_forward),
                      ready=_ready(d["define"], transfer, after, trace.num_forward), transfer_us=transfer,
                      allowed=frozenset(allowed), reasons=reasons, **d)
+
+
+def _with_offload_points(candidates: list[Candidate], after: Sequence[int], num_forward: int) -> list[Candidate]:
+    """A saved tensor a recomputation may read is fetched by the earliest of its points it is read
+    at (one of its recompute points); any other offload is fetched for its first backward use, and
+    a recompute source for its first point (``_source_fetch_points``)."""
+    read = {d for c in candidates for d in c.deps}
+    out = []
+    for c in candidates:
+        points = c.points if c.index in read and not c.extra and c.points else (c.first_backward,)
+        starts = tuple(c.fetch_start if m == c.first_backward else _fetch_start(m, c.transfer_us, after, num_forward)
+                       for m in points)
+        out.append(dataclasses.replace(c, offload_points=points, fetch_starts=starts))
+    return out
 
 
 def _renumbered(candidates: list[Candidate], order: list[int]) -> list[Candidate]:
@@ -654,14 +675,14 @@ def evaluate(problem: PlanningProblem, choices: Sequence[Choice]) -> Evaluation:
         if choice.action == "drop":
             add(c.define, c.last_forward, c.nbytes)
             continue
-        if choice.point not in c.points:
-            issues.append(f"{c.name}: materialize point {choice.point} is not one of {c.points}")
+        points = c.points if choice.action == "recompute" else c.offload_points
+        if choice.point not in points:
+            issues.append(f"{c.name}: {choice.action} point {choice.point} is not one of {points}")
             continue
-        if choice.action == "offload" and choice.point != c.first_backward:
-            issues.append(f"{c.name}: an offloaded tensor is prefetched for its first backward use {c.first_backward}")
         fwd_end = c.last_forward if choice.action == "recompute" else max(c.last_forward, c.ready)
         add(c.define, fwd_end, c.nbytes)
-        add(choice.point if choice.action == "recompute" else c.fetch_start, c.last_backward, c.nbytes)
+        back = choice.point if choice.action == "recompute" else c.fetch_starts[points.index(choice.point)]
+        add(back, c.last_backward, c.nbytes)
         if choice.action == "recompute":
             spikes[choice.point] = max(spikes[choice.point], c.recompute_bytes)  # closures run one after another
             add(c.define, choice.point, c.replay_bytes)

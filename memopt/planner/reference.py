@@ -23,7 +23,7 @@ def _options(c: Candidate) -> list[Choice]:
     if "recompute" in c.allowed:
         out += [Choice("recompute", m) for m in c.points]
     if "offload" in c.allowed:
-        out.append(Choice("offload", c.first_backward))
+        out += [Choice("offload", m) for m in c.offload_points]
     return out
 
 
@@ -120,7 +120,7 @@ def _resident(problem: PlanningProblem, c: Candidate, ch: Choice, p: int) -> boo
     if ch.action == "drop":
         return c.define <= p <= c.last_forward
     forward_end = c.last_forward if ch.action == "recompute" else max(c.last_forward, c.ready)
-    back_start = ch.point if ch.action == "recompute" else c.fetch_start
+    back_start = ch.point if ch.action == "recompute" else c.fetch_starts[c.offload_points.index(ch.point)]
     return c.define <= p <= forward_end or back_start <= p <= c.last_backward
 
 
@@ -130,6 +130,9 @@ def _overhead(problem: PlanningProblem, solver: pywraplp.Solver, x: dict):
     before = [0] + after
     end = after[problem.num_forward - 1]
     off = {c.index: _action(c, x, "offload") for c in problem.candidates if "offload" in c.allowed}
+    # (due, transfer, variable) of every fetch a plan may make
+    fetches = [(before[ch.point] - before[problem.num_forward], c.transfer_us, x[c.index, i])
+               for c in problem.candidates for i, ch in enumerate(_options(c)) if ch.action == "offload"]
     out = solver.NumVar(0, solver.infinity(), "exposed_out")
     inn = solver.NumVar(0, solver.infinity(), "exposed_in")
     for c in problem.candidates:
@@ -137,9 +140,7 @@ def _overhead(problem: PlanningProblem, solver: pywraplp.Solver, x: dict):
             release = after[c.define]
             solver.Add(out >= sum(d.transfer_us * off[d.index] for d in problem.candidates
                                   if d.index in off and after[d.define] >= release) - (end - release))
-            due = before[c.first_backward] - before[problem.num_forward]
-            solver.Add(inn >= sum(d.transfer_us * off[d.index] for d in problem.candidates
-                                  if d.index in off and before[d.first_backward] - before[problem.num_forward] <= due)
-                       - due)
+    for due, _, _ in fetches:
+        solver.Add(inn >= sum(t * var for d, t, var in fetches if d <= due) - due)
     recompute = sum(c.recompute_us * _action(c, x, "recompute") for c in problem.candidates)
     return recompute + out + inn

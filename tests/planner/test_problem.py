@@ -205,3 +205,43 @@ def test_the_outputs_of_one_op_are_decided_together_and_their_recomputation_is_c
     assert result.valid
     assert result.recompute_us == sum(problem.candidates[t.made_with].recompute_us
                                       for t in problem.classes[c.klass] if t.made_with is not None)
+
+
+def test_an_offloaded_tensor_a_recomputation_reads_may_be_fetched_before_its_first_backward_use(llama3):
+    """Attention's output offloaded, and the block's residual re-made from it before attention's
+    backward reads it: the copy is fetched for that earlier point (on device from there), so the
+    plan need not keep the residual too. A fetch for the first backward use alone leaves the
+    recomputation without its input."""
+    problem = llama3
+    early = [c for c in problem.candidates if len(c.offload_points) > 1]
+    assert early and all(not c.extra and c.offload_points == c.points for c in early)
+    readers = {d for c in problem.candidates for d in c.deps}
+    assert all(c.offload_points == (c.first_backward,) for c in problem.candidates
+               if c.index not in readers or c.extra)
+    for c in problem.candidates:
+        assert len(c.fetch_starts) == len(c.offload_points) and list(c.fetch_starts) == sorted(c.fetch_starts)
+        assert all(s <= m for s, m in zip(c.fetch_starts, c.offload_points))
+    # A dependent recomputed before its input's first backward use, the input offloaded.
+    t, d = next((t, problem.candidates[d]) for t in problem.candidates if "recompute" in t.allowed
+                for d in t.deps if "offload" in problem.candidates[d].allowed
+                and problem.candidates[d].offload_points[0] <= t.points[0] < problem.candidates[d].first_backward)
+    m = t.points[0]
+    fetch = max(p for p in d.offload_points if p <= m)
+    base = list(keep_all(problem))
+    for member in problem.classes[t.klass]:  # the same point in every block of its class
+        base[member.index] = Choice("recompute", member.points[t.points.index(m)])
+    late, soon = list(base), list(base)
+    for member in problem.classes[d.klass]:
+        late[member.index] = Choice("offload", member.first_backward)
+        soon[member.index] = Choice("offload", member.offload_points[d.offload_points.index(fetch)])
+    assert not evaluate(problem, late).valid
+    result = evaluate(problem, soon)
+    assert result.valid, result.problems
+    # Off device from its copy out until the fetch for the earlier point, exactly.
+    kept = evaluate(problem, base).memory
+    expected = [0] * problem.num_points
+    for member in problem.classes[d.klass]:
+        start = member.fetch_starts[member.offload_points.index(soon[member.index].point)]
+        for p in range(max(member.last_forward, member.ready) + 1, start):
+            expected[p] -= member.nbytes
+    assert [a - b for a, b in zip(result.memory, kept)] == expected and min(expected) < 0
