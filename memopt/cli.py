@@ -139,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
                            "step does not fit with whole MLPs, in pieces of about 4096 tokens (2 to 16)")
     plan.add_argument("--reserve", type=float, help="GiB kept free for the CUDA context (default: the device's)")
     plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per phase")
+    plan.add_argument("--workers", type=int, default=1,
+                      help="CP-SAT search workers (1: the same plan every run; 0: one per CPU core, which races a "
+                           "portfolio and finds faster plans for large models, not always the same one)")
     plan.add_argument("--no-offload", action="store_true", help="never offload activations to host")
     plan.add_argument("--no-recompute", action="store_true", help="never recompute activations")
     plan.add_argument("--report", help="also draw the plan to this .png or .svg (needs matplotlib: "
@@ -170,8 +173,12 @@ def _plan(args: argparse.Namespace) -> int:
     if not args.budget > 0:
         raise BadInput(f"--budget must be a positive number of GiB, got {args.budget:g}")
     config = _hf_config(args.hf_config)
+    if not args.time_limit > 0:
+        raise BadInput(f"--time-limit must be a positive number of seconds, got {args.time_limit:g}")
+    if args.workers < 0:
+        raise BadInput(f"--workers must be >= 0 (0: one per CPU core), got {args.workers}")
     planner = PlannerConfig(allow_offload=not args.no_offload, allow_recompute=not args.no_recompute,
-                            time_limit_s=args.time_limit)
+                            time_limit_s=args.time_limit, workers=args.workers)
     with _Progress() as progress:
         progress(f"building {args.hf_config} on the meta device ({args.dtype})")
         try:

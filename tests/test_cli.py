@@ -118,6 +118,8 @@ def test_a_reader_that_leaves_early_is_not_a_traceback(tiny_config, tmp_path):
     (["--optimizer", "adamw8bit", "--optimizer-rank", "8"],
      "--optimizer-rank is not an option of --optimizer adamw8bit; optimizers that take it: apollo, apollo-mini"),
     (["--method", "full", "--quantize", "nf4"], "not nf4, whose codes cannot take an update"),
+    (["--workers", "-1"], "--workers must be >= 0 (0: one per CPU core), got -1"),
+    (["--time-limit", "0"], "--time-limit must be a positive number of seconds, got 0"),
 ])
 def test_bad_input_exits_2_and_says_what_was_expected(tiny_config, capsys, args, message):
     base = {"--hf-config": tiny_config, "--device": "rtx4090", "--method": "lora", "--rank": None}
