@@ -103,7 +103,8 @@ class TensorDecision:
     """What happens to one saved activation (a storage; its views follow it) between forward and backward.
 
     ``point`` is the backward program point where a recomputed tensor is recomputed or an offloaded
-    one is due back; ``klass`` is the decision class: blocks with identical steps share it. A
+    one is due back (its first backward use, or an earlier point where a recomputation reads it);
+    ``klass`` is the decision class: a run of consecutive blocks with identical steps shares it. A
     recomputed tensor's ``closure`` lists the forward ops re-run to make it, by key (the ops its
     ``recompute_us`` and ``recompute_flops`` price): the runtime recomputes exactly those and the
     views between them, and refuses a step that would re-run another op.

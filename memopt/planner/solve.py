@@ -283,8 +283,10 @@ def _reason(problem: PlanningProblem, c: "Candidate", choices: tuple[Choice, ...
         return (f"recomputed before backward point {choice.point}: {len(c.closure)} forward ops from {inputs} "
                 f"({c.recompute_flops:,} FLOPs, {c.recompute_us} us)")
     if choice.action == "offload":
+        early = "" if choice.point == c.first_backward else (
+            f", before its first backward use ({c.first_backward}): a recomputation reads it there")
         return (f"offloaded to host: {c.transfer_us} us each way, copied out when made and back by "
-                f"backward point {choice.point}")
+                f"backward point {choice.point}{early}")
     if fits:
         return "kept: keeping every saved tensor fits the budget"
     blocked = "; ".join(f"no {a}: {why}" for a, why in sorted(c.reasons.items()))
