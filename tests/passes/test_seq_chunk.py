@@ -45,7 +45,7 @@ def chunked():
 
 
 def test_a_chunked_step_trains_in_the_users_loop_with_the_unchunked_gradients_inside_its_prediction(chunked):
-    optimized, batch, _ = chunked
+    optimized, batch = copy.deepcopy(chunked[0]), chunked[1]  # the loop re-plans: the fixture stays as planned
     plan = optimized.plan
     assert plan.sequence_chunks == 4 and plan.needs_runtime
     assert any(n.startswith("sequence chunking: 2 MLPs run 4 pieces") for n in plan.notes)
@@ -217,10 +217,10 @@ def test_hooks_on_a_chunked_mlp_run_once_around_the_whole_call_and_a_short_batch
             h.remove()
 
 
-def test_a_smaller_batch_whose_program_the_widened_plan_does_not_hold_is_planned_at_its_own_sizes(chunked):
+def test_a_smaller_batch_whose_program_the_widened_plan_does_not_hold_is_planned_at_its_own_sizes():
     """Sizes of 0 and 1 specialize a trace (fewer tokens than pieces): when the plan re-made for the
     widest shapes still does not hold the small batch's program, it is planned at the batch's own."""
-    optimized = copy.deepcopy(chunked[0])
+    optimized = _planned(0, 0.0)[0]  # as planned: no batch seen yet
     calls = []
     real_replan, real_install = optimized._replan, optimized._install
 
