@@ -217,6 +217,7 @@ def test_hooks_on_a_chunked_mlp_run_once_around_the_whole_call_and_a_short_batch
             h.remove()
 
 
+@pytest.mark.slow  # plans a model of its own: make test-all
 def test_a_smaller_batch_whose_program_the_widened_plan_does_not_hold_is_planned_at_its_own_sizes():
     """Sizes of 0 and 1 specialize a trace (fewer tokens than pieces): when the plan re-made for the
     widest shapes still does not hold the small batch's program, it is planned at the batch's own."""

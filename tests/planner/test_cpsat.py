@@ -128,7 +128,7 @@ def test_runs_of_identical_blocks_are_decided_on_their_own_and_no_plan_is_slower
     assert {blocks for blocks in one.class_blocks.values() if len(blocks) > 1} == {(1, 2, 3, 4, 5, 6, 7, 8)}
     positions = sum(len(blocks) > 1 for blocks in problem.class_blocks.values()) // 2
     assert one.num_classes == problem.num_classes - positions  # one class less per position
-    options = SolverOptions(workers=1, time_limit_s=5)
+    options = SolverOptions(workers=1, time_limit_s=2)
     low = solve_min_peak(one, options).objective
     capacity = _between(problem, low, share=3)
     alike = solve_min_time(one, capacity, options)
