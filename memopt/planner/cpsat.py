@@ -180,8 +180,10 @@ class _Model:
                     host[c.klass] = host.get(c.klass, 0) + c.nbytes
             self.cp.Add(cp_model.LinearExpr.WeightedSum([self.action[k, "offload"] for k in host], list(host.values()))
                         <= problem.host_capacity)
-        self.at: dict[int, list[cp_model.IntVar]] = {c.index: self._points(c) for c in problem.candidates}
-        self.off: dict[int, list[cp_model.IntVar]] = {c.index: self._offload_points(c) for c in problem.candidates}
+        self.at: dict[int, list[cp_model.IntVar]] = {c.index: self._per_point(c, "recompute", c.points)
+                                                     for c in problem.candidates}
+        self.off: dict[int, list[cp_model.IntVar]] = {c.index: self._per_point(c, "offload", c.offload_points)
+                                                      for c in problem.candidates}
         for c in problem.candidates:
             self._dependencies(c)
 
@@ -191,21 +193,13 @@ class _Model:
             self.cp.Add(var == 0)
         return var
 
-    def _points(self, c: Candidate) -> list[cp_model.IntVar]:
-        """"Recompute ``c`` at point j" per recompute point (the class variable if there is one)."""
-        whole = self.action[c.klass, "recompute"]
-        if len(c.points) == 1 or "recompute" not in c.allowed:
-            return [whole] + [self._bool(f"recompute_{c.index}_{j}", False) for j in range(1, len(c.points))]
-        row = [self._bool(f"recompute_{c.index}_{j}") for j in range(len(c.points))]
-        self.cp.Add(sum(row) == whole)
-        return row
-
-    def _offload_points(self, c: Candidate) -> list[cp_model.IntVar]:
-        """"Offload ``c``, fetched for point j" per offload point (the class variable if only one)."""
-        whole = self.action[c.klass, "offload"]
-        if len(c.offload_points) <= 1 or "offload" not in c.allowed:
-            return [whole] + [self._bool(f"offload_{c.index}_{j}", False) for j in range(1, len(c.offload_points))]
-        row = [self._bool(f"offload_{c.index}_{j}") for j in range(len(c.offload_points))]
+    def _per_point(self, c: Candidate, action: str, points: Sequence[int]) -> list[cp_model.IntVar]:
+        """"``action`` ``c`` at point j" per point (recomputed there, or fetched for it when offloaded);
+        the class variable itself when there is one point."""
+        whole = self.action[c.klass, action]
+        if len(points) == 1 or action not in c.allowed:
+            return [whole] + [self._bool(f"{action}_{c.index}_{j}", False) for j in range(1, len(points))]
+        row = [self._bool(f"{action}_{c.index}_{j}") for j in range(len(points))]
         self.cp.Add(sum(row) == whole)
         return row
 
