@@ -396,10 +396,11 @@ def plan_step(job: Job, dropped: frozenset[str] = frozenset()) -> tuple[MemoryRe
         # inside the backward as soon as its gradient is made, one update's transient at a time.
         job.say(f"{str(exc).splitlines()[0]}; planning updates inside backward")
         trainable = [p for n, p in job.model.named_parameters() if p.requires_grad and n not in dropped]
-        _, step = optimizer_bytes(trainable, _with_options(per_parameter, cfg.optimizer_options), cfg.device.kind,
-                                  cfg.device.alloc_granularity)
-        trace = dataclasses.replace(trace, optimizer_step_bytes=max(step, fold))
-        joint = dataclasses.replace(joint, step_bytes=step)  # its partitions are measured with the same transient
+        # Its states are the per-parameter optimizer's (no step counter tensors for AdamW, e.g.).
+        state, step = optimizer_bytes(trainable, _with_options(per_parameter, cfg.optimizer_options),
+                                      cfg.device.kind, cfg.device.alloc_granularity)
+        trace = dataclasses.replace(trace, optimizer_state_bytes=state, optimizer_step_bytes=max(step, fold))
+        joint = dataclasses.replace(joint, state_bytes=state, step_bytes=step)  # its partitions: measured alike
         problem = _problem(job, trace, update_in_backward=True)
         return memory, trace, _solve(job, problem, joint, trace, None)
 

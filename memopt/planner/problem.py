@@ -508,10 +508,12 @@ def _base(trace: JointTrace, uses: Mapping[int, list[int]],
 
 
 def _updates(trace: JointTrace, base: tuple[int, ...], in_backward: bool) -> tuple[int, ...]:
-    """``base`` with one parameter's update transient at every backward point (updates inside backward)."""
+    """``base`` with one parameter's update transient (the largest) where a gradient is made: with
+    updates inside backward, each parameter is updated there, and nowhere else."""
     if not in_backward:
         return base
-    return tuple(b + (trace.optimizer_step_bytes if p >= trace.num_forward else 0) for p, b in enumerate(base))
+    at = {s.producer for s in trace.storages if s.kind == "gradient" and s.producer is not None}
+    return tuple(b + (trace.optimizer_step_bytes if p in at else 0) for p, b in enumerate(base))
 
 
 def _last_point(trace: JointTrace, s: Storage, uses: Mapping[int, list[int]], in_backward: bool = False) -> int:
