@@ -703,17 +703,21 @@ def evaluate(problem: PlanningProblem, choices: Sequence[Choice]) -> Evaluation:
                       tuple(issues), tuple(live.tolist()))
 
 
-def without_idle_sources(problem: PlanningProblem, choices: Sequence[Choice]) -> tuple[Choice, ...]:
+def without_idle_sources(problem: PlanningProblem, choices: Sequence[Choice], *,
+                         each: bool = False) -> tuple[Choice, ...]:
     """``choices`` with every recompute source (``extra``) that no recomputation reads put back to
     drop: saving one costs device or host bytes and copies for nothing, and the lowering (torch's
     partitioner saves only what the backward reads) would not save it, so the plan would not say
-    what runs. Per decision class, as the solver decides: a class is dropped only when none of its
-    members has a recomputed dependent."""
+    what runs. Per decision class, as the solver decides (a class is dropped only when none of its
+    members has a recomputed dependent: the choices stay a hint the solver can take), or, with
+    ``each``, per source (the plan's final word: the last block's output, in a class whose other
+    members are read, is not saved either)."""
+    groups = [[c] for c in problem.candidates if c.extra] if each else list(problem.classes.values())
     out = list(choices)
     changed = True
     while changed:  # a source dropped may leave the source it was recomputed from idle
         changed = False
-        for members in problem.classes.values():
+        for members in groups:
             if not members[0].extra or all(out[c.index].action == "drop" for c in members):
                 continue
             if any(out[t].action == "recompute" for c in members for t in problem.dependents[c.index]):

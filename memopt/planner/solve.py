@@ -151,6 +151,7 @@ def plan_activations(problem: PlanningProblem, usable_bytes: int, config: Planne
                           phase1.status + ("" if phase1.bound is None else f", proven bound {phase1.bound:,} bytes"))
     choices, status, quantum, peak, rounds = _fitting(problem, usable_bytes, config, progress, phase1, minimum,
                                                       measure)
+    choices = without_idle_sources(problem, choices, each=True)  # (the lowering saves none of them: same peak)
     result = evaluate(problem, choices)
     assert result.valid and peak <= usable_bytes, result.problems
     plan = ActivationPlan(problem, choices, result, keep, smallest, phase1.status, status,

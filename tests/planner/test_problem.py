@@ -187,6 +187,28 @@ def test_a_recompute_source_no_recomputation_reads_is_not_saved(llama3):
     assert without_idle_sources(problem, kept) == keep_all(problem)
 
 
+def test_a_source_whose_class_is_read_but_it_is_not_is_not_saved():
+    """The last block's output shares a class with the other blocks' outputs, which their next
+    block is re-made from; the solver decides the class (keep), but nothing recomputes from the
+    last one: the plan's final word (``each=True``) drops it alone, as the lowering does."""
+    from memopt.planner.greedy import whole_blocks_plan
+    from memopt.planner.problem import without_idle_sources
+
+    model = tiny_llama(num_hidden_layers=3).to(torch.bfloat16)  # full training: the residual stream is a source
+    batch = lm_batch(model, batch=4, seq=64)
+    del batch["attention_mask"]
+    problem = build_problem(trace_joint(model, batch, device="cuda", granularity=512), RTX)
+    whole = whole_blocks_plan(problem)
+    idle = next(c for c in problem.candidates if c.extra and whole[c.index].action == "drop" and
+                any(whole[m.index].action == "keep" for m in problem.classes[c.klass]))
+    choices = list(whole)
+    choices[idle.index] = Choice("keep")  # as the solver decides it: one action per class
+    assert not any(choices[t].action == "recompute" for t in problem.dependents[idle.index])
+    assert without_idle_sources(problem, choices) == tuple(choices)
+    alone = without_idle_sources(problem, choices, each=True)
+    assert alone == tuple(whole)
+
+
 def test_the_outputs_of_one_op_are_decided_together_and_their_recomputation_is_counted_once(llama3):
     """Attention makes its output and its log-sum-exp in one op: one class, and recomputing both
     costs the op's time once (the lowered step re-runs it once)."""

@@ -61,11 +61,12 @@ def test_a_gpu_plan_with_offload_runs_simulated_within_its_prediction(fraction):
 
 @pytest.mark.slow  # a costly scenario: make test-all
 def test_an_offloaded_recompute_source_runs_simulated_within_its_prediction():
-    """A host budget too small to offload what the backward reads: the plan recomputes, and saves
-    the residual stream it recomputes from on the host (Unsloth's offloaded checkpoints)."""
+    """A host budget too small to offload what the backward reads (0.5 MiB), at the smallest device
+    budget: the plan recomputes, and saves the residual stream it recomputes from on the host
+    (Unsloth's offloaded checkpoints). At 0.1 MiB the host bytes go to other tensors instead."""
     model = tiny_llama(num_hidden_layers=3).to(torch.bfloat16)
     batch = lm_batch(model, batch=4, seq=64)
-    options = dict(device="cuda", reserve_gb=0, host_budget_gb=0.0001)
+    options = dict(device="cuda", reserve_gb=0, host_budget_gb=0.0005)
     optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, 0.0, **options),
                                 example_inputs=batch, **options)
     plan = optimized.plan
@@ -75,7 +76,7 @@ def test_an_offloaded_recompute_source_runs_simulated_within_its_prediction():
     assert measured == plan.predicted_peak_bytes <= plan.usable_bytes
     report = optimized.runtime.reports[-1]
     assert len(report.offloaded) == sum(t.action == "offload" for t in plan.tensors)
-    assert report.host_bytes <= 0.0001 * 2**30
+    assert report.host_bytes <= 0.0005 * 2**30
 
 
 @pytest.mark.slow  # a costly scenario: make test-all
