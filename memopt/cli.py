@@ -135,8 +135,9 @@ def _parser() -> argparse.ArgumentParser:
                            "step is faster)")
     plan.add_argument("--chunk-seq", type=_pieces, metavar="N|auto",
                       help="run each position-wise MLP N pieces of tokens at a time in training (sequence chunking: "
-                           "no whole-sequence MLP intermediate; one more MLP forward per step); auto: only when the "
-                           "step does not fit with whole MLPs, in pieces of about 4096 tokens (2 to 16)")
+                           "no whole-sequence MLP intermediate; one more MLP forward per step); auto: in pieces of about "
+                           "4096 tokens (2 to 16) when the step does not fit with whole MLPs, or when it must recompute "
+                           "or offload with them and is faster in pieces (planned both ways)")
     plan.add_argument("--reserve", type=float, help="GiB kept free for the CUDA context (default: the device's)")
     plan.add_argument("--time-limit", type=float, default=10.0, help="CP-SAT seconds per phase")
     plan.add_argument("--workers", type=int, default=1,

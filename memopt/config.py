@@ -390,7 +390,8 @@ class OptimizeConfig:
     quantize: QuantizeConfig | str | None = None
     host_budget_gb: float | None = None  # host memory offloaded activations may hold; None: this machine's RAM
     cut_cross_entropy: bool | str = "auto"  # fuse a HF causal LM's head and loss: True, False or "auto"
-    chunk_sequence: int | str | None = None  # each position-wise MLP in this many pieces of tokens; "auto": if needed
+    chunk_sequence: int | str | None = None  # each position-wise MLP in this many pieces of tokens; "auto": if
+    # whole MLPs do not fit, or must recompute / offload and the step in pieces is faster
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget_gb", _positive_number(self.budget_gb, "budget_gb"))

@@ -141,6 +141,12 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
                                                         f"because the step with whole MLPs does not fit: "
                                                         f"{str(exc).splitlines()[0]}"))
             memory, trace, activations, chosen, cut = _plan_with_loss(job, result, rewrites)
+        else:
+            pieces = _auto_chunks(job) if activations.evaluation.overhead_us > 0 else None
+            if pieces is not None:  # it fits, but recomputes or offloads: MLPs in pieces may be faster
+                (memory, trace, activations, chosen), note = _faster_chunked(
+                    job, result, rewrites, pieces, (memory, trace, activations, chosen))
+                result = dataclasses.replace(result, notes=(*result.notes, note))
     except InfeasibleBudgetError as exc:
         raise _named_fixed(job, result, exc) or exc from None
     # The record of it all: what was done per module, per saved tensor, and what it predicts.
@@ -160,6 +166,32 @@ def _auto_chunks(job: Job) -> int | None:
     lengths = [v.shape[-1] for v in job.bound.arguments.values() if isinstance(v, Tensor) and v.dim() >= 2
                and not v.is_floating_point()]
     return min(_MAX_PIECES, max(2, -(-max(lengths, default=0) // _TOKENS_PER_PIECE)))
+
+
+def _faster_chunked(job: Job, result: PassResult, rewrites: RewriteLog, pieces: int,
+                    whole: tuple[MemoryReport | None, JointTrace, ActivationPlan, str]) -> tuple[
+        tuple[MemoryReport | None, JointTrace, ActivationPlan, str], str]:
+    """``chunk_sequence="auto"`` on a step that fits with whole MLPs but must recompute or offload:
+    the step planned with the MLPs in ``pieces`` too, and the faster plan kept (the model is left as
+    that plan has it); the plan's note on the choice."""
+    job.say(f"the step fits with recomputation or offload; planning with the MLPs run {pieces} pieces of tokens "
+            "at a time to compare")
+    note = chunk_sequence(job.model, pieces, rewrites)
+    whole_us = _step_us(whole[2])
+    try:
+        chunked = _plan_variants(job, result)
+    except InfeasibleBudgetError as exc:  # (whole MLPs fitted: pieces add only their re-run's transients)
+        seq_chunk.uninstall(job.model)
+        return whole, (f"sequence chunking not applied (chunk_sequence='auto'): in {pieces} pieces the step does not "
+                       f"fit ({str(exc).splitlines()[0]})")
+    if _step_us(chunked[2]) < whole_us:
+        return chunked, (f"{note}; chosen (chunk_sequence='auto') as the faster step: "
+                         f"{_step_us(chunked[2]) / 1e3:,.1f} ms predicted, against {whole_us / 1e3:,.1f} ms with "
+                         "whole MLPs")
+    seq_chunk.uninstall(job.model)
+    return whole, (f"sequence chunking not applied (chunk_sequence='auto'): the step with whole MLPs is "
+                   f"{'as fast' if whole_us == _step_us(chunked[2]) else 'faster'} ({whole_us / 1e3:,.1f} ms "
+                   f"predicted, in {pieces} pieces {_step_us(chunked[2]) / 1e3:,.1f} ms)")
 
 
 def chunk_sequence(model: nn.Module, chunks: int, rewrites: RewriteLog) -> str:

@@ -165,6 +165,48 @@ def test_auto_chunks_only_when_whole_mlps_do_not_fit():
     assert roomy.plan.sequence_chunks is None and seq_chunk.installed(roomy.model) is None
 
 
+def _step_us(plan: memopt.Plan) -> int:
+    return plan.compute_us + plan.overhead_us
+
+
+def test_auto_keeps_whole_mlps_when_they_fit_and_pieces_are_slower():
+    """A step that fits with whole MLPs but recomputes: "auto" plans it in pieces too, and keeps the
+    faster plan — here whole MLPs (their recomputation costs less than re-running every MLP)."""
+    torch.manual_seed(3)
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=2, seq=64)
+    options = dict(device="cpu", method="lora")
+    budget = budget_between(model, batch, 0.3, **options)
+    whole = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, **options).plan
+    assert whole.overhead_us > 0
+    auto = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, chunk_sequence="auto",
+                           **options)
+    assert auto.plan.sequence_chunks is None and seq_chunk.installed(auto.model) is None
+    assert _step_us(auto.plan) == _step_us(whole)
+    assert any(n.startswith("sequence chunking not applied (chunk_sequence='auto'): the step with whole MLPs is "
+                            "faster") for n in auto.plan.notes)
+
+
+@pytest.mark.slow  # a costly scenario (2048 tokens): make test-all
+def test_auto_chunks_where_whole_mlps_fit_when_pieces_are_faster():
+    """At the smallest budget whole MLPs fit, 2048 tokens: keeping attention's outputs (quadratic to
+    recompute) pays once MLPs run in pieces; "auto" picks the faster plan, and says both times."""
+    torch.manual_seed(3)
+    model = tiny_llama(num_hidden_layers=2, intermediate_size=512, max_position_embeddings=2048)
+    batch = lm_batch(model, batch=1, seq=2048)
+    options = dict(device="cpu", method="lora")
+    budget = budget_between(model, batch, 0.0, **options)
+    whole = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, **options).plan
+    pieces = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, chunk_sequence=2,
+                             **options).plan
+    assert _step_us(pieces) < _step_us(whole)
+    auto = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, chunk_sequence="auto",
+                           **options)
+    assert auto.plan.sequence_chunks == 2 == seq_chunk.installed(auto.model)
+    assert _step_us(auto.plan) == _step_us(pieces) and auto.plan.fits
+    assert any("chosen (chunk_sequence='auto') as the faster step" in n for n in auto.plan.notes)
+
+
 def test_a_module_of_the_users_own_is_not_assumed_position_wise_because_of_its_name():
     class TokenMixingMLP(torch.nn.Module):  # mixes positions: chunking it would be silently wrong
         def __init__(self) -> None:
