@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from memopt.planner.costmodel import DEVICE_PRESETS
-from memopt.planner.cpsat import SolverOptions, choose_quantum, solve_min_peak, solve_min_time
+from memopt.planner.cpsat import SolverOptions, choose_quantum, solve_min_peak, solve_min_time, time_limit_for
 from memopt.planner.greedy import greedy_plan
 from memopt.planner.problem import build_problem, evaluate, keep_all
 from memopt.planner.reference import exhaustive, milp
@@ -38,6 +38,20 @@ def test_both_phases_equal_exhaustive_search(seed, device):
     assert phase2.status == "OPTIMAL" and phase2.objective == best_time
     result = evaluate(problem, phase2.choices)
     assert result.valid and result.peak_bytes <= capacity and result.overhead_us == best_time
+
+
+def test_without_a_time_limit_each_phase_gets_one_by_the_problems_size():
+    """``time_limit_s=None``: 0.1 s per saved tensor, from 10 s (a tiny model) to 60 s (an 8B model
+    at long context has 647); a tiny problem is still solved to optimality with it."""
+    problem = build_problem(chain_trace(7, 9), RTX)
+    assert len(problem.candidates) == 5 and time_limit_for(problem) == 10.0
+    assert time_limit_for(dataclasses.replace(problem, candidates=problem.candidates * 70)) == 35.0  # 350
+    assert time_limit_for(dataclasses.replace(problem, candidates=problem.candidates * 200)) == 60.0  # 1,000
+    auto = SolverOptions(time_limit_s=None, workers=1)
+    best_peak, _ = exhaustive(problem, None)
+    assert solve_min_peak(problem, auto).objective == best_peak
+    with pytest.raises(ValueError, match="or None: by the problem's size"):
+        SolverOptions(time_limit_s=0)
 
 
 def test_identical_blocks_share_one_decision_and_match_exhaustive_search():
