@@ -397,9 +397,8 @@ class OptimizeConfig:
         object.__setattr__(self, "budget_gb", _positive_number(self.budget_gb, "budget_gb"))
         if self.chunk_sequence not in (None, "auto") and (isinstance(self.chunk_sequence, bool) or
                                                 not isinstance(self.chunk_sequence, int) or self.chunk_sequence < 2):
-            raise ValueError(f"chunk_sequence must be a number of pieces >= 2, 'auto' (when whole MLPs do not fit) "
-                             f"or None (no chunking), got "
-                             f"{self.chunk_sequence!r}")
+            raise ValueError(f"chunk_sequence must be a number of pieces >= 2, 'auto' (pieces when whole MLPs do "
+                             f"not fit or are slower) or None (no chunking), got {self.chunk_sequence!r}")
         if not (isinstance(self.cut_cross_entropy, bool) or self.cut_cross_entropy == "auto"):
             raise ValueError(f"cut_cross_entropy must be True, False or 'auto', got {self.cut_cross_entropy!r}")
         if self.host_budget_gb is not None:

@@ -134,7 +134,9 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
             pieces = _auto_chunks(job)
             if pieces is None:
                 raise
-            # Whole MLPs do not fit: run them in pieces of tokens (sequence chunking) and plan again.
+            # Whole MLPs do not fit: run them in pieces of tokens (sequence chunking) and plan again,
+            # cut cross-entropy decided again too (the failed attempt may have left it installed).
+            cut_ce.uninstall(job.model)
             job.say(f"{str(exc).splitlines()[0]}; planning with the MLPs run {pieces} pieces of tokens at a time")
             note = chunk_sequence(job.model, pieces, rewrites)
             result = dataclasses.replace(result, notes=(*result.notes, f"{note}; chosen (chunk_sequence='auto') "
@@ -142,7 +144,8 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
                                                         f"{str(exc).splitlines()[0]}"))
             memory, trace, activations, chosen, cut = _plan_with_loss(job, result, rewrites)
         else:
-            pieces = _auto_chunks(job) if activations.evaluation.overhead_us > 0 else None
+            # (not for a pass with variants, e.g. layerwise sampling: the model is left in the state planned)
+            pieces = _auto_chunks(job) if activations.evaluation.overhead_us > 0 and not result.variants else None
             if pieces is not None:  # it fits, but recomputes or offloads: MLPs in pieces may be faster
                 (memory, trace, activations, chosen), note = _faster_chunked(
                     job, result, rewrites, pieces, (memory, trace, activations, chosen))
@@ -434,7 +437,8 @@ def plan_step(job: Job, dropped: frozenset[str] = frozenset()) -> tuple[MemoryRe
         trace = dataclasses.replace(trace, optimizer_state_bytes=state, optimizer_step_bytes=max(step, fold))
         joint = dataclasses.replace(joint, state_bytes=state, step_bytes=step)  # its partitions: measured alike
         problem = _problem(job, trace, update_in_backward=True)
-        return memory, trace, _solve(job, problem, joint, trace, None)
+        # The model as it is updates in hooks, after each autograd node: its peak bounded as such.
+        return memory, trace, _solve(job, problem, joint, trace, step_peak(trace, True, eager=True)[0])
 
 
 def _problem(job: Job, trace: JointTrace, update_in_backward: bool = False) -> PlanningProblem:

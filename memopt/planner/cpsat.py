@@ -63,6 +63,7 @@ class SolverOptions:
             raise ValueError(f"quantum must be a positive number of bytes, got {self.quantum!r}")
 
 
+_INTERLEAVE_FROM = 300  # saved tensors from which the search strategies are interleaved
 _AUTO_LIMIT_S = (10.0, 60.0)  # time_limit_s=None: from 10 s (up to 100 saved tensors) to 60 s (600 and more)
 _AUTO_PER_TENSOR_S = 0.1
 
@@ -444,10 +445,11 @@ class _Model:
         solver.parameters.max_deterministic_time = limit
         solver.parameters.max_time_in_seconds = limit * _WALL_CLOCK_FACTOR
         solver.parameters.num_workers = options.workers or max(1, os.cpu_count() or 1)
-        # CP-SAT's strategies interleaved in batches (deterministic, whatever the workers): one
-        # worker alone runs a single strategy, which on Llama-3.1-8B at 524,288 tokens found no
-        # minimum peak under 84.2 GiB in 60 s; interleaved, 69.3 GiB and a plan at +7.3 %.
-        solver.parameters.interleave_search = True
+        # On a large problem, CP-SAT's strategies interleaved in batches (deterministic): one worker
+        # alone runs a single strategy, which on Llama-3.1-8B at 524,288 tokens found no minimum peak
+        # under 84.2 GiB in 60 s; interleaved, 69.3 GiB and a plan at +7.3 %. A small one is proven
+        # optimal sooner by the single strategy.
+        solver.parameters.interleave_search = len(self.problem.candidates) >= _INTERLEAVE_FROM
         solver.parameters.random_seed = options.seed
         # Probing (trying each boolean both ways in presolve) costs seconds on a model this size
         # and has not paid for itself on transformer plans.

@@ -239,8 +239,9 @@ def build_problem(trace: JointTrace, device: DeviceSpec, *, allow_recompute: boo
     saved storage and per useful recompute source, in forward order; ``keep`` is always allowed.
 
     ``update_in_backward``: each parameter is updated as soon as its gradient is made and the
-    gradient freed (``trace.optimizer_step_bytes`` is then one parameter's update transient, which
-    may run at any backward point); there is no optimizer phase after the backward.
+    gradient freed (``trace.optimizer_step_bytes`` is then one parameter's update transient, counted
+    where a gradient is made, as the lowered step runs it); there is no optimizer phase after the
+    backward.
     ``host_capacity``: the host bytes offloaded tensors may hold; they are all on the host at the
     end of the forward, so their sum is the host's peak and must not exceed it."""
     point_us = tuple(op_time_us(device, op.flops, op.bytes_moved, op.dtype) for op in trace.ops)
@@ -507,13 +508,16 @@ def _base(trace: JointTrace, uses: Mapping[int, list[int]],
     return tuple(itertools.accumulate(delta[:-1]))
 
 
-def _updates(trace: JointTrace, base: tuple[int, ...], in_backward: bool) -> tuple[int, ...]:
+def _updates(trace: JointTrace, base: tuple[int, ...], in_backward: bool, eager: bool = False) -> tuple[int, ...]:
     """``base`` with one parameter's update transient (the largest) where a gradient is made: with
-    updates inside backward, each parameter is updated there, and nowhere else."""
+    updates inside backward, the lowered step updates each parameter there, and nowhere else.
+    ``eager``: the model run as it is updates in a hook after the whole autograd node (a node may
+    make more gradients after the parameter's), so at every backward point, as an upper bound."""
     if not in_backward:
         return base
     at = {s.producer for s in trace.storages if s.kind == "gradient" and s.producer is not None}
-    return tuple(b + (trace.optimizer_step_bytes if p in at else 0) for p, b in enumerate(base))
+    return tuple(b + (trace.optimizer_step_bytes if p in at or (eager and p >= trace.num_forward) else 0)
+                 for p, b in enumerate(base))
 
 
 def _last_point(trace: JointTrace, s: Storage, uses: Mapping[int, list[int]], in_backward: bool = False) -> int:
@@ -636,13 +640,14 @@ def with_optimizer_peak(problem: PlanningProblem, optimizer_peak: int | None) ->
         static, optimizer_step=max(0, optimizer_peak - static.resident - static.gradients)))
 
 
-def step_peak(trace: JointTrace, update_in_backward: bool = False) -> tuple[int, int]:
+def step_peak(trace: JointTrace, update_in_backward: bool = False, eager: bool = False) -> tuple[int, int]:
     """(peak bytes, program point) of the step exactly as traced: every storage from the op that
     makes it to its last reader (gradients to the end of the step, or, updated inside backward,
     only where made, with one update's transient), plus what is resident. For a trace of a lowered
-    plan (``JointGraph.partitioned``) this is what the lowered step allocates."""
+    plan (``JointGraph.partitioned``) this is what the lowered step allocates; ``eager``: the step
+    run as it is, its updates in hooks (their transient counted at every backward point)."""
     live = list(_updates(trace, _base(trace, trace.uses(), with_saved=True, in_backward=update_in_backward),
-                         update_in_backward)) or [0]
+                         update_in_backward, eager)) or [0]
     static = _static(trace, update_in_backward)
     point = max(range(len(live)), key=live.__getitem__)
     return static.resident + live[point], point

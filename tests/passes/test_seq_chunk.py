@@ -12,7 +12,7 @@ import torch
 
 import memopt
 from memopt.memory.tracker import MemoryTracker
-from memopt.passes import seq_chunk
+from memopt.passes import cut_ce, seq_chunk
 from tests.models import lm_batch, tiny_gpt2, tiny_llama
 from tests.runtime._planned import budget_between
 
@@ -163,6 +163,11 @@ def test_auto_chunks_only_when_whole_mlps_do_not_fit():
                for n in optimized.plan.notes)
     roomy = memopt.optimize(copy.deepcopy(model), budget_gb=64, example_inputs=batch, chunk_sequence="auto", **options)
     assert roomy.plan.sequence_chunks is None and seq_chunk.installed(roomy.model) is None
+    # Cut cross-entropy asked for: the attempt with whole MLPs leaves no fusion behind for the retry to trip on.
+    fused = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, chunk_sequence="auto",
+                            cut_cross_entropy=True, **options)
+    assert fused.plan.sequence_chunks == 2 and cut_ce.installed(fused.model)
+    assert sum(n.startswith("cut cross-entropy: the LM head and the loss fused") for n in fused.plan.notes) == 1
 
 
 def _step_us(plan: memopt.Plan) -> int:
