@@ -12,23 +12,25 @@ Checks, one row each (``ok`` or ``FAIL`` and the numbers):
 1. **kernels** — the PaCA and dequant-matmul (NF4, int8) Triton kernels against their torch
    references in fp16 and bf16 (fp32 in the smoke run): max error relative to the output's scale,
    and time against the reference (a ratio; GPU only, CUDA events).
-2. **planned steps** — a Llama (≈1B on a GPU: hidden 2048, 16 layers, batch 1 × 2048; toy in the
-   smoke run) planned by ``memopt.optimize`` at three budgets (the smallest feasible, between, and
-   keeping everything): the real step's peak — ``torch.cuda.max_memory_allocated`` above what was
+2. **planned steps** — a Llama (a 1B one's width on a GPU: hidden 2048, 8 layers, batch 1 × 2048;
+   toy in the smoke run) planned by ``memopt.optimize`` at three budgets (the smallest feasible,
+   between, and keeping everything): the real step's peak — ``torch.cuda.max_memory_allocated`` above what was
    allocated before it, on a GPU; memopt's tracker on the CPU — against the plan's prediction, and
    the step time against HF gradient checkpointing on the same model.
 3. **offload** — a plan that offloads, on CUDA: its step time against the plan's prediction of
    exposed copy time (a failed overlap shows as time, not memory). Skipped without CUDA.
-4. **compiled** — the same planned step through Inductor (``compile=True``): peak against the plan.
-5. **QLoRA long context** — NF4 LoRA r32 on a Llama-3.1-8B-shaped model (random weights) at a long
-   sequence, real peak against predicted (GPU; a toy NF4 model in the smoke run).
+4. **compiled** — a planned step through Inductor (``compile=True``; the same width, 4 layers on a
+   GPU): peak against the plan.
+5. **QLoRA long context** — NF4 LoRA r32 with cut cross-entropy on a Llama-3.1-8B-shaped model
+   (random weights) at 32,768 tokens, planned for 80 GiB: real peak against predicted (GPU; a toy
+   NF4 model in the smoke run).
 
 6. **cut cross-entropy** — the row kernels (log-sum-exp, gradient) against the torch reference, and
    the fused op (``cut_cross_entropy``) against the unfused head + ``cross_entropy`` at
    8192 tokens × vocab 128256 (toy in the smoke run): loss and gradient error, the real peak of
    each (``torch.cuda.max_memory_allocated`` on a GPU, memopt's tracker on the CPU) and the time ratio.
-7. **long context** — a Llama (≈1B, 1 × 16384 tokens on a GPU) with its MLPs run in 8 pieces of
-   tokens (``chunk_sequence``) and a 2 GiB host budget (so the residual stream it re-runs blocks
+7. **long context** — a Llama (hidden 2048, 6 layers, 1 × 16384 tokens on a GPU) with its MLPs run
+   in 8 pieces of tokens (``chunk_sequence``) and a 2 GiB host budget (so the residual stream it re-runs blocks
    from is offloaded), planned 10 % above its smallest budget: the real peak against the plan, and
    its gradients against the same model with whole MLPs.
 
@@ -44,6 +46,7 @@ import functools
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -68,22 +71,36 @@ class Row:
 
 
 _SMOKE_SOLVER_S = 1.0  # CP-SAT's time per phase in the CPU smoke (toy problems: the rows check code paths, not plans)
-_solver_s = 10.0
+_solver_s = 5.0  # on a GPU: a dozen plans must fit the kit's 8 minutes
 
 
 def _optimize(model: torch.nn.Module, budget: float, batch: dict, **options: object) -> memopt.OptimizedModel:
     """``memopt.optimize`` with the kit's solver time (a ``planner`` given keeps its own switches)."""
     planner = options.pop("planner", memopt.PlannerConfig())
     planner = dataclasses.replace(planner, time_limit_s=_solver_s)
-    return memopt.optimize(model, budget, batch, planner=planner, **options)
+    begun = time.perf_counter()
+    optimized = memopt.optimize(model, budget, batch, planner=planner, **options)
+    plan = optimized.plan
+    print(f"    planned at {budget:.2f} GiB in {time.perf_counter() - begun:.0f} s: predicted peak "
+          f"{plan.predicted_peak_bytes / MIB:,.1f} MiB", flush=True)
+    return optimized
 
 
-def _llama(hidden: int, layers: int, vocab: int, intermediate: int, heads: int, kv_heads: int) -> torch.nn.Module:
+def _llama(hidden: int, layers: int, vocab: int, intermediate: int, heads: int, kv_heads: int, *,
+           device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """A Llama with random weights, made where it will run and in its dtype (an 8B model initialized
+    on the CPU in fp32 would take minutes of the kit's time)."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                                    num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
                                    max_position_embeddings=131072, use_cache=False)
-    return transformers.LlamaForCausalLM(cfg)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return transformers.LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _batch(vocab: int, batch: int, seq: int, device: str) -> dict[str, torch.Tensor]:
@@ -91,9 +108,10 @@ def _batch(vocab: int, batch: int, seq: int, device: str) -> dict[str, torch.Ten
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-def _time(fn: Callable[[], object], cuda: bool, repeat: int = 5) -> float:
-    """Median seconds of ``fn`` after one warm-up call."""
-    fn()
+def _time(fn: Callable[[], object], cuda: bool, repeat: int = 5, warm_up: bool = True) -> float:
+    """Median seconds of ``fn`` (after one warm-up call unless ``warm_up`` is false)."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeat):
         if cuda:
@@ -229,7 +247,7 @@ def check_cut_ce(cuda: bool, smoke: bool) -> list[Row]:
 
 # ----------------------------------------------------------------------------- 2-5. planned steps
 
-def _real_peak(optimized: torch.nn.Module, batch: dict, cuda: bool) -> tuple[int, float]:
+def _real_peak(optimized: torch.nn.Module, batch: dict, cuda: bool, repeat: int = 3) -> tuple[int, float]:
     """(the peak of one steady-state step above what was allocated before it, its median time)."""
     opt = optimized.make_optimizer(lr=1e-4) if hasattr(optimized, "make_optimizer") else \
         torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad], lr=1e-4)
@@ -252,7 +270,7 @@ def _real_peak(optimized: torch.nn.Module, batch: dict, cuda: bool) -> tuple[int
         with MemoryTracker(optimized, opt, inputs=batch) as tracker:
             step()
         peak = tracker.report().peak_bytes
-    return peak, _time(step, cuda, repeat=3)
+    return peak, _time(step, cuda, repeat=repeat, warm_up=False)
 
 
 def _compare(name: str, plan: memopt.Plan, measured: int, cuda: bool, extra: str = "") -> Row:
@@ -268,50 +286,76 @@ def _compare(name: str, plan: memopt.Plan, measured: int, cuda: bool, extra: str
 
 def check_planned(cuda: bool, smoke: bool) -> list[Row]:
     device = "cuda" if cuda else "cpu"
+    # 8 layers of a 1B Llama's width: planning a 16-layer one takes ~1.5 minutes per budget on the host
     shape = dict(hidden=64, layers=3, vocab=96, intermediate=128, heads=4, kv_heads=4) if smoke else \
-        dict(hidden=2048, layers=16, vocab=32000, intermediate=5632, heads=16, kv_heads=16)
+        dict(hidden=2048, layers=8, vocab=32000, intermediate=5632, heads=16, kv_heads=16)
     dtype = torch.float32 if smoke else torch.bfloat16
-    base = _llama(**shape).to(device, dtype)
+    base = _llama(**shape, device=device, dtype=dtype)
     batch = _batch(shape["vocab"], 2 if smoke else 1, 64 if smoke else 2048, device)
     target = "cpu" if smoke else "cuda"
-    probe = _optimize(copy.deepcopy(base), 512, batch, method="lora", rank=16, device=target).plan
-    low, high = probe.min_budget_bytes, probe.predicted_peak_bytes + probe.reserve_bytes
-    rows = []
+    lora = dict(method="lora", rank=16, device=target)
+    keep = _optimize(copy.deepcopy(base), 512, batch, **lora)  # room for everything: the keep-all plan
+    low, high = keep.plan.min_budget_bytes, keep.plan.predicted_peak_bytes + keep.plan.reserve_bytes
     hf = copy.deepcopy(base)
     hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     from peft import LoraConfig, get_peft_model
 
     hf = get_peft_model(hf, LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"))
     _, hf_time = _real_peak(hf, batch, cuda)
+    del hf
+    rows, seconds = [], {}
     for label, fraction in (("smallest", 0.0), ("between", 0.4), ("keep all", 1.0)):
         budget = (low + fraction * (high - low)) / 2**30
-        optimized = _optimize(copy.deepcopy(base), budget, batch, method="lora", rank=16, device=target)
-        measured, seconds = _real_peak(optimized, batch, cuda)
+        optimized = keep if fraction == 1.0 else _optimize(copy.deepcopy(base), budget, batch, **lora)
+        measured, seconds[label] = _real_peak(optimized, batch, cuda)
         rows.append(_compare(f"planned step @ {label}", optimized.plan, measured, cuda,
-                             f"; step {seconds:.3f} s, HF checkpointing {hf_time:.3f} s ({seconds / hf_time:.2f}x)"))
-        if fraction == 0.4:
-            compiled = _optimize(copy.deepcopy(base), budget, batch, method="lora", rank=16, device=target,
-                                       compile=True)
-            measured, seconds = _real_peak(compiled, batch, cuda)
-            rows.append(_compare("compiled step @ between", compiled.plan, measured, cuda, f"; step {seconds:.3f} s"))
+                             f"; step {seconds[label]:.3f} s, HF checkpointing {hf_time:.3f} s "
+                             f"({seconds[label] / hf_time:.2f}x)"))
     if cuda:
-        pc = memopt.PlannerConfig(allow_recompute=False)
-        probe = _optimize(copy.deepcopy(base), 512, batch, method="lora", rank=16, device=target, planner=pc).plan
-        budget = (probe.min_budget_bytes + 0.3 * (probe.predicted_peak_bytes + probe.reserve_bytes
-                                                  - probe.min_budget_bytes)) / 2**30
-        optimized = _optimize(copy.deepcopy(base), budget, batch, method="lora", rank=16, device=target,
-                                    planner=pc)
-        measured, seconds = _real_peak(optimized, batch, cuda)
-        keep = _optimize(copy.deepcopy(base), 512, batch, method="lora", rank=16, device=target)
-        _, keep_seconds = _real_peak(keep, batch, cuda)
-        exposed = optimized.plan.exposed_transfer_us / 1e6
-        rows.append(_compare("offload step", optimized.plan, measured, cuda,
-                             f"; {optimized.plan.bytes_by_action()['offload'] / MIB:.0f} MiB offloaded, step "
-                             f"{seconds:.3f} s vs {keep_seconds:.3f} s keeping all (predicted exposed copies "
-                             f"{exposed:.3f} s)"))
+        rows.append(_guarded("offload step", functools.partial(_offload_row, base, batch, low, high, lora,
+                                                               seconds["keep all"])))
     else:
         rows.append(Row("offload step", None, "skipped: needs CUDA (copies to host overlap only on a GPU)"))
+    del base, keep
+    rows.append(_guarded("compiled step @ between", functools.partial(_compiled_row, shape, dtype, cuda, smoke)))
     return rows
+
+
+def _offload_row(base: torch.nn.Module, batch: dict, low: int, high: int, lora: dict, keep_seconds: float) -> Row:
+    """Without recomputation, 80 % of the way from the smallest budget to keeping all: what does not
+    fit is offloaded; the copies' cost shows as step time."""
+    optimized = _optimize(copy.deepcopy(base), (low + 0.8 * (high - low)) / 2**30, batch,
+                          planner=memopt.PlannerConfig(allow_recompute=False), **lora)
+    measured, seconds = _real_peak(optimized, batch, True)
+    plan = optimized.plan
+    return _compare("offload step", plan, measured, True,
+                    f"; {plan.bytes_by_action()['offload'] / MIB:.0f} MiB offloaded, step {seconds:.3f} s vs "
+                    f"{keep_seconds:.3f} s keeping all (predicted exposed copies {plan.exposed_transfer_us / 1e6:.3f} s)")
+
+
+def _compiled_row(shape: dict, dtype: torch.dtype, cuda: bool, smoke: bool) -> Row:
+    """Inductor's step (Triton kernels on a GPU) between the smallest budget and keeping all; 4 layers
+    on a GPU (Inductor compiles the whole step)."""
+    shape = shape if smoke else {**shape, "layers": 4}
+    base = _llama(**shape, device="cuda" if cuda else "cpu", dtype=dtype)
+    batch = _batch(shape["vocab"], 2 if smoke else 1, 64 if smoke else 2048, "cuda" if cuda else "cpu")
+    options = dict(method="lora", rank=16, device="cuda" if cuda else "cpu")
+    probe = _optimize(copy.deepcopy(base), 512, batch, **options).plan
+    budget = (probe.min_budget_bytes + 0.4 * (probe.predicted_peak_bytes + probe.reserve_bytes
+                                              - probe.min_budget_bytes)) / 2**30
+    compiled = _optimize(base, budget, batch, compile=True, **options)
+    measured, seconds = _real_peak(compiled, batch, cuda)
+    return _compare(f"compiled step @ between ({shape['layers']} layers)", compiled.plan, measured, cuda,
+                    f"; step {seconds:.3f} s")
+
+
+def _guarded(name: str, row: Callable[[], Row]) -> Row:
+    """``row()``, or a failed row naming the exception (the check's other rows still run)."""
+    try:
+        return row()
+    except Exception as error:
+        traceback.print_exc()
+        return Row(name, False, f"raised {type(error).__name__}: {str(error).splitlines()[0][:200]}")
 
 
 def check_qlora(cuda: bool, smoke: bool) -> list[Row]:
@@ -319,13 +363,15 @@ def check_qlora(cuda: bool, smoke: bool) -> list[Row]:
     shape = dict(hidden=64, layers=2, vocab=96, intermediate=128, heads=4, kv_heads=2) if smoke else \
         dict(hidden=4096, layers=32, vocab=128256, intermediate=14336, heads=32, kv_heads=8)
     seq = 128 if smoke else 32768
-    base = _llama(**shape).to(device, torch.float32 if smoke else torch.bfloat16)
+    base = _llama(**shape, device=device, dtype=torch.float32 if smoke else torch.bfloat16)
     batch = _batch(shape["vocab"], 1, seq, device)
     target = "cpu" if smoke else "cuda"
-    budget = 1 if smoke else 70
-    optimized = _optimize(base, budget, batch, method="lora", rank=32, quantize="nf4", device=target)
-    measured, seconds = _real_peak(optimized, batch, cuda)
-    return [_compare(f"QLoRA nf4 r32 1x{seq}", optimized.plan, measured, cuda, f"; step {seconds:.3f} s")]
+    budget = 1 if smoke else 80  # an 80 GB card
+    optimized = _optimize(base, budget, batch, method="lora", rank=32, quantize="nf4", device=target,
+                          cut_cross_entropy=True)
+    measured, seconds = _real_peak(optimized, batch, cuda, repeat=1)
+    return [_compare(f"QLoRA nf4 r32 cut-CE 1x{seq} @ {budget} GiB", optimized.plan, measured, cuda,
+                     f"; step {seconds:.3f} s")]
 
 
 def check_long_context(cuda: bool, smoke: bool) -> list[Row]:
@@ -335,8 +381,8 @@ def check_long_context(cuda: bool, smoke: bool) -> list[Row]:
 
     device = "cuda" if cuda else "cpu"
     shape = dict(hidden=64, layers=2, vocab=96, intermediate=256, heads=4, kv_heads=4) if smoke else \
-        dict(hidden=2048, layers=16, vocab=32000, intermediate=5632, heads=16, kv_heads=16)
-    base = _llama(**shape).to(device, torch.float32 if smoke else torch.bfloat16)
+        dict(hidden=2048, layers=6, vocab=32000, intermediate=5632, heads=16, kv_heads=16)
+    base = _llama(**shape, device=device, dtype=torch.float32 if smoke else torch.bfloat16)
     batch = _batch(shape["vocab"], 1, 128 if smoke else 16384, device)
     options = dict(method="lora", rank=16, device="cpu" if smoke else "cuda", chunk_sequence=4 if smoke else 8,
                    host_budget_gb=None if smoke else 2)
@@ -364,9 +410,18 @@ def check_long_context(cuda: bool, smoke: bool) -> list[Row]:
     return rows
 
 
+CHECKS = (check_kernels, check_cut_ce, check_planned, check_qlora, check_long_context)
+
+
+def _status(row: Row) -> str:
+    return "skip" if row.ok is None else "ok" if row.ok else "FAIL"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU (what CI runs)")
+    parser.add_argument("--only", nargs="+", metavar="CHECK", choices=[c.__name__.removeprefix("check_") for c in CHECKS],
+                        help="run these checks alone (kernels, cut_ce, planned, long_context, qlora)")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
@@ -375,17 +430,28 @@ def main(argv: list[str] | None = None) -> int:
     _solver_s = _SMOKE_SOLVER_S if args.cpu_smoke else _solver_s
     start = time.perf_counter()
     rows, seconds = [], []
-    for check in (check_kernels, check_cut_ce, check_planned, check_long_context, check_qlora):
+    for check in CHECKS:
+        name = check.__name__.removeprefix("check_")
+        if args.only and name not in args.only:
+            continue
         begun = time.perf_counter()
-        rows += check(cuda, args.cpu_smoke)
-        seconds.append(f"{check.__name__.removeprefix('check_')} {time.perf_counter() - begun:.0f} s")
+        try:
+            found = check(cuda, args.cpu_smoke)
+        except Exception as error:  # one broken check must not hide the others' rows
+            traceback.print_exc()
+            found = [Row(name, False, f"raised {type(error).__name__}: {str(error).splitlines()[0][:200]}")]
+        for r in found:  # as each check ends: a kit stopped at its time limit still shows what it measured
+            print(f"[{time.perf_counter() - start:.0f} s] {r.check}: {_status(r)}  {r.detail}", flush=True)
+        rows += found
+        seconds.append(f"{name} {time.perf_counter() - begun:.0f} s")
+        if cuda:
+            torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if cuda else "CPU (smoke run: toy sizes)"
     print(f"memopt GPU check kit on {device}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s "
           f"({', '.join(seconds)})")
     width = max(len(r.check) for r in rows)
     for r in rows:
-        status = "skip" if r.ok is None else "ok" if r.ok else "FAIL"
-        print(f"{r.check:<{width}}  {status:<4}  {r.detail}")
+        print(f"{r.check:<{width}}  {_status(r):<4}  {r.detail}")
     return 1 if any(r.ok is False for r in rows) else 0
 
 

@@ -674,19 +674,32 @@ def _concrete(value: Any) -> Any:
     return value
 
 
-def _cpu_flash_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: Any) -> int:
-    return flop_counter.sdpa_flop_count(query.shape, key.shape, value.shape)
+def _kv_as_query(query: torch.Tensor, *kv: torch.Tensor) -> list[torch.Size]:
+    """Key and value shapes [batch, heads, seq, dim] with the query's heads: grouped-query attention
+    does the FLOPs of its keys repeated (torch's formulas before 2.13 refuse fewer kv heads)."""
+    return [torch.Size((t.shape[0], query.shape[1], *t.shape[2:])) for t in kv]
 
 
-def _cpu_flash_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        *_: Any) -> int:
-    return flop_counter.sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+def _sdpa_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: Any) -> int:
+    return flop_counter.sdpa_flop_count(query.shape, *_kv_as_query(query, key, value))
 
 
-# The kernels fake CPU tensors pick for SDPA; torch's registry counts only the CUDA ones.
+def _sdpa_backward(grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   *_: Any) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out.shape, query.shape, *_kv_as_query(query, key, value))
+
+
+# SDPA's kernels, [batch, heads, seq, dim] inputs: the CPU's (torch's registry has none) and the
+# CUDA ones (the registry's, with grouped-query attention counted on every torch).
 _EXTRA_FLOPS: Mapping[Any, Callable[..., int]] = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward,
+    getattr(torch.ops.aten, name): formula
+    for names, formula in (
+        (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"), _sdpa_forward),
+        (("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
+          "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention_backward"),
+         _sdpa_backward))
+    for name in names if hasattr(torch.ops.aten, name)
 }
 
 

@@ -65,18 +65,24 @@ def _inductor_backward(gm: torch.fx.GraphModule, example_inputs: list) -> Callab
     from torch._inductor.compile_fx import compile_fx_inner
 
     decomposed = _decomposed(gm, example_inputs)
-    with _eager_random(), torch._inductor.config.patch(_BACKWARD_MEMORY):
+    unused = _unused(decomposed, example_inputs)
+    # An input passed as None must meet no size assert (Inductor before torch 2.13 checks every input).
+    with _eager_random(), torch._inductor.config.patch({**_BACKWARD_MEMORY, "size_asserts": not unused}):
         compiled = compile_fx_inner(decomposed, example_inputs, is_backward=True)
-    return _dropping_unused(decomposed, example_inputs, compiled)
+    return _dropping_unused(unused, compiled)
 
 
-def _dropping_unused(gm: torch.fx.GraphModule, example_inputs: list, compiled: Callable) -> Callable:
-    """``compiled`` (boxed), with the inputs ``gm`` never reads dropped before it runs: Inductor frees
-    an input after its last use but never one it does not read, and a decomposition can leave a saved
-    tensor unread (``nll_loss_backward`` no longer reads the log-probabilities, a [tokens x vocab]
-    tensor whose alias it does read), which would then live until the backward returns."""
-    unused = [i for i, (p, x) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
-              if not p.users and isinstance(x, torch.Tensor)]  # sizes (SymInts) stay: Inductor binds them
+def _unused(gm: torch.fx.GraphModule, example_inputs: list) -> list[int]:
+    """The tensor inputs ``gm`` never reads (sizes, SymInts, stay: Inductor binds them)."""
+    return [i for i, (p, x) in enumerate(zip(gm.graph.find_nodes(op="placeholder"), example_inputs))
+            if not p.users and isinstance(x, torch.Tensor)]
+
+
+def _dropping_unused(unused: list[int], compiled: Callable) -> Callable:
+    """``compiled`` (boxed), with the inputs its graph never reads (``unused``) dropped before it runs:
+    Inductor frees an input after its last use but never one it does not read, and a decomposition
+    can leave a saved tensor unread (``nll_loss_backward`` no longer reads the log-probabilities, a
+    [tokens x vocab] tensor whose alias it does read), which would then live until the backward returns."""
     if not unused:
         return compiled
 

@@ -16,9 +16,10 @@ carry the names the Plan's decisions refer to. Lowering a Plan is then three gra
    (``functionalize_rng_ops``): recomputed dropout masks are the forward's.
 3. **Offload.** Each saved node of an offloaded storage leaves the forward through a copy to host
    and enters the backward through a copy back, by one of three lowerings (``OffloadMode``):
-   ``"cuda"`` — torch's asynchronous ``ao.offload`` / ``ao.reload`` / ``ao.wait_tensor`` ops on a
-   transfer stream with events (copy out when made, device copy freed after its last forward use;
-   reload prefetched ahead of its first backward use); ``"host"`` — nothing: where host and
+   ``"cuda"`` — asynchronous ``offload_to_host`` / ``reload_to_device`` / ``wait_transfer`` ops
+   (``memopt.runtime.transfer``) on a transfer stream with events (copy out when made, device
+   copy freed after its last forward use; reload prefetched ahead of its first backward use);
+   ``"host"`` — nothing: where host and
    device are one memory (a CPU running a plan made for a GPU) the tensor stays; ``"simulated"`` —
    for fake tensors standing in for a GPU: the forward drops the tensor for a zero-byte token
    (counting its bytes as host bytes) and the backward re-creates an empty tensor of its layout
@@ -136,7 +137,7 @@ def plan_partition(plan: "Plan | Sequence[TensorDecision]", *, offload_mode: str
                                                       if _storage(n) not in primals}.values())
         if keyed:
             _refuse_unplanned(fw, saved, primals, keys, {t.key.partition("[")[0] for t in decisions})
-        offloads = _offloads(fw, saved, offloaded) if offload_mode in _OFFLOAD else []
+        offloads = _offloads(fw, saved, offloaded, kwargs["num_fwd_outputs"]) if offload_mode in _OFFLOAD else []
         if offloads:
             _OFFLOAD[offload_mode](fw, bw, offloads)
             fw.recompile()
@@ -494,9 +495,11 @@ class _Offload:
     carrier: fx.Node  # in the forward graph
     aliases: list[fx.Node]  # every forward node in the carrier's storage (it and its views)
     saved: list[fx.Node]  # the forward's saved outputs living in the carrier's storage
+    num_fwd_outputs: int  # the forward's outputs before the saved ones: what the caller gets
+    returned: bool = False  # the caller gets the storage too: its device copy must not be freed
 
 
-def _offloads(fw: fx.GraphModule, saved: list[fx.Node], storages: set[int]) -> list[_Offload]:
+def _offloads(fw: fx.GraphModule, saved: list[fx.Node], storages: set[int], num_fwd_outputs: int) -> list[_Offload]:
     aliases: dict[int, list[fx.Node]] = {}  # in graph order: the first call is the carrier
     for node in fw.graph.nodes:
         key = _storage(node)
@@ -506,24 +509,30 @@ def _offloads(fw: fx.GraphModule, saved: list[fx.Node], storages: set[int]) -> l
     for node in saved:
         key = _storage(node)
         if key in aliases:
-            out.setdefault(key, _Offload(aliases[key][0], aliases[key], [])).saved.append(node)
+            out.setdefault(key, _Offload(aliases[key][0], aliases[key], [], num_fwd_outputs)).saved.append(node)
+    returned = {_storage(n) for n in fw.graph.find_nodes(op="output")[0].args[0][:num_fwd_outputs]
+                if isinstance(n, fx.Node)}
+    for key, offload in out.items():
+        offload.returned = key in returned
     return list(out.values())
 
 
 def _rewire(fw: fx.GraphModule, bw: fx.GraphModule, offload: _Offload,
-            send: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node],
-            receive: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node]) -> None:
-    """Forward: ``send(graph, carrier, last_use)`` replaces the saved nodes in the output. Backward:
-    ``receive(graph, token, carrier_like)`` before the first use of any of them; views from it."""
+            send: Callable[[fx.Graph, fx.Node, fx.Node, bool], fx.Node],
+            receive: Callable[[fx.Graph, fx.Node, fx.Node, "_SizeNodes"], fx.Node]) -> None:
+    """Forward: ``send(graph, carrier, last_use, free)`` replaces the saved nodes in the output (``free``:
+    the device copy may be freed once sent: the caller does not get it). Backward:
+    ``receive(graph, token, carrier_like, sizes)`` before the first use of any of them; views from
+    it (a saved node of the carrier's own layout is the copy back itself)."""
     graph, output = fw.graph, fw.graph.find_nodes(op="output")[0]
     order = _position(graph)
     aliases = offload.aliases
     last_use = max((u for n in aliases for u in n.users if u is not output), key=order, default=offload.carrier)
     last_use = max(last_use, *aliases, key=order)
     with graph.inserting_after(last_use):
-        token = send(graph, offload.carrier, last_use)
-    saved = set(offload.saved)
-    output.args = (tuple(token if a in saved else a for a in output.args[0]),)
+        token = send(graph, offload.carrier, last_use, not offload.returned)
+    saved, first = set(offload.saved), offload.num_fwd_outputs  # a node both returned and saved: returned as is
+    output.args = (tuple(token if i >= first and a in saved else a for i, a in enumerate(output.args[0])),)
 
     bgraph = bw.graph
     placeholders = {p.name: p for p in bgraph.find_nodes(op="placeholder")}
@@ -538,14 +547,19 @@ def _rewire(fw: fx.GraphModule, bw: fx.GraphModule, offload: _Offload,
             new = bgraph.placeholder(f"{old.name}_host")
         new.meta["val"] = token.meta.get("val")
         news.append(new)
+    carrier = offload.carrier.meta["val"]
     with bgraph.inserting_before(first_use):
-        base = receive(bgraph, news[0], offload.carrier)
-        base.meta["val"] = offload.carrier.meta["val"]
+        sizes = _SizeNodes(bgraph, news[0])
+        base = receive(bgraph, news[0], offload.carrier, sizes)
+        base.meta["val"] = carrier
         for old in olds:
             val = old.meta["val"]
-            view = bgraph.call_function(torch.ops.aten.as_strided.default,
-                                        (base, list(val.shape), list(val.stride()), val.storage_offset()))
-            view.meta["val"] = val
+            view = base
+            if _layout_of(val) != _layout_of(carrier):
+                view = bgraph.call_function(torch.ops.aten.as_strided.default,
+                                            (base, sizes.of(val.shape), sizes.of(val.stride()),
+                                             sizes(val.storage_offset())))
+                view.meta["val"] = val
             old.replace_all_uses_with(view)
             bgraph.erase_node(old)
     for view in sorted(views, key=_position(bgraph)):  # partitioners hoist views of saved tensors: sink them
@@ -575,53 +589,115 @@ def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
     return order.__getitem__
 
 
-def _layout(node: fx.Node) -> tuple[list[int], list[int], torch.dtype]:
-    val = node.meta["val"]
-    return list(val.shape), list(val.stride()), val.dtype
+def _layout_of(val: torch.Tensor) -> tuple:
+    """Size, stride, offset and dtype, symbolic ones as expressions (compared without guards)."""
+    def exact(x: Any) -> Any:
+        return x.node.expr if isinstance(x, torch.SymInt) else x
+
+    return tuple(map(exact, val.shape)), tuple(map(exact, val.stride())), exact(val.storage_offset()), val.dtype
+
+
+class _SizeNodes:
+    """Sizes, strides and offsets as arguments of new nodes in ``graph``: an int stays an int; a
+    symbolic one (a trace with symbolic sizes: varying batch and sequence) becomes nodes computing
+    it — from the graph's SymInt inputs, else from the sizes of ``tensor`` (a node whose value has
+    the symbols in its shape). A raw SymInt in a node's arguments would print as an undefined name.
+    New nodes go where the graph's insertion point is."""
+
+    def __init__(self, graph: fx.Graph, tensor: fx.Node) -> None:
+        import sympy
+
+        self._graph, self._tensor, self._sympy = graph, tensor, sympy
+        self._nodes: dict[Any, fx.Node] = {}
+        for p in graph.find_nodes(op="placeholder"):
+            val = p.meta.get("val")
+            if isinstance(val, torch.SymInt) and isinstance(val.node.expr, sympy.Symbol):
+                self._nodes.setdefault(val.node.expr, p)
+
+    def of(self, values: Sequence[Any]) -> list[Any]:
+        return [self(v) for v in values]
+
+    def __call__(self, value: Any) -> Any:
+        if not isinstance(value, torch.SymInt) or value.node.expr.is_number:
+            return int(value) if not isinstance(value, torch.SymInt) else int(value.node.expr)
+        return self._node(value.node.expr, value)
+
+    def _node(self, expr: Any, value: torch.SymInt) -> Any:
+        from torch.utils._sympy.functions import FloorDiv
+
+        sympy = self._sympy
+        if expr.is_Integer:
+            return int(expr)
+        if expr in self._nodes:
+            return self._nodes[expr]
+        if isinstance(expr, sympy.Symbol):
+            shape = self._tensor.meta["val"].shape
+            dim = next((d for d, s in enumerate(shape) if isinstance(s, torch.SymInt) and s.node.expr == expr), None)
+            if dim is None:
+                raise MemoptError(f"memopt cannot express the size {expr} in the backward graph of an offloaded "
+                                  "tensor; plan without offload (PlannerConfig(allow_offload=False))")
+            node = self._graph.call_function(torch.ops.aten.sym_size.int, (self._tensor, dim))
+            node.meta["val"] = shape[dim]
+        elif isinstance(expr, (sympy.Add, sympy.Mul, FloorDiv)):
+            combine = {sympy.Add: operator.add, sympy.Mul: operator.mul, FloorDiv: operator.floordiv}[type(expr)]
+            args = [self._node(a, value) for a in expr.args]
+            node = args[0]
+            for arg in args[1:]:
+                node = self._graph.call_function(combine, (node, arg))
+            if not isinstance(node, fx.Node):
+                return node
+        else:
+            raise MemoptError(f"memopt cannot express the size {expr} in the backward graph of an offloaded "
+                              "tensor; plan without offload (PlannerConfig(allow_offload=False))")
+        self._nodes[expr] = node
+        return node
 
 
 def _offload_simulated(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_Offload]) -> None:
-    def send(graph: fx.Graph, carrier: fx.Node, last_use: fx.Node) -> fx.Node:
+    def send(graph: fx.Graph, carrier: fx.Node, last_use: fx.Node, free: bool) -> fx.Node:
         token = graph.call_function(torch.ops.memopt.offload_simulated.default, (carrier,))
         token.meta["val"] = carrier.meta["val"].new_empty(0)
         return token
 
-    def receive(graph: fx.Graph, token: fx.Node, carrier: fx.Node) -> fx.Node:
-        return graph.call_function(torch.ops.memopt.reload_simulated.default, (token, *_layout(carrier)))
+    def receive(graph: fx.Graph, token: fx.Node, carrier: fx.Node, sizes: _SizeNodes) -> fx.Node:
+        val = carrier.meta["val"]
+        return graph.call_function(torch.ops.memopt.reload_simulated.default,
+                                   (token, sizes.of(val.shape), sizes.of(val.stride()), val.dtype))
 
     for offload in offloads:
         _rewire(fw, bw, offload, send, receive)
 
 
 def _offload_cuda(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_Offload]) -> None:
-    """torch's asynchronous offload ops (``ao.*``: a transfer stream, completion events): the copy
-    out starts when the carrier is made and the device copy is freed after its last forward use
-    (``wait_tensor(keepalive=carrier)``); the copy back is issued one offloaded tensor ahead (when
+    """Asynchronous copies on a transfer stream (``memopt.runtime.transfer``): the copy out starts
+    when the carrier is made and the device copy is freed after its last forward use
+    (``wait_transfer(keepalive=carrier)``); the copy back is issued one offloaded tensor ahead (when
     the previous one is waited for) and waited for right before the first use."""
-    from torch._functorch._activation_offloading import offload_ops  # noqa: F401 - registers ao::*
+    from memopt.runtime import transfer  # noqa: F401 - registers memopt::offload_to_host, ...
 
-    ops = torch.ops.ao
+    ops = torch.ops.memopt
     started: dict[fx.Node, fx.Node] = {}
 
-    def send(graph: fx.Graph, carrier: fx.Node, last_use: fx.Node) -> fx.Node:
+    def send(graph: fx.Graph, carrier: fx.Node, last_use: fx.Node, free: bool) -> fx.Node:
         with graph.inserting_after(carrier):
-            copy = graph.call_function(ops.offload.default, (carrier,))
+            copy = graph.call_function(ops.offload_to_host.default, (carrier,))
         copy.meta["val"] = carrier.meta["val"]  # layout metadata only: the graph is not re-traced
-        wait = graph.call_function(ops.wait_tensor.default, (copy,), {"keepalive": carrier})
+        with graph.inserting_after(copy if last_use is carrier else last_use):  # a carrier no one else reads
+            wait = graph.call_function(ops.wait_transfer.default, (copy,), {"keepalive": carrier if free else None})
         wait.meta["val"] = copy.meta["val"]
         return wait
 
-    def receive(graph: fx.Graph, token: fx.Node, carrier: fx.Node) -> fx.Node:
-        size, stride, _ = _layout(carrier)
-        reload = graph.call_function(ops.reload.default, (token, carrier.meta["val"].device, size, stride))
+    def receive(graph: fx.Graph, token: fx.Node, carrier: fx.Node, sizes: _SizeNodes) -> fx.Node:
+        # the host copy has the carrier's layout: the copy back takes it from there
+        reload = graph.call_function(ops.reload_to_device.default, (token, carrier.meta["val"].device))
         reload.meta["val"] = carrier.meta["val"]
         started[reload] = token
-        return graph.call_function(ops.wait_tensor.default, (reload,), {"keepalive": token})
+        return graph.call_function(ops.wait_transfer.default, (reload,), {"keepalive": token})
 
     for offload in offloads:
         _rewire(fw, bw, offload, send, receive)
     # Prefetch: issue each copy back where the previous one is waited for.
-    waits = [n for n in bw.graph.nodes if n.target is ops.wait_tensor.default and n.args[0] in started]
+    waits = [n for n in bw.graph.nodes if n.target is ops.wait_transfer.default and n.args[0] in started]
     for previous, wait in zip(waits, waits[1:]):
         reload = wait.args[0]
         if all(_position(bw.graph)(a) < _position(bw.graph)(previous) for a in reload.all_input_nodes):

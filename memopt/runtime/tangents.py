@@ -213,7 +213,7 @@ def drop_gradients(gm: fx.GraphModule, positions: Iterable[int]) -> fx.GraphModu
     return fx.GraphModule(gm, graph)
 
 
-_RELOADS = ("ao.reload", "ao.wait_tensor", "memopt.reload_simulated")
+_RELOADS = ("memopt.reload_to_device", "memopt.wait_transfer", "memopt.reload_simulated")
 
 
 def _kept(node: fx.Node) -> bool:

@@ -52,3 +52,13 @@ def test_gradient_rows_match_the_reference(dtype):
     tol = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
     assert (got[2] == 0).all()
+
+
+def test_a_target_outside_the_vocabulary_gives_nan_as_the_reference():
+    logits, targets = _rows(torch.float32)
+    targets[4], targets[5] = 101, -7  # neither a class nor ignore_index
+    lse, picked = cut_ce_rows_triton(logits, targets, -100, block_v=16)
+    _, want = cut_ce_rows_reference(logits, targets, -100)
+    assert picked[4].isnan() and picked[5].isnan() and want[4].isnan() and want[5].isnan()
+    keep = [0, 1, 2, 3, 6]
+    torch.testing.assert_close(picked[keep], want[keep], rtol=0, atol=0)

@@ -107,3 +107,17 @@ def test_a_simulated_cuda_step_traces_one_op_per_row_part():
 
 def test_triton_kernels_match_the_reference_under_the_interpreter():
     run_interpreted("interpreted_cut_ce.py")
+
+
+def test_a_target_outside_the_vocabulary_is_an_error_eagerly_and_a_nan_loss_in_a_traced_step():
+    """Never another number: called on real tensors the op says which target is wrong; inside a
+    traced step (no assert may sit beside recomputation) its loss is NaN."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    h, w, t = _operands(torch.float32)
+    t[0] = w.shape[0]
+    with pytest.raises(RuntimeError, match=r"outside \[0, 101\) and is not ignore_index=-100"):
+        cut_cross_entropy(h, w, t)
+    graph = make_fx(lambda a, b, c: cut_cross_entropy(a, b, c), tracing_mode="fake")(h.detach(), w.detach(), t)
+    assert not any("assert" in str(n.target) for n in graph.graph.nodes)
+    assert graph(h.detach(), w.detach(), t).isnan()

@@ -59,7 +59,7 @@ def test_compiled_lowering_refuses_fake_tensors():
 
 
 @pytest.mark.slow  # a costly scenario: make test-all
-def test_cuda_offload_is_torch_async_copies_one_per_storage_prefetched_one_ahead():
+def test_cuda_offload_is_async_copies_one_per_storage_prefetched_one_ahead():
     """The graphs of a GPU plan lowered for CUDA (built here on fake CPU tensors, never run)."""
     model = tiny_llama(num_hidden_layers=3).to(torch.bfloat16)
     batch = lm_batch(model, batch=4, seq=64)
@@ -88,26 +88,34 @@ def test_cuda_offload_is_torch_async_copies_one_per_storage_prefetched_one_ahead
     from memopt.ir.joint import module_annotations
 
     # Traced as the runtime traces: module annotations give the ops the keys the plan names.
+    from memopt.memory.hf_masks import eager_masks
+
     with pytest.raises(_Done), _compiling_state_context(), fx_traceback.preserve_node_meta(), \
-            module_annotations(inner):
+            module_annotations(inner), eager_masks(inner, (), batch, optimized.plan.unpadded_mask):
         fn(dict(inner.named_parameters()), dict(inner.named_buffers()), batch)
     fw = graphs["fw"]
     targets = [n.target for n in fw.graph.nodes]
-    assert targets.count(torch.ops.ao.offload.default) == len(offloaded) == len(report.offloaded)
-    assert targets.count(torch.ops.ao.wait_tensor.default) == len(offloaded)
-    transfers = (torch.ops.ao.offload.default, torch.ops.ao.wait_tensor.default)
+    assert targets.count(torch.ops.memopt.offload_to_host.default) == len(offloaded) == len(report.offloaded)
+    assert targets.count(torch.ops.memopt.wait_transfer.default) == len(offloaded)
+    transfers = (torch.ops.memopt.offload_to_host.default, torch.ops.memopt.wait_transfer.default)
     for node in fw.graph.nodes:  # the copy starts where the tensor is made (after other copies' nodes)
-        if node.target is torch.ops.ao.offload.default:
+        if node.target is torch.ops.memopt.offload_to_host.default:
             before = node.prev
             while before.target in transfers:
                 before = before.prev
             assert before is node.args[0]
     order = {n: i for i, n in enumerate(graphs["bw"].graph.nodes)}
-    reloads = [n for n in order if n.target is torch.ops.ao.reload.default]
-    waits = [next(u for u in r.users if u.target is torch.ops.ao.wait_tensor.default) for r in reloads]
+    reloads = [n for n in order if n.target is torch.ops.memopt.reload_to_device.default]
+    waits = [next(u for u in r.users if u.target is torch.ops.memopt.wait_transfer.default) for r in reloads]
     assert len(reloads) == len(offloaded)
+    moves = (torch.ops.aten.as_strided.default, torch.ops.memopt.wait_transfer.default,
+             torch.ops.memopt.reload_to_device.default)
     for wait in waits:  # each copy back is waited for right before the first read of its data
-        assert wait.next.target in (torch.ops.aten.as_strided.default, torch.ops.ao.wait_tensor.default)
+        reader, views = wait.next, {wait}  # past other copies back and views (moved to their first reader)
+        while reader.target in moves or getattr(reader.target, "is_view", False):
+            views |= {reader} if views & set(reader.all_input_nodes) else set()
+            reader = reader.next
+        assert views & set(reader.all_input_nodes)
     # Prefetch: a copy back is issued before the previous one is waited for.
     assert any(order[r] < order[w] for r, w in zip(reloads[1:], waits))
     # One host copy per offloaded storage: its raw bytes (the plan counts device blocks of 512 bytes).
