@@ -322,7 +322,8 @@ def _trace_once(model: nn.Module, params: dict, buffers: dict, args: tuple, kwar
     compiled = aot_function(step, fw_compiler=_never, partition_fn=partition)
     state = _compiling_state_context() if exporting else contextlib.nullcontext()
     try:
-        with fx_traceback.preserve_node_meta(), state, module_annotations(model), eager_masks(model, args, kwargs):
+        with fx_traceback.preserve_node_meta(), state, module_annotations(model), eager_masks(model, args, kwargs), \
+                attention_kernels():
             compiled(params, buffers, args, kwargs)
     except _Partitioned as done:
         return done
@@ -342,6 +343,20 @@ def _trace_once(model: nn.Module, params: dict, buffers: dict, args: tuple, kwar
 
 def _never(gm: torch.fx.GraphModule, args: Any) -> Any:  # pragma: no cover - partitioning stops first
     raise AssertionError("memopt's joint trace compiles nothing")
+
+
+@contextlib.contextmanager
+def attention_kernels() -> Iterator[None]:
+    """The attention kernels a planned step is traced and run with: SDPA's flash, memory-efficient
+    and math kernels, not cuDNN's. CUDA's SDPA picks a kernel by the inputs, and cuDNN's eligibility
+    differs between a trace at exact sizes (the planner's) and one with symbolic sizes (the
+    runtime's): on an H200 the runtime traced cuDNN's kernel where the plan had priced another one,
+    and refused the step. With cuDNN left out both traces pick the same kernel (flash, where it
+    applies), and the plan prices what runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield
 
 
 @contextlib.contextmanager

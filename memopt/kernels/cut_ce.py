@@ -263,6 +263,12 @@ class CutCrossEntropy(torch.autograd.Function):
         )
 
 
+# A traced step may hold the assert above where torch's partitioner accepts it beside recomputation
+# (torch 2.13 on); before, the assert is made only on real tensors, and in a traced step the row
+# kernels make such a target's loss NaN (never another number).
+_ASSERTS_TRACE = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
 def cut_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
                       chunks: int | None = None) -> torch.Tensor:
     """Σ of the token losses of ``h`` [tokens, hidden] under the head ``weight`` [vocab, hidden] (fp32).
@@ -275,8 +281,7 @@ def cut_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     if targets.shape != h.shape[:1]:
         raise ValueError(f"cut_cross_entropy: targets {list(targets.shape)} must be [tokens] = [{h.shape[0]}]")
     vocab = weight.shape[0]
-    if not (is_fake(targets) or torch.compiler.is_compiling()):  # a traced graph holds no assert (torch's
-        # partitioner refuses impure ops beside recomputation): there the row kernels make such a loss NaN
+    if _ASSERTS_TRACE or not (is_fake(targets) or torch.compiler.is_compiling()):
         torch._assert_async(((targets == ignore_index) | ((targets >= 0) & (targets < vocab))).all(),
                             f"cut_cross_entropy: a target is outside [0, {vocab}) and is not "
                             f"ignore_index={ignore_index}")

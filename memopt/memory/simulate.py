@@ -8,6 +8,9 @@ model lives on ``cpu`` or ``meta``), and the model runs through ``torch.func.fun
 which swaps them in for the call only (tied weights stay tied). Fake *CPU* tensors stand in for the
 target because autograd refuses the backward of fake CUDA tensors without a driver; bytes and
 lifetimes do not depend on the device, and every storage is counted under the target's label.
+Where the model is on a GPU this process has, its stand-ins are fake tensors of that GPU
+(``stand_in_device``): the trace then holds the GPU's own kernels (CUDA's attention ops are other
+ops than the CPU's), which the runtime, tracing the same step on the GPU, must find by name.
 
 What the simulation reflects of the target:
 * CUDA's caching allocator rounds every block up to 512 bytes (``round_to``; 1 for CPU targets).
@@ -178,20 +181,30 @@ def _default_round_to(device: str) -> int:
     return _CUDA_BLOCK_BYTES if torch.device(device).type == "cuda" else 1
 
 
+def stand_in_device(t: torch.Tensor) -> str:
+    """Where a fake stand-in of ``t`` lives: on the GPU ``t`` is on when this process has one — the
+    trace then holds the kernels the GPU runs (its attention kernels are other ops than the CPU's,
+    and a plan names ops), as the runtime's trace of the same step on the GPU will — else the CPU,
+    standing in for the target device."""
+    return "cuda" if t.device.type == "cuda" and torch.cuda.is_available() else "cpu"
+
+
 def fake_like(t: torch.Tensor) -> torch.Tensor:
-    """A fake CPU tensor with ``t``'s layout and ``requires_grad`` (call inside FakeTensorMode)."""
+    """A fake tensor with ``t``'s layout and ``requires_grad`` on its stand-in device
+    (``stand_in_device``; call inside FakeTensorMode)."""
     if is_traceable_wrapper_subclass(t) and t.device.type != "meta":
         from torch._guards import active_fake_mode
 
         mode = active_fake_mode()
         assert mode is not None, "fake_like runs inside FakeTensorMode"
         return mode.from_tensor(t)
-    fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+    fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=stand_in_device(t))
     return fake.requires_grad_(t.requires_grad)
 
 
 def fake_inputs(tree: Any) -> Any:
-    """Fake CPU copies of the input tensors in ``tree``, sharing storages where the inputs do.
+    """Fake copies of the input tensors in ``tree`` (on their ``stand_in_device``), sharing storages
+    where the inputs do.
 
     ``labels`` given as the same tensor as ``input_ids``, or as a view of it, is counted once, as
     in a real run. Inputs that require grad or are wrapper subclasses get storages of their own.
@@ -204,7 +217,8 @@ def fake_inputs(tree: Any) -> Any:
         st = t.untyped_storage()
         base = bases.get((id(st), t.dtype))
         if base is None:
-            base = bases[(id(st), t.dtype)] = torch.empty(st.nbytes() // t.element_size(), dtype=t.dtype, device="cpu")
+            base = bases[(id(st), t.dtype)] = torch.empty(st.nbytes() // t.element_size(), dtype=t.dtype,
+                                                          device=stand_in_device(t))
         return base.as_strided(t.shape, t.stride(), t.storage_offset())
 
     return tree_map_only(torch.Tensor, fake, tree)

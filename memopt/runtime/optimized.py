@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from memopt.errors import MemoptError, PlanMismatchError
+from memopt.ir.joint import attention_kernels
 from memopt.memory import hf_masks
 from memopt.memory.autocast import autocast_state
 from memopt.memory.hf_masks import eager_masks
@@ -127,7 +128,8 @@ class OptimizedModel(nn.Module):
             raise MemoptError("this OptimizedModel was merged; use the plain model merge() returned")
         if not torch.is_grad_enabled():
             return self.model(*args, **kwargs)
-        return self._training_step(args, training_kwargs(self._signature, kwargs))
+        with attention_kernels():  # the kernels the plan priced, also where no runtime lowers the step
+            return self._training_step(args, training_kwargs(self._signature, kwargs))
 
     @torch.compiler.disable
     def _training_step(self, args: tuple, kwargs: dict) -> Any:

@@ -50,7 +50,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from memopt.errors import MemoptError, UnsupportedModelError
-from memopt.ir.joint import module_annotations
+from memopt.ir.joint import attention_kernels, module_annotations
 from memopt.kernels.dequant import simulating
 from memopt.memory import hf_masks
 from memopt.memory.hf_masks import eager_masks
@@ -327,7 +327,7 @@ class PlannedStep:
         as the target device runs them, data-dependent branches as export takes them (``exporting``),
         and the backward outside autocast, as eager autograd runs it."""
         with simulating(self.plan.device.kind), fx_traceback.preserve_node_meta(), \
-                module_annotations(self.model), \
+                module_annotations(self.model), attention_kernels(), \
                 torch._functorch.config.patch(backward_pass_autocast="off"), \
                 (_compiling_state_context() if exporting else contextlib.nullcontext()):
             yield

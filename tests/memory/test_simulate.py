@@ -149,3 +149,22 @@ def test_a_fully_frozen_model_is_an_error_that_says_what_to_unfreeze():
     model = nn.Linear(8, 8).requires_grad_(False)
     with pytest.raises(MemoptError, match="requires_grad"):
         simulate_step(model, (torch.randn(2, 8),), loss_fn=lambda out, _: out.sum())
+
+
+def test_stand_ins_live_on_the_gpu_the_model_is_on_only_where_this_process_has_one(monkeypatch):
+    """A plan must name the kernels the runtime's trace will hold: on a GPU, the GPU's (its attention
+    ops are other ops than the CPU's); without one, fake CPU tensors stand in for the target."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memopt.memory.simulate import fake_like, stand_in_device
+
+    with FakeTensorMode():
+        on_gpu = torch.empty(4, 3, device="cuda")
+        assert on_gpu.device.type == "cuda"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert stand_in_device(on_gpu) == "cpu" and fake_like(on_gpu).device.type == "cpu"
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert stand_in_device(on_gpu) == "cuda" and fake_like(on_gpu).device.type == "cuda"
+        assert fake_like(on_gpu).shape == (4, 3)
+    for t in (torch.empty(2), torch.empty(2, device="meta")):
+        assert stand_in_device(t) == "cpu"
