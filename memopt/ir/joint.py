@@ -348,11 +348,11 @@ def _never(gm: torch.fx.GraphModule, args: Any) -> Any:  # pragma: no cover - pa
 @contextlib.contextmanager
 def attention_kernels() -> Iterator[None]:
     """The attention kernels a planned step is traced and run with: SDPA's flash, memory-efficient
-    and math kernels, not cuDNN's. CUDA's SDPA picks a kernel by the inputs, and cuDNN's eligibility
-    differs between a trace at exact sizes (the planner's) and one with symbolic sizes (the
-    runtime's): on an H200 the runtime traced cuDNN's kernel where the plan had priced another one,
-    and refused the step. With cuDNN left out both traces pick the same kernel (flash, where it
-    applies), and the plan prices what runs."""
+    and math kernels, not cuDNN's. CUDA's SDPA picks a kernel by the inputs; the planner traces at
+    exact sizes and the runtime with symbolic ones, and a plan names ops, so the two must pick the
+    same kernel. On an H200 the runtime's trace held cuDNN's kernel (the plan, traced on the CPU
+    then, named another op) and the step was refused; cuDNN's conditions are the least plain of the
+    four (they include sizes), so it is left out, and flash runs where it applies."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):

@@ -111,7 +111,8 @@ def install(model: nn.Module, tokens: int, rewrites: RewriteLog) -> int:
     into (from the example's ``tokens``). Undone by ``rewrites``."""
     head = _head(model)
     assert head is not None and why_not(model, True, False) is None
-    state = _State(head, chunks_for(tokens, head.out_features), model.loss_function, inspect.signature(model.forward))
+    state = _State(head, chunks_for(tokens, head.out_features, _trained_hidden(head)), model.loss_function,
+                   inspect.signature(model.forward))
     state.handles = (model.register_forward_pre_hook(_arm, with_kwargs=True),
                      model.register_forward_hook(_disarm, with_kwargs=True, always_call=True))
     # Instance attributes: the modules, their classes and the state_dict are unchanged.
@@ -127,7 +128,13 @@ def resize(model: nn.Module, tokens: int) -> None:
     """Cut ``tokens`` (a re-plan's widest batch) into as many pieces as ``install`` would."""
     state = getattr(model, _ATTR, None)
     if state is not None:
-        state.chunks = chunks_for(tokens, state.head.out_features)
+        state.chunks = chunks_for(tokens, state.head.out_features, _trained_hidden(state.head))
+
+
+def _trained_hidden(head: nn.Module) -> int | None:
+    """The head's input width if its weight trains (``chunks_for``: pieces of at least half as many rows)."""
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[1]) if isinstance(weight, torch.Tensor) and weight.requires_grad else None
 
 
 def uninstall(model: nn.Module) -> None:

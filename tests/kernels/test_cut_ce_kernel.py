@@ -79,6 +79,9 @@ def test_pieces_bound_the_logits_held_at_once():
     assert chunks_for(16, 100) == 8  # at least 8 pieces, so short sequences are cut too
     assert chunks_for(3, 100) == 3  # never more pieces than tokens
     assert chunks_for(32768, 32000) == 63  # 2**24 logits a piece
+    # a head that trains: pieces of at least hidden / 2 rows (each adds the head's fp32 gradient)
+    assert chunks_for(8192, 128256) == 63 and chunks_for(8192, 128256, trained_hidden=4096) == 4
+    assert chunks_for(2048, 32000, trained_hidden=512) == 8 and chunks_for(100, 50, trained_hidden=4096) == 1
     assert chunks_for(524288, 128256) == 256  # at most 256 pieces
 
 
