@@ -352,10 +352,16 @@ def attention_kernels() -> Iterator[None]:
     exact sizes and the runtime with symbolic ones, and a plan names ops, so the two must pick the
     same kernel. On an H200 the runtime's trace held cuDNN's kernel (the plan, traced on the CPU
     then, named another op) and the step was refused; cuDNN's conditions are the least plain of the
-    four (they include sizes), so it is left out, and flash runs where it applies."""
+    four (they include sizes), so it is left out, and flash runs where it applies. Of the others,
+    those the caller has switched off (``sdpa_kernel``, ``torch.backends.cuda.enable_*_sdp``) stay
+    off; if cuDNN's is the only one left on, nothing is changed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+    cuda = torch.backends.cuda
+    enabled = [backend for backend, on in ((SDPBackend.FLASH_ATTENTION, cuda.flash_sdp_enabled()),
+                                           (SDPBackend.EFFICIENT_ATTENTION, cuda.mem_efficient_sdp_enabled()),
+                                           (SDPBackend.MATH, cuda.math_sdp_enabled())) if on]
+    with sdpa_kernel(enabled) if enabled else contextlib.nullcontext():
         yield
 
 

@@ -186,7 +186,7 @@ def stand_in_device(t: torch.Tensor) -> str:
     trace then holds the kernels the GPU runs (its attention kernels are other ops than the CPU's,
     and a plan names ops), as the runtime's trace of the same step on the GPU will — else the CPU,
     standing in for the target device."""
-    return "cuda" if t.device.type == "cuda" and torch.cuda.is_available() else "cpu"
+    return str(t.device) if t.device.type == "cuda" and torch.cuda.is_available() else "cpu"
 
 
 def fake_like(t: torch.Tensor) -> torch.Tensor:

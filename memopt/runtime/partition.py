@@ -496,7 +496,6 @@ class _Offload:
     aliases: list[fx.Node]  # every forward node in the carrier's storage (it and its views)
     saved: list[fx.Node]  # the forward's saved outputs living in the carrier's storage
     num_fwd_outputs: int  # the forward's outputs before the saved ones: what the caller gets
-    returned: bool = False  # the caller gets the storage too: its device copy must not be freed
 
 
 def _offloads(fw: fx.GraphModule, saved: list[fx.Node], storages: set[int], num_fwd_outputs: int) -> list[_Offload]:
@@ -510,18 +509,14 @@ def _offloads(fw: fx.GraphModule, saved: list[fx.Node], storages: set[int], num_
         key = _storage(node)
         if key in aliases:
             out.setdefault(key, _Offload(aliases[key][0], aliases[key], [], num_fwd_outputs)).saved.append(node)
-    returned = {_storage(n) for n in fw.graph.find_nodes(op="output")[0].args[0][:num_fwd_outputs]
-                if isinstance(n, fx.Node)}
-    for key, offload in out.items():
-        offload.returned = key in returned
     return list(out.values())
 
 
 def _rewire(fw: fx.GraphModule, bw: fx.GraphModule, offload: _Offload,
-            send: Callable[[fx.Graph, fx.Node, fx.Node, bool], fx.Node],
+            send: Callable[[fx.Graph, fx.Node, fx.Node], fx.Node],
             receive: Callable[[fx.Graph, fx.Node, fx.Node, "_SizeNodes"], fx.Node]) -> None:
-    """Forward: ``send(graph, carrier, last_use, free)`` replaces the saved nodes in the output (``free``:
-    the device copy may be freed once sent: the caller does not get it). Backward:
+    """Forward: ``send(graph, carrier, last_use)`` replaces the saved nodes in the output (a node the
+    caller gets as well stays there as it is). Backward:
     ``receive(graph, token, carrier_like, sizes)`` before the first use of any of them; views from
     it (a saved node of the carrier's own layout is the copy back itself)."""
     graph, output = fw.graph, fw.graph.find_nodes(op="output")[0]
@@ -530,7 +525,7 @@ def _rewire(fw: fx.GraphModule, bw: fx.GraphModule, offload: _Offload,
     last_use = max((u for n in aliases for u in n.users if u is not output), key=order, default=offload.carrier)
     last_use = max(last_use, *aliases, key=order)
     with graph.inserting_after(last_use):
-        token = send(graph, offload.carrier, last_use, not offload.returned)
+        token = send(graph, offload.carrier, last_use)
     saved, first = set(offload.saved), offload.num_fwd_outputs  # a node both returned and saved: returned as is
     output.args = (tuple(token if i >= first and a in saved else a for i, a in enumerate(output.args[0])),)
 
@@ -597,6 +592,10 @@ def _layout_of(val: torch.Tensor) -> tuple:
     return tuple(map(exact, val.shape)), tuple(map(exact, val.stride())), exact(val.storage_offset()), val.dtype
 
 
+_NO_SIZE = ("memopt cannot express the size {} in the backward graph of an offloaded tensor; plan without "
+            "offload: memopt.optimize(..., planner=memopt.PlannerConfig(allow_offload=False))")
+
+
 class _SizeNodes:
     """Sizes, strides and offsets as arguments of new nodes in ``graph``: an int stays an int; a
     symbolic one (a trace with symbolic sizes: varying batch and sequence) becomes nodes computing
@@ -634,27 +633,32 @@ class _SizeNodes:
             shape = self._tensor.meta["val"].shape
             dim = next((d for d, s in enumerate(shape) if isinstance(s, torch.SymInt) and s.node.expr == expr), None)
             if dim is None:
-                raise MemoptError(f"memopt cannot express the size {expr} in the backward graph of an offloaded "
-                                  "tensor; plan without offload (PlannerConfig(allow_offload=False))")
+                raise MemoptError(_NO_SIZE.format(expr))
             node = self._graph.call_function(torch.ops.aten.sym_size.int, (self._tensor, dim))
             node.meta["val"] = shape[dim]
-        elif isinstance(expr, (sympy.Add, sympy.Mul, FloorDiv)):
-            combine = {sympy.Add: operator.add, sympy.Mul: operator.mul, FloorDiv: operator.floordiv}[type(expr)]
-            args = [self._node(a, value) for a in expr.args]
+        elif isinstance(expr, (sympy.Add, sympy.Mul, FloorDiv, sympy.Pow)):
+            if isinstance(expr, sympy.Pow):  # s**2: the stride of a [..., s, s] tensor
+                base, exponent = expr.args
+                if not (exponent.is_Integer and int(exponent) > 0):
+                    raise MemoptError(_NO_SIZE.format(expr))
+                expr_args, combine = [base] * int(exponent), operator.mul
+            else:
+                expr_args = expr.args
+                combine = {sympy.Add: operator.add, sympy.Mul: operator.mul, FloorDiv: operator.floordiv}[type(expr)]
+            args = [self._node(a, value) for a in expr_args]
             node = args[0]
             for arg in args[1:]:
                 node = self._graph.call_function(combine, (node, arg))
             if not isinstance(node, fx.Node):
                 return node
         else:
-            raise MemoptError(f"memopt cannot express the size {expr} in the backward graph of an offloaded "
-                              "tensor; plan without offload (PlannerConfig(allow_offload=False))")
+            raise MemoptError(_NO_SIZE.format(expr))
         self._nodes[expr] = node
         return node
 
 
 def _offload_simulated(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_Offload]) -> None:
-    def send(graph: fx.Graph, carrier: fx.Node, last_use: fx.Node, free: bool) -> fx.Node:
+    def send(graph: fx.Graph, carrier: fx.Node, last_use: fx.Node) -> fx.Node:
         token = graph.call_function(torch.ops.memopt.offload_simulated.default, (carrier,))
         token.meta["val"] = carrier.meta["val"].new_empty(0)
         return token
@@ -670,20 +674,21 @@ def _offload_simulated(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_O
 
 def _offload_cuda(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_Offload]) -> None:
     """Asynchronous copies on a transfer stream (``memopt.runtime.transfer``): the copy out starts
-    when the carrier is made and the device copy is freed after its last forward use
-    (``wait_transfer(keepalive=carrier)``); the copy back is issued one offloaded tensor ahead (when
-    the previous one is waited for) and waited for right before the first use."""
+    when the carrier is made and is waited for after the carrier's last forward use, where the graph
+    drops it (its block is reused only once the copy has read it); the copy back is issued one
+    offloaded tensor ahead (when the previous one is waited for) and waited for right before the
+    first use."""
     from memopt.runtime import transfer  # noqa: F401 - registers memopt::offload_to_host, ...
 
     ops = torch.ops.memopt
     started: dict[fx.Node, fx.Node] = {}
 
-    def send(graph: fx.Graph, carrier: fx.Node, last_use: fx.Node, free: bool) -> fx.Node:
+    def send(graph: fx.Graph, carrier: fx.Node, last_use: fx.Node) -> fx.Node:
         with graph.inserting_after(carrier):
             copy = graph.call_function(ops.offload_to_host.default, (carrier,))
         copy.meta["val"] = carrier.meta["val"]  # layout metadata only: the graph is not re-traced
         with graph.inserting_after(copy if last_use is carrier else last_use):  # a carrier no one else reads
-            wait = graph.call_function(ops.wait_transfer.default, (copy,), {"keepalive": carrier if free else None})
+            wait = graph.call_function(ops.wait_transfer.default, (copy,))
         wait.meta["val"] = copy.meta["val"]
         return wait
 
@@ -692,7 +697,7 @@ def _offload_cuda(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_Offloa
         reload = graph.call_function(ops.reload_to_device.default, (token, carrier.meta["val"].device))
         reload.meta["val"] = carrier.meta["val"]
         started[reload] = token
-        return graph.call_function(ops.wait_transfer.default, (reload,), {"keepalive": token})
+        return graph.call_function(ops.wait_transfer.default, (reload,))
 
     for offload in offloads:
         _rewire(fw, bw, offload, send, receive)

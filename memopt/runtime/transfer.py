@@ -2,17 +2,20 @@
 
 An offloaded tensor leaves the forward graph through two nodes and enters the backward through two::
 
-    host = memopt.offload_to_host(x)                  # copy out starts on the transfer stream
-    host = memopt.wait_transfer(host, keepalive=x)    # the compute stream waits; x's storage is freed
+    host = memopt.offload_to_host(x)            # copy out starts on the transfer stream
+    host = memopt.wait_transfer(host)           # the compute stream waits for it
     ...
-    y = memopt.reload_to_device(host, device)         # copy back starts (a prefetch)
-    y = memopt.wait_transfer(y, keepalive=host)       # waited for right before y is read
+    y = memopt.reload_to_device(host, device)   # copy back starts (a prefetch)
+    y = memopt.wait_transfer(y)                 # waited for right before y is read
 
 One transfer stream per device carries every copy, in the order the graph issues them. Each copy
 records an event that its ``wait_transfer`` makes the compute stream wait for (found by the data
-pointer of the copy's result), then frees the storage of ``keepalive`` — the source, which no one
-reads after the copy — with ``resize_(0)``: an allocation freed in graph order, without
-``record_stream`` (whose deferred frees make the caching allocator's peak depend on timing).
+pointer of the copy's result). Nothing is freed by these ops: a tensor is freed where its graph
+drops it. A device source is marked used by the transfer stream (``record_stream``), so the caching
+allocator gives its block to no other tensor before the copy has read it, however early the graph
+drops it (Inductor may drop it right after issuing the copy; it may even compute a pointwise source
+twice, once for the copy and once elsewhere); pinned host memory is guarded by torch's host
+allocator, which records the copies that use it.
 
 The ops are memopt's own (torch's ``ao.*`` ops of the same shape exist only from torch 2.13), and
 run on the CPU too (synchronous copies, no streams), so a lowering with them executes in tests on
@@ -38,6 +41,8 @@ def _transfer_stream(device: torch.device) -> torch.cuda.Stream:
 
 def _copy(source: torch.Tensor, result: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy ``source`` into ``result`` on ``device``'s transfer stream after the work queued so far."""
+    if result.numel() == 0:  # nothing to copy (and every empty tensor's data pointer is 0)
+        return result
     if device.type != "cuda":
         result.copy_(source)
         _pending[result.data_ptr()] = None
@@ -48,6 +53,8 @@ def _copy(source: torch.Tensor, result: torch.Tensor, device: torch.device) -> t
         result.copy_(source, non_blocking=True)
         done = torch.cuda.Event()
         done.record(stream)
+    if source.is_cuda:  # its block is not reused before the copy has read it, whoever frees it when
+        source.record_stream(stream)
     _pending[result.data_ptr()] = done, device
     return result
 
@@ -80,12 +87,14 @@ def _(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 _lib = torch.library.Library("memopt", "FRAGMENT")
-_lib.define("wait_transfer(Tensor(a) tensor, Tensor? keepalive=None) -> Tensor(a)")
+_lib.define("wait_transfer(Tensor(a) tensor) -> Tensor(a)")
 
 
 @torch.library.impl("memopt::wait_transfer", "CompositeExplicitAutograd")
-def _wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
-    """The compute stream waits for the copy that made ``tensor``; ``keepalive``'s storage is freed."""
+def _wait_transfer(tensor: torch.Tensor) -> torch.Tensor:
+    """The compute stream waits for the copy that made ``tensor``."""
+    if tensor.numel() == 0:
+        return tensor
     try:
         done = _pending.pop(tensor.data_ptr())
     except KeyError:
@@ -94,18 +103,16 @@ def _wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) 
     if done is not None:
         event, device = done
         torch.cuda.current_stream(device).wait_event(event)
-    if keepalive is not None and keepalive.untyped_storage().size() > 0:
-        keepalive.untyped_storage().resize_(0)
     return tensor
 
 
 @torch.library.register_fake("memopt::wait_transfer")
-def _(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
+def _(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
 has_side_effect(torch.ops.memopt.wait_transfer.default)
 
 
-def wait_transfer(tensor: torch.Tensor, keepalive: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.memopt.wait_transfer.default(tensor, keepalive)
+def wait_transfer(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.ops.memopt.wait_transfer.default(tensor)

@@ -123,3 +123,35 @@ def test_dropout_is_tagged_rng_and_cuda_targets_round_blocks():
     assert all(s.nbytes % 512 == 0 for s in trace.storages)
     # attention with dropout_p=0 draws nothing: it is not an RNG op
     assert not any("rng" in op.tags for op in trace.ops if "attention" in op.target)
+
+
+def test_attention_kernels_leave_out_cudnn_and_keep_what_the_caller_switched_off():
+    """Planner and runtime trace with one SDPA kernel choice (``attention_kernels``): never cuDNN's,
+    and never a kernel the caller switched off (a user who picked the math kernel keeps it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from memopt.ir.joint import attention_kernels
+
+    cuda = torch.backends.cuda
+    with attention_kernels():
+        assert not cuda.cudnn_sdp_enabled()
+        assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled() and cuda.math_sdp_enabled()
+    with sdpa_kernel([SDPBackend.MATH]), attention_kernels():
+        assert cuda.math_sdp_enabled() and not (cuda.flash_sdp_enabled() or cuda.mem_efficient_sdp_enabled())
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]), attention_kernels():  # nothing else on: unchanged
+        assert cuda.cudnn_sdp_enabled() and not cuda.flash_sdp_enabled()
+
+
+def test_grouped_query_attention_flops_are_counted_as_its_keys_repeated():
+    """Every SDPA kernel's FLOPs, on any torch: k/v with fewer heads count as if repeated to q's."""
+    from memopt.ir.joint import _EXTRA_FLOPS
+
+    q, kv = torch.empty(2, 8, 16, 4, device="meta"), torch.empty(2, 2, 16, 4, device="meta")
+    full = torch.empty(2, 8, 16, 4, device="meta")
+    forward = _EXTRA_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu]
+    assert forward(q, kv, kv) == forward(q, full, full) == 2 * (2 * 2 * 8 * 16 * 16 * 4)
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention"):
+        assert _EXTRA_FLOPS[getattr(torch.ops.aten, name)](q, kv, kv) == forward(q, full, full)
+    backward = _EXTRA_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_backward]
+    assert backward(q, q, kv, kv) == backward(q, q, full, full) > 0

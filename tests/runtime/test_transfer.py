@@ -16,17 +16,16 @@ from tests.runtime._planned import budget_between, gradients
 ops = torch.ops.memopt
 
 
-def test_a_tensor_goes_to_host_and_back_in_its_layout_and_each_source_is_freed_at_its_wait():
+def test_a_tensor_goes_to_host_and_back_in_its_layout():
     x = torch.randn(6, 4).t()  # not contiguous
-    expected = x.clone()
-    host = ops.offload_to_host.default(x)
-    host = ops.wait_transfer.default(host, keepalive=x)
-    assert x.untyped_storage().size() == 0  # the device copy is gone
-    assert torch.equal(host, expected)
-    back = ops.reload_to_device.default(host, torch.device("cpu"))
-    back = ops.wait_transfer.default(back, keepalive=host)
-    assert host.untyped_storage().size() == 0
-    assert back.stride() == expected.stride() and torch.equal(back, expected)
+    host = ops.wait_transfer.default(ops.offload_to_host.default(x))
+    assert host.stride() == x.stride() and torch.equal(host, x)
+    back = ops.wait_transfer.default(ops.reload_to_device.default(host, torch.device("cpu")))
+    assert back.stride() == x.stride() and torch.equal(back, x)
+    assert x.untyped_storage().size() > 0  # nothing is freed by the ops: where the graph drops a tensor
+    empty = torch.empty(0, 3)  # every empty tensor's data pointer is 0: no copy, no pending entry
+    firsts = [ops.offload_to_host.default(empty) for _ in range(2)]
+    assert [ops.wait_transfer.default(h).shape for h in firsts] == [(0, 3), (0, 3)]
 
 
 def test_a_wait_without_its_copy_is_an_error():
@@ -34,12 +33,14 @@ def test_a_wait_without_its_copy_is_an_error():
         ops.wait_transfer.default(torch.ones(3))
 
 
-def test_a_gpu_plan_lowered_with_the_copy_ops_gives_plain_autograds_gradients(monkeypatch):
-    """The lowering a GPU runs (``offload_mode='cuda'``), executed on the CPU: what leaves for the
-    host and comes back is what the backward reads."""
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_gpu_plan_lowered_with_the_copy_ops_gives_plain_autograds_gradients(monkeypatch, compile):
+    """The lowering a GPU runs (``offload_mode='cuda'``), executed on the CPU, op by op and through
+    Inductor (which may drop or recompute a copied tensor's source: the ops must not free it): what
+    leaves for the host and comes back is what the backward reads."""
     model = tiny_llama(num_hidden_layers=3)
     batch = lm_batch(model, batch=4, seq=64)
-    options = dict(method="full", device="cuda", reserve_gb=0)
+    options = dict(method="full", device="cuda", reserve_gb=0, compile=compile)
     optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, 0.4, **options),
                                 example_inputs=batch, **options)
     assert optimized.plan.bytes_by_action()["offload"] > 0
@@ -58,3 +59,27 @@ def test_a_gpu_plan_lowered_with_the_copy_ops_gives_plain_autograds_gradients(mo
     assert got.keys() == want.keys() and len(got) == sum(p.requires_grad for p in inner.parameters())
     for name, grad in got.items():
         torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6)
+
+
+def test_symbolic_sizes_and_strides_become_nodes_that_compute_them():
+    """A backward traced with symbolic sizes re-creates an offloaded view with ``as_strided``: its
+    size, stride and offset must be graph values, built from what the graph has (here a [b, s, s]
+    tensor: stride s**2, s and 1)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memopt.runtime.partition import _SizeNodes
+
+    gm = make_fx(lambda x: x * 2, tracing_mode="symbolic")(torch.randn(2, 5, 5))
+    x = next(iter(gm.graph.find_nodes(op="placeholder")))
+    val = x.meta["val"]
+    out = gm.graph.find_nodes(op="output")[0]
+    with gm.graph.inserting_before(out):  # as the lowering inserts: before the first reader
+        sizes = _SizeNodes(gm.graph, x)
+        stride, shape = sizes.of(val.stride()), sizes.of(val.shape)
+        view = gm.graph.call_function(torch.ops.aten.as_strided.default, (x, shape, stride))
+    out.args = ((out.args[0], view),)
+    gm.recompile()
+    for b, s in ((2, 5), (3, 7)):
+        t = torch.randn(b, s, s)
+        _, again = gm(t)
+        assert again.shape == t.shape and again.stride() == t.stride() and torch.equal(again, t)
