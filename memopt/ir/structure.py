@@ -207,7 +207,9 @@ def _left_alone(graph: "_Graph", captured: CapturedGraph, model: nn.Module) -> t
             experts.setdefault(owner, []).append(attr)
     for owner, attrs in experts.items():
         notes[owner] = (f"{owner} ({type(modules[owner]).__name__}) left alone: its weights ({', '.join(attrs)}) are "
-                        "3-D (mixture-of-experts experts), not Linear layers; they stay frozen")
+                        "3-D (mixture-of-experts experts), not Linear layers: no adapter, quantization or "
+                        "sparse rewrite applies to them (frozen where the method trains adapters, trained as "
+                        "they are where it trains the weights themselves: full, LISA, OwLore)")
     return tuple(notes.values())
 
 

@@ -164,7 +164,7 @@ def test_stand_ins_live_on_the_gpu_the_model_is_on_only_where_this_process_has_o
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         assert stand_in_device(on_gpu) == "cpu" and fake_like(on_gpu).device.type == "cpu"
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        assert stand_in_device(on_gpu) == "cuda" and fake_like(on_gpu).device.type == "cuda"
+        assert stand_in_device(on_gpu) == str(on_gpu.device) and fake_like(on_gpu).device == on_gpu.device
         assert fake_like(on_gpu).shape == (4, 3)
     for t in (torch.empty(2), torch.empty(2, device="meta")):
         assert stand_in_device(t) == "cpu"
