@@ -49,7 +49,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_map_only
 
-from memopt.errors import MemoptError
+from memopt.errors import MemoptError, UnsupportedModelError
 from memopt.memory import hf_masks
 from memopt.memory.hf_masks import eager_masks
 from memopt.memory.inputs import normalize_inputs
@@ -116,13 +116,35 @@ def simulate_step(
                            exporting=False)
     except MemoptError:
         raise
-    except Exception:  # noqa: BLE001 - a path fake tensors cannot run: try the one torch.export takes
+    except Exception as first:  # noqa: BLE001 - a path fake tensors cannot run: try the one torch.export takes
         # Models ask torch.compiler.is_exporting() first and take a value-free, traceable branch
         # (HF: an explicit causal mask; MoE experts through a custom op), as the joint trace does.
-        report = _simulate(model, example_inputs, loss_fn, optimizer, optimizer_kwargs, device, round_to, steady_state,
-                           exporting=True)
+        try:
+            report = _simulate(model, example_inputs, loss_fn, optimizer, optimizer_kwargs, device, round_to,
+                               steady_state, exporting=True)
+        except MemoptError:
+            raise
+        except Exception as second:  # noqa: BLE001 - the first failure is the one to tell
+            if type(second) is type(first) and str(second) == str(first):
+                raise first from None  # not the branch: the call itself (an argument the error names)
+            raise UnsupportedModelError(_not_simulated(model, first, second)) from first
     _log.debug("simulated one step on %s in %.1f s: %s", device, time.perf_counter() - start, report.summary())
     return report
+
+
+def _not_simulated(model: nn.Module, first: Exception, second: Exception) -> str:
+    """Why a step could not run on fake tensors, on either branch, and the way out."""
+    def said(error: Exception) -> str:
+        return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+    hint = ("an op of the step refuses these inputs on the target device; ")
+    if "BF16" in str(first) or "bfloat16" in str(first):
+        hint = ("an op of the step takes only bfloat16 inputs (mixture-of-experts layers through "
+                "torch._grouped_mm): load the model in bfloat16, or set its experts implementation to one "
+                "that takes any dtype (config._experts_implementation = 'batched_mm'); ")
+    return (f"memopt could not simulate a training step of {type(model).__name__} on fake tensors: {said(first)} "
+            f"(on export's branch too: {said(second)}). {hint[0].upper()}{hint[1:]}does the model train as it "
+            "is, in plain PyTorch, with these inputs?")
 
 
 def _simulate(model: nn.Module, example_inputs: Any, loss_fn: LossFn | None, optimizer: OptimizerFactory | None,

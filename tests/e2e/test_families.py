@@ -129,3 +129,18 @@ def test_torchs_fused_encoder_path_never_bypasses_an_adapter():
     torch.testing.assert_close(out, unfused, rtol=1e-5, atol=1e-5)
     assert (out - base).abs().max() > 100 * (out - unfused).abs().max()
     assert any("out_proj (NonDynamicallyQuantizableLinear) left alone" in n for n in optimized.plan.notes)
+
+
+def test_moe_experts_that_take_only_bfloat16_say_so_and_plan_in_bfloat16():
+    """transformers' default MoE experts (``torch._grouped_mm``) take only bfloat16 on CUDA: an fp32
+    model planned for a GPU fails on both of the simulation's branches, and the error names the first
+    failure and the ways out (not the second branch's unrelated one)."""
+    model = F.tiny_qwen2_moe()
+    if getattr(model.config, "_experts_implementation", None) != "grouped_mm":
+        pytest.skip("this transformers runs MoE experts without torch._grouped_mm")
+    batch = lm_batch(model, batch=2, seq=32)
+    with pytest.raises(memopt.UnsupportedModelError, match=r"(?s)BF16.*load the model in bfloat16.*batched_mm"):
+        memopt.optimize(copy.deepcopy(model), budget_gb=64, example_inputs=batch, device="cuda", method="full")
+    plan = memopt.optimize(model.to(torch.bfloat16), budget_gb=64, example_inputs=batch, device="cuda",
+                           method="full").plan
+    assert plan.predicted_peak_bytes > 0
