@@ -61,7 +61,8 @@ def why_not(module: nn.Module) -> str | None:
         return (f"{name} is not a transformers model's MLP: memopt chunks only those, whose forward is known to treat "
                 "each position alone")
     if any(word in name for word in _NOT_POSITION_WISE):
-        return f"{name} routes tokens to experts with a capacity over all positions"
+        return (f"{name} is named as a mixture-of-experts MLP, which memopt does not chunk (an expert layer may "
+                "route tokens with a capacity over all positions; a plain MLP of a MoE model shares the name)")
     params = [p for p in inspect.signature(type(module).forward).parameters.values()][1:]
     required = [p for p in params if p.default is inspect.Parameter.empty
                 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -294,3 +294,16 @@ def test_a_smaller_batch_whose_program_the_widened_plan_does_not_hold_is_planned
     optimized(**batch).loss.backward()
     assert calls == [True, False] and optimized.plan.input_shapes["input_ids"] == (2, 3)
     assert "planned at this batch's own sizes" in optimized.replans[-1]
+
+
+def test_auto_on_a_model_whose_mlps_cannot_be_chunked_says_so():
+    """chunk_sequence='auto' never leaves the user guessing: a MoE model's MLPs stay whole, and the
+    plan's notes say that nothing ran in pieces and why."""
+    from tests import families as F
+
+    model = F.tiny_qwen2_moe()
+    model.config._experts_implementation = "batched_mm"  # any dtype (grouped_mm takes bfloat16 alone)
+    batch = lm_batch(model, batch=2, seq=32)
+    plan = memopt.optimize(model, budget_gb=64, example_inputs=batch, chunk_sequence="auto").plan
+    note = next(n for n in plan.notes if n.startswith("chunk_sequence='auto' runs no MLP in pieces"))
+    assert "mixture-of-experts" in note
