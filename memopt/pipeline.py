@@ -120,8 +120,8 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
     # Rewrite in place through the undo log, composed with quantization as the method's pass declares;
     # everything after measures the rewritten model.
     result = rewrite(job.model, captured.graph, cfg.method_config, quant, rewrites)
-    if cfg.chunk_sequence == "auto" and not seq_chunk.chunkable(job.model)[0]:
-        result = dataclasses.replace(result, notes=(*result.notes, _nothing_to_chunk(job.model)))
+    if cfg.chunk_sequence == "auto" and not (chunkable := seq_chunk.chunkable(job.model))[0]:
+        result = dataclasses.replace(result, notes=(*result.notes, _nothing_to_chunk(chunkable[1])))
     if cfg.chunk_sequence not in (None, "auto"):
         result = dataclasses.replace(result, notes=(*result.notes, chunk_sequence(job.model, cfg.chunk_sequence,
                                                                                    rewrites)))
@@ -159,9 +159,8 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
     return _record(job, captured, result, memory, trace, activations)
 
 
-def _nothing_to_chunk(model: nn.Module) -> str:
-    """chunk_sequence="auto"'s note where no MLP of ``model`` can run in pieces."""
-    left = seq_chunk.chunkable(model)[1]
+def _nothing_to_chunk(left: dict[str, str]) -> str:
+    """chunk_sequence="auto"'s note where no MLP can run in pieces (``left``: those left whole, with why)."""
     why = "; ".join(f"{name}: {reason}" for name, reason in list(left.items())[:2])
     return ("chunk_sequence='auto' runs no MLP in pieces: " + (f"{len(left)} MLP(s) left whole ({why}"
             f"{'; ...' if len(left) > 2 else ''})" if left else "the model has no MLP memopt knows (a module "

@@ -617,11 +617,9 @@ class _SizeNodes:
         return [self(v) for v in values]
 
     def __call__(self, value: Any) -> Any:
-        if not isinstance(value, torch.SymInt) or value.node.expr.is_number:
-            return int(value) if not isinstance(value, torch.SymInt) else int(value.node.expr)
-        return self._node(value.node.expr, value)
+        return self._node(value.node.expr) if isinstance(value, torch.SymInt) else int(value)
 
-    def _node(self, expr: Any, value: torch.SymInt) -> Any:
+    def _node(self, expr: Any) -> Any:
         from torch.utils._sympy.functions import FloorDiv
 
         sympy = self._sympy
@@ -645,7 +643,7 @@ class _SizeNodes:
             else:
                 expr_args = expr.args
                 combine = {sympy.Add: operator.add, sympy.Mul: operator.mul, FloorDiv: operator.floordiv}[type(expr)]
-            args = [self._node(a, value) for a in expr_args]
+            args = [self._node(a) for a in expr_args]
             node = args[0]
             for arg in args[1:]:
                 node = self._graph.call_function(combine, (node, arg))
