@@ -158,7 +158,7 @@ def _keep_what_fits(problem: PlanningProblem, choices: Sequence[Choice], capacit
 def _greedy_hint(model: "_Model", capacity: int, limit: int) -> tuple[Choice, ...] | None:
     """A greedy plan that also fits the rounded-up model: aim below the capacity by what rounding
     can add (a quantum per term of the longest segment), and lower again if that was not enough."""
-    widest = max((len(terms) for terms, _ in model.segments()), default=0)
+    widest = max((segment.size for segment in model.segments()), default=0)
     target = capacity - widest * model.quantum
     for _ in range(2):
         choices = greedy_plan(model.problem, target)
@@ -179,9 +179,11 @@ class _Model:
         self._spikes: dict[int, list[tuple[int, int, int]]] = {}  # point -> (candidate, point index, bytes)
         self._spike_vars: dict[int, cp_model.IntVar] = {}
         # Auxiliary variables and how to compute them from the decisions, so a hint is complete:
-        # (variable, [(decision index, coefficient)], constant) -> max(0, constant + sum).
-        self._derived: list[tuple[cp_model.IntVar, list[tuple[int, int]], int]] = []
-        self._exposed: list[tuple[cp_model.IntVar, list[tuple[list[tuple[int, int]], int]]]] = []
+        # (variable, [(variable index, coefficient)], constant, base variable index or None)
+        # -> max(0, constant + base + sum), each after its base.
+        self._derived: list[tuple[cp_model.IntVar, list[tuple[int, int]], int, int | None]] = []
+        # (variable, [(running sum's variable index, constant)]) -> max(0, max(sum + constant))
+        self._exposed: list[tuple[cp_model.IntVar, list[tuple[int, int]]]] = []
         self.action: dict[tuple[int, str], cp_model.IntVar] = {}
         members = problem.classes
         for klass, group in members.items():
@@ -238,10 +240,11 @@ class _Model:
                                                                  for c in p.candidates)
         return -(-total // self.quantum)
 
-    def segments(self) -> list[tuple[dict[int, tuple[cp_model.IntVar, int]], int]]:
-        """(terms, constant) in quanta, one per distinct expression of the device bytes at a point."""
+    def segments(self) -> list[_Segment]:
+        """The distinct expressions of the device bytes at a point, in quanta, each as its change from
+        the one before (so memory grows with the events, not with points x terms)."""
         if self._segments is None:
-            self._segments = self._sweep(*self._events())
+            self._segments = self._quantized(self._sweep(*self._events()))
         return self._segments
 
     def _events(self) -> tuple[list[int], dict[int, list[tuple[int, tuple, int]]]]:
@@ -274,67 +277,95 @@ class _Model:
         constant = [p.static.resident + b + x for b, x in zip(p.base, forward)]
         return constant, events
 
-    def _sweep(self, constant: list[int], events: dict) -> list[tuple[dict[int, tuple[cp_model.IntVar, int]], int]]:
-        """Walk the points; a segment dominated by its neighbour (fewer terms, smaller constant) is dropped."""
-        active: dict[tuple, int] = {}
-        kept: list[tuple[dict, int]] = []
+    def _sweep(self, constant: list[int], events: dict) -> list[tuple[dict[tuple, int], int]]:
+        """Walk the points; a segment dominated by its neighbour (fewer terms, smaller constant) is
+        dropped. Each segment kept is (bytes per key changed from the segment kept before, constant):
+        ``a`` dominates ``b`` exactly when the change from ``a`` to ``b`` only lowers terms."""
+        kept: list[tuple[dict[tuple, int], int]] = []
+        since: dict[tuple, int] = {}  # the terms' change since the last segment kept
         current: int | None = None
 
         def close() -> None:
+            nonlocal since
             if current is None:
                 return
-            segment = (dict(active), current)
-            if kept and _dominates(kept[-1], segment):
-                return
-            while kept and _dominates(segment, kept[-1]):
-                kept.pop()
-            kept.append(segment)
+            if kept and kept[-1][1] >= current and all(c <= 0 for c in since.values()):
+                return  # dominated by the one before: the change stays pending
+            change = since
+            while kept and current >= kept[-1][1] and all(c >= 0 for c in change.values()):
+                change = _merged(kept.pop()[0], change)  # it dominates the one before
+            kept.append((change, current))
+            since = {}
 
         for t in range(self.problem.num_points):
             if t in events:
                 close()
                 for sign, key, coef in events[t]:
-                    active[key] = active.get(key, 0) + sign * coef
-                    if active[key] == 0:
-                        del active[key]
+                    since[key] = since.get(key, 0) + sign * coef
+                    if since[key] == 0:
+                        del since[key]
                 current = None
             current = constant[t] if current is None else max(current, constant[t])
         close()
-        return [self._terms(items, const) for items, const in kept]
+        return kept
 
-    def _terms(self, items: dict, const: int) -> tuple[dict[int, tuple[cp_model.IntVar, int]], int]:
+    def _quantized(self, kept: list[tuple[dict[tuple, int], int]]) -> list[_Segment]:
+        """The segments' byte changes per key as quanta changes per variable: a variable's coefficient
+        is its bytes (summed over the keys it stands for) rounded up."""
         q = self.quantum
-        merged: dict[int, list] = {}
-        for key, coef in items.items():
-            var = self._var(key)
-            merged.setdefault(var.Index(), [var, 0])[1] += coef
-        return {i: (var, -(-coef // q)) for i, (var, coef) in merged.items()}, -(-const // q)
+        total: dict[int, int] = {}  # variable index -> bytes in the current segment
+        out = []
+        for change, const in kept:
+            moved: dict[int, list] = {}
+            for key, coef in change.items():
+                var = self._var(key)
+                moved.setdefault(var.Index(), [var, 0])[1] += coef
+            step = {}
+            for i, (var, coef) in moved.items():
+                before = total.get(i, 0)
+                total[i] = before + coef
+                if not total[i]:
+                    del total[i]
+                if (delta := -(-(before + coef) // q) - -(-before // q)):
+                    step[i] = (var, delta)
+            out.append(_Segment(step, -(-const // q), len(total)))
+        return out
 
     def add_memory(self, bound: "cp_model.IntVar | int") -> None:
         """Device bytes <= bound at every segment, as a chain: each segment's variable part is the
-        previous one's plus what changed, so the model grows with the events, not points x terms."""
-        previous: dict[int, tuple[cp_model.IntVar, int]] = {}
-        running: cp_model.LinearExprT = 0
-        for i, (terms, const) in enumerate(self.segments()):
-            change = {k: (v, c - previous.get(k, (v, 0))[1]) for k, (v, c) in terms.items()}
-            change.update({k: (v, -c) for k, (v, c) in previous.items() if k not in terms})
-            change = {k: vc for k, vc in change.items() if vc[1]}
-            if len(change) * 2 < len(terms) or i == 0:
-                upper = sum(c for _, c in terms.values())
-                part = self.cp.NewIntVar(0, upper, f"bytes_{i}")
-                self.cp.Add(part == running + cp_model.LinearExpr.WeightedSum(
-                    [v for v, _ in change.values()], [c for _, c in change.values()]))
-                self._derived.append((part, [(k, c) for k, (_, c) in terms.items()], 0))
-            else:  # a big change: restart the chain from the terms themselves
-                part = cp_model.LinearExpr.WeightedSum([v for v, _ in terms.values()], [c for _, c in terms.values()])
-            self.cp.Add(part + const <= bound)
-            previous, running = terms, part
+        previous one's plus what changed; a segment that changes most of its terms starts the chain
+        again from its terms."""
+        terms: dict[int, tuple[cp_model.IntVar, int]] = {}
+        previous: cp_model.IntVar | None = None
+        for i, segment in enumerate(self.segments()):
+            for k, (var, delta) in segment.change.items():
+                coef = terms.get(k, (var, 0))[1] + delta
+                if coef:
+                    terms[k] = (var, coef)
+                else:
+                    del terms[k]
+            upper = sum(c for _, c in terms.values())
+            part = self.cp.NewIntVar(0, upper, f"bytes_{i}")
+            if previous is not None and len(segment.change) * 2 < len(terms):
+                change = [(k, c) for k, (_, c) in segment.change.items()]
+                self.cp.Add(part == previous + cp_model.LinearExpr.WeightedSum(
+                    [v for v, _ in segment.change.values()], [c for _, c in segment.change.values()]))
+                self._derived.append((part, change, 0, previous.Index()))
+            else:  # the first, or a big change: from the terms themselves
+                self.cp.Add(part == cp_model.LinearExpr.WeightedSum([v for v, _ in terms.values()],
+                                                                    [c for _, c in terms.values()]))
+                self._derived.append((part, [(k, c) for k, (_, c) in terms.items()], 0, None))
+            self.cp.Add(part + segment.const <= bound)
+            previous = part
 
     def peak_in_quanta(self, choices: Sequence[Choice]) -> int:
         """The model's (rounded-up) peak of ``choices``: what a hint must satisfy."""
         values = self._values(choices)
-        return max((const + sum(c * values[i] for i, (_, c) in terms.items()) for terms, const in self.segments()),
-                   default=0)
+        peak, running = 0, 0
+        for segment in self.segments():
+            running += sum(c * values[i] for i, (_, c) in segment.change.items())
+            peak = max(peak, running + segment.const)
+        return peak
 
     def _var(self, key: tuple) -> cp_model.IntVar:
         kind, a, b = key
@@ -387,18 +418,17 @@ class _Model:
         """max(0, max over job groups g of (work of the jobs up to g) - slack(g)) as one variable."""
         total = sum(d for _, d, _ in jobs)
         exposed = self.cp.NewIntVar(0, total, name)
-        running: cp_model.LinearExprT = 0
-        work: list[tuple[int, int]] = []
-        worst: list[tuple[list[tuple[int, int]], int]] = []
+        running: cp_model.IntVar | None = None
+        worst: list[tuple[int, int]] = []  # (running sum's variable index, -slack)
         for key, group in itertools.groupby(jobs, key=lambda j: j[0]):
             group = list(group)
             step = cp_model.LinearExpr.WeightedSum([v for _, _, v in group], [d for _, d, _ in group])
             cumulative = self.cp.NewIntVar(0, total, f"{name}_work_{key}")
-            self.cp.Add(cumulative == running + step)
+            self.cp.Add(cumulative == (step if running is None else running + step))
             self.cp.Add(exposed >= cumulative - slack(key))
-            work = work + [(v.Index(), d) for _, d, v in group]
-            self._derived.append((cumulative, work, 0))
-            worst.append((work, -slack(key)))
+            self._derived.append((cumulative, [(v.Index(), d) for _, d, v in group], 0,
+                                  None if running is None else running.Index()))
+            worst.append((cumulative.Index(), -slack(key)))
             running = cumulative
         self._exposed.append((exposed, worst))
         return exposed
@@ -430,10 +460,12 @@ class _Model:
         values = self._values(choices)
         for index, value in values.items():
             self.cp.AddHint(self.cp.GetIntVarFromProtoIndex(index), value)
-        for var, terms, const in self._derived:
-            self.cp.AddHint(var, max(0, const + sum(c * values[i] for i, c in terms)))
+        for var, terms, const, base in self._derived:  # (in order: a base is hinted before)
+            values[var.Index()] = max(0, const + (0 if base is None else values[base]) +
+                                      sum(c * values[i] for i, c in terms))
+            self.cp.AddHint(var, values[var.Index()])
         for var, bounds in self._exposed:
-            self.cp.AddHint(var, max([0] + [const + sum(c * values[i] for i, c in terms) for terms, const in bounds]))
+            self.cp.AddHint(var, max([0] + [values[i] + const for i, const in bounds]))
 
     def run(self, options: SolverOptions, phase: str, progress: Callable[[str], None] | None,
             unit: Callable[[float], str] = str) -> SolveResult:
@@ -479,10 +511,24 @@ class _Model:
         return tuple(out)
 
 
-def _dominates(a: tuple[dict, int], b: tuple[dict, int]) -> bool:
-    """Every assignment gives segment ``a`` at least the bytes of ``b`` (all coefficients are >= 0)."""
-    (terms_a, const_a), (terms_b, const_b) = a, b
-    return const_a >= const_b and all(terms_a.get(k, 0) >= c for k, c in terms_b.items())
+@dataclass(frozen=True)
+class _Segment:
+    """One expression of the device bytes, in quanta: ``change`` per variable index (variable,
+    coefficient change) from the segment before, ``const`` its constant, ``size`` its terms."""
+
+    change: dict[int, tuple[cp_model.IntVar, int]]
+    const: int
+    size: int
+
+
+def _merged(a: dict[tuple, int], b: dict[tuple, int]) -> dict[tuple, int]:
+    """Two changes one after the other, as one (terms that cancel dropped)."""
+    out = dict(a)
+    for key, coef in b.items():
+        out[key] = out.get(key, 0) + coef
+        if not out[key]:
+            del out[key]
+    return out
 
 
 class _Progress(cp_model.CpSolverSolutionCallback):
