@@ -390,15 +390,21 @@ class OptimizeConfig:
     quantize: QuantizeConfig | str | None = None
     host_budget_gb: float | None = None  # host memory offloaded activations may hold; None: this machine's RAM
     cut_cross_entropy: bool | str = "auto"  # fuse a HF causal LM's head and loss: True, False or "auto"
-    chunk_sequence: int | str | None = None  # each position-wise MLP in this many pieces of tokens; "auto": if
-    # whole MLPs do not fit, or must recompute / offload and the step in pieces is faster
+    chunk_sequence: int | str | Mapping[str, int] | None = None  # each position-wise MLP in this many pieces of
+    # tokens, or MLP name -> pieces (the others whole); "auto": if whole MLPs do not fit (those at the peak
+    # first), or must recompute / offload and the step in pieces is faster
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "budget_gb", _positive_number(self.budget_gb, "budget_gb"))
-        if self.chunk_sequence not in (None, "auto") and (isinstance(self.chunk_sequence, bool) or
-                                                not isinstance(self.chunk_sequence, int) or self.chunk_sequence < 2):
-            raise ValueError(f"chunk_sequence must be a number of pieces >= 2, 'auto' (pieces when whole MLPs do "
-                             f"not fit or are slower) or None (no chunking), got {self.chunk_sequence!r}")
+        chunks = self.chunk_sequence
+        if isinstance(chunks, Mapping):  # (the names are checked against the model as it is chunked)
+            object.__setattr__(self, "chunk_sequence", chunks := dict(chunks))
+        if chunks not in (None, "auto") and not (
+                _is_pieces(chunks) or isinstance(chunks, dict) and chunks and
+                all(isinstance(k, str) and _is_pieces(v) for k, v in chunks.items())):
+            raise ValueError(f"chunk_sequence must be a number of pieces >= 2, a mapping of MLP module names to "
+                             f"pieces, 'auto' (pieces when whole MLPs do not fit or are slower) or None (no "
+                             f"chunking), got {chunks!r}")
         if not (isinstance(self.cut_cross_entropy, bool) or self.cut_cross_entropy == "auto"):
             raise ValueError(f"cut_cross_entropy must be True, False or 'auto', got {self.cut_cross_entropy!r}")
         if self.host_budget_gb is not None:
@@ -443,8 +449,8 @@ class OptimizeConfig:
     def from_options(cls, method: str, budget_gb: Any, *, optimizer: str = "adamw",
                      optimizer_options: Mapping[str, Any] | None = None, device: Any = "cpu",
                      reserve_gb: float | None = None, quantize: Any = None, host_budget_gb: float | None = None,
-                     cut_cross_entropy: bool | str = "auto", chunk_sequence: int | str | None = None,
-                     **method_options: Any) -> "OptimizeConfig":
+                     cut_cross_entropy: bool | str = "auto",
+                     chunk_sequence: int | str | Mapping[str, int] | None = None, **method_options: Any) -> "OptimizeConfig":
         """Build from `optimize`'s keyword options; unknown options are an error, never ignored.
 
         ``method`` may be a ``peft.LoraConfig`` (its r, lora_alpha, lora_dropout, target_modules and
@@ -481,6 +487,10 @@ class OptimizeConfig:
             cut_cross_entropy=cut_cross_entropy,
             chunk_sequence=chunk_sequence,
         )
+
+
+def _is_pieces(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 2
 
 
 def machine_ram_bytes() -> int:

@@ -26,7 +26,12 @@ class InfeasibleBudgetError(MemoptError):
     ``min_budget_gb`` the same in GiB, exactly (``optimize(..., budget_gb=err.min_budget_gb)``
     plans); the message rounds it *up*, so a budget typed from it fits too. ``breakdown`` maps
     memory categories to bytes at the predicted peak, so the dominating term can be read off.
+    ``over_budget_modules``: where the step's smallest plan is above the budget, the modules whose
+    ops are there (empty where unknown) — what ``chunk_sequence="auto"`` runs in pieces first.
     """
+
+    over_points: tuple[int, ...] = ()  # the traced step's program points above the budget (planner's own)
+    over_budget_modules: frozenset[str] = frozenset()
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch.nn as nn
 from torch import Tensor
@@ -136,15 +136,8 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
             pieces = _auto_chunks(job)
             if pieces is None:
                 raise
-            # Whole MLPs do not fit: run them in pieces of tokens (sequence chunking) and plan again,
-            # cut cross-entropy decided again too (the failed attempt may have left it installed).
-            cut_ce.uninstall(job.model)
-            job.say(f"{str(exc).splitlines()[0]}; planning with the MLPs run {pieces} pieces of tokens at a time")
-            note = chunk_sequence(job.model, pieces, rewrites)
-            result = dataclasses.replace(result, notes=(*result.notes, f"{note}; chosen (chunk_sequence='auto') "
-                                                        f"because the step with whole MLPs does not fit: "
-                                                        f"{str(exc).splitlines()[0]}"))
-            memory, trace, activations, chosen, cut = _plan_with_loss(job, result, rewrites)
+            (memory, trace, activations, chosen, cut), note = _chunked_to_fit(job, result, rewrites, pieces, exc)
+            result = dataclasses.replace(result, notes=(*result.notes, note))
         else:
             # (not for a pass with variants, e.g. layerwise sampling: the model is left in the state planned)
             pieces = _auto_chunks(job) if activations.evaluation.overhead_us > 0 and not result.variants else None
@@ -181,6 +174,58 @@ def _auto_chunks(job: Job) -> int | None:
     return min(_MAX_PIECES, max(2, -(-max(lengths, default=0) // _TOKENS_PER_PIECE)))
 
 
+def _chunked_to_fit(job: Job, result: PassResult, rewrites: RewriteLog, pieces: int,
+                    whole: InfeasibleBudgetError) -> tuple[tuple, str]:
+    """``chunk_sequence="auto"`` where the step with whole MLPs does not fit (``whole``): the step
+    planned with every MLP in ``pieces`` pieces of tokens, and, where only some MLPs are at that
+    plan's peak (their ops above the budget), with those alone in pieces too — the faster plan that
+    fits is kept (fewer MLPs re-run, but less room for the rest). Cut cross-entropy is decided again
+    for each (a failed attempt may have left it installed). Returns ``_plan_with_loss``'s result, with
+    the model left as it has it, and the plan's note."""
+    everyone = seq_chunk.chunkable(job.model)[0]
+    at_peak = [name for name in everyone
+               if any(m == name or m.startswith(name + ".") for m in whole.over_budget_modules)]
+    why = f"because the step with whole MLPs does not fit ({str(whole).splitlines()[0]})"
+    partial = None
+    if 0 < len(at_peak) < len(everyone) and not result.variants:  # (a pass with variants: the model is left in
+        # the state planned last)
+        job.say(f"{str(whole).splitlines()[0]}; planning with the {len(at_peak)} MLPs at its peak run {pieces} "
+                "pieces of tokens at a time")
+        cut_ce.uninstall(job.model)
+        note = chunk_sequence(job.model, dict.fromkeys(at_peak, pieces), rewrites)
+        try:
+            partial = _plan_with_loss(job, result, rewrites), note, cut_ce.installed(job.model)
+        except InfeasibleBudgetError as exc:
+            why += f", nor with only the {len(at_peak)} MLPs at its peak in pieces ({str(exc).splitlines()[0]})"
+        seq_chunk.uninstall(job.model)
+    job.say(f"{str(whole).splitlines()[0]}; planning with every MLP run {pieces} pieces of tokens at a time")
+    cut_ce.uninstall(job.model)
+    note = chunk_sequence(job.model, pieces, rewrites)
+    try:
+        every = _plan_with_loss(job, result, rewrites)
+    except InfeasibleBudgetError:
+        if partial is None:
+            raise
+        every = None
+    if partial is None:
+        return every, f"{note}; chosen (chunk_sequence='auto') {why}"
+    (planned, partial_note, fused), partial_us = partial, _step_us(partial[0][2])
+    if every is not None and _step_us(every[2]) <= partial_us:
+        return every, (f"{note}; chosen (chunk_sequence='auto') {why}; every MLP in pieces is the faster step "
+                       f"({_step_us(every[2]) / 1e3:,.1f} ms predicted; only the {len(at_peak)} at the peak: "
+                       f"{partial_us / 1e3:,.1f} ms)")
+    # The plan with the MLPs at the peak in pieces: the model back in the state it was planned in.
+    seq_chunk.uninstall(job.model)
+    cut_ce.uninstall(job.model)
+    chunk_sequence(job.model, dict.fromkeys(at_peak, pieces), rewrites)
+    if fused:
+        cut_ce.install(job.model, job.bound.arguments["labels"].numel(), rewrites)
+    return planned, (f"{partial_note}; chosen (chunk_sequence='auto') {why}: these are the MLPs at that plan's peak "
+                     "(their ops above the budget), the others stay whole" + (
+                         "" if every is None else f"; the faster step ({partial_us / 1e3:,.1f} ms predicted; every "
+                         f"MLP in pieces: {_step_us(every[2]) / 1e3:,.1f} ms)"))
+
+
 def _faster_chunked(job: Job, result: PassResult, rewrites: RewriteLog, pieces: int,
                     whole: tuple[MemoryReport | None, JointTrace, ActivationPlan, str]) -> tuple[
         tuple[MemoryReport | None, JointTrace, ActivationPlan, str], str]:
@@ -207,18 +252,33 @@ def _faster_chunked(job: Job, result: PassResult, rewrites: RewriteLog, pieces: 
                    f"predicted, in {pieces} pieces {_step_us(chunked[2]) / 1e3:,.1f} ms)")
 
 
-def chunk_sequence(model: nn.Module, chunks: int, rewrites: RewriteLog) -> str:
-    """Run ``model``'s position-wise MLPs ``chunks`` pieces of tokens at a time (``passes.seq_chunk``);
-    the plan's note on it. A model with no MLP that can be chunked is an error naming why."""
+def chunk_sequence(model: nn.Module, chunks: int | Mapping[str, int], rewrites: RewriteLog) -> str:
+    """Run ``model``'s position-wise MLPs in pieces of tokens (``passes.seq_chunk``: ``chunks`` pieces
+    each, or MLP name -> pieces); the plan's note on it. A model with no MLP that can be chunked is an
+    error naming why."""
     chosen, left = seq_chunk.install(model, chunks, rewrites)
-    whole = "; ".join(f"{name}: {why}" for name, why in list(left.items())[:3]) + (
-        f" (and {len(left) - 3} more)" if len(left) > 3 else "")
     if not chosen:
+        whole = "; ".join(f"{name}: {why}" for name, why in list(left.items())[:3]) + (
+            f" (and {len(left) - 3} more)" if len(left) > 3 else "")
         raise ValueError(f"chunk_sequence={chunks}: no MLP of {type(model).__name__} can run in pieces of tokens"
                          + (f" ({whole})" if whole else " (none found: chunking applies to position-wise MLPs)"))
-    return (f"sequence chunking: {len(chosen)} MLP{'s' if len(chosen) > 1 else ''} run {chunks} pieces of tokens at a "
-            "time in training, saving only their input (each piece re-run in the backward: one more MLP forward "
-            "per step)" + (f"; left whole: {whole}" if whole else ""))
+    unchosen = [name for name in seq_chunk.chunkable(model)[0] if name not in chosen]
+    whole = "; ".join(f"{name}: {why}" for name, why in list(left.items())[:3]) + (
+        f" (and {len(left) - 3} more)" if len(left) > 3 else "")
+    counts = seq_chunk.pieces_of(model, chunks)
+    if len(set(counts.values())) == 1:
+        pieces = f"{next(iter(counts.values()))} pieces of tokens at a time"
+    else:
+        pieces = "in pieces of tokens (" + ", ".join(f"{name}: {n}" for name, n in counts.items()) + ")"
+    which = (f"{len(chosen)} MLP{'s' if len(chosen) > 1 else ''}" if not unchosen else
+             f"{len(chosen)} of {len(chosen) + len(unchosen)} MLPs ({_names(chosen)})")
+    return (f"sequence chunking: {which} run {pieces} in training, saving only their input (each piece re-run in the "
+            f"backward: one more MLP forward per step)" + (f"; whole: {_names(unchosen)}" if unchosen else "")
+            + (f"; left whole: {whole}" if whole else ""))
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 def _plan_with_loss(job: Job, result: PassResult, rewrites: RewriteLog) -> tuple[
@@ -473,6 +533,7 @@ def _solve(job: Job, problem: PlanningProblem, joint: JointGraph, trace: JointTr
     try:
         return solve(problem)
     except InfeasibleBudgetError as exc:
+        exc.over_budget_modules = frozenset(trace.enclosing_module(p) for p in exc.over_points)
         if problem.host_capacity is None or not job.planner.allow_offload:
             raise
         try:  # would more host memory make it fit? Then say how much.
@@ -480,11 +541,13 @@ def _solve(job: Job, problem: PlanningProblem, joint: JointGraph, trace: JointTr
         except InfeasibleBudgetError:
             raise exc from None
         need = offloaded_bytes(problem, unlimited.choices)
-        raise InfeasibleBudgetError(
+        error = InfeasibleBudgetError(
             f"{exc.message}; it fits with {format_bytes(need)} of host memory for offloaded activations, above the host "
             f"budget of {format_bytes(problem.host_capacity)}: raise host_budget_gb= (memopt plan --host-budget)",
             predicted_bytes=exc.predicted_bytes, budget_bytes=exc.budget_bytes, breakdown=exc.breakdown,
-            min_budget_bytes=exc.min_budget_bytes) from None
+            min_budget_bytes=exc.min_budget_bytes)
+        error.over_budget_modules = exc.over_budget_modules
+        raise error from None
 
 
 def _with_options(factory: OptimizerFactory, options: Mapping[str, Any]) -> OptimizerFactory:

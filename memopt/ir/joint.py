@@ -152,6 +152,27 @@ class JointTrace:
     def blocks(self) -> list[int]:
         return sorted({op.block for op in self.ops if op.block is not None})
 
+    def enclosing_module(self, point: int) -> str:
+        """The module the op at ``point`` ran in; for an op of no module (autograd summing the
+        gradients of a tensor read twice), the innermost module both neighbouring ops of its phase
+        ran in ("": the model)."""
+        op = self.ops[point]
+        if op.module:
+            return op.module
+        around = []
+        for step in (-1, 1):
+            p = point + step
+            while 0 <= p < len(self.ops) and self.ops[p].phase == op.phase and not self.ops[p].module:
+                p += step
+            inside = 0 <= p < len(self.ops) and self.ops[p].phase == op.phase
+            around.append(self.ops[p].module.split(".") if inside else [])
+        shared = []
+        for a, b in zip(*around):
+            if a != b:
+                break
+            shared.append(a)
+        return ".".join(shared)
+
 
 @dataclass(frozen=True)
 class JointGraph:

@@ -4,7 +4,8 @@ Design note. At long context the largest tensors of a transformer block are its 
 intermediates (tokens × intermediate size, several of them, and their gradients in the
 backward). An MLP is position-wise — each token's output reads only that token's input — so it
 may run on pieces of the sequence, one after another, with the same result. :func:`install` makes
-each chunkable MLP of the model do that in training (grad enabled): the forward runs the pieces
+each chunkable MLP of the model (or those named, each with its own count of pieces) do that in
+training (grad enabled): the forward runs the pieces
 without autograd and concatenates their outputs, saving only the MLP's input; the backward re-runs
 one piece at a time with autograd and takes its gradients (input and parameters, summed over the
 pieces), so no whole-sequence intermediate of the MLP is ever alive — in the forward or the
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -47,7 +49,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 from memopt.errors import MemoptError
 from memopt.passes.base import RewriteLog
 
-__all__ = ["chunkable", "install", "installed", "uninstall", "why_not"]
+__all__ = ["chunkable", "install", "installed", "pieces_of", "uninstall", "why_not"]
 
 _ATTR = "_memopt_seq_chunks"
 
@@ -104,23 +106,56 @@ def chunkable(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     return chosen, left
 
 
-def install(model: nn.Module, chunks: int, rewrites: RewriteLog) -> tuple[list[str], dict[str, str]]:
-    """Run every chunkable MLP of ``model`` ``chunks`` pieces of tokens at a time in training. Returns
-    ``chunkable(model)``. Undone by ``rewrites``."""
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 2:
-        raise ValueError(f"chunk_sequence must be a number of pieces >= 2 (or None: no chunking), got {chunks!r}")
+def install(model: nn.Module, chunks: int | Mapping[str, int], rewrites: RewriteLog) -> tuple[list[str], dict[str, str]]:
+    """Run chunkable MLPs of ``model`` in pieces of tokens in training: every one ``chunks`` pieces at a
+    time, or, for a mapping, those it names (module name -> pieces; the others stay whole). Returns
+    the MLPs chunked, and those that cannot be with why. Undone by ``rewrites``."""
+    counts = pieces_of(model, chunks)
     chosen, left = chunkable(model)
+    chosen = [name for name in chosen if name in counts]
     for name in chosen:
         module = model.get_submodule(name)
         module.forward = types.MethodType(_chunked_forward, module)
-        setattr(module, _ATTR, chunks)
+        setattr(module, _ATTR, counts[name])
     rewrites.on_undo(lambda: uninstall(model))
     return chosen, left
 
 
-def installed(model: nn.Module) -> int | None:
-    """The pieces ``model``'s MLPs run in (None: not chunked)."""
-    return next((vars(m)[_ATTR] for m in model.modules() if _ATTR in vars(m)), None)
+def pieces_of(model: nn.Module, chunks: int | Mapping[str, int]) -> dict[str, int]:
+    """``chunks`` (a number of pieces for every chunkable MLP, or MLP name -> pieces) as MLP name ->
+    pieces, checked: a count below 2, or a name that is no chunkable MLP of ``model``, is a
+    ValueError saying why."""
+    if isinstance(chunks, Mapping):
+        if not chunks:
+            raise ValueError("chunk_sequence={}: name at least one MLP (module name -> pieces), or leave it unset")
+        names, left = chunkable(model)
+        for name, count in chunks.items():
+            _check_count(count, f"chunk_sequence[{name!r}]")
+            if name in left:
+                raise ValueError(f"chunk_sequence names {name!r}, which cannot run in pieces of tokens: {left[name]}")
+            if name not in names:
+                raise ValueError(f"chunk_sequence names {name!r}, which is not an MLP of {type(model).__name__} that "
+                                 f"can run in pieces of tokens (those that can: "
+                                 f"{', '.join(names[:3]) + (', ...' if len(names) > 3 else '') or 'none'})")
+        return dict(chunks)
+    _check_count(chunks, "chunk_sequence")
+    return dict.fromkeys(chunkable(model)[0], chunks)
+
+
+def _check_count(count: Any, what: str) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+        raise ValueError(f"{what} must be a number of pieces >= 2 (or None: no chunking), got {count!r}")
+
+
+def installed(model: nn.Module) -> int | dict[str, int] | None:
+    """The pieces ``model``'s MLPs run in: one number where every chunkable MLP runs in that many,
+    else MLP name -> pieces for those chunked (None: none is)."""
+    counts = {name: vars(m)[_ATTR] for name, m in model.named_modules() if _ATTR in vars(m)}
+    if not counts:
+        return None
+    if len(set(counts.values())) == 1 and list(counts) == chunkable(model)[0]:
+        return next(iter(counts.values()))
+    return counts
 
 
 def uninstall(model: nn.Module) -> None:

@@ -267,7 +267,9 @@ class Plan:
     # (layerwise sampling: every sampled block; a call's backward leaves out the frozen ones'
     # gradients); None: those that require grad at the call
     traced_trainable: tuple[str, ...] | None = None
-    sequence_chunks: int | None = None  # the pieces of tokens each position-wise MLP runs in (None: whole)
+    # the pieces of tokens each position-wise MLP runs in, or MLP name -> pieces where not every MLP
+    # runs in the same number (None: whole)
+    sequence_chunks: int | Mapping[str, int] | None = None
     # the planned batch's attention_mask was all ones: the step is planned, as HF runs it, with no mask
     # tensor; a padded batch is another state of the step, with a plan of its own (memory.hf_masks)
     unpadded_mask: bool = False
@@ -280,7 +282,8 @@ class Plan:
               training: bool | None, autocast: str | None, capture: str, modules: tuple[ModuleDecision, ...],
               trainable_params: int, total_params: int, memory: MemoryReport | None, notes: tuple[str, ...],
               fingerprint: str | None, host_budget_bytes: int | None = None,
-              traced_trainable: tuple[str, ...] | None = None, sequence_chunks: int | None = None,
+              traced_trainable: tuple[str, ...] | None = None,
+              sequence_chunks: int | Mapping[str, int] | None = None,
               unpadded_mask: bool = False) -> "Plan":
         """A Plan from the planner's ``step`` and what the job was: every field named and typed."""
         return cls(model=model, method=method, method_config=method_config, optimizer=optimizer,
@@ -471,7 +474,7 @@ class Plan:
             update_in_backward=opt("update_in_backward", _bool) or False,
             host_budget_bytes=opt("host_budget_bytes", _count),
             traced_trainable=opt("traced_trainable", lambda v: tuple(_str(n) for n in v)),
-            sequence_chunks=opt("sequence_chunks", _count),
+            sequence_chunks=opt("sequence_chunks", _pieces),
             unpadded_mask=opt("unpadded_mask", _bool) or False,
             version=PLAN_FORMAT_VERSION,  # an older plan is upgraded as it is read
         )
@@ -532,6 +535,13 @@ def _count(value: Any) -> int:
     if not _is_count(value):
         raise ValueError(f"expected a non-negative integer, got {value!r}")
     return value
+
+
+def _pieces(value: Any) -> int | dict[str, int]:
+    """``sequence_chunks``: a count, or module name -> count."""
+    if isinstance(value, dict):
+        return {_str(name): _count(count) for name, count in value.items()}
+    return _count(value)
 
 
 def _str(value: Any) -> str:

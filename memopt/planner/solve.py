@@ -231,11 +231,13 @@ def _infeasible(problem: PlanningProblem, best: Evaluation, step_bytes: int, usa
         needed, breakdown = step_bytes, best.breakdown(problem)
         breakdown["temporaries"] += needed - sum(breakdown.values())  # what the lowered step adds, measured
         where = "backward" if best.peak_point >= problem.num_forward else "forward"
-    return InfeasibleBudgetError(
+    error = InfeasibleBudgetError(
         f"{what} does not fit: even with every saved activation recomputed or offloaded where allowed, "
         f"the peak (in {where}) is {needed / _GIB:.3f} GiB (solver: {status})",
         predicted_bytes=needed, budget_bytes=usable, min_budget_bytes=needed + reserve, breakdown=breakdown,
     )
+    error.over_points = tuple(p for p, nbytes in enumerate(best.memory) if nbytes > usable)
+    return error
 
 
 # ----------------------------------------------------------------------------- plan records

@@ -155,3 +155,24 @@ def test_grouped_query_attention_flops_are_counted_as_its_keys_repeated():
         assert _EXTRA_FLOPS[getattr(torch.ops.aten, name)](q, kv, kv) == forward(q, full, full)
     backward = _EXTRA_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_backward]
     assert backward(q, q, kv, kv) == backward(q, q, full, full) > 0
+
+
+def test_an_op_of_no_module_belongs_to_the_module_both_its_neighbours_ran_in(traced):
+    """Autograd sums the gradients of a tensor read twice with ops of no module (a residual's): such an
+    op is placed in the innermost module its neighbours of the same phase share, so where a plan is
+    above its budget can be named by module (``chunk_sequence="auto"`` chunks those MLPs first)."""
+    _, trace = traced
+    orphans = [p for p, op in enumerate(trace.ops) if op.phase == "backward" and not op.module]
+    assert orphans  # (a Llama's residual stream is read twice in every block)
+    for p in orphans:
+        backward = range(trace.num_forward, len(trace.ops))  # (its neighbours in its own phase)
+        before = next((trace.ops[q].module for q in reversed(backward[:p - trace.num_forward]) if trace.ops[q].module),
+                      "")
+        after = next((trace.ops[q].module for q in backward[p - trace.num_forward + 1:] if trace.ops[q].module), "")
+        b, a = before.split(".") if before else [], after.split(".") if after else []
+        n = len(trace.enclosing_module(p).split(".")) if trace.enclosing_module(p) else 0
+        assert trace.enclosing_module(p) == ".".join(b[:n]) and b[:n] == a[:n]  # shared by both
+        assert n == len(b) or n == len(a) or b[n] != a[n]  # and the innermost so
+    inside_mlp = [p for p in orphans if trace.enclosing_module(p).endswith(".mlp")]
+    assert inside_mlp  # the MLP's input feeds gate_proj and up_proj: their gradients are summed inside it
+    assert all(trace.enclosing_module(p) == trace.ops[p].module for p in range(len(trace.ops)) if trace.ops[p].module)

@@ -212,6 +212,93 @@ def test_auto_chunks_where_whole_mlps_fit_when_pieces_are_faster():
     assert any("chosen (chunk_sequence='auto') as the faster step" in n for n in auto.plan.notes)
 
 
+def test_chosen_mlps_run_in_their_own_pieces_in_the_users_loop_and_a_reload_keeps_them(tmp_path):
+    """chunk_sequence={name: pieces}: only the MLPs named run in pieces (each its own count), the others
+    stay whole; the user's loop (varying lengths) gets the unchunked gradients, within the prediction;
+    the plan, its JSON and a reload in a fresh model keep the choice."""
+    torch.manual_seed(5)
+    model = tiny_llama(num_hidden_layers=3)
+    batch = lm_batch(model, batch=2, seq=64)
+    chosen = {"model.layers.1.mlp": 4, "model.layers.2.mlp": 3}
+    options = dict(device="cpu", method="lora", chunk_sequence=chosen)
+    budget = budget_between(model, batch, 0.0, **options)
+    assert budget < budget_between(model, batch, 0.0, device="cpu", method="lora")  # it lowers the minimum
+    optimized = memopt.optimize(model, budget_gb=budget, example_inputs=batch, **options)
+    plan = optimized.plan
+    assert plan.sequence_chunks == chosen == seq_chunk.installed(optimized.model) and plan.needs_runtime
+    layers = optimized.model.model.layers
+    assert seq_chunk._ATTR not in vars(layers[0].mlp) and [vars(m.mlp)[seq_chunk._ATTR] for m in layers[1:]] == [4, 3]
+    note = next(n for n in plan.notes if n.startswith("sequence chunking:"))
+    assert note.startswith("sequence chunking: 2 of 3 MLPs (model.layers.1.mlp, model.layers.2.mlp) run in pieces "
+                           "of tokens (model.layers.1.mlp: 4, model.layers.2.mlp: 3)") and "whole: model.layers.0.mlp" in note
+    reference = copy.deepcopy(optimized.model)
+    seq_chunk.uninstall(reference)
+    opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad], lr=1e-3)
+    for seq in (64, 41, 64):
+        b = lm_batch(optimized.model, batch=2, seq=seq)
+        with MemoryTracker(optimized, opt, inputs=b) as tracker:
+            optimized(**b).loss.backward()
+        reference.load_state_dict(optimized.model.state_dict())  # the weights the step ran with
+        reference(**b).loss.backward()
+        _close(_grads(optimized.model), _grads(reference), rtol=1e-5)  # measured: <= 3.5e-7
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        assert tracker.report("cpu").peak_bytes <= plan.predicted_peak_bytes
+    assert type(plan).from_json(plan.to_json()).sequence_chunks == chosen
+    optimized.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    reloaded = memopt.from_pretrained(tiny_llama(num_hidden_layers=3), tmp_path)
+    assert reloaded.plan.sequence_chunks == chosen == seq_chunk.installed(reloaded.model)
+    b = lm_batch(optimized.model, batch=2, seq=64)
+    reloaded(**b).loss.backward()
+    optimized(**b).loss.backward()
+    _close(_grads(reloaded.model), _grads(optimized.model), rtol=1e-6)
+
+
+def test_a_mapping_that_names_no_chunkable_mlp_is_an_error_saying_which():
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=2, seq=16)
+    for bad, said in (({}, "a mapping of MLP module names"), ({"model.layers.0.mlp": 1}, "must be a number of pieces"),
+                      ({"model.layers.7.mlp": 2}, "not an MLP of LlamaForCausalLM that can run in pieces of tokens "
+                                                  r"\(those that can: model.layers.0.mlp, model.layers.1.mlp\)"),
+                      ({"lm_head": 2}, "not an MLP of LlamaForCausalLM"), ({3: 2}, "mapping of MLP module names")):
+        with pytest.raises(ValueError, match=said):
+            memopt.optimize(copy.deepcopy(model), budget_gb=64, example_inputs=batch, chunk_sequence=bad)
+    gpt2 = tiny_gpt2()
+    with pytest.raises(ValueError, match=r"names 'transformer.h.0.mlp', which cannot run in pieces of tokens: .*dropout"):
+        memopt.optimize(gpt2, budget_gb=64, example_inputs=lm_batch(gpt2, batch=2, seq=16),
+                        chunk_sequence={"transformer.h.0.mlp": 2})
+
+
+@pytest.mark.slow  # plans one model five times (2 of them measured ranges): make test-all
+def test_auto_chunks_first_the_mlps_at_the_peak_and_keeps_the_faster_plan():
+    """Just below the smallest budget with whole MLPs, only the last blocks' MLPs are above it (their
+    backward runs with the most saved): "auto" plans the step with those alone in pieces and with
+    every MLP in pieces, keeps the faster, and says both; the step trains with the whole model's
+    gradients."""
+    torch.manual_seed(3)
+    model = tiny_llama(num_hidden_layers=4, intermediate_size=512, max_position_embeddings=2048)
+    batch = lm_batch(model, batch=1, seq=1024)
+    options = dict(device="cpu", method="lora", cut_cross_entropy=False)
+    budget = budget_between(model, batch, 0.0, **options) - 120e3 / 2**30  # measured: 2 of the 4 MLPs above it
+    auto = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, chunk_sequence="auto",
+                           **options)
+    every = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, chunk_sequence=2,
+                            **options).plan
+    note = next(n for n in auto.plan.notes if n.startswith("sequence chunking:"))
+    assert auto.plan.fits and "because the step with whole MLPs does not fit" in note
+    # The last two blocks' MLPs (measured: 67.8 ms predicted against 67.9 ms with all four in pieces)
+    assert auto.plan.sequence_chunks == {"model.layers.2.mlp": 2, "model.layers.3.mlp": 2}
+    assert "these are the MLPs at that plan's peak" in note and _step_us(auto.plan) < _step_us(every)
+    assert f"every MLP in pieces: {_step_us(every) / 1e3:,.1f} ms" in note
+    reference = copy.deepcopy(auto.model)
+    seq_chunk.uninstall(reference)
+    auto(**batch).loss.backward()
+    reference(**batch).loss.backward()
+    _close(_grads(auto.model), _grads(reference), rtol=1e-5)
+
+
 def test_a_module_of_the_users_own_is_not_assumed_position_wise_because_of_its_name():
     class TokenMixingMLP(torch.nn.Module):  # mixes positions: chunking it would be silently wrong
         def __init__(self) -> None:
