@@ -154,3 +154,25 @@ def test_runs_of_identical_blocks_are_decided_on_their_own_and_no_plan_is_slower
     for c, choice in zip(problem.candidates, runs.choices):
         actions.setdefault(problem.run_of[c.klass], set()).add(choice.action)
     assert any(len(a) > 1 for a in actions.values())  # some tensor saved in one run, recomputed in the other
+
+
+def test_the_models_device_bytes_are_exact_and_grow_with_the_events_not_points_times_terms():
+    """With a quantum of one byte, the model's peak of any assignment is ``evaluate``'s peak to the
+    byte (segments are kept as changes from the one before, summed back here), and what the model
+    holds is at most one term per event, not one per live term at every point."""
+    from memopt.planner.cpsat import _Model
+    from memopt.planner.greedy import whole_blocks_plan, with_sources_offloaded
+
+    problem = build_problem(chain_trace(60, 4), SLOW_LINK)
+    model = _Model(problem, 1)
+    events = model._events()[1]
+    segments = model.segments()
+    assert sum(len(s.change) for s in segments) <= sum(len(e) for e in events.values())
+    assert max(s.size for s in segments) > 1 and len(segments) > 1
+    keep = evaluate(problem, keep_all(problem)).peak_bytes
+    plans = {keep_all(problem), whole_blocks_plan(problem), with_sources_offloaded(problem, whole_blocks_plan(problem)),
+             *(greedy_plan(problem, keep * share // 8) for share in range(8))}  # valid plans of every kind
+    for choices in plans:
+        result = evaluate(problem, choices)
+        assert result.valid and model.peak_in_quanta(choices) == result.peak_bytes
+    assert len({c.action for plan in plans for c in plan}) == 3 and len(plans) >= 5  # keep, recompute, offload
