@@ -22,7 +22,10 @@ compute dtype (W's original dtype), as bitsandbytes does.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -105,8 +108,19 @@ class QuantizedWeight:
     scaler_block: int = 256
 
     def scales(self) -> torch.Tensor:
-        """Per-block (4-bit, double quantization undone) or per-row (int8) fp32 scales."""
-        return nf4_absmax(self) if self.double_quantized else self.scale
+        """Per-block (4-bit, double quantization undone) or per-row (int8) fp32 scales; inside
+        ``scales_shared()`` undone once per weight."""
+        if not self.double_quantized:
+            return self.scale
+        if (shared := _SHARED.get()) is None:
+            return nf4_absmax(self)
+        # Keyed by the tensors the scales are undone from (a layer makes a new QuantizedWeight over its
+        # buffers every call), held with them so no id is reused inside.
+        held = (self.absmax_q, self.absmax_scale, self.absmax_offset)
+        key = tuple(map(id, held))
+        if key not in shared:
+            shared[key] = (held, nf4_absmax(self))
+        return shared[key][1]
 
     @property
     def double_quantized(self) -> bool:
@@ -132,6 +146,25 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         tensors = (self.data, self.scale, self.absmax_q, self.absmax_scale, self.absmax_offset)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+_SHARED: contextvars.ContextVar[dict[tuple, tuple[tuple, torch.Tensor]] | None] = contextvars.ContextVar(
+    "memopt_shared_scales", default=None)
+
+
+@contextlib.contextmanager
+def scales_shared() -> Iterator[None]:
+    """Inside, each double-quantized weight's scales are undone once and reused: a module run on
+    pieces of its input (``passes.seq_chunk``) reads the same weights for every piece, and would
+    otherwise undo them per piece (ops in the trace and work on the device)."""
+    if _SHARED.get() is not None:
+        yield
+        return
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
 
 
 def nf4_absmax(qw: QuantizedWeight) -> torch.Tensor:

@@ -48,6 +48,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from memopt.errors import MemoptError
 from memopt.passes.base import RewriteLog
+from memopt.passes.quant_format import scales_shared
 
 __all__ = ["chunkable", "install", "installed", "pieces_of", "uninstall", "why_not"]
 
@@ -194,7 +195,7 @@ class _Pieces(torch.autograd.Function):
         ctx.save_for_backward(hidden, *tensors)
         plain = type(module).forward
         pieces = _pieces(hidden, getattr(module, _ATTR))
-        with torch.no_grad():
+        with torch.no_grad(), scales_shared():  # (quantized weights' scales undone once for all pieces)
             outs = [plain(module, piece) for piece in pieces]
         if any(o.shape[:-1] != piece.shape[:-1] for o, piece in zip(outs, pieces)):
             raise MemoptError(f"{type(module).__name__} changes more than the last dimension of its input, so it cannot "
@@ -206,11 +207,19 @@ class _Pieces(torch.autograd.Function):
         hidden, *tensors = ctx.saved_tensors
         wanted = [i for i in range(len(tensors)) if ctx.needs_input_grad[3 + i]]
         chunks = getattr(ctx.module, _ATTR)
-        inputs, sums = [], [None] * len(wanted)
         enabled, dtype = ctx.autocast
+        with scales_shared():
+            return _Pieces._backward(ctx, hidden, tensors, grad, wanted, chunks, enabled, dtype)
+
+    @staticmethod
+    def _backward(ctx: Any, hidden: torch.Tensor, tensors: list[torch.Tensor], grad: torch.Tensor,
+                  wanted: list[int], chunks: int, enabled: bool, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
+        inputs, sums = [], [None] * len(wanted)
+        frozen = [t.detach() for t in tensors]  # one leaf per frozen tensor for all pieces (so a quantized
+        # weight's scales are undone once)
         for piece, grad_piece in zip(_pieces(hidden, chunks), _pieces(grad, chunks)):
             piece = piece.detach().requires_grad_(ctx.needs_input_grad[0])
-            leaves = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(tensors)]
+            leaves = [t.detach().requires_grad_() if i in wanted else frozen[i] for i, t in enumerate(tensors)]
             with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled), \
                     _reparametrize_module(ctx.module, dict(zip(ctx.names, leaves))):
                 out = type(ctx.module).forward(ctx.module, piece)  # as the forward's pieces ran: the module's own hooks
