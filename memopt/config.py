@@ -399,9 +399,12 @@ class OptimizeConfig:
         chunks = self.chunk_sequence
         if isinstance(chunks, Mapping):  # (the names are checked against the model as it is chunked)
             object.__setattr__(self, "chunk_sequence", chunks := dict(chunks))
-        if chunks not in (None, "auto") and not (
-                _is_pieces(chunks) or isinstance(chunks, dict) and chunks and
-                all(isinstance(k, str) and _is_pieces(v) for k, v in chunks.items())):
+        if isinstance(chunks, dict):
+            for name, count in chunks.items():
+                if not isinstance(name, str) or not _is_pieces(count):
+                    raise ValueError(f"chunk_sequence maps MLP module names to a number of pieces >= 2; got "
+                                     f"{name!r}: {count!r}")
+        if chunks not in (None, "auto") and not (_is_pieces(chunks) or isinstance(chunks, dict) and chunks):
             raise ValueError(f"chunk_sequence must be a number of pieces >= 2, a mapping of MLP module names to "
                              f"pieces, 'auto' (pieces when whole MLPs do not fit or are slower) or None (no "
                              f"chunking), got {chunks!r}")

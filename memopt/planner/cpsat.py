@@ -178,6 +178,7 @@ class _Model:
         self._segments: list | None = None
         self._spikes: dict[int, list[tuple[int, int, int]]] = {}  # point -> (candidate, point index, bytes)
         self._spike_vars: dict[int, cp_model.IntVar] = {}
+        self._upper: dict[int, int] = {}  # variable index -> its largest value, where it is not a boolean
         # Auxiliary variables and how to compute them from the decisions, so a hint is complete:
         # (variable, [(variable index, coefficient)], constant, base variable index or None)
         # -> max(0, constant + base + sum), each after its base.
@@ -344,7 +345,7 @@ class _Model:
                     terms[k] = (var, coef)
                 else:
                     del terms[k]
-            upper = sum(c for _, c in terms.values())
+            upper = sum(c * self._upper.get(k, 1) for k, (_, c) in terms.items())  # (a boolean's is 1)
             part = self.cp.NewIntVar(0, upper, f"bytes_{i}")
             if previous is not None and len(segment.change) * 2 < len(terms):
                 change = [(k, c) for k, (_, c) in segment.change.items()]
@@ -360,9 +361,10 @@ class _Model:
 
     def peak_in_quanta(self, choices: Sequence[Choice]) -> int:
         """The model's (rounded-up) peak of ``choices``: what a hint must satisfy."""
+        segments = self.segments()  # (first: it makes the spike variables _values reads)
         values = self._values(choices)
         peak, running = 0, 0
-        for segment in self.segments():
+        for segment in segments:
             running += sum(c * values[i] for i, (_, c) in segment.change.items())
             peak = max(peak, running + segment.const)
         return peak
@@ -381,6 +383,7 @@ class _Model:
             q = self.quantum
             terms = [(self.at[i][j], -(-nbytes // q)) for i, j, nbytes in self._spikes[m]]
             var = self.cp.NewIntVar(0, max(c for _, c in terms), f"spike_{m}")
+            self._upper[var.Index()] = max(c for _, c in terms)
             for at, c in terms:
                 self.cp.Add(var >= c * at)
             self._spike_vars[m] = var

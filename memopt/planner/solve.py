@@ -236,7 +236,8 @@ def _infeasible(problem: PlanningProblem, best: Evaluation, step_bytes: int, usa
         f"the peak (in {where}) is {needed / _GIB:.3f} GiB (solver: {status})",
         predicted_bytes=needed, budget_bytes=usable, min_budget_bytes=needed + reserve, breakdown=breakdown,
     )
-    error.over_points = tuple(p for p, nbytes in enumerate(best.memory) if nbytes > usable)
+    if where != "the optimizer step":  # (no op of the forward or backward is what does not fit)
+        error.over_points = tuple(p for p, nbytes in enumerate(best.memory) if nbytes > usable)
     return error
 
 

@@ -6,6 +6,7 @@ reference), the peak against the plan with memopt's tracker."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -259,10 +260,12 @@ def test_chosen_mlps_run_in_their_own_pieces_in_the_users_loop_and_a_reload_keep
 def test_a_mapping_that_names_no_chunkable_mlp_is_an_error_saying_which():
     model = tiny_llama(num_hidden_layers=2)
     batch = lm_batch(model, batch=2, seq=16)
-    for bad, said in (({}, "a mapping of MLP module names"), ({"model.layers.0.mlp": 1}, "must be a number of pieces"),
+    for bad, said in (({}, "a mapping of MLP module names"),
+                      ({"model.layers.0.mlp": 1}, "maps MLP module names to a number of pieces >= 2; got "
+                                                  "'model.layers.0.mlp': 1"),
                       ({"model.layers.7.mlp": 2}, "not an MLP of LlamaForCausalLM that can run in pieces of tokens "
                                                   r"\(those that can: model.layers.0.mlp, model.layers.1.mlp\)"),
-                      ({"lm_head": 2}, "not an MLP of LlamaForCausalLM"), ({3: 2}, "mapping of MLP module names")):
+                      ({"lm_head": 2}, "not an MLP of LlamaForCausalLM"), ({3: 2}, "got 3: 2")):
         with pytest.raises(ValueError, match=said):
             memopt.optimize(copy.deepcopy(model), budget_gb=64, example_inputs=batch, chunk_sequence=bad)
     gpt2 = tiny_gpt2()
@@ -272,26 +275,33 @@ def test_a_mapping_that_names_no_chunkable_mlp_is_an_error_saying_which():
 
 
 @pytest.mark.slow  # plans one model five times (2 of them measured ranges): make test-all
-def test_auto_chunks_first_the_mlps_at_the_peak_and_keeps_the_faster_plan():
+def test_auto_plans_the_mlps_at_the_peak_alone_too_and_keeps_the_faster_plan():
     """Just below the smallest budget with whole MLPs, only the last blocks' MLPs are above it (their
     backward runs with the most saved): "auto" plans the step with those alone in pieces and with
     every MLP in pieces, keeps the faster, and says both; the step trains with the whole model's
-    gradients."""
+    gradients. (One solver worker: the two plans differ by about 0.2 %, and which is faster may
+    change with the search.)"""
     torch.manual_seed(3)
     model = tiny_llama(num_hidden_layers=4, intermediate_size=512, max_position_embeddings=2048)
     batch = lm_batch(model, batch=1, seq=1024)
-    options = dict(device="cpu", method="lora", cut_cross_entropy=False)
-    budget = budget_between(model, batch, 0.0, **options) - 120e3 / 2**30  # measured: 2 of the 4 MLPs above it
+    options = dict(device="cpu", method="lora", cut_cross_entropy=False, planner=memopt.PlannerConfig(workers=1))
+    budget = budget_between(model, batch, 0.0, **options) - 120e3 / 2**30  # measured: 1 or 2 of the 4 MLPs above it
     auto = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, chunk_sequence="auto",
                            **options)
     every = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, chunk_sequence=2,
                             **options).plan
     note = next(n for n in auto.plan.notes if n.startswith("sequence chunking:"))
     assert auto.plan.fits and "because the step with whole MLPs does not fit" in note
-    # The last two blocks' MLPs (measured: 67.8 ms predicted against 67.9 ms with all four in pieces)
-    assert auto.plan.sequence_chunks == {"model.layers.2.mlp": 2, "model.layers.3.mlp": 2}
-    assert "these are the MLPs at that plan's peak" in note and _step_us(auto.plan) < _step_us(every)
-    assert f"every MLP in pieces: {_step_us(every) / 1e3:,.1f} ms" in note
+    at_peak = re.search(r"only the (\d+) at the peak: ([\d.,]+) ms|these are the MLPs at that plan's peak", note)
+    assert at_peak, note  # both plans made, both said
+    if isinstance(auto.plan.sequence_chunks, dict):  # those at the peak alone were faster
+        assert 0 < len(auto.plan.sequence_chunks) < 4 and "model.layers.3.mlp" in auto.plan.sequence_chunks
+        assert f"every MLP in pieces: {_step_us(every) / 1e3:,.1f} ms" in note
+        assert _step_us(auto.plan) < _step_us(every)
+    else:  # every MLP in pieces was
+        assert auto.plan.sequence_chunks == 2 and _step_us(auto.plan) == _step_us(every)
+        assert "every MLP in pieces is the faster step" in note and 0 < int(at_peak.group(1)) < 4
+        assert float(at_peak.group(2).replace(",", "")) * 1e3 >= _step_us(every) - 50  # (ms, to 0.1)
     reference = copy.deepcopy(auto.model)
     seq_chunk.uninstall(reference)
     auto(**batch).loss.backward()
