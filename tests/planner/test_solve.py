@@ -56,6 +56,9 @@ def test_below_the_smallest_peak_the_error_names_the_smallest_budget(problem):
     assert err.min_budget_gb == (least + reserve) / GIB
     assert sum(err.breakdown.values()) == least
     assert "the chain does not fit" in str(err) and "dominated by" in str(err)
+    # where it does not fit: the points of the smallest plan above the budget (what "auto" chunks first)
+    assert err.over_points and list(err.over_points) == sorted(set(err.over_points))
+    assert all(0 <= p < problem.num_points for p in err.over_points)
 
 
 def test_an_optimizer_step_above_the_budget_is_named_as_what_dominates(problem):
@@ -65,6 +68,7 @@ def test_an_optimizer_step_above_the_budget_is_named_as_what_dominates(problem):
         plan_activations(heavy, 10**8)
     assert info.value.predicted_bytes == static.optimizer_phase_peak
     assert max(info.value.breakdown, key=info.value.breakdown.get) == "temporaries"
+    assert info.value.over_points == ()  # no op of the forward or backward is what does not fit
 
 
 def test_the_kill_switch_keeps_everything(problem):
