@@ -142,8 +142,8 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
             # (not for a pass with variants, e.g. layerwise sampling: the model is left in the state planned)
             pieces = _auto_chunks(job) if activations.evaluation.overhead_us > 0 and not result.variants else None
             if pieces is not None:  # it fits, but recomputes or offloads: MLPs in pieces may be faster
-                (memory, trace, activations, chosen), note = _faster_chunked(
-                    job, result, rewrites, pieces, (memory, trace, activations, chosen))
+                (memory, trace, activations, chosen, cut), note = _faster_chunked(
+                    job, result, rewrites, pieces, (memory, trace, activations, chosen, cut))
                 result = dataclasses.replace(result, notes=(*result.notes, note))
     except InfeasibleBudgetError as exc:
         raise _named_fixed(job, result, exc) or exc from None
@@ -215,11 +215,8 @@ def _chunked_to_fit(job: Job, result: PassResult, rewrites: RewriteLog, pieces: 
                        f"({_step_us(every[2]) / 1e3:,.1f} ms predicted; only the {len(at_peak)} at the peak: "
                        f"{partial_us / 1e3:,.1f} ms)")
     # The plan with the MLPs at the peak in pieces: the model back in the state it was planned in.
-    seq_chunk.uninstall(job.model)
-    cut_ce.uninstall(job.model)
+    _back_to_whole(job, rewrites, fused)
     chunk_sequence(job.model, dict.fromkeys(at_peak, pieces), rewrites)
-    if fused:
-        cut_ce.install(job.model, job.bound.arguments["labels"].numel(), rewrites)
     return planned, (f"{partial_note}; chosen (chunk_sequence='auto') {why}: these are the MLPs at that plan's peak "
                      "(their ops above the budget), the others stay whole" + (
                          "" if every is None else f"; the faster step ({partial_us / 1e3:,.1f} ms predicted; every "
@@ -227,29 +224,39 @@ def _chunked_to_fit(job: Job, result: PassResult, rewrites: RewriteLog, pieces: 
 
 
 def _faster_chunked(job: Job, result: PassResult, rewrites: RewriteLog, pieces: int,
-                    whole: tuple[MemoryReport | None, JointTrace, ActivationPlan, str]) -> tuple[
-        tuple[MemoryReport | None, JointTrace, ActivationPlan, str], str]:
+                    whole: tuple[MemoryReport | None, JointTrace, ActivationPlan, str, str]) -> tuple[
+        tuple[MemoryReport | None, JointTrace, ActivationPlan, str, str], str]:
     """``chunk_sequence="auto"`` on a step that fits with whole MLPs but must recompute or offload:
-    the step planned with the MLPs in ``pieces`` too, and the faster plan kept (the model is left as
-    that plan has it); the plan's note on the choice."""
+    the step planned with the MLPs in ``pieces`` too (cut cross-entropy decided again for it), and
+    the faster plan kept (the model is left as that plan has it); the plan's note on the choice."""
     job.say(f"the step fits with recomputation or offload; planning with the MLPs run {pieces} pieces of tokens "
             "at a time to compare")
+    fused = cut_ce.installed(job.model)
+    cut_ce.uninstall(job.model)
     note = chunk_sequence(job.model, pieces, rewrites)
     whole_us = _step_us(whole[2])
     try:
-        chunked = _plan_variants(job, result)
+        chunked = _plan_with_loss(job, result, rewrites)
     except InfeasibleBudgetError as exc:  # (whole MLPs fitted: pieces add only their re-run's transients)
-        seq_chunk.uninstall(job.model)
+        _back_to_whole(job, rewrites, fused)
         return whole, (f"sequence chunking not applied (chunk_sequence='auto'): in {pieces} pieces the step does not "
                        f"fit ({str(exc).splitlines()[0]})")
     if _step_us(chunked[2]) < whole_us:
         return chunked, (f"{note}; chosen (chunk_sequence='auto') as the faster step: "
                          f"{_step_us(chunked[2]) / 1e3:,.1f} ms predicted, against {whole_us / 1e3:,.1f} ms with "
                          "whole MLPs")
-    seq_chunk.uninstall(job.model)
+    _back_to_whole(job, rewrites, fused)
     return whole, (f"sequence chunking not applied (chunk_sequence='auto'): the step with whole MLPs is "
                    f"{'as fast' if whole_us == _step_us(chunked[2]) else 'faster'} ({whole_us / 1e3:,.1f} ms "
                    f"predicted, in {pieces} pieces {_step_us(chunked[2]) / 1e3:,.1f} ms)")
+
+
+def _back_to_whole(job: Job, rewrites: RewriteLog, fused: bool) -> None:
+    """The model as the plan with whole MLPs has it: no MLP in pieces, the head and loss fused if ``fused``."""
+    seq_chunk.uninstall(job.model)
+    cut_ce.uninstall(job.model)
+    if fused:
+        cut_ce.install(job.model, job.bound.arguments["labels"].numel(), rewrites)
 
 
 def chunk_sequence(model: nn.Module, chunks: int | Mapping[str, int], rewrites: RewriteLog) -> str:

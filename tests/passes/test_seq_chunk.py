@@ -200,7 +200,8 @@ def test_auto_chunks_where_whole_mlps_fit_when_pieces_are_faster():
     torch.manual_seed(3)
     model = tiny_llama(num_hidden_layers=2, intermediate_size=512, max_position_embeddings=2048)
     batch = lm_batch(model, batch=1, seq=2048)
-    options = dict(device="cpu", method="lora")
+    options = dict(device="cpu", method="lora", planner=memopt.PlannerConfig(workers=1))  # (the same plan each
+    # call: "auto"'s is compared with one planned on its own)
     budget = budget_between(model, batch, 0.0, **options)
     whole = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, **options).plan
     pieces = memopt.optimize(copy.deepcopy(model), budget_gb=budget, example_inputs=batch, chunk_sequence=2,
