@@ -401,10 +401,10 @@ class OptimizeConfig:
             object.__setattr__(self, "chunk_sequence", chunks := dict(chunks))
         if isinstance(chunks, dict):
             for name, count in chunks.items():
-                if not isinstance(name, str) or not _is_pieces(count):
+                if not isinstance(name, str) or not is_piece_count(count):
                     raise ValueError(f"chunk_sequence maps MLP module names to a number of pieces >= 2; got "
                                      f"{name!r}: {count!r}")
-        if chunks not in (None, "auto") and not (_is_pieces(chunks) or isinstance(chunks, dict) and chunks):
+        if chunks not in (None, "auto") and not (is_piece_count(chunks) or isinstance(chunks, dict) and chunks):
             raise ValueError(f"chunk_sequence must be a number of pieces >= 2, a mapping of MLP module names to "
                              f"pieces, 'auto' (pieces when whole MLPs do not fit or are slower) or None (no "
                              f"chunking), got {chunks!r}")
@@ -492,7 +492,8 @@ class OptimizeConfig:
         )
 
 
-def _is_pieces(value: Any) -> bool:
+def is_piece_count(value: Any) -> bool:
+    """A number of pieces of tokens (``chunk_sequence``): an int >= 2, not a bool."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 2
 
 

@@ -264,19 +264,17 @@ def chunk_sequence(model: nn.Module, chunks: int | Mapping[str, int], rewrites: 
     each, or MLP name -> pieces); the plan's note on it. A model with no MLP that can be chunked is an
     error naming why."""
     chosen, left = seq_chunk.install(model, chunks, rewrites)
-    if not chosen:
-        whole = "; ".join(f"{name}: {why}" for name, why in list(left.items())[:3]) + (
-            f" (and {len(left) - 3} more)" if len(left) > 3 else "")
-        raise ValueError(f"chunk_sequence={chunks}: no MLP of {type(model).__name__} can run in pieces of tokens"
-                         + (f" ({whole})" if whole else " (none found: chunking applies to position-wise MLPs)"))
-    unchosen = [name for name in seq_chunk.chunkable(model)[0] if name not in chosen]
     whole = "; ".join(f"{name}: {why}" for name, why in list(left.items())[:3]) + (
         f" (and {len(left) - 3} more)" if len(left) > 3 else "")
-    counts = seq_chunk.pieces_of(model, chunks)
-    if len(set(counts.values())) == 1:
-        pieces = f"{next(iter(counts.values()))} pieces of tokens at a time"
+    if not chosen:
+        raise ValueError(f"chunk_sequence={chunks}: no MLP of {type(model).__name__} can run in pieces of tokens"
+                         + (f" ({whole})" if whole else " (none found: chunking applies to position-wise MLPs)"))
+    if isinstance(chunks, int):
+        unchosen, pieces = [], f"{chunks} pieces of tokens at a time"
     else:
-        pieces = "in pieces of tokens (" + ", ".join(f"{name}: {n}" for name, n in counts.items()) + ")"
+        unchosen = [name for name in seq_chunk.chunkable(model)[0] if name not in chunks]
+        pieces = (f"{next(iter(chunks.values()))} pieces of tokens at a time" if len(set(chunks.values())) == 1 else
+                  "in pieces of tokens (" + ", ".join(f"{name}: {n}" for name, n in chunks.items()) + ")")
     which = (f"{len(chosen)} MLP{'s' if len(chosen) > 1 else ''}" if not unchosen else
              f"{len(chosen)} of {len(chosen) + len(unchosen)} MLPs ({_names(chosen)})")
     return (f"sequence chunking: {which} run {pieces} in training, saving only their input (each piece re-run in the "

@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from memopt.config import is_piece_count
 from memopt.errors import MemoptError
 from memopt.passes.base import RewriteLog
 from memopt.passes.quant_format import scales_shared
@@ -144,7 +145,7 @@ def pieces_of(model: nn.Module, chunks: int | Mapping[str, int]) -> dict[str, in
 
 
 def _check_count(count: Any, what: str) -> None:
-    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
+    if not is_piece_count(count):
         raise ValueError(f"{what} must be a number of pieces >= 2 (or None: no chunking), got {count!r}")
 
 
@@ -208,28 +209,23 @@ class _Pieces(torch.autograd.Function):
         wanted = [i for i in range(len(tensors)) if ctx.needs_input_grad[3 + i]]
         chunks = getattr(ctx.module, _ATTR)
         enabled, dtype = ctx.autocast
-        with scales_shared():
-            return _Pieces._backward(ctx, hidden, tensors, grad, wanted, chunks, enabled, dtype)
-
-    @staticmethod
-    def _backward(ctx: Any, hidden: torch.Tensor, tensors: list[torch.Tensor], grad: torch.Tensor,
-                  wanted: list[int], chunks: int, enabled: bool, dtype: torch.dtype) -> tuple[torch.Tensor | None, ...]:
         inputs, sums = [], [None] * len(wanted)
         frozen = [t.detach() for t in tensors]  # one leaf per frozen tensor for all pieces (so a quantized
         # weight's scales are undone once)
-        for piece, grad_piece in zip(_pieces(hidden, chunks), _pieces(grad, chunks)):
-            piece = piece.detach().requires_grad_(ctx.needs_input_grad[0])
-            leaves = [t.detach().requires_grad_() if i in wanted else frozen[i] for i, t in enumerate(tensors)]
-            with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled), \
-                    _reparametrize_module(ctx.module, dict(zip(ctx.names, leaves))):
-                out = type(ctx.module).forward(ctx.module, piece)  # as the forward's pieces ran: the module's own hooks
-                # ran once, around the whole chunked call
-            targets = ([piece] if ctx.needs_input_grad[0] else []) + [leaves[i] for i in wanted]
-            grads = torch.autograd.grad(out, targets, grad_piece, allow_unused=True)
-            if ctx.needs_input_grad[0]:
-                inputs.append(grads[0])
-                grads = grads[1:]
-            sums = [g if s is None else s if g is None else s + g for s, g in zip(sums, grads)]
+        with scales_shared():
+            for piece, grad_piece in zip(_pieces(hidden, chunks), _pieces(grad, chunks)):
+                piece = piece.detach().requires_grad_(ctx.needs_input_grad[0])
+                leaves = [t.detach().requires_grad_() if i in wanted else frozen[i] for i, t in enumerate(tensors)]
+                with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled), \
+                        _reparametrize_module(ctx.module, dict(zip(ctx.names, leaves))):
+                    out = type(ctx.module).forward(ctx.module, piece)  # as the forward's pieces ran: the module's own hooks
+                    # ran once, around the whole chunked call
+                targets = ([piece] if ctx.needs_input_grad[0] else []) + [leaves[i] for i in wanted]
+                grads = torch.autograd.grad(out, targets, grad_piece, allow_unused=True)
+                if ctx.needs_input_grad[0]:
+                    inputs.append(grads[0])
+                    grads = grads[1:]
+                sums = [g if s is None else s if g is None else s + g for s, g in zip(sums, grads)]
         out: list[torch.Tensor | None] = [None] * len(tensors)
         for i, total in zip(wanted, sums):
             out[i] = total
