@@ -9,7 +9,11 @@ expression at every program point; points between two events (a tensor's forward
 end, a materialize point, a last backward use) share the same expression, so one constraint per
 segment (its largest constant) and per distinct expression is emitted. Bytes are quantised to
 ``quantum`` (coefficients and constants rounded up, the capacity down: a plan the model accepts
-fits in exact bytes too). Time is µs: the recompute closures' time, plus the exposed copy time —
+fits in exact bytes too). The quantum is chosen per model once its segments are known, so that
+rounding every term of the widest segment up costs at most 1/1024 of the bytes that matter (the
+capacity, or the warm start's peak): at long context thousands of terms are alive at once, and
+a quantum from the keep-everything peak alone overstated Llama-3.3-70B's peak at 137,216 tokens by
+10 GiB of 80. Time is µs: the recompute closures' time, plus the exposed copy time —
 the copy engines as two single machines, outbound with release dates (Jackson's bound over every
 release), inbound with due dates (the earliest-due-date lateness over every due date) — exact for
 those machines, so the objective equals :func:`memopt.planner.problem.evaluate`'s overhead.
@@ -20,26 +24,30 @@ at the budget; each with a greedy hint (``AddHint``) and a time limit.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 from ortools.sat.python import cp_model
 
-from memopt.planner.greedy import greedy_plan, whole_blocks_plan, with_sources_offloaded
+from memopt.planner.greedy import greedy_plan, relaxed, whole_blocks_plan, with_sources_offloaded
 from memopt.planner.problem import ACTIONS, Candidate, Choice, PlanningProblem, evaluate, keep_all
 
 __all__ = ["SolveResult", "SolverOptions", "choose_quantum", "solve_min_peak", "solve_min_time", "time_limit_for"]
 
 log = logging.getLogger("memopt")
 
+WARM_START = "WARM_START"  # a phase's status where CP-SAT found nothing in its time: its warm start is returned
 _WALL_CLOCK_FACTOR = 10  # the wall-clock safety net, in multiples of the deterministic time limit
-# 2**20 quanta span the keep-all peak: rounding each of a few hundred terms up costs < 0.1 %.
+# At most 2**20 quanta span the keep-all peak (the coarsest quantum), and rounding up every term
+# of the widest segment costs at most 1/_ROUNDING of the bytes that matter.
 _QUANTA = 2**20
+_ROUNDING = 2**10
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class SolverOptions:
             raise ValueError(f"quantum must be a positive number of bytes, got {self.quantum!r}")
 
 
+_CHAIN_FROM = 4  # points of a dependency from which "on the device by" is a chain of running sums
 _INTERLEAVE_FROM = 300  # saved tensors from which the search strategies are interleaved
 _AUTO_LIMIT_S = (10.0, 60.0)  # time_limit_s=None: from 10 s (up to 100 saved tensors) to 60 s (600 and more)
 _AUTO_PER_TENSOR_S = 0.1
@@ -81,7 +90,7 @@ def time_limit_for(problem: PlanningProblem) -> float:
 class SolveResult:
     """One phase's outcome; ``choices`` is None when no assignment was found."""
 
-    status: str  # "OPTIMAL" | "FEASIBLE" | "INFEASIBLE" | "UNKNOWN" | "GREEDY"
+    status: str  # "OPTIMAL" | "FEASIBLE" | "INFEASIBLE" | "UNKNOWN" | WARM_START
     choices: tuple[Choice, ...] | None
     objective: int | None  # peak bytes (exact, evaluated) or overhead µs
     bound: int | None
@@ -89,25 +98,37 @@ class SolveResult:
     quantum: int
 
 
-def choose_quantum(problem: PlanningProblem) -> int:
+def choose_quantum(problem: PlanningProblem, widest: int = 0, scale: int | None = None) -> int:
+    """Bytes per unit of the model: a power of two, 2**20 of them span the keep-everything peak, and
+    where ``scale`` is given, ``widest`` terms rounded up by one each cost at most 1/1024 of it."""
     keep_peak = max(problem.base, default=0) + sum(c.nbytes for c in problem.candidates) + problem.static.resident
-    return 1 << max(0, math.floor(math.log2(max(keep_peak, 1))) - int(math.log2(_QUANTA)))
+    quantum = max(0, math.floor(math.log2(max(keep_peak, 1))) - int(math.log2(_QUANTA)))
+    if scale is not None:
+        allowed = scale // (_ROUNDING * max(widest, 1))
+        quantum = min(quantum, max(0, math.floor(math.log2(allowed)) if allowed >= 1 else 0))
+    return 1 << quantum
 
 
 def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOptions(),
                    progress: Callable[[str], None] | None = None) -> SolveResult:
-    """Phase 1: the assignment with the smallest peak device bytes (the smallest feasible budget)."""
-    model = _Model(problem, options.quantum or choose_quantum(problem))
-    peak = model.cp.NewIntVar(0, model.upper_bound(), "peak")
-    model.add_memory(peak)
-    model.cp.Minimize(peak)
+    """Phase 1: the assignment with the smallest peak device bytes (the smallest feasible budget).
+    Ensures: ``choices`` is an assignment — the warm start (status ``WARM_START``) where CP-SAT found
+    none in its time."""
     whole = whole_blocks_plan(problem)
     starts = [c for c in (greedy_plan(problem, 0), whole, with_sources_offloaded(problem, whole))
               if evaluate(problem, c).valid]
-    model.hint(min(starts, key=lambda c: evaluate(problem, c).peak_bytes))
+    start = min(starts, key=lambda c: evaluate(problem, c).peak_bytes)
+    model = _Model(problem, options.quantum, scale=evaluate(problem, start).peak_bytes)
+    peak = model.cp.NewIntVar(0, model.upper_bound(), "peak")
+    model.add_memory(peak)
+    model.cp.Minimize(peak)
+    model.hint(start)
+    # (complete, so CP-SAT takes it as its first solution: on Llama-3.3-70B at 18,432 tokens the
+    # search, led by a hint missing only this variable, had found none in 60 s)
+    model.cp.AddHint(peak, model.peak_in_quanta(start))
     result = model.run(options, "minimum peak", progress, lambda v: f"{v * model.quantum / 2**30:.3f} GiB")
     if result.choices is None:
-        return result
+        result = replace(result, status=WARM_START, choices=start, bound=None)
     exact = evaluate(problem, result.choices).peak_bytes
     bound = None if result.bound is None else result.bound * model.quantum
     return SolveResult(result.status, result.choices, exact, bound, result.seconds, model.quantum)
@@ -118,16 +139,20 @@ def solve_min_time(problem: PlanningProblem, capacity: int, options: SolverOptio
                    hint: Sequence[Choice] | None = None) -> SolveResult:
     """Phase 2: the fastest assignment whose device bytes stay <= ``capacity`` (static included).
 
-    ``hint``: a known assignment (e.g. phase 1's) used as the warm start when it beats the greedy."""
-    model = _Model(problem, options.quantum or choose_quantum(problem))
+    ``hint``: a known assignment (e.g. phase 1's), the warm start when it or its relaxation beats the
+    greedy. Where CP-SAT finds nothing in its time, the warm start is returned (status ``WARM_START``)."""
+    model = _Model(problem, options.quantum, scale=capacity)
     limit = capacity // model.quantum
     model.add_memory(limit)
     model.cp.Minimize(model.time_objective())
-    starts = [c for c in (_greedy_hint(model, capacity, limit), hint) if c is not None
-              and model.peak_in_quanta(c) <= limit and evaluate(problem, c).valid]
-    if starts:
-        model.hint(min(starts, key=lambda c: evaluate(problem, c).overhead_us))
+    starts = [c for c in (_greedy_hint(model, capacity, limit), hint, _relaxed_hint(model, capacity, limit, hint))
+              if c is not None and model.peak_in_quanta(c) <= limit and evaluate(problem, c).valid]
+    start = min(starts, key=lambda c: evaluate(problem, c).overhead_us) if starts else None
+    if start is not None:
+        model.hint(start)
     result = model.run(options, "minimum time", progress, lambda v: f"+{v / 1000:.1f} ms per step")
+    if result.choices is None and start is not None:
+        result = replace(result, status=WARM_START, choices=start, bound=None)
     if result.choices is None:
         return result
     # Many plans tie on time (offloads hidden under compute cost nothing): keep what need not move.
@@ -169,13 +194,25 @@ def _greedy_hint(model: "_Model", capacity: int, limit: int) -> tuple[Choice, ..
     return None
 
 
+def _relaxed_hint(model: "_Model", capacity: int, limit: int,
+                  hint: Sequence[Choice] | None) -> tuple[Choice, ...] | None:
+    """``hint`` (phase 1's plan) relaxed towards keeping, below the capacity by what rounding can add."""
+    if hint is None or model.peak_in_quanta(hint) > limit:
+        return None
+    widest = max((segment.size for segment in model.segments()), default=0)
+    return relaxed(model.problem, hint, capacity - widest * model.quantum)
+
+
 class _Model:
     """The CP-SAT variables of one problem and the linear expressions over them."""
 
-    def __init__(self, problem: PlanningProblem, quantum: int) -> None:
-        self.problem, self.quantum = problem, quantum
+    def __init__(self, problem: PlanningProblem, quantum: int | None, scale: int | None = None) -> None:
+        """``quantum``: bytes per unit (None: ``choose_quantum`` for the widest segment and ``scale``)."""
+        self.problem, self._quantum, self._scale = problem, quantum, scale
         self.cp = cp_model.CpModel()
         self._segments: list | None = None
+        # candidate -> (its points ascending, "on the device by the i-th" for i = 0 .. len)
+        self._chains: dict[int, tuple[list[int], list]] = {}
         self._spikes: dict[int, list[tuple[int, int, int]]] = {}  # point -> (candidate, point index, bytes)
         self._spike_vars: dict[int, cp_model.IntVar] = {}
         self._upper: dict[int, int] = {}  # variable index -> its largest value, where it is not a boolean
@@ -226,14 +263,33 @@ class _Model:
         if "recompute" not in c.allowed:
             return
         for j, m in enumerate(c.points):
-            here = self.at[c.index][j]
             for d in c.deps:
-                dep = self.problem.candidates[d]
-                ready = [self.action[dep.klass, "keep"]]
-                ready += [self.at[d][jd] for jd, md in enumerate(dep.points) if md <= m]
-                if "offload" in dep.allowed:
-                    ready += [self.off[d][jd] for jd, md in enumerate(dep.offload_points) if md <= m]
-                self.cp.Add(here <= sum(ready))
+                self.cp.Add(self.at[c.index][j] <= self._ready(d, m))
+
+    def _ready(self, d: int, m: int) -> "cp_model.LinearExprT":
+        """1 when candidate ``d`` is on the device by point ``m`` (kept, or recomputed or fetched by
+        then). Where it has many points, a chain of running sums (one variable per point, each the
+        one before plus what is new there), so a dependency is two terms, not one per point: with
+        MLPs in pieces, a tensor has dozens of points, and 70B's model had 7.2 M terms this way."""
+        if d not in self._chains:
+            dep = self.problem.candidates[d]
+            items = list(zip(dep.points, self.at[d]))
+            if "offload" in dep.allowed:
+                items += list(zip(dep.offload_points, self.off[d]))
+            items.sort(key=lambda item: item[0])
+            running = self.action[dep.klass, "keep"]
+            chain: list = [running]
+            for i, (_, v) in enumerate(items):
+                if len(items) <= _CHAIN_FROM:
+                    chain.append(running := running + v)
+                    continue
+                new = self.cp.NewBoolVar(f"ready_{d}_{i}")  # (at most one of keep and the points is 1)
+                self.cp.Add(new == running + v)
+                self._derived.append((new, [(v.Index(), 1)], 0, running.Index()))
+                chain.append(running := new)
+            self._chains[d] = [md for md, _ in items], chain
+        points, chain = self._chains[d]
+        return chain[bisect.bisect_right(points, m)]
 
     def upper_bound(self) -> int:
         p = self.problem
@@ -241,11 +297,20 @@ class _Model:
                                                                  for c in p.candidates)
         return -(-total // self.quantum)
 
+    @property
+    def quantum(self) -> int:
+        if self._quantum is None:
+            self.segments()  # (which chooses it)
+        return self._quantum
+
     def segments(self) -> list[_Segment]:
         """The distinct expressions of the device bytes at a point, in quanta, each as its change from
         the one before (so memory grows with the events, not with points x terms)."""
         if self._segments is None:
-            self._segments = self._quantized(self._sweep(*self._events()))
+            kept = self._sweep(*self._events())
+            if self._quantum is None:
+                self._quantum = choose_quantum(self.problem, _widest(kept), self._scale)
+            self._segments = self._quantized(kept)
         return self._segments
 
     def _events(self) -> tuple[list[int], dict[int, list[tuple[int, tuple, int]]]]:
@@ -272,8 +337,8 @@ class _Model:
                 if c.recompute_bytes:
                     self._spikes.setdefault(m, []).append((c.index, j, c.recompute_bytes))
                 interval(c.define, m, ("at", c.index, j), c.replay_bytes)
-        for m in self._spikes:  # the largest closure recomputed at m (they run one after another)
-            interval(m, m, ("spike", m, 0), self.quantum)
+        for m in self._spikes:  # the largest closure recomputed at m (they run one after another), in quanta
+            interval(m, m, ("spike", m, 0), 1)
         forward = itertools.accumulate(delta[:-1])
         constant = [p.static.resident + b + x for b, x in zip(p.base, forward)]
         return constant, events
@@ -312,22 +377,22 @@ class _Model:
 
     def _quantized(self, kept: list[tuple[dict[tuple, int], int]]) -> list[_Segment]:
         """The segments' byte changes per key as quanta changes per variable: a variable's coefficient
-        is its bytes (summed over the keys it stands for) rounded up."""
+        is its bytes (summed over the keys it stands for) rounded up (a spike variable's is in quanta)."""
         q = self.quantum
-        total: dict[int, int] = {}  # variable index -> bytes in the current segment
+        total: dict[int, int] = {}  # variable index -> bytes (quanta, for a spike) in the current segment
         out = []
         for change, const in kept:
             moved: dict[int, list] = {}
             for key, coef in change.items():
                 var = self._var(key)
-                moved.setdefault(var.Index(), [var, 0])[1] += coef
+                moved.setdefault(var.Index(), [var, 0, key[0] == "spike"])[1] += coef
             step = {}
-            for i, (var, coef) in moved.items():
+            for i, (var, coef, spike) in moved.items():
                 before = total.get(i, 0)
                 total[i] = before + coef
                 if not total[i]:
                     del total[i]
-                if (delta := -(-(before + coef) // q) - -(-before // q)):
+                if (delta := coef if spike else -(-(before + coef) // q) - -(-before // q)):
                     step[i] = (var, delta)
             out.append(_Segment(step, -(-const // q), len(total)))
         return out
@@ -522,6 +587,19 @@ class _Segment:
     change: dict[int, tuple[cp_model.IntVar, int]]
     const: int
     size: int
+
+
+def _widest(kept: list[tuple[dict[tuple, int], int]]) -> int:
+    """The most terms alive at once in the sweep's segments (each rounds up by under a quantum)."""
+    total: dict[tuple, int] = {}
+    widest = 0
+    for change, _ in kept:
+        for key, coef in change.items():
+            total[key] = total.get(key, 0) + coef
+            if not total[key]:
+                del total[key]
+        widest = max(widest, len(total))
+    return widest
 
 
 def _merged(a: dict[tuple, int], b: dict[tuple, int]) -> dict[tuple, int]:

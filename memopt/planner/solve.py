@@ -3,15 +3,17 @@
 Design note. ``plan_activations`` is pure (a PlanningProblem, integers and an optional measure
 in, an ActivationPlan out) and runs the two phases of REFERENCES.md's CP-SAT notes:
 
-1. the smallest peak any plan reaches (CP-SAT, greedy warm start, a *deterministic* time limit,
-   one decision for all identical blocks:
+1. the smallest peak any plan reaches (CP-SAT, warm-started with the lowest of the greedy plan and
+   whole-block recomputation with or without its checkpoints offloaded, which is the answer where
+   CP-SAT finds nothing better in its *deterministic* time limit; one decision for all identical blocks:
    the same problem gives the same plan and the same smallest feasible budget every call) — with
    the optimizer step's own peak, the smallest feasible budget. Below it:
    ``InfeasibleBudgetError`` naming it, the solver's status and what dominates it;
 2. if the model as it is fits (``as_is_bytes``: its simulated eager step), that is the plan
    (nothing is faster) and nothing is lowered; otherwise the fastest plan at the budget (CP-SAT,
-   warm-started with the better of the greedy plan and phase 1's, one decision per run of
-   identical blocks), carried out by the lowered step.
+   warm-started with the fastest of the greedy plan, phase 1's and phase 1's relaxed towards
+   keeping what the budget has room for, one decision per run of identical blocks), carried out
+   by the lowered step.
 
 **The budget promise.** The CP-SAT model prices each decision from the trace; the lowered step
 places recomputations where torch's partitioner puts them and saves RNG state for replayed
@@ -34,7 +36,6 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from memopt.errors import InfeasibleBudgetError
 from memopt.planner.cpsat import SolveResult, SolverOptions, solve_min_peak, solve_min_time
-from memopt.planner.greedy import greedy_plan
 from memopt.planner.problem import (
     Candidate,
     Choice,
@@ -192,10 +193,7 @@ def _min_peak(problem: PlanningProblem, config: PlannerConfig, progress: Callabl
     # time given; its assignment is one of ``problem``'s, and the hint of the minimum-time phase,
     # which decides each run on its own.
     result = solve_min_peak(merged(problem), config.solver, progress)
-    if result.choices is not None:
-        return replace(result, choices=without_idle_sources(problem, result.choices))
-    greedy = greedy_plan(problem, 0)  # the solver found nothing in time: the greedy plan is an upper bound
-    return SolveResult("GREEDY", greedy, evaluate(problem, greedy).peak_bytes, None, result.seconds, result.quantum)
+    return replace(result, choices=without_idle_sources(problem, result.choices))
 
 
 def _min_time(problem: PlanningProblem, usable: int, config: PlannerConfig,

@@ -176,3 +176,84 @@ def test_the_models_device_bytes_are_exact_and_grow_with_the_events_not_points_t
         result = evaluate(problem, choices)
         assert result.valid and model.peak_in_quanta(choices) == result.peak_bytes
     assert len({c.action for plan in plans for c in plan}) == 3 and len(plans) >= 5  # keep, recompute, offload
+
+
+@pytest.mark.parametrize("chain_from", [0, 10**6], ids=["chains", "sums"])
+def test_on_the_device_by_a_point_is_the_same_as_a_chain_of_running_sums(monkeypatch, chain_from):
+    """A recomputed tensor's input must be on the device by its point: written as one sum over the
+    input's points, or (many points) a chain of running sums, two terms per dependency. Both give
+    the independent MILP's optimum in both phases."""
+    from memopt.planner import cpsat
+
+    monkeypatch.setattr(cpsat, "_CHAIN_FROM", chain_from)
+    problem = build_problem(chain_trace(40, 3, blocks=2), SLOW_LINK, allow_offload=True)
+    assert max(len(c.points) + len(c.offload_points) for c in problem.candidates) > 4
+    phase1 = solve_min_peak(problem, EXACT)
+    assert phase1.objective == milp(problem, None)
+    capacity = _between(problem, phase1.objective)
+    assert solve_min_time(problem, capacity, EXACT).objective == milp(problem, capacity)
+    model = cpsat._Model(problem, 1)
+    chained = any(isinstance(v, cpsat.cp_model.IntVar) for _, chain in model._chains.values() for v in chain[1:])
+    assert chained == (chain_from == 0)
+
+
+def test_the_quantum_rounds_the_widest_segment_up_by_at_most_a_thousandth_of_the_capacity():
+    """At long context thousands of terms are alive at once: a quantum from the keep-everything peak
+    alone (2**20 of them) made the model's peak of a 70B plan 10 GiB higher than its bytes. Chosen
+    for the widest segment and the capacity, the model's peak of any plan is within 1/1024 of the
+    capacity of its exact bytes, and never below them."""
+    from memopt.planner.cpsat import _Model
+
+    problem = build_problem(chain_trace(60, 4), SLOW_LINK)
+    low = solve_min_peak(problem, EXACT).objective
+    capacity = _between(problem, low, share=8)
+    coarsest = choose_quantum(problem)
+    model = _Model(problem, None, scale=capacity)
+    widest = max(s.size for s in model.segments())
+    assert model.quantum & (model.quantum - 1) == 0 and model.quantum <= coarsest
+    assert (widest + 1) * model.quantum <= capacity // 1024
+    assert _Model(problem, None, scale=capacity // 64).quantum < coarsest  # a smaller capacity: finer
+    plans = [greedy_plan(problem, low + (capacity - low) * k // 4) for k in range(5)]
+    for choices in plans:
+        exact = evaluate(problem, choices).peak_bytes
+        assert exact <= model.peak_in_quanta(choices) * model.quantum <= exact + capacity // 1024
+    result = solve_min_time(problem, capacity, SolverOptions(workers=1))
+    assert result.quantum == model.quantum and evaluate(problem, result.choices).peak_bytes <= capacity
+
+
+def test_a_large_problem_keeps_its_warm_start_however_little_time_the_solver_has():
+    """The warm start is a complete assignment (every auxiliary variable and the peak hinted), so
+    CP-SAT takes it as its first solution before any search: on Llama-3.3-70B at 18,432 tokens a
+    hint missing only the peak left the minimum-peak phase with no plan after 60 s."""
+    from memopt.planner.greedy import whole_blocks_plan, with_sources_offloaded
+
+    problem = build_problem(chain_trace(60, 4, blocks=3), SLOW_LINK)
+    whole = whole_blocks_plan(problem)
+    start = min(evaluate(problem, c).peak_bytes for c in (greedy_plan(problem, 0), whole,
+                                                          with_sources_offloaded(problem, whole)))
+    tiny = SolverOptions(time_limit_s=1e-6, workers=1)
+    phase1 = solve_min_peak(problem, tiny)
+    assert phase1.choices is not None and phase1.objective <= start
+    capacity = _between(problem, phase1.objective)
+    phase2 = solve_min_time(problem, capacity, tiny, hint=phase1.choices)
+    assert phase2.choices is not None and evaluate(problem, phase2.choices).peak_bytes <= capacity
+
+
+def test_relaxing_the_minimum_peak_plan_keeps_what_a_larger_budget_has_room_for():
+    """The minimum-time phase's warm start from the minimum-peak plan: classes moved back towards
+    keeping while the plan fits. Valid, within the capacity, no slower than the minimum-peak plan
+    (faster where the capacity leaves room) and no faster than the optimum."""
+    from memopt.planner.greedy import relaxed
+
+    faster = 0
+    for seed in (1, 2, 3, 4):
+        problem = build_problem(chain_trace(40, seed, blocks=2), SLOW_LINK, allow_offload=True)
+        phase1 = solve_min_peak(problem, EXACT)
+        for share in (2, 4, 8):
+            capacity = _between(problem, phase1.objective, share=share)
+            start = evaluate(problem, phase1.choices)
+            result = evaluate(problem, relaxed(problem, phase1.choices, capacity))
+            assert result.valid and result.peak_bytes <= capacity
+            assert milp(problem, capacity) <= result.overhead_us <= start.overhead_us
+            faster += result.overhead_us < start.overhead_us
+    assert faster >= 6
