@@ -78,7 +78,7 @@ def _repaired(problem: PlanningProblem, members: dict[int, list[Candidate]], cho
             moves = [(g, m) for g, m in moves if m is not None]
             if not moves:
                 return None
-            choices = min(moves, key=lambda gm: _cost(gm[0], "recompute") / sum(c.nbytes for c in gm[0]))[1]
+            choices = min(moves, key=lambda gm: _cost(gm[0], "recompute") / max(1, sum(c.nbytes for c in gm[0])))[1]
             continue
         if not result.valid:
             return None
