@@ -80,8 +80,8 @@ _AUTO_PER_TENSOR_S = 0.1
 def time_limit_for(problem: PlanningProblem) -> float:
     """``time_limit_s=None``'s limit: 0.1 s per saved tensor, from 10 to 60 s. A tiny model's plan is
     proven optimal well inside 10 s; Llama-3.1-8B at 524,288 tokens (647 saved tensors, 150,999
-    program points) plans +7.3 % predicted overhead with 60 s per phase and one worker (+27 % at
-    10 s, measured before the search was interleaved)."""
+    program points) plans +19.7 % predicted overhead with 60 s per phase and one worker: the relaxed
+    warm start's plan (``greedy.relaxed``), which CP-SAT did not improve in that time."""
     low, high = _AUTO_LIMIT_S
     return min(high, max(low, _AUTO_PER_TENSOR_S * len(problem.candidates)))
 
@@ -547,7 +547,7 @@ class _Model:
         solver.parameters.num_workers = options.workers or max(1, os.cpu_count() or 1)
         # On a large problem, CP-SAT's strategies interleaved in batches (deterministic): one worker
         # alone runs a single strategy, which on Llama-3.1-8B at 524,288 tokens found no minimum peak
-        # under 84.2 GiB in 60 s; interleaved, 69.3 GiB and a plan at +7.3 %. A small one is proven
+        # under 84.2 GiB in 60 s; interleaved, 69.3 GiB. A small one is proven
         # optimal sooner by the single strategy.
         solver.parameters.interleave_search = len(self.problem.candidates) >= _INTERLEAVE_FROM
         solver.parameters.random_seed = options.seed
