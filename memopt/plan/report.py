@@ -83,8 +83,9 @@ def _headline(plan: "Plan") -> list[str]:
              f"{format_bytes(plan.usable_bytes)} | predicted peak {format_bytes(plan.predicted_peak_bytes)}{how} | {fit}"]
     if plan.solver is not None:
         s = plan.solver
+        proven = "" if s.min_peak_status == "OPTIMAL" else ", the smallest found, not proven"
         lines.append(f"smallest feasible budget {format_bytes(plan.min_budget_bytes)} "
-                     f"(minimum-peak phase {s.min_peak_status}); plan {s.status}, {len(plan.tensors)} saved tensors "
+                     f"(minimum-peak phase {s.min_peak_status}{proven}); plan {s.status}, {len(plan.tensors)} saved tensors "
                      f"in {s.classes} decision classes, "
                      f"traced in {s.trace_ms / 1e3:.1f} s, solved in {s.solve_ms / 1e3:.1f} s")
     if plan.compute_us:

@@ -186,7 +186,7 @@ class SolverReport:
     """How the plan was found. Times in milliseconds; bytes exact."""
 
     status: str  # of the minimum-time phase ("OPTIMAL", "FEASIBLE", ...; "OPTIMAL" if keep-all fits)
-    min_peak_status: str  # of the minimum-peak phase
+    min_peak_status: str  # of the minimum-peak phase: OPTIMAL, FEASIBLE or WARM_START (CP-SAT found no better plan)
     min_feasible_bytes: int  # smallest peak of the whole step any plan reaches (budget = this + reserve)
     trace_ms: int
     solve_ms: int

@@ -42,7 +42,7 @@ __all__ = ["SolveResult", "SolverOptions", "choose_quantum", "solve_min_peak", "
 
 log = logging.getLogger("memopt")
 
-WARM_START = "WARM_START"  # a phase's status where CP-SAT found nothing in its time: its warm start is returned
+WARM_START = "WARM_START"  # a phase's status where CP-SAT found nothing better than its warm start, which is returned
 _WALL_CLOCK_FACTOR = 10  # the wall-clock safety net, in multiples of the deterministic time limit
 # At most 2**20 quanta span the keep-all peak (the coarsest quantum), and rounding up every term
 # of the widest segment costs at most 1/_ROUNDING of the bytes that matter.
@@ -113,7 +113,7 @@ def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOpti
                    progress: Callable[[str], None] | None = None) -> SolveResult:
     """Phase 1: the assignment with the smallest peak device bytes (the smallest feasible budget).
     Ensures: ``choices`` is an assignment — the warm start (status ``WARM_START``) where CP-SAT found
-    none in its time."""
+    none in its time, or only ones with a larger exact peak."""
     whole = whole_blocks_plan(problem)
     starts = [c for c in (greedy_plan(problem, 0), whole, with_sources_offloaded(problem, whole))
               if evaluate(problem, c).valid]
@@ -127,8 +127,8 @@ def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOpti
     # search, led by a hint missing only this variable, had found none in 60 s)
     model.cp.AddHint(peak, model.peak_in_quanta(start))
     result = model.run(options, "minimum peak", progress, lambda v: f"{v * model.quantum / 2**30:.3f} GiB")
-    if result.choices is None:
-        result = replace(result, status=WARM_START, choices=start, bound=None)
+    if result.choices is None or evaluate(problem, result.choices).peak_bytes > evaluate(problem, start).peak_bytes:
+        result = replace(result, status=WARM_START, choices=start)  # (lower in quanta, not in bytes)
     exact = evaluate(problem, result.choices).peak_bytes
     bound = None if result.bound is None else result.bound * model.quantum
     return SolveResult(result.status, result.choices, exact, bound, result.seconds, model.quantum)
@@ -140,7 +140,8 @@ def solve_min_time(problem: PlanningProblem, capacity: int, options: SolverOptio
     """Phase 2: the fastest assignment whose device bytes stay <= ``capacity`` (static included).
 
     ``hint``: a known assignment (e.g. phase 1's), the warm start when it or its relaxation beats the
-    greedy. Where CP-SAT finds nothing in its time, the warm start is returned (status ``WARM_START``)."""
+    greedy. Where CP-SAT finds nothing in its time, or nothing faster, the warm start is returned
+    (status ``WARM_START``)."""
     model = _Model(problem, options.quantum, scale=capacity)
     limit = capacity // model.quantum
     model.add_memory(limit)
@@ -151,8 +152,9 @@ def solve_min_time(problem: PlanningProblem, capacity: int, options: SolverOptio
     if start is not None:
         model.hint(start)
     result = model.run(options, "minimum time", progress, lambda v: f"+{v / 1000:.1f} ms per step")
-    if result.choices is None and start is not None:
-        result = replace(result, status=WARM_START, choices=start, bound=None)
+    if start is not None and (result.choices is None or evaluate(problem, result.choices).overhead_us >
+                              evaluate(problem, start).overhead_us):
+        result = replace(result, status=WARM_START, choices=start)
     if result.choices is None:
         return result
     # Many plans tie on time (offloads hidden under compute cost nothing): keep what need not move.

@@ -151,20 +151,34 @@ def whole_blocks_plan(problem: PlanningProblem) -> tuple[Choice, ...]:
 def with_sources_offloaded(problem: PlanningProblem, choices: Sequence[Choice]) -> tuple[Choice, ...]:
     """``choices`` with every saved recompute source (the residual stream a block re-runs from)
     offloaded where allowed, in forward order while the host budget lasts: the offloaded
-    checkpoints of the residual stream. Ensures: a valid assignment when ``choices`` is one."""
+    checkpoints of the residual stream. A decision class moves whole (the solver decides per
+    class, so this stays an assignment it can take as its warm start). Ensures: a valid
+    assignment when ``choices`` is one."""
     out = list(choices)
     host_left = None if problem.host_capacity is None else problem.host_capacity - offloaded_bytes(problem, out)
-    for c in problem.candidates:
-        if not (c.extra and out[c.index].action == "keep" and "offload" in c.allowed):
+    done: set[int] = set()
+    for first in problem.candidates:
+        if first.klass in done:
             continue
-        if any(out[t].action == "recompute" and out[t].point < c.first_backward for t in problem.dependents[c.index]):
-            continue  # a dependent is re-made before the offloaded copy is back
+        done.add(first.klass)
+        group = problem.classes[first.klass]
+        if not all(_offloadable_source(problem, c, out) for c in group):
+            continue
         if host_left is not None:
-            if c.nbytes > host_left:
+            need = sum(c.nbytes for c in group)
+            if need > host_left:
                 continue
-            host_left -= c.nbytes
-        out[c.index] = Choice("offload", c.first_backward)
+            host_left -= need
+        for c in group:
+            out[c.index] = Choice("offload", c.first_backward)
     return tuple(out)
+
+
+def _offloadable_source(problem: PlanningProblem, c: Candidate, choices: Sequence[Choice]) -> bool:
+    """A saved recompute source that may be offloaded, and no dependent is re-made before it is back."""
+    return (c.extra and choices[c.index].action == "keep" and "offload" in c.allowed
+            and not any(choices[t].action == "recompute" and choices[t].point < c.first_backward
+                        for t in problem.dependents[c.index]))
 
 
 def _best_move(problem: PlanningProblem, members: dict[int, list[Candidate]], choices: list[Choice],

@@ -4,8 +4,8 @@ Design note. ``plan_activations`` is pure (a PlanningProblem, integers and an op
 in, an ActivationPlan out) and runs the two phases of REFERENCES.md's CP-SAT notes:
 
 1. the smallest peak any plan reaches (CP-SAT, warm-started with the lowest of the greedy plan and
-   whole-block recomputation with or without its checkpoints offloaded, which is the answer where
-   CP-SAT finds nothing better in its *deterministic* time limit; one decision for all identical blocks:
+   whole-block recomputation with or without its checkpoints offloaded, which is returned where
+   CP-SAT finds nothing lower in its *deterministic* time limit; one decision for all identical blocks:
    the same problem gives the same plan and the same smallest feasible budget every call) — with
    the optimizer step's own peak, the smallest feasible budget. Below it:
    ``InfeasibleBudgetError`` naming it, the solver's status and what dominates it;
@@ -231,7 +231,10 @@ def _infeasible(problem: PlanningProblem, best: Evaluation, step_bytes: int, usa
         where = "backward" if best.peak_point >= problem.num_forward else "forward"
     error = InfeasibleBudgetError(
         f"{what} does not fit: even with every saved activation recomputed or offloaded where allowed, "
-        f"the peak (in {where}) is {needed / _GIB:.3f} GiB (solver: {status})",
+        f"the peak (in {where}) is {needed / _GIB:.3f} GiB (solver: {status}"
+        + ("" if status.startswith("OPTIMAL") or where == "the optimizer step" else
+           "; the smallest found, not proven: a longer --time-limit / PlannerConfig(time_limit_s=...) may find less")
+        + ")",
         predicted_bytes=needed, budget_bytes=usable, min_budget_bytes=needed + reserve, breakdown=breakdown,
     )
     if where != "the optimizer step":  # (no op of the forward or backward is what does not fit)

@@ -221,22 +221,37 @@ def test_the_quantum_rounds_the_widest_segment_up_by_at_most_a_thousandth_of_the
     assert result.quantum == model.quantum and evaluate(problem, result.choices).peak_bytes <= capacity
 
 
-def test_a_large_problem_keeps_its_warm_start_however_little_time_the_solver_has():
-    """The warm start is a complete assignment (every auxiliary variable and the peak hinted), so
-    CP-SAT takes it as its first solution before any search: on Llama-3.3-70B at 18,432 tokens a
-    hint missing only the peak left the minimum-peak phase with no plan after 60 s."""
-    from memopt.planner.greedy import whole_blocks_plan, with_sources_offloaded
+@pytest.mark.parametrize("host", [None, 10**6], ids=["no-host-limit", "tight-host"])
+def test_each_phases_warm_start_is_a_complete_assignment_the_model_accepts(monkeypatch, host):
+    """Every variable is hinted and the hint is feasible (CP-SAT takes it as its first solution
+    before any search: on Llama-3.3-70B at 18,432 tokens a hint missing only the peak left the
+    minimum-peak phase with no plan after 60 s). With a tight host budget the residual stream's
+    checkpoints are offloaded per decision class, not member by member (a class half offloaded is
+    no assignment of the model)."""
+    from ortools.sat.python import cp_model
 
-    problem = build_problem(chain_trace(60, 4, blocks=3), SLOW_LINK)
-    whole = whole_blocks_plan(problem)
-    start = min(evaluate(problem, c).peak_bytes for c in (greedy_plan(problem, 0), whole,
-                                                          with_sources_offloaded(problem, whole)))
-    tiny = SolverOptions(time_limit_s=1e-6, workers=1)
-    phase1 = solve_min_peak(problem, tiny)
-    assert phase1.choices is not None and phase1.objective <= start
+    from memopt.planner import cpsat
+
+    models = []
+    run = cpsat._Model.run
+    monkeypatch.setattr(cpsat._Model, "run", lambda self, *a, **k: models.append(self) or run(self, *a, **k))
+    problem = build_problem(chain_trace(60, 1, blocks=3), SLOW_LINK, allow_offload=True, host_capacity=host)
+    options = SolverOptions(time_limit_s=0.05, workers=1)
+    phase1 = solve_min_peak(problem, options)
     capacity = _between(problem, phase1.objective)
-    phase2 = solve_min_time(problem, capacity, tiny, hint=phase1.choices)
-    assert phase2.choices is not None and evaluate(problem, phase2.choices).peak_bytes <= capacity
+    phase2 = solve_min_time(problem, capacity, options, hint=phase1.choices)
+    assert phase1.status != cpsat.WARM_START and phase2.status != cpsat.WARM_START
+    for model in models:
+        proto = model.cp.Proto()
+        assert len(set(proto.solution_hint.vars)) == len(proto.variables)
+        solver = cp_model.CpSolver()
+        solver.parameters.fix_variables_to_their_hinted_value = True
+        solver.parameters.num_workers = 1
+        assert solver.Solve(model.cp) in (cp_model.OPTIMAL, cp_model.FEASIBLE)
+    tiny = SolverOptions(time_limit_s=1e-9, workers=1)  # CP-SAT finds nothing: the warm start is returned
+    fallback = solve_min_peak(problem, tiny)
+    assert fallback.status == cpsat.WARM_START and evaluate(problem, fallback.choices).valid
+    assert phase1.objective <= fallback.objective
 
 
 def test_relaxing_the_minimum_peak_plan_keeps_what_a_larger_budget_has_room_for():
@@ -246,8 +261,8 @@ def test_relaxing_the_minimum_peak_plan_keeps_what_a_larger_budget_has_room_for(
     from memopt.planner.greedy import relaxed
 
     faster = 0
-    for seed in (1, 2, 3, 4):
-        problem = build_problem(chain_trace(40, seed, blocks=2), SLOW_LINK, allow_offload=True)
+    for seed, host in ((1, None), (2, None), (3, 10**6), (4, 3 * 10**6)):
+        problem = build_problem(chain_trace(40, seed, blocks=2), SLOW_LINK, allow_offload=True, host_capacity=host)
         phase1 = solve_min_peak(problem, EXACT)
         for share in (2, 4, 8):
             capacity = _between(problem, phase1.objective, share=share)
