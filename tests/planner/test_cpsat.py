@@ -186,7 +186,7 @@ def test_on_the_device_by_a_point_is_the_same_as_a_chain_of_running_sums(monkeyp
     from memopt.planner import cpsat
 
     monkeypatch.setattr(cpsat, "_CHAIN_FROM", chain_from)
-    problem = build_problem(chain_trace(40, 3, blocks=2), SLOW_LINK, allow_offload=True)
+    problem = build_problem(chain_trace(24, 3, blocks=2), SLOW_LINK, allow_offload=True)
     assert max(len(c.points) + len(c.offload_points) for c in problem.candidates) > 4
     phase1 = solve_min_peak(problem, EXACT)
     assert phase1.objective == milp(problem, None)
@@ -264,11 +264,12 @@ def test_relaxing_the_minimum_peak_plan_keeps_what_a_larger_budget_has_room_for(
     for seed, host in ((1, None), (2, None), (3, 10**6), (4, 3 * 10**6)):
         problem = build_problem(chain_trace(40, seed, blocks=2), SLOW_LINK, allow_offload=True, host_capacity=host)
         phase1 = solve_min_peak(problem, EXACT)
+        start = evaluate(problem, phase1.choices)
         for share in (2, 4, 8):
             capacity = _between(problem, phase1.objective, share=share)
-            start = evaluate(problem, phase1.choices)
             result = evaluate(problem, relaxed(problem, phase1.choices, capacity))
-            assert result.valid and result.peak_bytes <= capacity
-            assert milp(problem, capacity) <= result.overhead_us <= start.overhead_us
+            assert result.valid and result.peak_bytes <= capacity and result.overhead_us <= start.overhead_us
+            if share == 4:  # (one capacity per problem against the independent optimum: it is slow)
+                assert milp(problem, capacity) <= result.overhead_us
             faster += result.overhead_us < start.overhead_us
     assert faster >= 6
