@@ -115,10 +115,9 @@ def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOpti
     Ensures: ``choices`` is an assignment — the warm start (status ``WARM_START``) where CP-SAT found
     none in its time, or only ones with a larger exact peak."""
     whole = whole_blocks_plan(problem)
-    starts = [c for c in (greedy_plan(problem, 0), whole, with_sources_offloaded(problem, whole))
-              if evaluate(problem, c).valid]
-    start = min(starts, key=lambda c: evaluate(problem, c).peak_bytes)
-    model = _Model(problem, options.quantum, scale=evaluate(problem, start).peak_bytes)
+    starts = [(c, evaluate(problem, c)) for c in (greedy_plan(problem, 0), whole, with_sources_offloaded(problem, whole))]
+    start, start_eval = min(((c, e) for c, e in starts if e.valid), key=lambda ce: ce[1].peak_bytes)
+    model = _Model(problem, options.quantum, scale=start_eval.peak_bytes)
     peak = model.cp.NewIntVar(0, model.upper_bound(), "peak")
     model.add_memory(peak)
     model.cp.Minimize(peak)
@@ -127,9 +126,9 @@ def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOpti
     # search, led by a hint missing only this variable, had found none in 60 s)
     model.cp.AddHint(peak, model.peak_in_quanta(start))
     result = model.run(options, "minimum peak", progress, lambda v: f"{v * model.quantum / 2**30:.3f} GiB")
-    if result.choices is None or evaluate(problem, result.choices).peak_bytes > evaluate(problem, start).peak_bytes:
-        result = replace(result, status=WARM_START, choices=start)  # (lower in quanta, not in bytes)
-    exact = evaluate(problem, result.choices).peak_bytes
+    exact = None if result.choices is None else evaluate(problem, result.choices).peak_bytes
+    if exact is None or exact > start_eval.peak_bytes:  # (none, or lower in quanta but not in bytes)
+        result, exact = replace(result, status=WARM_START, choices=start), start_eval.peak_bytes
     bound = None if result.bound is None else result.bound * model.quantum
     return SolveResult(result.status, result.choices, exact, bound, result.seconds, model.quantum)
 
@@ -146,14 +145,16 @@ def solve_min_time(problem: PlanningProblem, capacity: int, options: SolverOptio
     limit = capacity // model.quantum
     model.add_memory(limit)
     model.cp.Minimize(model.time_objective())
-    starts = [c for c in (_greedy_hint(model, capacity, limit), hint, _relaxed_hint(model, capacity, limit, hint))
-              if c is not None and model.peak_in_quanta(c) <= limit and evaluate(problem, c).valid]
-    start = min(starts, key=lambda c: evaluate(problem, c).overhead_us) if starts else None
+    starts = [(c, evaluate(problem, c)) for c in (_greedy_hint(model, capacity, limit), hint,
+                                                  _relaxed_hint(model, capacity, limit, hint))
+              if c is not None and model.peak_in_quanta(c) <= limit]
+    start, start_eval = min(((c, e) for c, e in starts if e.valid), key=lambda ce: ce[1].overhead_us,
+                            default=(None, None))
     if start is not None:
         model.hint(start)
     result = model.run(options, "minimum time", progress, lambda v: f"+{v / 1000:.1f} ms per step")
-    if start is not None and (result.choices is None or evaluate(problem, result.choices).overhead_us >
-                              evaluate(problem, start).overhead_us):
+    if start is not None and (result.choices is None or
+                              evaluate(problem, result.choices).overhead_us > start_eval.overhead_us):
         result = replace(result, status=WARM_START, choices=start)
     if result.choices is None:
         return result
@@ -185,8 +186,7 @@ def _keep_what_fits(problem: PlanningProblem, choices: Sequence[Choice], capacit
 def _greedy_hint(model: "_Model", capacity: int, limit: int) -> tuple[Choice, ...] | None:
     """A greedy plan that also fits the rounded-up model: aim below the capacity by what rounding
     can add (a quantum per term of the longest segment), and lower again if that was not enough."""
-    widest = max((segment.size for segment in model.segments()), default=0)
-    target = capacity - widest * model.quantum
+    target = capacity - model.rounding()
     for _ in range(2):
         choices = greedy_plan(model.problem, target)
         over = model.peak_in_quanta(choices) - limit
@@ -201,8 +201,7 @@ def _relaxed_hint(model: "_Model", capacity: int, limit: int,
     """``hint`` (phase 1's plan) relaxed towards keeping, below the capacity by what rounding can add."""
     if hint is None or model.peak_in_quanta(hint) > limit:
         return None
-    widest = max((segment.size for segment in model.segments()), default=0)
-    return relaxed(model.problem, hint, capacity - widest * model.quantum)
+    return relaxed(model.problem, hint, capacity - model.rounding())
 
 
 class _Model:
@@ -298,6 +297,10 @@ class _Model:
         total = p.static.resident + max(p.base, default=0) + sum(c.nbytes + c.recompute_bytes + c.replay_bytes
                                                                  for c in p.candidates)
         return -(-total // self.quantum)
+
+    def rounding(self) -> int:
+        """Bytes rounding up can add to a plan's peak in the model: a quantum per term of the widest segment."""
+        return max((segment.size for segment in self.segments()), default=0) * self.quantum
 
     @property
     def quantum(self) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from memopt.planner.problem import Candidate, Choice, PlanningProblem, evaluate, keep_all, offloaded_bytes
+from memopt.planner.problem import Candidate, Choice, Evaluation, PlanningProblem, evaluate, keep_all, offloaded_bytes
 
 __all__ = ["greedy_plan", "relaxed", "whole_blocks_plan", "with_sources_offloaded"]
 
@@ -55,30 +55,31 @@ def relaxed(problem: PlanningProblem, choices: Sequence[Choice], capacity: int) 
         for group in groups:
             for action in _FASTER.get(current[group[0].index].action, ()):
                 trial = _moved(problem, members, current, group, action)
-                trial = trial and _repaired(problem, members, trial, capacity, base.overhead_us)
-                if trial is not None:
-                    current, base, improved = trial, evaluate(problem, trial), True
+                repaired = trial and _repaired(problem, members, trial, capacity, base.overhead_us)
+                if repaired is not None:
+                    (current, base), improved = repaired, True
                     break
     return tuple(current)
 
 
 def _repaired(problem: PlanningProblem, members: dict[int, list[Candidate]], choices: list[Choice],
-              capacity: int, faster_than: int) -> list[Choice] | None:
-    """``choices`` made to fit with the greedy plan's moves, or None where that costs ``faster_than``."""
+              capacity: int, faster_than: int) -> tuple[list[Choice], Evaluation] | None:
+    """``choices`` made to fit with the greedy plan's moves, with its evaluation, or None where that
+    costs ``faster_than``."""
     for _ in range(len(members)):
         result = evaluate(problem, choices)
         if result.overhead_us >= faster_than:
             return None
         if result.valid and result.peak_bytes <= capacity:
-            return choices
+            return choices, result
         host_over = problem.host_capacity is not None and offloaded_bytes(problem, choices) > problem.host_capacity
         if host_over:  # recompute the offloaded class that costs least per host byte
-            moves = [(g, _moved(problem, members, choices, g, "recompute")) for g in members.values()
-                     if choices[g[0].index].action == "offload"]
-            moves = [(g, m) for g, m in moves if m is not None]
-            if not moves:
+            offloaded = sorted((g for g in members.values() if choices[g[0].index].action == "offload"),
+                               key=lambda g: _cost(g, "recompute") / max(1, sum(c.nbytes for c in g)))
+            moves = (_moved(problem, members, choices, g, "recompute") for g in offloaded)
+            choices = next((m for m in moves if m is not None), None)
+            if choices is None:
                 return None
-            choices = min(moves, key=lambda gm: _cost(gm[0], "recompute") / max(1, sum(c.nbytes for c in gm[0])))[1]
             continue
         if not result.valid:
             return None
@@ -156,12 +157,7 @@ def with_sources_offloaded(problem: PlanningProblem, choices: Sequence[Choice]) 
     assignment when ``choices`` is one."""
     out = list(choices)
     host_left = None if problem.host_capacity is None else problem.host_capacity - offloaded_bytes(problem, out)
-    done: set[int] = set()
-    for first in problem.candidates:
-        if first.klass in done:
-            continue
-        done.add(first.klass)
-        group = problem.classes[first.klass]
+    for group in problem.classes.values():  # (in forward order: by each class's first member)
         if not all(_offloadable_source(problem, c, out) for c in group):
             continue
         if host_left is not None:
