@@ -273,3 +273,27 @@ def test_relaxing_the_minimum_peak_plan_keeps_what_a_larger_budget_has_room_for(
                 assert milp(problem, capacity) <= result.overhead_us
             faster += result.overhead_us < start.overhead_us
     assert faster >= 6
+
+
+def test_a_move_to_recompute_brings_its_inputs_forward_and_stays_valid():
+    """Recomputing a tensor earlier than one of its inputs is fetched or recomputed moves that
+    input's fetch or recomputation forward, in turn (on Llama-3.1-8B at 524,288 tokens the key and
+    value could not be recomputed without it, their LoRA inputs being fetched after them, so no
+    attention output was offloaded in their place: +19.7 % where +6.5 % fits). Every such move of
+    every class from a minimum-peak plan is a valid assignment, and many needed an input moved."""
+    from memopt.planner.greedy import _moved
+
+    moves = readied = 0
+    for seed in range(1, 5):
+        for blocks in (1, 2):
+            problem = build_problem(chain_trace(40, seed, blocks=blocks), SLOW_LINK, allow_offload=True)
+            start = solve_min_peak(problem, EXACT).choices
+            for klass, group in problem.classes.items():
+                trial = _moved(problem, problem.classes, start, group, "recompute")
+                if trial is None:
+                    continue
+                moves += 1
+                assert evaluate(problem, trial).valid, (seed, blocks, klass)
+                readied += any(problem.candidates[i].klass != klass and new != old
+                               for i, (new, old) in enumerate(zip(trial, start)))
+    assert moves >= 200 and readied >= 50  # (before: 152 moves, 2 changing another class: saved sources)
