@@ -44,8 +44,8 @@ def relaxed(problem: PlanningProblem, choices: Sequence[Choice], capacity: int) 
     The minimum-time phase's warm start from the minimum-peak plan, which recomputes far more than
     a larger budget needs. On Llama-3.1-8B at 524,288 tokens the greedy plan from keeping
     everything does not get under 80 GiB, and in 60 s CP-SAT did not move from the minimum-peak
-    plan's +26 %; from this one (+6.5 %: attention's outputs offloaded in 24 of 32 layers, the
-    key and value recomputed to make host room) it moved by 0.1 s of 114."""
+    plan's +26 %; from this one (+6.5 %: attention's outputs offloaded in 25 of 32 layers, keys
+    and values recomputed to make host room) it moved by 0.1 s of 114."""
     members = problem.classes
     current = list(choices)
     base = evaluate(problem, current)
@@ -74,8 +74,11 @@ def _repaired(problem: PlanningProblem, members: dict[int, list[Candidate]], cho
         if result.valid and result.peak_bytes <= capacity:
             return choices, result
         host_over = problem.host_capacity is not None and offloaded_bytes(problem, choices) > problem.host_capacity
-        if host_over:
-            choices = _host_freed(problem, members, choices, max(capacity, result.peak_bytes))
+        if host_over:  # recompute the offloaded class that costs least per host byte
+            offloaded = sorted((g for g in members.values() if choices[g[0].index].action == "offload"),
+                               key=lambda g: _cost(g, "recompute") / max(1, sum(c.nbytes for c in g)))
+            moves = (_moved(problem, members, choices, g, "recompute") for g in offloaded)
+            choices = next((m for m in moves if m is not None), None)
             if choices is None:
                 return None
             continue
@@ -86,24 +89,6 @@ def _repaired(problem: PlanningProblem, members: dict[int, list[Candidate]], cho
             return None
         choices = _moved(problem, members, choices, members[best[0]], best[1])
     return None
-
-
-def _host_freed(problem: PlanningProblem, members: dict[int, list[Candidate]], choices: list[Choice],
-                peak: int) -> list[Choice] | None:
-    """``choices`` with the offloaded class that costs least per host byte recomputed instead —
-    the cheapest whose recomputation does not raise the device peak above ``peak`` (a small
-    tensor's recomputation may hold a large input on device for longer), else the cheapest."""
-    offloaded = sorted((g for g in members.values() if choices[g[0].index].action == "offload"),
-                       key=lambda g: _cost(g, "recompute") / max(1, sum(c.nbytes for c in g)))
-    first = None
-    for group in offloaded:
-        trial = _moved(problem, members, choices, group, "recompute")
-        if trial is None:
-            continue
-        if evaluate(problem, trial).peak_bytes <= peak:
-            return trial
-        first = first or trial
-    return first
 
 
 _FASTER = {"recompute": ("keep", "offload"), "offload": ("keep",)}  # moves that may save time
@@ -139,6 +124,10 @@ def _moved(problem: PlanningProblem, members: dict[int, list[Candidate]], choice
                 trial[e.index] = Choice("keep")
         m = _point(problem, c, trial)
         trial[c.index] = Choice(action, c.first_backward if action == "offload" and c.extra else m)
+    if action == "recompute":  # a member reading another (blocks handing tensors across) has it by its point
+        for c in group:
+            if not all(_readied(problem, trial, d, trial[c.index].point) for d in c.deps):
+                return None
     return trial
 
 
