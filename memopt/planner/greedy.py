@@ -179,12 +179,13 @@ def whole_blocks_plan(problem: PlanningProblem) -> tuple[Choice, ...]:
 
 def with_sources_offloaded(problem: PlanningProblem, choices: Sequence[Choice]) -> tuple[Choice, ...]:
     """``choices`` with every saved recompute source (the residual stream a block re-runs from)
-    offloaded where allowed: the offloaded checkpoints of the residual stream. Under a host budget,
-    one class at a time while the budget lasts, each time the one whose offload leaves the lowest
-    peak (in forward order before, Llama-3.3-70B at 137,216 tokens offloaded the residual after
-    attention, kept the block's input on device and started the minimum-peak phase at 249.7 GiB).
-    A decision class moves whole (the solver decides per class, so this stays an assignment it
-    can take as its warm start). Ensures: a valid assignment when ``choices`` is one."""
+    offloaded where allowed: the offloaded checkpoints of the residual stream. A decision class
+    moves whole (the solver decides per class, so this stays an assignment it can take as its warm
+    start), a member nothing re-runs from (the last block's output) included: before, such a class
+    stayed on device, and Llama-3.3-70B at 137,216 tokens kept its blocks' inputs (165 GiB) there
+    and started the minimum-peak phase at 249.7 GiB, not 90.0. Under a host budget, one class at a
+    time while the budget lasts, each time the one whose offload leaves the lowest peak. Ensures: a
+    valid assignment when ``choices`` is one."""
     out = list(choices)
     groups = [g for g in problem.classes.values() if all(_offloadable_source(problem, c, out) for c in g)
               and any(out[c.index].action == "keep" for c in g)]  # (a member nothing re-runs from is moved too)
