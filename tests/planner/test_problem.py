@@ -192,6 +192,13 @@ def test_the_residual_streams_checkpoints_are_offloaded_whole_classes_lowest_pea
         assert offloaded_bytes(tight, chosen) <= room and evaluate(tight, chosen).valid
         alone = [evaluate(tight, _sources_moved(whole, g)).peak_bytes for g in saved if sum(c.nbytes for c in g) <= room]
         assert evaluate(tight, chosen).peak_bytes <= min(alone)
+    # Where the first class in forward order is not the one that lowers the peak most:
+    problem = build_problem(chain_trace(12, 9, blocks=3), RTX, allow_offload=True, host_capacity=927_744)
+    whole = whole_blocks_plan(problem)
+    first = next(g for g in problem.classes.values() if g[0].extra and whole[g[0].index].action == "keep"
+                 and sum(c.nbytes for c in g) <= problem.host_capacity)
+    chosen = evaluate(problem, with_sources_offloaded(problem, whole))
+    assert chosen.valid and chosen.peak_bytes < evaluate(problem, _sources_moved(whole, first)).peak_bytes
 
 
 def test_a_recompute_source_no_recomputation_reads_is_not_saved(llama3):
