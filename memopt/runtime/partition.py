@@ -668,6 +668,35 @@ def _offload_simulated(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_O
 
     for offload in offloads:
         _rewire(fw, bw, offload, send, receive)
+    order = _position(bw.graph)
+    reloads = [n for n in bw.graph.nodes if n.target is torch.ops.memopt.reload_simulated.default]
+    _prefetch(bw.graph, [(reload, min(reload.users, key=order)) for reload in reloads])
+
+
+def _prefetch(graph: fx.Graph, transfers: list[tuple[fx.Node, fx.Node]]) -> None:
+    """Issue each copy back where the previous one is waited for: one copy in flight ahead of the
+    compute. ``transfers``: ``(reload, first_use)`` pairs in graph order, ``reload`` making the
+    device tensor and ``first_use`` the node before which it is waited for. Both offload lowerings
+    place their reloads so, so the simulated step allocates each reloaded tensor where the CUDA
+    step does: from the previous wait on, not from its own first use. A reload moves with what it
+    reads after the previous wait (sizes of a symbolic shape computed there); one that reads a
+    tensor made there stays."""
+    order = _position(graph)  # (a node moved keeps its old index: only later ones are compared with it)
+    for (_, previous), (reload, _) in zip(transfers, transfers[1:]):
+        if order(reload) < order(previous):  # read by the same op as the previous one: already there
+            continue
+        moved, stack = {reload}, list(reload.all_input_nodes)
+        while stack:
+            node = stack.pop()
+            if node in moved or order(node) < order(previous):
+                continue
+            if isinstance(node.meta.get("val"), torch.Tensor):
+                moved = set()
+                break
+            moved.add(node)
+            stack.extend(node.all_input_nodes)
+        for node in sorted(moved, key=order):
+            previous.prepend(node)
 
 
 def _offload_cuda(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_Offload]) -> None:
@@ -699,12 +728,8 @@ def _offload_cuda(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_Offloa
 
     for offload in offloads:
         _rewire(fw, bw, offload, send, receive)
-    # Prefetch: issue each copy back where the previous one is waited for.
     waits = [n for n in bw.graph.nodes if n.target is ops.wait_transfer.default and n.args[0] in started]
-    for previous, wait in zip(waits, waits[1:]):
-        reload = wait.args[0]
-        if all(_position(bw.graph)(a) < _position(bw.graph)(previous) for a in reload.all_input_nodes):
-            previous.prepend(reload)
+    _prefetch(bw.graph, [(wait.args[0], wait) for wait in waits])  # the simulated lowering's too
 
 
 _OFFLOAD = {"simulated": _offload_simulated, "cuda": _offload_cuda}

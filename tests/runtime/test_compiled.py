@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -72,7 +73,10 @@ def test_cuda_offload_is_async_copies_one_per_storage_prefetched_one_ahead():
     report, graphs = LoweringReport(), {}
     partition = plan_partition(plan, offload_mode="cuda", check_layout=True, report=report)
 
+    simulated = plan_partition(plan, offload_mode="simulated", check_layout=True)
+
     def capture(joint: torch.fx.GraphModule, joint_inputs: list, **kwargs: object):
+        graphs["simulated"] = simulated(copy.deepcopy(joint), joint_inputs, **kwargs)[1]
         graphs["fw"], graphs["bw"] = partition(joint, joint_inputs, **kwargs)
         raise _Done()
 
@@ -118,9 +122,27 @@ def test_cuda_offload_is_async_copies_one_per_storage_prefetched_one_ahead():
         assert views & set(reader.all_input_nodes)
     # Prefetch: a copy back is issued before the previous one is waited for.
     assert any(order[r] < order[w] for r, w in zip(reloads[1:], waits))
+    # The simulated lowering (what the plan's peak is measured on) makes each reloaded tensor where
+    # this one does: after the same ops of the backward.
+    assert _ops_before(graphs["simulated"], torch.ops.memopt.reload_simulated.default) == \
+        _ops_before(graphs["bw"], torch.ops.memopt.reload_to_device.default)
     # One host copy per offloaded storage: its raw bytes (the plan counts device blocks of 512 bytes).
     planned = sum(t.nbytes for t in offloaded)
     assert planned - 512 * len(offloaded) < report.host_bytes <= planned
+
+
+def _ops_before(graph: torch.fx.GraphModule, reload: object) -> list[int]:
+    """For each reload in ``graph``, how many of the backward's own ops (no transfer, view or size
+    node) run before it."""
+    ours = {torch.ops.memopt.reload_to_device.default, torch.ops.memopt.wait_transfer.default,
+            torch.ops.memopt.reload_simulated.default, torch.ops.aten.as_strided.default}
+    out, ops = [], 0
+    for node in graph.graph.nodes:
+        if node.target is reload:
+            out.append(ops)
+        elif node.op == "call_function" and node.target not in ours and isinstance(node.meta.get("val"), torch.Tensor):
+            ops += 1
+    return out
 
 
 class _Done(Exception):

@@ -1,4 +1,4 @@
-"""The LLaMA-2-7B shape (bf16, LoRA r=16, AdamW, batch 1 x 512) planned for an RTX 4090 at 14 GiB:
+"""The LLaMA-2-7B shape (bf16, LoRA r=16, AdamW, batch 1 x 512) planned for an RTX 4090 at 14.5 GiB:
 the simulated step of the returned model peaks at exactly the prediction, inside the budget.
 
 Built on ``meta``; the step runs on fake CPU tensors standing in for the GPU, with the plan's
@@ -14,7 +14,7 @@ from memopt.optim import factory as optim_factory
 from tests.memory.test_simulate_7b import _llama2_7b
 
 GIB = 2**30
-BUDGET_GB = 14.0  # keeping every activation needs 15.57 GiB of the 4090's 24; 14 forces decisions
+BUDGET_GB = 14.5  # keeping every activation needs 15.57 GiB of the 4090's 24; 14.5 forces decisions (the optimizer step: 13.30 GiB + the 0.75 GiB reserve)
 
 
 @pytest.mark.slow
