@@ -16,7 +16,7 @@ from memopt import pipeline
 from memopt.config import GIB, OptimizeConfig, QuantizeConfig, with_peft_default_targets
 from memopt.errors import InfeasibleBudgetError
 from memopt.memory import hf_masks
-from memopt.memory.autocast import autocast_state
+from memopt.memory.autocast import planned_autocast
 from memopt.memory.inputs import input_dtypes, input_shapes, normalize_inputs, tensor_inputs, training_kwargs
 from memopt.optim import OPTIMIZERS, OptimizerConfig
 from memopt.passes import REWRITTEN, RewriteLog, cut_ce, get_pass, rewrite, seq_chunk
@@ -241,6 +241,9 @@ def from_pretrained(
                     cfg.quantize if isinstance(cfg.quantize, QuantizeConfig) else None, rewrites)
             if plan.sequence_chunks is not None:
                 seq_chunk.install(model, plan.sequence_chunks, rewrites)
+            if plan.cut_cross_entropy is not None:  # the plan's step is the fused one: no logits made
+                _refuse_unfusable(model, plan, loss_fn is not None)
+                cut_ce.install(model, 0, rewrites, chunks=plan.cut_cross_entropy)
             load_trained(model, checkpoint)
             optimized = wrap(model, plan, _merge_fn(cfg), rewrites.original_requires_grad(),
                              config=(cfg, _applied_quantize(cfg, model)))
@@ -254,6 +257,13 @@ def from_pretrained(
         except BaseException:
             rewrites.undo()
             raise
+
+
+def _refuse_unfusable(model: nn.Module, plan: Plan, loss_fn: bool) -> None:
+    reason = cut_ce.why_not(model, True, loss_fn)
+    if reason is not None:
+        raise ValueError(f"the saved plan fuses the LM head and the loss (cut cross-entropy), which cannot apply to "
+                         f"this {type(model).__name__}: {reason}; give budget_gb and example_inputs to plan it again")
 
 
 def _inputs_of(plan: Plan, device: str) -> dict[str, torch.Tensor]:
@@ -416,6 +426,8 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     """A new Plan for the already rewritten ``model`` as it is now (train/eval mode, autocast, flags),
     for the widest of ``old``'s shapes and these inputs' (``widen=False``: these inputs' own): the
     rewrite stays (``old``'s module decisions); the step is simulated, traced and planned again."""
+    if not old.update_in_backward:  # the user's loop steps an optimizer after backward: a re-plan keeps it so
+        planner = dataclasses.replace(planner, allow_update_in_backward=False)
     bound = _bind_inputs(model, args, kwargs)
     unpadded = bool(hf_masks.unpadded(model, args, kwargs))  # read on the call's real mask, before widening
     if widen:
@@ -429,16 +441,16 @@ def _replan(model: nn.Module, cfg: OptimizeConfig, planner: PlannerConfig, loss_
     with hf_masks.assume_unpadded(unpadded):
         every = pipeline.plan_every_set(job) if old.traced_trainable is not None else "not planned so"
         memory, trace, activations = every if isinstance(every, tuple) else pipeline.plan_step(job)
+    autocast = planned_autocast(cfg.device.kind, _parameter_device(model))
     notes = tuple(n for n in old.notes if not n.startswith("re-planned")) + (
         f"re-planned for inputs {input_shapes(bound)} in {'train' if model.training else 'eval'} mode"
-        f"{'' if autocast_state(cfg.device.kind) is None else ' under autocast ' + str(autocast_state(cfg.device.kind))}"
-        f" ({why})",)
+        f"{'' if autocast is None else ' under autocast ' + autocast} ({why})",)
     step = step_plan(activations, trace_seconds=trace.trace_seconds, op_flops=[op.flops for op in trace.ops])
     return old.with_step(step, input_shapes=input_shapes(bound), input_dtypes=input_dtypes(bound), memory=memory,
                          notes=notes, fingerprint=structural_fingerprint(model), training=model.training,
-                         autocast=autocast_state(cfg.device.kind),
+                         autocast=autocast,
                          traced_trainable=pipeline.traced_trainable(model) if trace.dropped else None,
-                         unpadded_mask=unpadded)
+                         cut_cross_entropy=cut_ce.pieces(model), unpadded_mask=unpadded)
 
 
 def _own_loss_or_every_output(output: Any, inputs: Any) -> torch.Tensor:

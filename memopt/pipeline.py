@@ -22,7 +22,7 @@ from memopt.ir.joint import JointGraph, JointTrace, optimizer_bytes, trace_joint
 from memopt.ir.structure import ModelGraph, build_model_graph
 from memopt.kernels.dequant import simulating
 from memopt.memory import hf_masks
-from memopt.memory.autocast import autocast_state, on_target
+from memopt.memory.autocast import on_target, planned_autocast
 from memopt.memory.inputs import input_dtypes, input_shapes
 from memopt.memory.report import MemoryReport
 from memopt.memory.simulate import OptimizerFactory, simulate_step
@@ -635,7 +635,7 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
         input_shapes=input_shapes(job.bound),
         input_dtypes=input_dtypes(job.bound),
         training=model.training,
-        autocast=autocast_state(cfg.device.kind),
+        autocast=planned_autocast(cfg.device.kind, next((p.device.type for p in model.parameters()), "cpu")),
         capture=graph.captured.method,
         modules=result.decisions,
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
@@ -646,5 +646,6 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
         host_budget_bytes=cfg.host_budget_bytes if job.planner.allow_offload else None,
         traced_trainable=traced_trainable(model) if trace.dropped else None,
         sequence_chunks=seq_chunk.installed(model),
+        cut_cross_entropy=cut_ce.pieces(model),
         unpadded_mask=bool(hf_masks.unpadded(model, *job.inputs)),
     )

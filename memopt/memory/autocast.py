@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["autocast_state", "on_target"]
+__all__ = ["autocast_state", "on_target", "planned_autocast"]
 
 
 def autocast_state(device_type: str) -> str | None:
@@ -22,6 +22,14 @@ def autocast_state(device_type: str) -> str | None:
     if not torch.is_autocast_enabled(device_type):
         return None
     return str(torch.get_autocast_dtype(device_type)).replace("torch.", "")
+
+
+def planned_autocast(target: str, runs_on: str) -> str | None:
+    """The autocast state a plan is made for and a call is checked against: the target device's (a
+    GPU plan made under ``torch.autocast("cuda")``), else that of the device the model's tensors are
+    on (a GPU plan run on a CPU under ``torch.autocast("cpu")``). The plan records it and the runtime
+    compares with it, so a call in the planned state never re-plans."""
+    return autocast_state(target) or autocast_state(runs_on)
 
 
 @contextlib.contextmanager

@@ -87,6 +87,12 @@ def installed(model: nn.Module) -> bool:
     return getattr(model, _ATTR, None) is not None
 
 
+def pieces(model: nn.Module) -> int | None:
+    """The pieces of tokens ``model``'s fused head and loss runs in (None: not fused)."""
+    state = getattr(model, _ATTR, None)
+    return None if state is None else state.chunks
+
+
 def why_not(model: nn.Module, labels: bool, loss_fn: bool) -> str | None:
     """Why cut cross-entropy cannot apply to ``model`` (None: it can). ``labels``: the example batch
     has labels; ``loss_fn``: the loss is computed outside the model."""
@@ -106,13 +112,13 @@ def why_not(model: nn.Module, labels: bool, loss_fn: bool) -> str | None:
     return _head_feeds_loss(type(model).forward, type(model).__name__)
 
 
-def install(model: nn.Module, tokens: int, rewrites: RewriteLog) -> int:
+def install(model: nn.Module, tokens: int, rewrites: RewriteLog, *, chunks: int | None = None) -> int:
     """Fuse ``model``'s head and loss (``why_not`` must be None); returns the pieces the tokens are cut
-    into (from the example's ``tokens``). Undone by ``rewrites``."""
+    into (``chunks``: a saved plan's; else from the example's ``tokens``). Undone by ``rewrites``."""
     head = _head(model)
     assert head is not None and why_not(model, True, False) is None
-    state = _State(head, chunks_for(tokens, head.out_features, _trained_hidden(head)), model.loss_function,
-                   inspect.signature(model.forward))
+    chunks = chunks_for(tokens, head.out_features, _trained_hidden(head)) if chunks is None else chunks
+    state = _State(head, chunks, model.loss_function, inspect.signature(model.forward))
     state.handles = (model.register_forward_pre_hook(_arm, with_kwargs=True),
                      model.register_forward_hook(_disarm, with_kwargs=True, always_call=True))
     # Instance attributes: the modules, their classes and the state_dict are unchanged.

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -270,6 +271,9 @@ class Plan:
     # the pieces of tokens each position-wise MLP runs in, or MLP name -> pieces where not every MLP
     # runs in the same number (None: whole)
     sequence_chunks: int | Mapping[str, int] | None = None
+    # the pieces of tokens the fused LM head and loss (cut cross-entropy) runs in (None: not fused, the
+    # step makes the logits)
+    cut_cross_entropy: int | None = None
     # the planned batch's attention_mask was all ones: the step is planned, as HF runs it, with no mask
     # tensor; a padded batch is another state of the step, with a plan of its own (memory.hf_masks)
     unpadded_mask: bool = False
@@ -284,7 +288,7 @@ class Plan:
               fingerprint: str | None, host_budget_bytes: int | None = None,
               traced_trainable: tuple[str, ...] | None = None,
               sequence_chunks: int | Mapping[str, int] | None = None,
-              unpadded_mask: bool = False) -> "Plan":
+              cut_cross_entropy: int | None = None, unpadded_mask: bool = False) -> "Plan":
         """A Plan from the planner's ``step`` and what the job was: every field named and typed."""
         return cls(model=model, method=method, method_config=method_config, optimizer=optimizer,
                    optimizer_options=optimizer_options, device=device, budget_bytes=budget_bytes,
@@ -292,7 +296,8 @@ class Plan:
                    training=training, autocast=autocast, capture=capture, modules=modules,
                    trainable_params=trainable_params, total_params=total_params, memory=memory, notes=notes,
                    fingerprint=fingerprint, host_budget_bytes=host_budget_bytes, traced_trainable=traced_trainable,
-                   sequence_chunks=sequence_chunks, unpadded_mask=unpadded_mask, **step.fields())
+                   sequence_chunks=sequence_chunks, cut_cross_entropy=cut_cross_entropy, unpadded_mask=unpadded_mask,
+                   **step.fields())
 
     def with_step(self, step: StepPlan, **changes: Any) -> "Plan":
         """This Plan with the planner's part replaced by ``step`` (a re-plan), and ``changes``."""
@@ -408,6 +413,7 @@ class Plan:
             "host_budget_bytes": self.host_budget_bytes,
             "traced_trainable": None if self.traced_trainable is None else list(self.traced_trainable),
             "sequence_chunks": self.sequence_chunks,
+            "cut_cross_entropy": self.cut_cross_entropy,
             "unpadded_mask": self.unpadded_mask,
         }
 
@@ -475,6 +481,8 @@ class Plan:
             host_budget_bytes=opt("host_budget_bytes", _count),
             traced_trainable=opt("traced_trainable", lambda v: tuple(_str(n) for n in v)),
             sequence_chunks=opt("sequence_chunks", _pieces),
+            cut_cross_entropy=opt("cut_cross_entropy", _count) if "cut_cross_entropy" in data else
+            _fused_pieces(data.get("notes") or ()),
             unpadded_mask=opt("unpadded_mask", _bool) or False,
             version=PLAN_FORMAT_VERSION,  # an older plan is upgraded as it is read
         )
@@ -542,6 +550,15 @@ def _pieces(value: Any) -> int | dict[str, int]:
     if isinstance(value, dict):
         return {_str(name): _count(count) for name, count in value.items()}
     return _count(value)
+
+
+_FUSED = re.compile(r"cut cross-entropy: the LM head and the loss fused \((\d+) pieces? ")
+
+
+def _fused_pieces(notes: Any) -> int | None:
+    """A plan saved before ``cut_cross_entropy`` was a field says it in its notes."""
+    found = (_FUSED.match(n) for n in notes if isinstance(n, str))
+    return next((int(m.group(1)) for m in found if m), None)
 
 
 def _str(value: Any) -> str:

@@ -40,10 +40,10 @@ from typing import Any, Callable, Hashable, Iterator
 import torch
 import torch.nn as nn
 
-from memopt.errors import MemoptError, PlanMismatchError
+from memopt.errors import InfeasibleBudgetError, MemoptError, PlanMismatchError
 from memopt.ir.joint import attention_kernels
 from memopt.memory import hf_masks
-from memopt.memory.autocast import autocast_state
+from memopt.memory.autocast import planned_autocast
 from memopt.memory.hf_masks import eager_masks
 from memopt.memory.inputs import input_shapes, tensor_inputs, training_kwargs
 from memopt.passes import cut_ce, layerwise, rso, seq_chunk
@@ -153,8 +153,9 @@ class OptimizedModel(nn.Module):
         if larger:
             self._replan_for(args, kwargs, f"inputs larger than planned: {describe_shapes(larger)}", error_ok=True)
         elif self._plan.training is not None and (self._plan.training, self._plan.autocast) != \
-                (self.model.training, autocast_state(device.type)):
-            self._replan_for(args, kwargs, _state_change(self._plan, self.model.training, autocast_state(device.type)))
+                (self.model.training, planned_autocast(self._plan.device.kind, device.type)):
+            self._replan_for(args, kwargs, _state_change(self._plan, self.model.training,
+                                                         planned_autocast(self._plan.device.kind, device.type)))
         elif unpadded is not None and unpadded != self._plan.unpadded_mask:
             self._replan_for(args, kwargs, "a batch without padding (the attention_mask all ones: no mask tensor), "
                              "planned with one" if unpadded else "a padded batch (its attention_mask holds zeros: a "
@@ -202,8 +203,18 @@ class OptimizedModel(nn.Module):
                 f"{why}. The plan's peak holds only for what was planned; call memopt.optimize with a batch "
                 "of the new size" + (", or pass larger_inputs='replan'" if error_ok else ""))
         start = time.perf_counter()
-        plan = self._replan(self._plan, args, kwargs, why) if widen else \
-            self._replan(self._plan, args, kwargs, why, widen=False)
+        try:
+            plan = self._replan(self._plan, args, kwargs, why) if widen else \
+                self._replan(self._plan, args, kwargs, why, widen=False)
+        except InfeasibleBudgetError as exc:
+            raise InfeasibleBudgetError(
+                f"re-planning for this call ({why}): {exc.message}. The plan made by memopt.optimize holds for "
+                f"its inputs {dict(self._plan.input_shapes)}: give memopt.optimize the widest batch the loop "
+                "makes, in the state it runs in (padding, train/eval, autocast), or a larger budget"
+                + ("" if self._plan.update_in_backward else "; a re-plan does not switch to updates inside "
+                   "backward (the loop's optimizer steps after it)"),
+                predicted_bytes=exc.predicted_bytes, budget_bytes=exc.budget_bytes, breakdown=exc.breakdown,
+                min_budget_bytes=exc.min_budget_bytes) from exc
         self._install(plan, self._compile)
         seconds = time.perf_counter() - start
         self.replans.append(why)

@@ -106,6 +106,73 @@ def test_a_new_process_reloads_every_method_and_keeps_training(tmp_path):
     assert done.stdout.split() == ["lora", "ok", "paca", "ok", "s2ft", "ok"]
 
 
+def test_a_new_process_reloads_the_fused_head_and_loss_as_planned(tmp_path):
+    """A plan made with cut cross-entropy (and MLPs in pieces) reloads as that step: the head and the
+    loss fused again in as many pieces, no re-plan, the simulated step peaking at the saved prediction
+    and the loss and gradients of the saved model. (It used to reload unfused: real logits, 2.6x the
+    predicted peak, and a plan still saying "fused".)"""
+    base = tiny_llama(num_hidden_layers=2, vocab_size=4096)
+    fresh = copy.deepcopy(base)
+    batch = lm_batch(base, batch=2, seq=64)
+    optimized = memopt.optimize(base, budget_gb=1, example_inputs=batch, method="lora", device="cpu",
+                                cut_cross_entropy=True, chunk_sequence=4)
+    plan = optimized.plan
+    assert plan.cut_cross_entropy is not None and plan.cut_cross_entropy > 1 and plan.sequence_chunks == 4
+    opt = torch.optim.AdamW([p for p in optimized.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimized(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    optimized.save_pretrained(tmp_path)
+    loss = optimized(**batch).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in optimized.model.named_parameters() if p.requires_grad}
+    torch.save({"batch": batch, "loss": loss.detach(), "grads": grads}, tmp_path / "expected.pt")
+    del fresh
+    script = textwrap.dedent(f"""
+        import sys, torch, memopt
+        sys.path.insert(0, {str(ROOT)!r})
+        from memopt.memory.simulate import simulate_step
+        from memopt.optim import factory
+        from memopt.passes import cut_ce, seq_chunk
+        from tests.models import tiny_llama
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        model = memopt.from_pretrained(tiny_llama(num_hidden_layers=2, vocab_size=4096), {str(tmp_path)!r})
+        print(cut_ce.pieces(model.model), model.plan.cut_cross_entropy, seq_chunk.installed(model.model))
+        out = model(**expected["batch"])
+        out.loss.backward()
+        torch.testing.assert_close(out.loss.detach(), expected["loss"], rtol=1e-6, atol=0)
+        for name, p in model.model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, expected["grads"][name], rtol=1e-5, atol=1e-7)
+        print("replans", len(model.replans), "logits made", isinstance(out.logits, torch.Tensor))
+        peak = simulate_step(model, expected["batch"], optimizer=factory("adamw"), device="cpu").peak_bytes
+        print("peak", peak == model.plan.predicted_peak_bytes, peak <= model.plan.usable_bytes)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pieces = plan.cut_cross_entropy
+    assert done.stdout.split() == [str(pieces), str(pieces), "4", "replans", "0", "logits", "made", "False",
+                                   "peak", "True", "True"]
+
+
+def test_a_plan_file_from_before_the_field_says_its_fusion_in_a_note():
+    plan = memopt.Plan.from_json(_a_plan_json())
+    data = plan.to_dict()
+    del data["cut_cross_entropy"]
+    data["notes"] = ["cut cross-entropy: the LM head and the loss fused (8 pieces of tokens at a time; no "
+                     "[tokens, vocab] logits)"]
+    assert memopt.Plan.from_dict(data).cut_cross_entropy == 8
+    data["notes"] = ["cut cross-entropy not applied: cut_cross_entropy=False; the step makes the whole logits"]
+    assert memopt.Plan.from_dict(data).cut_cross_entropy is None
+
+
+def _a_plan_json() -> str:
+    model = tiny_llama(num_hidden_layers=1)
+    return memopt.optimize(model, budget_gb=1, example_inputs=lm_batch(model, batch=1, seq=8), method="lora",
+                           device="cpu").plan.to_json()
+
+
 @pytest.mark.parametrize("kind", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_peft_loads_a_memopt_lora_and_memopt_loads_a_peft_one(kind, tmp_path):
     peft = pytest.importorskip("peft")

@@ -189,6 +189,27 @@ def test_autocast_around_the_forward_is_planned_for_and_exact():
     assert optimized.plan.fits
 
 
+def test_a_gpu_plan_run_on_the_cpu_under_cpu_autocast_is_planned_once():
+    """The GPU's plan, tried on a CPU under ``torch.autocast("cpu")`` (a laptop before the cluster):
+    planned under autocast, each step runs that plan (it used to record the GPU's autocast, off, and
+    re-plan at every step)."""
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=2, seq=32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        optimized = memopt.optimize(model, budget_gb=1, example_inputs=batch, method="lora", device="rtx4090")
+    assert optimized.plan.autocast == "bfloat16"
+    opt = optimized.make_optimizer(lr=1e-3)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = optimized(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert optimized.replans == []
+    optimized(**batch).loss.backward()  # without autocast: another state, planned once
+    assert len(optimized.replans) == 1 and optimized.plan.autocast is None
+
+
 def test_torch_compile_around_a_planned_model_trains():
     model = tiny_llama(num_hidden_layers=2)
     batch = lm_batch(model, batch=4, seq=32)
@@ -229,6 +250,29 @@ def test_a_larger_batch_replans_by_default_and_says_so(caplog):
     optimized.use_plan(optimized.plan, larger_inputs="error")
     with pytest.raises(PlanMismatchError, match=r"larger than planned: input_ids \[4, 64\] \(planned \[4, 48\]\)"):
         optimized(**lm_batch(optimized.model, batch=4, seq=64))
+
+
+def test_a_replan_never_switches_the_users_loop_to_updates_inside_backward():
+    """A user's own optimizer steps after backward: a longer batch whose plan would fit only with
+    updates inside backward is refused at the call, naming the way out, not planned so (the next
+    step used to fail on "no optimizer is attached")."""
+    model = tiny_llama(num_hidden_layers=2)
+    batch, longer = lm_batch(model, batch=2, seq=32), lm_batch(model, batch=2, seq=40)
+    held = memopt.PlannerConfig(allow_update_in_backward=False)
+    budget = memopt.optimize(copy.deepcopy(model), 8, batch, "full", device="cpu", planner=held).plan.min_budget_bytes / 2**30
+    assert memopt.optimize(copy.deepcopy(model), budget, longer, "full", device="cpu").plan.update_in_backward
+    optimized = memopt.optimize(model, budget, batch, "full", device="cpu")
+    assert not optimized.plan.update_in_backward
+    opt = torch.optim.AdamW(optimized.parameters(), lr=1e-3)
+    optimized(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    with pytest.raises(memopt.InfeasibleBudgetError, match=r"(?s)re-planning for this call \(inputs larger than "
+                       r"planned.*give memopt.optimize the widest batch.*does not switch to updates inside backward"):
+        optimized(**longer)
+    assert not optimized.plan.update_in_backward and optimized.plan.input_shapes["input_ids"] == (2, 32)
+    optimized(**batch).loss.backward()  # the planned batch still trains
+    opt.step()
 
 
 # ----------------------------------------------------------------------------- bad input
