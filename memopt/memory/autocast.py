@@ -29,6 +29,8 @@ def planned_autocast(target: str, runs_on: str) -> str | None:
     GPU plan made under ``torch.autocast("cuda")``), else that of the device the model's tensors are
     on (a GPU plan run on a CPU under ``torch.autocast("cpu")``). The plan records it and the runtime
     compares with it, so a call in the planned state never re-plans."""
+    if not torch.amp.is_autocast_available(runs_on):  # a model on the meta device (a dry run)
+        return autocast_state(target)
     return autocast_state(target) or autocast_state(runs_on)
 
 
