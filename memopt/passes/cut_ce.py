@@ -137,6 +137,14 @@ def resize(model: nn.Module, tokens: int) -> None:
         state.chunks = chunks_for(tokens, state.head.out_features, _trained_hidden(state.head))
 
 
+def use_pieces(model: nn.Module, pieces: int | None) -> None:
+    """Cut the tokens into ``pieces`` again (the plan the model switches back to, or keeps after a
+    re-plan that failed, was made so); nothing where ``model`` is not fused or ``pieces`` is None."""
+    state = getattr(model, _ATTR, None)
+    if state is not None and pieces is not None:
+        state.chunks = pieces
+
+
 def _trained_hidden(head: nn.Module) -> int | None:
     """The head's input width if its weight trains (``chunks_for``: pieces of at least half as many rows)."""
     weight = getattr(head, "weight", None)

@@ -149,6 +149,7 @@ class OptimizedModel(nn.Module):
         if known is not None:
             self._plan, self.runtime = known
             self._plans.move_to_end(key)
+            cut_ce.use_pieces(self.model, self._plan.cut_cross_entropy)
         larger = _larger(input_shapes(bound), self._plan.input_shapes)
         if larger:
             self._replan_for(args, kwargs, f"inputs larger than planned: {describe_shapes(larger)}", error_ok=True)
@@ -207,14 +208,18 @@ class OptimizedModel(nn.Module):
             plan = self._replan(self._plan, args, kwargs, why) if widen else \
                 self._replan(self._plan, args, kwargs, why, widen=False)
         except InfeasibleBudgetError as exc:
+            cut_ce.use_pieces(self.model, self._plan.cut_cross_entropy)  # (the re-plan re-cut them)
             raise InfeasibleBudgetError(
-                f"re-planning for this call ({why}): {exc.message}. The plan made by memopt.optimize holds for "
-                f"its inputs {dict(self._plan.input_shapes)}: give memopt.optimize the widest batch the loop "
-                "makes, in the state it runs in (padding, train/eval, autocast), or a larger budget"
-                + ("" if self._plan.update_in_backward else "; a re-plan does not switch to updates inside "
-                   "backward (the loop's optimizer steps after it)"),
+                f"re-planning for this call ({why}): {exc.message}. The current plan was made for inputs "
+                f"{dict(self._plan.input_shapes)}: plan with memopt.optimize for the widest batch the loop makes, in "
+                "the state it runs in (padding, train/eval, autocast), or with a larger budget"
+                + ("" if self._plan.update_in_backward else " (a re-plan keeps the optimizer stepping after "
+                   "backward; a plan that updates inside backward needs model.make_optimizer(...))"),
                 predicted_bytes=exc.predicted_bytes, budget_bytes=exc.budget_bytes, breakdown=exc.breakdown,
                 min_budget_bytes=exc.min_budget_bytes) from exc
+        except BaseException:
+            cut_ce.use_pieces(self.model, self._plan.cut_cross_entropy)
+            raise
         self._install(plan, self._compile)
         seconds = time.perf_counter() - start
         self.replans.append(why)
@@ -294,9 +299,17 @@ class OptimizedModel(nn.Module):
                 f"the plan was made for another model ({plan.model}, method {plan.method}): its structural "
                 f"fingerprint {plan.fingerprint} differs from this model's {structural_fingerprint(self.model)} "
                 "(parameter names, shapes, dtypes, trainability or module types)")
+        fused, pieces = plan.cut_cross_entropy, cut_ce.pieces(self.model)
+        if (fused is None) != (pieces is None):
+            raise PlanMismatchError(
+                f"the plan {'fuses' if fused else 'does not fuse'} the LM head and the loss (cut cross-entropy) and "
+                f"this model {'does not' if fused else 'does'}: its step makes other tensors than the plan counts; "
+                "memopt.from_pretrained(base, directory) rebuilds the model a saved plan was made for, or plan this "
+                "model with memopt.optimize")
         self._replan = replan
         self._larger_inputs = larger_inputs
         self._plans.clear()
+        cut_ce.use_pieces(self.model, fused)
         self._install(plan, compile)
         return self
 

@@ -268,7 +268,8 @@ def test_a_replan_never_switches_the_users_loop_to_updates_inside_backward():
     opt.step()
     opt.zero_grad()
     with pytest.raises(memopt.InfeasibleBudgetError, match=r"(?s)re-planning for this call \(inputs larger than "
-                       r"planned.*give memopt.optimize the widest batch.*does not switch to updates inside backward"):
+                       r"planned.*plan with memopt.optimize for the widest batch.*keeps the optimizer stepping after "
+                       r"backward"):
         optimized(**longer)
     assert not optimized.plan.update_in_backward and optimized.plan.input_shapes["input_ids"] == (2, 32)
     optimized(**batch).loss.backward()  # the planned batch still trains
