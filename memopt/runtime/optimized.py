@@ -154,9 +154,8 @@ class OptimizedModel(nn.Module):
         if larger:
             self._replan_for(args, kwargs, f"inputs larger than planned: {describe_shapes(larger)}", error_ok=True)
         elif self._plan.training is not None and (self._plan.training, self._plan.autocast) != \
-                (self.model.training, planned_autocast(self._plan.device.kind, device.type)):
-            self._replan_for(args, kwargs, _state_change(self._plan, self.model.training,
-                                                         planned_autocast(self._plan.device.kind, device.type)))
+                (self.model.training, autocast := planned_autocast(self._plan.device.kind, device.type)):
+            self._replan_for(args, kwargs, _state_change(self._plan, self.model.training, autocast))
         elif unpadded is not None and unpadded != self._plan.unpadded_mask:
             self._replan_for(args, kwargs, "a batch without padding (the attention_mask all ones: no mask tensor), "
                              "planned with one" if unpadded else "a padded batch (its attention_mask holds zeros: a "
@@ -207,8 +206,10 @@ class OptimizedModel(nn.Module):
         try:
             plan = self._replan(self._plan, args, kwargs, why) if widen else \
                 self._replan(self._plan, args, kwargs, why, widen=False)
-        except InfeasibleBudgetError as exc:
+        except BaseException as exc:
             cut_ce.use_pieces(self.model, self._plan.cut_cross_entropy)  # (the re-plan re-cut them)
+            if not isinstance(exc, InfeasibleBudgetError):
+                raise
             raise InfeasibleBudgetError(
                 f"re-planning for this call ({why}): {exc.message}. The current plan was made for inputs "
                 f"{dict(self._plan.input_shapes)}: plan with memopt.optimize for the widest batch the loop makes, in "
@@ -217,9 +218,6 @@ class OptimizedModel(nn.Module):
                    "backward; a plan that updates inside backward needs model.make_optimizer(...))"),
                 predicted_bytes=exc.predicted_bytes, budget_bytes=exc.budget_bytes, breakdown=exc.breakdown,
                 min_budget_bytes=exc.min_budget_bytes) from exc
-        except BaseException:
-            cut_ce.use_pieces(self.model, self._plan.cut_cross_entropy)
-            raise
         self._install(plan, self._compile)
         seconds = time.perf_counter() - start
         self.replans.append(why)
