@@ -31,6 +31,11 @@ forward pre-hook on ``model``); "other" otherwise.
 Limits: memory inside one op (a kernel's workspace) and inside compiled (Inductor) code is not
 seen; nor are tensors made under ``no_dispatch`` or inside non-traceable wrapper subclasses;
 ``UntypedStorage.resize_`` called directly is not seen (``Tensor.resize_`` is).
+
+Real or simulated. A tracker entered while a ``FakeTensorMode`` is active, or given fake tensors to
+register, measures a simulation and counts fake storages. Any other tracker measures real memory and
+does not count fake tensors made inside it: they allocate nothing. An example is a training step that
+re-plans, which traces and simulates the step on fake tensors before it runs.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import (
     TorchDispatchMode,
     is_traceable_wrapper_subclass,
@@ -72,6 +78,14 @@ def storages_of(t: torch.Tensor) -> list[torch.UntypedStorage]:
         return [t.untyped_storage()]
     except (RuntimeError, NotImplementedError):  # sparse / nested / opaque wrappers: no one storage
         return []
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a fake tensor, through functionalization and wrapper subclasses."""
+    try:
+        return is_fake(t)
+    except AssertionError:  # a wrapper holding fake and real tensors: its real bytes are real
+        return False
 
 
 def _tensors(tree: Any) -> Iterable[torch.Tensor]:
@@ -174,6 +188,7 @@ class MemoryTracker:
         self._in_optimizer = False
         self._seen_backward = False
         self._used = False
+        self._simulated = False  # decided on enter: does this region count fake tensors?
 
     # ---- context manager -------------------------------------------------------------------
 
@@ -181,6 +196,8 @@ class MemoryTracker:
         if self._used:
             raise MemoptError("a MemoryTracker measures one region (it is not re-entrant or reusable): make a new one")
         self._used = True
+        in_fake_mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+        self._simulated = in_fake_mode or any(_is_fake(t) for t in self._registered_tensors())
         try:
             self._register_existing()
             self._install_hooks()
@@ -230,6 +247,11 @@ class MemoryTracker:
         return self.report(device).final
 
     # ---- registration ----------------------------------------------------------------------
+
+    def _registered_tensors(self) -> Iterable[torch.Tensor]:
+        yield from self._params
+        yield from self._buffers
+        yield from _tensors(self._inputs)
 
     def _register_existing(self) -> None:
         for p in self._params:
@@ -320,7 +342,8 @@ class MemoryTracker:
 
     def _count_outputs(self, out: Any) -> None:
         for t in _tensors(out):
-            self._register(t, Category.TEMPORARIES)
+            if self._simulated or not _is_fake(t):
+                self._register(t, Category.TEMPORARIES)
         self._ledger.observe(self._phase())
 
 

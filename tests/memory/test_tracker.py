@@ -232,3 +232,24 @@ def test_a_tracker_measures_one_region_only():
         tracker.__enter__()
     with pytest.raises(MemoptError, match="make a new one"), tracker:
         pass
+
+
+def test_a_real_region_does_not_count_fake_tensors_and_a_simulated_one_does():
+    # A step that re-plans traces on fake tensors inside the user's measured region: they allocate
+    # nothing, so a tracker of real tensors leaves them out. A tracker entered under a
+    # FakeTensorMode measures that simulation and counts them.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(64, 64)
+    with MemoryTracker(inputs=x) as real:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            with MemoryTracker() as simulated:
+                (torch.empty(1024, 1024) * 2).sum()
+        y = x * 2
+    assert real.report().peak == MemoryBreakdown(inputs=x.numel() * F32, temporaries=y.numel() * F32)
+    assert simulated.report().peak_bytes == 2 * 1024 * 1024 * F32
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = torch.empty(8, 8)
+    with MemoryTracker(inputs=fake) as given_fakes:  # fake tensors registered: a simulation too
+        fake + 1
+    assert given_fakes.report().peak_bytes == 2 * 8 * 8 * F32
