@@ -15,7 +15,9 @@ A training step (autograd recording) is the plan's:
   padded batch after one without padding and the reverse (an HF ``attention_mask`` of all ones
   traces no mask tensor: ``memopt.memory.hf_masks``), and one whose traced program no longer
   holds the plan's tensors (an adapter disabled, dropout switched on): a stale plan never runs.
-  Plans made so are kept per state (``max_plans``), so switching back costs nothing;
+  Plans made so are kept per state (``max_plans``), so switching back costs nothing; so is the
+  plan ``optimize`` made (or ``use_plan`` installed), for the first step in its state, even when the
+  loop's first steps are in another state;
 * when the plan recomputes or offloads anything (or ``compile=True``) the step runs lowered
   (``runtime``, a ``memopt.runtime.step.PlannedStep``: eager or compiled); otherwise the wrapped
   model runs as it is, which is then exactly the plan. Either way it gets ``use_cache=False``
@@ -102,6 +104,7 @@ class OptimizedModel(nn.Module):
         self._larger_inputs = "replan"
         self._replan: Replan | None = None
         self._plans: OrderedDict[Hashable, tuple[Plan, Any]] = OrderedDict()
+        self._unkeyed: tuple[Plan, Any] | None = None  # the plan use_plan installed, until a step uses it
         self._said: set[str] = set()
         self.replans: list[str] = []  # why each re-plan happened, oldest first
         self._update_owner = in_backward.new_owner()  # names this model's updates inside backward
@@ -146,20 +149,17 @@ class OptimizedModel(nn.Module):
         unpadded = hf_masks.unpadded(self.model, args, kwargs)
         key = (step_state(self.model, device.type, self._plan.traced_trainable or ()), _unit_dims(bound), unpadded)
         known = self._plans.get(key)
+        if known is None and self._unkeyed is not None and self._unkeyed[0] is not self._plan and \
+                self._mismatch(self._unkeyed[0], bound, unpadded, device) is None:
+            known = self._unkeyed  # the plan installed first, made for this step's state: not re-planned
         if known is not None:
             self._plan, self.runtime = known
-            self._plans.move_to_end(key)
+            if key in self._plans:
+                self._plans.move_to_end(key)
             cut_ce.use_pieces(self.model, self._plan.cut_cross_entropy)
-        larger = _larger(input_shapes(bound), self._plan.input_shapes)
-        if larger:
-            self._replan_for(args, kwargs, f"inputs larger than planned: {describe_shapes(larger)}", error_ok=True)
-        elif self._plan.training is not None and (self._plan.training, self._plan.autocast) != \
-                (self.model.training, autocast := planned_autocast(self._plan.device.kind, device.type)):
-            self._replan_for(args, kwargs, _state_change(self._plan, self.model.training, autocast))
-        elif unpadded is not None and unpadded != self._plan.unpadded_mask:
-            self._replan_for(args, kwargs, "a batch without padding (the attention_mask all ones: no mask tensor), "
-                             "planned with one" if unpadded else "a padded batch (its attention_mask holds zeros: a "
-                             "mask tensor), planned without padding")
+        mismatch = self._mismatch(self._plan, bound, unpadded, device)
+        if mismatch is not None:
+            self._replan_for(args, kwargs, *mismatch)
         self._check_sampled_blocks()
         self._note_held_gradients()
         self._note_other_inputs(bound)
@@ -193,9 +193,26 @@ class OptimizedModel(nn.Module):
                                      "sizes: a smaller batch traces another program)", widen=False)
                     output = self.model(*args, **kwargs) if self.runtime is None else self.runtime(*args, **kwargs)
         self._plans[key] = (self._plan, self.runtime)
+        if self._unkeyed is not None and self._unkeyed[0] is self._plan:
+            self._unkeyed = None
         while len(self._plans) > _MAX_PLANS:
             self._plans.popitem(last=False)
         return cut_ce.finish_output(self.model, output)
+
+    def _mismatch(self, plan: Plan, bound: inspect.BoundArguments, unpadded: bool | None,
+                  device: torch.device) -> tuple[str, bool] | None:
+        """Why ``plan`` was not made for this step (and whether larger inputs are why), or None."""
+        larger = _larger(input_shapes(bound), plan.input_shapes)
+        if larger:
+            return f"inputs larger than planned: {describe_shapes(larger)}", True
+        if plan.training is not None and (plan.training, plan.autocast) != \
+                (self.model.training, autocast := planned_autocast(plan.device.kind, device.type)):
+            return _state_change(plan, self.model.training, autocast), False
+        if unpadded is not None and unpadded != plan.unpadded_mask:
+            return ("a batch without padding (the attention_mask all ones: no mask tensor), planned with one"
+                    if unpadded else "a padded batch (its attention_mask holds zeros: a mask tensor), planned without "
+                    "padding"), False
+        return None
 
     def _replan_for(self, args: tuple, kwargs: dict, why: str, error_ok: bool = False, widen: bool = True) -> None:
         if self._replan is None or (error_ok and self._larger_inputs == "error"):
@@ -309,6 +326,7 @@ class OptimizedModel(nn.Module):
         self._plans.clear()
         cut_ce.use_pieces(self.model, fused)
         self._install(plan, compile)
+        self._unkeyed = (self._plan, self.runtime)  # kept for the first step in its state, whenever that comes
         return self
 
     def _install(self, plan: Plan, compile: bool) -> None:
