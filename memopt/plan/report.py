@@ -199,12 +199,19 @@ def _lowering_lines(plan: "Plan") -> list[str]:
             f"OptimizedModel.use_plan{as_is}"]
 
 
-def applied_lines(plan: "Plan", actions: "tuple[str, ...]") -> list[str]:
+def applied_lines(plan: "Plan", actions: "tuple[str, ...]", runs_on: str | None = None) -> list[str]:
     """What a model that carries out the decisions ``actions`` does with ``plan``: all of it, or which
-    decisions it leaves undone (a dry run's model only keeps and drops, as autograd does)."""
+    decisions it leaves undone (a dry run's model only keeps and drops, as autograd does). ``runs_on``:
+    the device type a lowered model runs on; one without a host link (a CPU) carries out every
+    decision but offloading."""
     left = Counter(t.action for t in plan.tensors if t.action not in actions)
     if not left:
         return [f"applied: everything in this plan is applied by this model ({', '.join(actions)})"]
+    if runs_on is not None and set(left) == {"offload"}:
+        offloaded = format_bytes(plan.bytes_by_action()["offload"])
+        return [f"applied: all but the {left['offload']} offload decisions ({offloaded}): this model runs on {runs_on}, "
+                "where host and device are one memory, so the tensors the plan offloads stay where they are and a "
+                f"step peaks up to {offloaded} above the prediction; on the plan's GPU every decision is carried out"]
     detail = ", ".join(f"{n} {a}" for a, n in sorted(left.items()))
     as_is = plan.as_is_peak_bytes
     as_is = "" if as_is is None else f"; keeping every activation instead peaks at {format_bytes(as_is)}"

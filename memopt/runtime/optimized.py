@@ -41,6 +41,7 @@ from typing import Any, Callable, Hashable, Iterator
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from memopt.errors import InfeasibleBudgetError, MemoptError, PlanMismatchError
 from memopt.ir.joint import attention_kernels
@@ -118,13 +119,16 @@ class OptimizedModel(nn.Module):
     def applied(self) -> Applied:
         """What this model carries out of ``plan`` (the lowering, the kinds of decisions)."""
         lowered = self.runtime is not None
-        return Applied(actions=RUNTIME_ACTIONS if lowered else (Action.KEEP.value, Action.DROP.value),
-                       lowering=("compiled" if self._compile else "eager") if lowered else "none",
+        actions = RUNTIME_ACTIONS if lowered else (Action.KEEP.value, Action.DROP.value)
+        if lowered and not _offloads_here(self.model):
+            actions = tuple(a for a in actions if a != Action.OFFLOAD.value)
+        return Applied(actions=actions, lowering=("compiled" if self._compile else "eager") if lowered else "none",
                        update_in_backward=self._plan.update_in_backward)
 
     def summary(self) -> str:
         """The plan's summary (``plan.summary()``) and what this model carries out of it."""
-        return "\n".join([self._plan.summary(), "", *applied_lines(self._plan, self.applied.actions)])
+        return "\n".join([self._plan.summary(), "",
+                          *applied_lines(self._plan, self.applied.actions, runs_on=_device_of(self.model).type)])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._merged:
@@ -164,7 +168,8 @@ class OptimizedModel(nn.Module):
         self._note_held_gradients()
         self._note_other_inputs(bound)
         if self._plan.update_in_backward and self.model.training:
-            in_backward.require(self._update_owner)  # gradients held to a step after backward break the peak
+            in_backward.require(self._update_owner)
+        self._note_offloads_kept()  # gradients held to a step after backward break the peak
         if self.runtime is None:
             # The model as it is: HF decides its mask itself on real tensors; on fake ones (a simulated
             # step) the plan's mask state stands in for the values they do not carry.
@@ -241,6 +246,20 @@ class OptimizedModel(nn.Module):
         log.warning("memopt: re-planned in %.1f s (%s): predicted peak %.3f GiB of %.3f GiB usable%s", seconds, why,
                     plan.predicted_peak_bytes / 2**30, plan.usable_bytes / 2**30,
                     ", recomputing/offloading" if plan.needs_runtime else "")
+
+    def _note_offloads_kept(self) -> None:
+        """A plan that offloads, run where host and device are one memory (a GPU plan on a CPU), keeps
+        its offloaded tensors in place: the step peaks above the prediction. Say so, once."""
+        if "offloads kept" in self._said or self.runtime is None or _offloads_here(self.model):
+            return
+        offloaded = self._plan.bytes_by_action()["offload"]
+        if offloaded:
+            self._said.add("offloads kept")
+            log.warning("memopt: this plan offloads %s to host memory, and this model runs on %s, where host and device "
+                        "are one memory: the offloaded tensors stay where they are, so this step peaks up to %s above "
+                        "the predicted %s (on the plan's GPU every decision is carried out)", format_bytes(offloaded),
+                        _device_of(self.model).type, format_bytes(offloaded),
+                        format_bytes(self._plan.predicted_peak_bytes))
 
     def _note_held_gradients(self) -> None:
         """Gradients left from an earlier backward (gradient accumulation) are held through this whole
@@ -546,6 +565,13 @@ def _class_for(model_cls: type) -> type:
 def _device_of(model: nn.Module) -> torch.device:
     tensor = next(model.parameters(), None)
     return torch.device("cpu") if tensor is None else tensor.device
+
+
+def _offloads_here(model: nn.Module) -> bool:
+    """Does a lowered step of ``model`` move offloaded tensors off its device? On a GPU it copies them
+    to host memory; on fake or meta tensors it counts them as moved (memopt.runtime.partition); on
+    a CPU they stay where they are."""
+    return _device_of(model).type in ("cuda", "meta") or isinstance(next(model.parameters(), None), FakeTensor)
 
 
 def _unit_dims(bound: inspect.BoundArguments) -> tuple:

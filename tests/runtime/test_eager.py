@@ -28,7 +28,8 @@ def test_the_plan_recomputes_and_the_returned_model_carries_it_out(planned_llama
     plan = optimized.plan
     assert plan.bytes_by_action()["recompute"] > 0
     assert optimized.applied.covers(plan) and optimized.applied.lowering == "eager"
-    assert set(optimized.applied.actions) >= {"keep", "recompute", "offload", "save"}
+    # On this CPU, host and device are one memory: a lowered step offloads nothing (it recomputes).
+    assert set(optimized.applied.actions) == {"keep", "drop", "recompute", "save"}
 
 
 def test_gradients_equal_the_unplanned_model_bit_for_bit(planned_llama):

@@ -61,6 +61,36 @@ def test_a_gpu_plan_lowered_with_the_copy_ops_gives_plain_autograds_gradients(mo
         torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6)
 
 
+def test_a_gpu_plan_run_on_the_cpu_says_its_offloads_stay_in_place(caplog):
+    """On a CPU host and device are one memory: the lowering keeps what the plan offloads. The model's
+    summary and a warning at its first step say so, with the bound the measured peak keeps."""
+    import logging
+
+    from memopt.memory import MemoryTracker
+
+    model = tiny_llama(num_hidden_layers=3)
+    batch = lm_batch(model, batch=4, seq=64)
+    options = dict(method="full", device="cuda", reserve_gb=0)
+    optimized = memopt.optimize(model, budget_gb=budget_between(model, batch, 0.4, **options),
+                                example_inputs=batch, **options)
+    plan = optimized.plan
+    offloaded = plan.bytes_by_action()["offload"]
+    assert offloaded > 0 and "offload" not in optimized.applied.actions and not optimized.applied.covers(plan)
+    assert f"applied: all but the {sum(t.action == 'offload' for t in plan.tensors)} offload decisions" in \
+        optimized.summary() and "this model runs on cpu" in optimized.summary()
+    peaks = []
+    for _ in range(2):
+        with caplog.at_level(logging.WARNING, logger="memopt"), \
+                MemoryTracker(optimized, inputs=batch, round_to=512) as tracker:
+            optimized(**batch).loss.backward()
+        optimized.zero_grad(set_to_none=True)
+        peaks.append(tracker.report().peak_bytes)
+    assert caplog.text.count("where host and device are one memory") == 1
+    assert not optimized.replans
+    # The plan's peak counts the offloaded tensors on the host; here they stay: above it, within the bound.
+    assert plan.predicted_peak_bytes < peaks[0] == peaks[1] <= plan.predicted_peak_bytes + offloaded
+
+
 def test_symbolic_sizes_and_strides_become_nodes_that_compute_them():
     """A backward traced with symbolic sizes re-creates an offloaded view with ``as_strided``: its
     size, stride and offset must be graph values, built from what the graph has (here a [b, s, s]
