@@ -74,6 +74,18 @@ def plan_summary(plan: "Plan") -> str:
     return "\n".join(lines)
 
 
+def _stepping_after(plan: "Plan") -> str:
+    """The smallest budget of a plan whose optimizer steps after backward is that of such plans; one
+    updating each parameter inside backward frees the gradients sooner and may fit below it."""
+    from memopt.optim import OPTIMIZERS
+
+    spec = OPTIMIZERS.get(plan.optimizer)
+    if plan.update_in_backward or spec is None or spec.in_backward(plan.optimizer_options) is None:
+        return ""
+    return ("; with the optimizer stepping after backward: below it, a plan that updates each parameter inside "
+            "backward may fit, which memopt.optimize plans when asked for a smaller budget")
+
+
 def _headline(plan: "Plan") -> list[str]:
     fit = ("fits, headroom " + format_bytes(plan.headroom_bytes) if plan.fits
            else "DOES NOT FIT, over by " + format_bytes(-plan.headroom_bytes))
@@ -85,7 +97,8 @@ def _headline(plan: "Plan") -> list[str]:
         s = plan.solver
         proven = "" if s.min_peak_status == "OPTIMAL" else ", the smallest found, not proven"
         lines.append(f"smallest feasible budget {format_bytes(plan.min_budget_bytes)} "
-                     f"(minimum-peak phase {s.min_peak_status}{proven}); plan {s.status}, {len(plan.tensors)} saved tensors "
+                     f"(minimum-peak phase {s.min_peak_status}{proven}{_stepping_after(plan)}); plan {s.status}, "
+                     f"{len(plan.tensors)} saved tensors "
                      f"in {s.classes} decision classes, "
                      f"traced in {s.trace_ms / 1e3:.1f} s, solved in {s.solve_ms / 1e3:.1f} s")
     if plan.compute_us:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -67,6 +68,20 @@ def test_a_tight_budget_recomputes_and_the_returned_model_applies_it(optimized):
     applied = next(line for line in applied_lines(tight, ("keep", "drop")) if line.startswith("PREDICTION ONLY"))
     assert "recompute" in applied and "memopt.optimize" in applied
     assert tight.solver.min_feasible_bytes + tight.reserve_bytes == tight.min_budget_bytes == roomy.min_budget_bytes
+
+
+def test_the_smallest_budget_says_updates_inside_backward_may_fit_below_it():
+    # At a roomy budget the smallest feasible budget is that of plans stepping the optimizer after
+    # backward; asked for less, memopt.optimize plans updates inside backward, which do fit there.
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=2, seq=32)
+    roomy = memopt.optimize(copy.deepcopy(model), 8, batch, "full", device="cpu").plan
+    said = "with the optimizer stepping after backward: below it, a plan that updates each parameter inside backward"
+    assert not roomy.update_in_backward and said in roomy.summary()
+    below = memopt.optimize(model, (roomy.min_budget_bytes - 4096) / 2**30, batch, "full", device="cpu").plan
+    assert below.update_in_backward and below.fits and below.min_budget_bytes < roomy.min_budget_bytes
+    assert said not in below.summary()
+    assert said not in dataclasses.replace(roomy, optimizer="adam").summary()  # no per-parameter form
 
 
 def test_the_summary_has_a_row_per_layer_with_bytes_by_action(plans):
