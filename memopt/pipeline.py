@@ -123,6 +123,7 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
     if cfg.chunk_sequence == "auto" and not (chunkable := seq_chunk.chunkable(job.model))[0]:
         result = dataclasses.replace(result, notes=(*result.notes, _nothing_to_chunk(chunkable[1])))
     if cfg.chunk_sequence not in (None, "auto"):
+        _refuse_empty_pieces(job, cfg.chunk_sequence)
         result = dataclasses.replace(result, notes=(*result.notes, chunk_sequence(job.model, cfg.chunk_sequence,
                                                                                    rewrites)))
     # The weights alone are a lower bound of any step's peak: quantize="auto" moves on without a trace.
@@ -169,9 +170,25 @@ def _auto_chunks(job: Job) -> int | None:
     example's sequence in pieces of about ``_TOKENS_PER_PIECE`` positions, from 2 to ``_MAX_PIECES``."""
     if job.config.chunk_sequence != "auto" or seq_chunk.installed(job.model) or not seq_chunk.chunkable(job.model)[0]:
         return None
-    lengths = [v.shape[-1] for v in job.bound.arguments.values() if isinstance(v, Tensor) and v.dim() >= 2
-               and not v.is_floating_point()]
-    return min(_MAX_PIECES, max(2, -(-max(lengths, default=0) // _TOKENS_PER_PIECE)))
+    return min(_MAX_PIECES, max(2, -(-_example_tokens(job) // _TOKENS_PER_PIECE)))
+
+
+def _example_tokens(job: Job) -> int:
+    """The example's sequence length: the last dimension of its widest token-id-like input (0: none)."""
+    return max((v.shape[-1] for v in job.bound.arguments.values() if isinstance(v, Tensor) and v.dim() >= 2
+                and not v.is_floating_point()), default=0)
+
+
+def _refuse_empty_pieces(job: Job, chunks: int | Mapping[str, int]) -> None:
+    """More pieces than the example has tokens leaves pieces empty: every one is traced, planned and
+    run for nothing. A shorter batch later is fine (exact, with some pieces empty); the planned one is
+    the widest the loop makes."""
+    most = chunks if isinstance(chunks, int) else max(chunks.values(), default=0)
+    tokens = _example_tokens(job)
+    if tokens and most > tokens:
+        raise ValueError(f"chunk_sequence={chunks!r} asks for {most} pieces of tokens, more than the example's {tokens} "
+                         f"tokens: {most - tokens} pieces would be empty. Use at most {tokens} pieces (pieces of "
+                         "thousands of tokens keep the matrix products large), or chunk_sequence='auto'")
 
 
 def _chunked_to_fit(job: Job, result: PassResult, rewrites: RewriteLog, pieces: int,
