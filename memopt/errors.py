@@ -54,9 +54,12 @@ class InfeasibleBudgetError(MemoptError):
         self.breakdown = dict(breakdown)
         dominant = max(self.breakdown, key=self.breakdown.__getitem__) if self.breakdown else None
         parts = ", ".join(f"{k} {v / _GIB:.3f} GiB" for k, v in self.breakdown.items())
+        peak, usable = f"{self.predicted_bytes / _GIB:.3f} GiB", f"{self.budget_bytes / _GIB:.3f} GiB"
+        if peak == usable:  # (small budgets: the bytes tell them apart)
+            peak, usable = f"{peak} ({self.predicted_bytes:,} bytes)", f"{usable} ({self.budget_bytes:,} bytes)"
         detail = (
-            f"{message}\n  predicted peak {self.predicted_bytes / _GIB:.3f} GiB > usable budget "
-            f"{self.budget_bytes / _GIB:.3f} GiB; smallest feasible budget {gib_up(self.min_budget_bytes)} GiB "
+            f"{message}\n  predicted peak {peak} > usable budget {usable}; smallest feasible budget "
+            f"{gib_up(self.min_budget_bytes)} GiB "
             f"({self.min_budget_bytes:,} bytes)"
         )
         if parts:

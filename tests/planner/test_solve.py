@@ -56,6 +56,9 @@ def test_below_the_smallest_peak_the_error_names_the_smallest_budget(problem):
     assert err.min_budget_gb == (least + reserve) / GIB
     assert sum(err.breakdown.values()) == least
     assert "the chain does not fit" in str(err) and "dominated by" in str(err)
+    # one byte apart, the same in GiB: the bytes tell them apart
+    assert f"predicted peak {least / GIB:.3f} GiB ({least:,} bytes) > usable budget {(least - 1) / GIB:.3f} GiB " \
+        f"({least - 1:,} bytes)" in str(err)
     # where it does not fit: the points of the smallest plan above the budget (what "auto" chunks first)
     assert err.over_points and list(err.over_points) == sorted(set(err.over_points))
     assert all(0 <= p < problem.num_points for p in err.over_points)
