@@ -40,7 +40,7 @@ from memopt.passes import (
 from memopt.passes.int8train import is_handle
 from memopt.passes.quantize import QuantLinear
 from memopt.plan import Plan
-from memopt.plan.report import format_bytes
+from memopt.plan.report import format_bytes, format_us
 from memopt.planner.problem import (
     Choice,
     PlanningProblem,
@@ -620,8 +620,11 @@ def _record(job: Job, captured: Captured, result: PassResult, memory: MemoryRepo
     if cfg.device.kind == "cuda":
         notes.append(f"device reserve {cfg.reserve_bytes / GIB:.3f} GiB for the CUDA context and allocator slack; "
                      f"every block rounded up to {cfg.device.alloc_granularity} bytes")
-    notes.append("offload timing: each copy is on device for its own transfer time; queueing behind other copies "
-                 "adds exposed time, not residency")
+    notes.append("offload timing: the exposed copy time is the lowered step's at the roofline (one transfer stream; "
+                 "each copy out waited for once it has had its transfer time, or after its last forward use; each copy "
+                 "back issued where the previous one is waited for); the planner's model, which it minimises, "
+                 "overlaps the copies back from the backward's start: "
+                 f"{format_us(activations.evaluation.exposed_transfer_us)}")
     fold, what = after_step_bytes(model)
     if fold:
         notes.append(f"{what} holds {format_bytes(fold)}, counted on top of the optimizer step's peak")

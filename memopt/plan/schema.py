@@ -22,9 +22,10 @@ name-free identity, by which the runtime finds it in a trace of other shapes or 
 and the step's ``training`` / ``autocast`` state; v5 (this) types each module's ``details`` (their
 ``kind``), gives each recomputed tensor its ``closure`` (the forward ops the step re-runs for it, by
 key) and drops the runtime's state (``runtime_applies``, ``applied_peak_bytes``: a model's, not a
-plan's). An older plan is read with what it lacks left ``None`` (no fingerprint check, recompute
-FLOPs unknown, decisions found by fx node name, closures walked by the runtime) and what it has
-extra ignored.
+plan's); later v5 plans add, per offloaded tensor, the op after which its copy to host is waited for
+(``ready``; without it, after its last forward use). An older plan is read with what it lacks left
+``None`` (no fingerprint check, recompute FLOPs unknown, decisions found by fx node name, closures
+walked by the runtime) and what it has extra ignored.
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ class TensorDecision:
     reason: str
     key: str | None = None  # the producing op's name-free identity (``memopt.ir.joint.op_keys``; None: v3)
     closure: tuple[str, ...] | None = None  # recompute: the forward ops re-run for it, by key (None: before v5)
+    # offload: the forward op (by key) after which its copy to host has had time to finish, when that
+    # is after its last forward use: the device copy is held, and the copy waited for, there (None: at
+    # its last forward use; a plan from before this field)
+    ready: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -149,6 +154,9 @@ class TensorDecision:
         if self.closure is not None and (self.action != "recompute" or not all(isinstance(k, str) for k in self.closure)):
             raise ValueError(f"closure of tensor {self.name!r} must be null, or op keys for a recomputed tensor; got "
                              f"{self.closure!r} for action {self.action!r}")
+        if self.ready is not None and (self.action != "offload" or not isinstance(self.ready, str)):
+            raise ValueError(f"ready of tensor {self.name!r} must be null, or an op key for an offloaded tensor; got "
+                             f"{self.ready!r} for action {self.action!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TensorDecision":

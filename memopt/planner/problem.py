@@ -74,7 +74,7 @@ from memopt.planner.costmodel import DeviceSpec, op_time_us, transfer_time_us
 
 __all__ = ["ACTIONS", "StaticMemory", "Candidate", "PlanningProblem", "Choice", "Evaluation",
            "build_problem", "with_optimizer_peak", "evaluate", "without_idle_sources", "keep_all", "offloaded_bytes",
-           "step_peak"]
+           "step_peak", "lowered_exposure"]
 
 ACTIONS = ("keep", "recompute", "offload", "drop")
 # Identical blocks share their decisions in up to this many runs of consecutive blocks, so a plan
@@ -138,6 +138,9 @@ class Candidate:
     # recomputation reads it (attention's output, read where its block's residual is re-made).
     offload_points: tuple[int, ...] = ()
     fetch_starts: tuple[int, ...] = ()
+    # The forward op (by key) the lowering waits for an offloaded copy after, when ``ready`` is after
+    # the last forward use: the device copy is held to there, as counted (None: at the last use).
+    ready_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -292,10 +295,16 @@ def _candidate(trace: JointTrace, d: dict, points: tuple[int, ...], device: Devi
         allowed.add("offload")
     elif "offload" not in reasons:
         reasons["offload"] = "offload is switched off" if not allow_offload else f"{device.name} has no host link"
+    ready = _ready(d["define"], transfer, after, trace.num_forward)
     return Candidate(index=-1, points=points, fetch_start=_fetch_start(d["first_backward"], transfer, after,
                                                                          trace.num_forward),
-                     ready=_ready(d["define"], transfer, after, trace.num_forward), transfer_us=transfer,
-                     allowed=frozenset(allowed), reasons=reasons, **d)
+                     ready=ready, ready_key=_key_at(trace, ready) if ready > d["last_forward"] else None,
+                     transfer_us=transfer, allowed=frozenset(allowed), reasons=reasons, **d)
+
+
+def _key_at(trace: JointTrace, point: int) -> str | None:
+    """The key of the forward op at ``point``, or of the nearest keyed one before it (a view has none)."""
+    return next((op.key for op in reversed(trace.ops[:point + 1]) if op.key is not None), None)
 
 
 def _with_offload_points(candidates: list[Candidate], after: Sequence[int], num_forward: int) -> list[Candidate]:
@@ -746,6 +755,57 @@ def _missing_deps(problem: PlanningProblem, c: Candidate, m: int, choices: Seque
         if dep.action == "drop" or (dep.action != "keep" and (dep.point is None or dep.point > m)):
             out.append(f"{c.name} is recomputed at {m} but its input {problem.candidates[d].name} is not on device")
     return out
+
+
+def lowered_exposure(problem: PlanningProblem, choices: Sequence[Choice]) -> int:
+    """The copy time ``choices`` expose in the step the CUDA lowering runs (``memopt.runtime.partition``),
+    at the device's roofline: one transfer stream carries every copy in the order they are issued; a
+    copy out starts after its producer and is waited for after its last forward use or its ``ready``
+    point, whichever is later; a copy back is issued where the previous one is waited for (the first
+    where it is itself) and waited for at its materialize point; recomputation runs before its point.
+    The time the compute stream spends waiting is what is exposed. The planner's own model
+    (``evaluate``) lets every copy back start at the backward's start and overlaps the directions: a
+    lower bound of this."""
+    offloaded = [c for c, ch in zip(problem.candidates, choices) if ch.action == "offload"]
+    sent, waited = {}, {}
+    for c in offloaded:
+        sent.setdefault(c.define, []).append(c)
+        waited.setdefault(max(c.last_forward, c.ready if c.ready_key is not None else c.define), []).append(c)
+    back = sorted(offloaded, key=lambda c: (choices[c.index].point, c.index))
+    due: dict[int, list[int]] = {}
+    for k, c in enumerate(back):
+        due.setdefault(choices[c.index].point, []).append(k)
+    recompute = [0] * problem.num_points
+    for c, ch in zip(problem.candidates, choices):
+        if ch.action == "recompute":
+            recompute[ch.point] += c.recompute_us
+    clock = stream = stalled = 0
+    done_out: dict[int, int] = {}
+    done_in: dict[int, int] = {}
+
+    def issue(duration: int) -> int:
+        nonlocal stream
+        stream = max(stream, clock) + duration
+        return stream
+
+    def wait(done: int) -> None:
+        nonlocal clock, stalled
+        stalled += max(0, done - clock)
+        clock = max(clock, done)
+
+    for p in range(problem.num_points):
+        clock += recompute[p]
+        for k in due.get(p, ()):
+            for j in (k, k + 1):
+                if j < len(back) and j not in done_in:
+                    done_in[j] = issue(back[j].transfer_us)
+            wait(done_in[k])
+        clock += problem.point_us[p]
+        for c in sent.get(p, ()):
+            done_out[c.index] = issue(c.transfer_us)
+        for c in waited.get(p, ()):
+            wait(done_out[c.index])
+    return stalled
 
 
 def _exposed_out(problem: PlanningProblem, choices: Sequence[Choice]) -> int:

@@ -43,6 +43,7 @@ from memopt.planner.problem import (
     PlanningProblem,
     evaluate,
     keep_all,
+    lowered_exposure,
     merged,
     without_idle_sources,
 )
@@ -265,6 +266,7 @@ def decisions_for(problem: PlanningProblem, choices: Sequence[Choice],
             nbytes=c.nbytes, action=action, point=choice.point, recompute_us=c.recompute_us,
             recompute_flops=c.recompute_flops, transfer_us=c.transfer_us, klass=c.klass,
             reason=reason(c), key=c.key, closure=c.closure_keys if action == "recompute" else None,
+            ready=c.ready_key if action == "offload" else None,
         ))
     return tuple(out)
 
@@ -332,7 +334,7 @@ def step_plan(plan: ActivationPlan, *, trace_seconds: float = 0.0, op_flops: "Se
         timeline=timeline(plan),
         compute_us=sum(problem.point_us),
         recompute_us=plan.evaluation.recompute_us,
-        exposed_transfer_us=plan.evaluation.exposed_transfer_us,
+        exposed_transfer_us=lowered_exposure(problem, plan.choices),  # the step that runs, not the model's bound
         solver=SolverReport(
             status=plan.status, min_peak_status=plan.min_peak_status, min_feasible_bytes=plan.min_feasible_bytes,
             trace_ms=round(trace_seconds * 1000), solve_ms=round(plan.seconds * 1000),

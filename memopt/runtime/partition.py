@@ -137,7 +137,8 @@ def plan_partition(plan: "Plan | Sequence[TensorDecision]", *, offload_mode: str
                                                       if _storage(n) not in primals}.values())
         if keyed:
             _refuse_unplanned(fw, saved, primals, keys, {t.key.partition("[")[0] for t in decisions})
-        offloads = _offloads(fw, saved, offloaded, kwargs["num_fwd_outputs"]) if offload_mode in _OFFLOAD else []
+        offloads = _offloads(fw, saved, offloaded, kwargs["num_fwd_outputs"], _ready_names(joint, decisions, keys)) \
+            if offload_mode in _OFFLOAD else []
         if offloads:
             _OFFLOAD[offload_mode](fw, bw, offloads)
             fw.recompile()
@@ -496,20 +497,38 @@ class _Offload:
     aliases: list[fx.Node]  # every forward node in the carrier's storage (it and its views)
     saved: list[fx.Node]  # the forward's saved outputs living in the carrier's storage
     num_fwd_outputs: int  # the forward's outputs before the saved ones: what the caller gets
+    ready: fx.Node | None = None  # the plan's op after which the copy out has had time to finish
 
 
-def _offloads(fw: fx.GraphModule, saved: list[fx.Node], storages: set[int], num_fwd_outputs: int) -> list[_Offload]:
+def _offloads(fw: fx.GraphModule, saved: list[fx.Node], storages: set[int], num_fwd_outputs: int,
+              ready: dict[int, str]) -> list[_Offload]:
     aliases: dict[int, list[fx.Node]] = {}  # in graph order: the first call is the carrier
     for node in fw.graph.nodes:
         key = _storage(node)
         if key in storages and (key in aliases or node.op == "call_function"):
             aliases.setdefault(key, []).append(node)
+    by_name = {n.name: n for n in fw.graph.nodes}
     out: dict[int, _Offload] = {}
     for node in saved:
         key = _storage(node)
         if key in aliases:
-            out.setdefault(key, _Offload(aliases[key][0], aliases[key], [], num_fwd_outputs)).saved.append(node)
+            offload = out.setdefault(key, _Offload(aliases[key][0], aliases[key], [], num_fwd_outputs,
+                                                   by_name.get(ready.get(key, ""))))
+            offload.saved.append(node)
     return list(out.values())
+
+
+def _ready_names(joint: fx.GraphModule, decisions: Sequence[TensorDecision], keys: dict[str, str]) -> dict[int, str]:
+    """Offloaded storage -> the joint node after which the plan waits for its copy to host (``ready``)."""
+    forward = {n.name: n for n in _forward_nodes(joint)}
+    by_key = {key: forward[name] for name, key in keys.items() if name in forward}
+    out = {}
+    for decision in decisions:
+        if decision.action == "offload" and decision.ready in by_key:
+            node = _node_of(decision, forward, by_key)
+            if node is not None:
+                out[_storage(node)] = by_key[decision.ready].name
+    return out
 
 
 def _rewire(fw: fx.GraphModule, bw: fx.GraphModule, offload: _Offload,
@@ -523,7 +542,8 @@ def _rewire(fw: fx.GraphModule, bw: fx.GraphModule, offload: _Offload,
     order = _position(graph)
     aliases = offload.aliases
     last_use = max((u for n in aliases for u in n.users if u is not output), key=order, default=offload.carrier)
-    last_use = max(last_use, *aliases, key=order)
+    # held to where the plan counts it: until its copy out has had time to finish, if that is later
+    last_use = max(last_use, *aliases, *([offload.ready] if offload.ready is not None else []), key=order)
     with graph.inserting_after(last_use):
         token = send(graph, offload.carrier, last_use)
     saved, first = set(offload.saved), offload.num_fwd_outputs  # a node both returned and saved: returned as is

@@ -134,6 +134,10 @@ def test_a_plan_file_is_checked_field_by_field_and_errors_name_the_file_and_fiel
     bad_closure["tensors"][kept]["closure"] = ["model:mm#0"]  # only a recomputed tensor has a closure
     with pytest.raises(PlanFileError, match=rf"field 'tensors'\[{kept}\].*closure of tensor .* action 'keep'"):
         memopt.load_plan(_written(tmp_path, bad_closure))
+    bad_ready = json.loads(json.dumps(tight))
+    bad_ready["tensors"][kept]["ready"] = "model:mm#0"  # only an offloaded tensor waits for its copy out
+    with pytest.raises(PlanFileError, match=rf"field 'tensors'\[{kept}\].*ready of tensor .* action 'keep'"):
+        memopt.load_plan(_written(tmp_path, bad_ready))
     negative = json.loads(json.dumps(tight))
     negative["tensors"][0]["nbytes"] = -5
     with pytest.raises(PlanFileError, match=r"field 'tensors'\[0\].*nbytes.*non-negative"):

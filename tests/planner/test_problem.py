@@ -12,7 +12,15 @@ from memopt.ir.joint import trace_joint
 from memopt.ir.structure import build_model_graph
 from memopt.passes import RewriteLog, get_pass
 from memopt.planner.costmodel import DEVICE_PRESETS
-from memopt.planner.problem import Choice, build_problem, evaluate, keep_all, step_peak, with_optimizer_peak
+from memopt.planner.problem import (
+    Choice,
+    build_problem,
+    evaluate,
+    keep_all,
+    lowered_exposure,
+    step_peak,
+    with_optimizer_peak,
+)
 from memopt.planner.reference import _resident
 from tests.models import lm_batch, tiny_llama
 from tests.planner._synthetic import chain_trace
@@ -35,6 +43,26 @@ def test_recompute_frees_a_tensor_between_its_last_forward_use_and_its_recompute
     assert _diff(problem, choices) == expected
     result = evaluate(problem, choices)
     assert result.recompute_us == c.recompute_us and result.exposed_transfer_us == 0
+
+
+def test_the_lowered_steps_exposed_copy_time_is_its_schedule_on_one_stream():
+    """Two offloads on 8 ops of 10 us (4 forward), each copy 25 us, by hand: A made at op 0 (last read
+    at 1, its copy done by op 2), B at op 1 (read there only, done by 3); A is due back at op 7, B at
+    op 5. Forward: A's copy runs 10-35, B's queues behind it, 35-60; A's wait after op 2 (at 30)
+    stalls 5, B's after op 3 (at 45) 15. Backward: at op 5 (70) B's copy back is issued and A's one
+    ahead of it: 70-95, 95-120; waiting for B stalls 25; at op 7 (115) A's stalls 5. 50 us in all."""
+    problem = build_problem(chain_trace(6, 3), RTX)
+    a, b = problem.candidates[:2]
+    a = dataclasses.replace(a, index=0, define=0, last_forward=1, ready=2, ready_key="a", transfer_us=25)
+    b = dataclasses.replace(b, index=1, define=1, last_forward=1, ready=3, ready_key="b", transfer_us=25)
+    small = dataclasses.replace(problem, candidates=(a, b), num_points=8, num_forward=4, point_us=(10,) * 8)
+    choices = (Choice("offload", 7), Choice("offload", 5))
+    assert lowered_exposure(small, choices) == 50
+    # Waited for after its last forward use instead (no ready op: the copy finishes later than
+    # counted), A stalls the forward at op 1 (20 -> 35) and B's copy (35-60) at op 1 too: 40 + 25 + 5.
+    unready = (dataclasses.replace(a, ready_key=None), dataclasses.replace(b, ready_key=None))
+    assert lowered_exposure(dataclasses.replace(small, candidates=unready), choices) == 70
+    assert lowered_exposure(small, (Choice("keep"), Choice("keep"))) == 0
 
 
 def test_offload_frees_a_tensor_from_its_copy_out_until_its_prefetch():

@@ -40,7 +40,9 @@ def test_below_keep_all_the_plan_is_the_fastest_that_fits(problem):
     assert plan.evaluation.overhead_us >= milp(problem, usable) > 0
     fields = plan_fields(plan)
     assert fields["predicted_peak_bytes"] == plan.peak_bytes
-    assert fields["recompute_us"] + fields["exposed_transfer_us"] == plan.evaluation.overhead_us
+    # the copy time the lowered step exposes, at least the planner's model's (a lower bound of it)
+    assert fields["recompute_us"] == plan.evaluation.recompute_us
+    assert fields["exposed_transfer_us"] == lowered_exposure(problem, plan.choices) >= plan.evaluation.exposed_transfer_us
     assert sum(t.nbytes for t in fields["tensors"] if t.action != "keep") > 0
     assert max(fields["timeline"].planned) == plan.evaluation.peak_bytes
     assert max(fields["timeline"].keep_all) == keep

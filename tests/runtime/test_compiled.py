@@ -11,7 +11,8 @@ from torch._functorch.aot_autograd import aot_function
 
 import memopt
 from memopt.optim import factory as optim_factory
-from memopt.runtime.partition import LoweringReport, plan_partition
+from memopt.ir.joint import op_keys
+from memopt.runtime.partition import LoweringReport, _node_of, plan_partition
 from tests.models import lm_batch, tiny_llama
 from tests.runtime._planned import budget_between, gradients, llama
 
@@ -76,7 +77,7 @@ def test_cuda_offload_is_async_copies_one_per_storage_prefetched_one_ahead():
     simulated = plan_partition(plan, offload_mode="simulated", check_layout=True)
 
     def capture(joint: torch.fx.GraphModule, joint_inputs: list, **kwargs: object):
-        graphs["simulated"] = simulated(copy.deepcopy(joint), joint_inputs, **kwargs)[1]
+        graphs["simulated_fw"], graphs["simulated"] = simulated(copy.deepcopy(joint), joint_inputs, **kwargs)
         graphs["fw"], graphs["bw"] = partition(joint, joint_inputs, **kwargs)
         raise _Done()
 
@@ -126,16 +127,34 @@ def test_cuda_offload_is_async_copies_one_per_storage_prefetched_one_ahead():
     # this one does: after the same ops of the backward.
     assert _ops_before(graphs["simulated"], torch.ops.memopt.reload_simulated.default) == \
         _ops_before(graphs["bw"], torch.ops.memopt.reload_to_device.default)
+    # A copy out is waited for where the plan counts it freed: after its last forward use, or after
+    # the op by which its copy has had its transfer time (``ready``), if later; the simulated forward
+    # drops the device tensor after the same ops.
+    ready = [t for t in offloaded if t.ready is not None]
+    assert ready  # this plan holds some copies past their last use
+    by_name = {n.name: n for n in fw.graph.nodes}
+    by_key = {key: by_name[name] for name, key in op_keys(fw.graph).items()}
+    position = {n: i for i, n in enumerate(fw.graph.nodes)}
+    copies = {n.args[0]: n for n in fw.graph.nodes if n.target is torch.ops.memopt.offload_to_host.default}
+    for t in ready:
+        carrier = _node_of(t, by_name, by_key)
+        copied = next(n for n in copies if n.meta["val"].untyped_storage()._cdata ==
+                      carrier.meta["val"].untyped_storage()._cdata)
+        wait = next(u for u in copies[copied].users if u.target is torch.ops.memopt.wait_transfer.default)
+        assert position[wait] > position[by_key[t.ready]]
+    assert _ops_before(graphs["simulated_fw"], torch.ops.memopt.offload_simulated.default) == \
+        _ops_before(fw, torch.ops.memopt.wait_transfer.default)
     # One host copy per offloaded storage: its raw bytes (the plan counts device blocks of 512 bytes).
     planned = sum(t.nbytes for t in offloaded)
     assert planned - 512 * len(offloaded) < report.host_bytes <= planned
 
 
 def _ops_before(graph: torch.fx.GraphModule, reload: object) -> list[int]:
-    """For each reload in ``graph``, how many of the backward's own ops (no transfer, view or size
-    node) run before it."""
+    """For each ``reload`` node (a transfer op) in ``graph``, how many of the graph's own ops (no
+    transfer, view or size node) run before it."""
     ours = {torch.ops.memopt.reload_to_device.default, torch.ops.memopt.wait_transfer.default,
-            torch.ops.memopt.reload_simulated.default, torch.ops.aten.as_strided.default}
+            torch.ops.memopt.reload_simulated.default, torch.ops.aten.as_strided.default,
+            torch.ops.memopt.offload_to_host.default, torch.ops.memopt.offload_simulated.default}
     out, ops = [], 0
     for node in graph.graph.nodes:
         if node.target is reload:
