@@ -539,11 +539,10 @@ def _rewire(fw: fx.GraphModule, bw: fx.GraphModule, offload: _Offload,
     ``receive(graph, token, carrier_like, sizes)`` before the first use of any of them; views from
     it (a saved node of the carrier's own layout is the copy back itself)."""
     graph, output = fw.graph, fw.graph.find_nodes(op="output")[0]
-    order = _position(graph)
-    aliases = offload.aliases
-    last_use = max((u for n in aliases for u in n.users if u is not output), key=order, default=offload.carrier)
+    aliases = offload.aliases  # (fx nodes compare by their place in the graph, kept as it changes)
+    last_use = max((u for n in aliases for u in n.users if u is not output), default=offload.carrier)
     # held to where the plan counts it: until its copy out has had time to finish, if that is later
-    last_use = max(last_use, *aliases, *([offload.ready] if offload.ready is not None else []), key=order)
+    last_use = max(last_use, *aliases, *([offload.ready] if offload.ready is not None else []))
     with graph.inserting_after(last_use):
         token = send(graph, offload.carrier, last_use)
     saved, first = set(offload.saved), offload.num_fwd_outputs  # a node both returned and saved: returned as is
@@ -555,7 +554,7 @@ def _rewire(fw: fx.GraphModule, bw: fx.GraphModule, offload: _Offload,
     views, readers = _view_closure(olds)
     if not readers:
         return
-    first_use = min(readers, key=_position(bgraph))
+    first_use = min(readers)
     news = []
     for old in olds:
         with bgraph.inserting_after(old):
@@ -577,7 +576,7 @@ def _rewire(fw: fx.GraphModule, bw: fx.GraphModule, offload: _Offload,
                 view.meta["val"] = val
             old.replace_all_uses_with(view)
             bgraph.erase_node(old)
-    for view in sorted(views, key=_position(bgraph)):  # partitioners hoist views of saved tensors: sink them
+    for view in sorted(views):  # partitioners hoist views of saved tensors: sink them
         first_use.prepend(view)
 
 
@@ -597,11 +596,6 @@ def _view_closure(nodes: list[fx.Node]) -> tuple[list[fx.Node], list[fx.Node]]:
             else:
                 readers.append(user)
     return views, readers
-
-
-def _position(graph: fx.Graph) -> Callable[[fx.Node], int]:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return order.__getitem__
 
 
 def _layout_of(val: torch.Tensor) -> tuple:
@@ -688,9 +682,8 @@ def _offload_simulated(fw: fx.GraphModule, bw: fx.GraphModule, offloads: list[_O
 
     for offload in offloads:
         _rewire(fw, bw, offload, send, receive)
-    order = _position(bw.graph)
     reloads = [n for n in bw.graph.nodes if n.target is torch.ops.memopt.reload_simulated.default]
-    _prefetch(bw.graph, [(reload, min(reload.users, key=order)) for reload in reloads])
+    _prefetch(bw.graph, [(reload, min(reload.users)) for reload in reloads])
 
 
 def _prefetch(graph: fx.Graph, transfers: list[tuple[fx.Node, fx.Node]]) -> None:
@@ -701,21 +694,20 @@ def _prefetch(graph: fx.Graph, transfers: list[tuple[fx.Node, fx.Node]]) -> None
     step does: from the previous wait on, not from its own first use. A reload moves with what it
     reads after the previous wait (sizes of a symbolic shape computed there); one that reads a
     tensor made there stays."""
-    order = _position(graph)  # (a node moved keeps its old index: only later ones are compared with it)
-    for (_, previous), (reload, _) in zip(transfers, transfers[1:]):
-        if order(reload) < order(previous):  # read by the same op as the previous one: already there
+    for (_, previous), (reload, _) in zip(transfers, transfers[1:]):  # (nodes compare by place in the graph)
+        if reload < previous:  # read by the same op as the previous one: already there
             continue
         moved, stack = {reload}, list(reload.all_input_nodes)
         while stack:
             node = stack.pop()
-            if node in moved or order(node) < order(previous):
+            if node in moved or node < previous:
                 continue
             if isinstance(node.meta.get("val"), torch.Tensor):
                 moved = set()
                 break
             moved.add(node)
             stack.extend(node.all_input_nodes)
-        for node in sorted(moved, key=order):
+        for node in sorted(moved):
             previous.prepend(node)
 
 
