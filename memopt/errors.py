@@ -53,7 +53,8 @@ class InfeasibleBudgetError(MemoptError):
         self.message = message
         self.breakdown = dict(breakdown)
         dominant = max(self.breakdown, key=self.breakdown.__getitem__) if self.breakdown else None
-        parts = ", ".join(f"{k} {v / _GIB:.3f} GiB" for k, v in self.breakdown.items())
+        parts = ", ".join(f"{k} {v / _GIB:.3f} GiB" if v >= _GIB // 1000 else f"{k} {v:,} bytes"
+                          for k, v in self.breakdown.items())  # (below a thousandth of a GiB: bytes)
         peak, usable = f"{self.predicted_bytes / _GIB:.3f} GiB", f"{self.budget_bytes / _GIB:.3f} GiB"
         if peak == usable:  # (small budgets: the bytes tell them apart)
             peak, usable = f"{peak} ({self.predicted_bytes:,} bytes)", f"{usable} ({self.budget_bytes:,} bytes)"

@@ -141,7 +141,7 @@ def plan(job: Job, captured: Captured, rewrites: RewriteLog, quant: QuantizeConf
             result = dataclasses.replace(result, notes=(*result.notes, note))
         else:
             # (not for a pass with variants, e.g. layerwise sampling: the model is left in the state planned)
-            pieces = _auto_chunks(job) if activations.evaluation.overhead_us > 0 and not result.variants else None
+            pieces = _auto_chunks(job) if activations.overhead_us > 0 and not result.variants else None
             if pieces is not None:  # it fits, but recomputes or offloads: MLPs in pieces may be faster
                 (memory, trace, activations, chosen, cut), note = _faster_chunked(
                     job, result, rewrites, pieces, (memory, trace, activations, chosen, cut))
@@ -186,9 +186,10 @@ def _refuse_empty_pieces(job: Job, chunks: int | Mapping[str, int]) -> None:
     most = chunks if isinstance(chunks, int) else max(chunks.values(), default=0)
     tokens = _example_tokens(job)
     if tokens and most > tokens:
-        raise ValueError(f"chunk_sequence={chunks!r} asks for {most} pieces of tokens, more than the example's {tokens} "
-                         f"tokens: {most - tokens} pieces would be empty. Use at most {tokens} pieces (pieces of "
-                         "thousands of tokens keep the matrix products large), or chunk_sequence='auto'")
+        raise ValueError(f"chunk_sequence={chunks!r} asks for {most} pieces of the sequence, longer than the example's "
+                         f"{tokens} positions: {most - tokens} piece{'s' if most - tokens > 1 else ''} would be empty. Use "
+                         f"at most {tokens} pieces (pieces of thousands of positions keep the matrix products large), or "
+                         "chunk_sequence='auto'")
 
 
 def _chunked_to_fit(job: Job, result: PassResult, rewrites: RewriteLog, pieces: int,
@@ -352,7 +353,7 @@ def _plan_with_loss(job: Job, result: PassResult, rewrites: RewriteLog) -> tuple
 
 def _step_us(activations: ActivationPlan) -> int:
     """A plan's predicted step time: every op's time, plus recomputation and exposed copies."""
-    return sum(activations.problem.point_us) + activations.evaluation.overhead_us
+    return sum(activations.problem.point_us) + activations.overhead_us
 
 
 def _plan_variants(job: Job, result: PassResult) -> tuple[MemoryReport | None, JointTrace, ActivationPlan, str]:

@@ -105,7 +105,7 @@ def test_a_reader_that_leaves_early_is_not_a_traceback(tiny_config, tmp_path):
     # `memopt inspect plan.json | head -1`: the pipe closes after one line
     script = (f"import sys; from memopt.cli import main; sys.exit(main(['inspect', {str(out)!r}]))")
     proc = subprocess.run(f"{sys.executable} -c \"{script}\" | head -1", shell=True, capture_output=True, text=True)
-    assert proc.stdout.startswith("memopt plan v5") and "Traceback" not in proc.stderr and "Broken" not in proc.stderr
+    assert proc.stdout.startswith("memopt plan v6") and "Traceback" not in proc.stderr and "Broken" not in proc.stderr
 
 
 @pytest.mark.parametrize("args,message", [

@@ -28,7 +28,7 @@ def test_the_examples_are_all_run_somewhere():
 
 def test_the_demo_runs_and_its_plan_matches_its_measurement():
     out = _run("finetune.py", "--steps", "2", "--batch", "4", "--seq", "64", "--budget-gb", "0.06")
-    assert "memopt plan v5" in out and "step   1" in out
+    assert "memopt plan v6" in out and "step   1" in out
     line = next(line for line in out.splitlines() if line.startswith("peak of a real step"))
     measured, predicted = (float(line.split(word)[1].split()[0]) for word in ("measured", "predicted"))
     assert measured <= predicted <= 0.06 * 1024  # MiB: the plan holds, inside the budget

@@ -88,6 +88,10 @@ def _is_fake(t: torch.Tensor) -> bool:
         return False
 
 
+def _in_fake_mode() -> bool:
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def _tensors(tree: Any) -> Iterable[torch.Tensor]:
     if isinstance(tree, torch.Tensor):  # the common case, without pytree overhead
         return (tree,)
@@ -196,8 +200,7 @@ class MemoryTracker:
         if self._used:
             raise MemoptError("a MemoryTracker measures one region (it is not re-entrant or reusable): make a new one")
         self._used = True
-        in_fake_mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
-        self._simulated = in_fake_mode or any(_is_fake(t) for t in self._registered_tensors())
+        self._simulated = _in_fake_mode() or any(_is_fake(t) for t in self._registered_tensors())
         try:
             self._register_existing()
             self._install_hooks()
@@ -341,9 +344,11 @@ class MemoryTracker:
         return "other" if self._seen_backward else "forward"
 
     def _count_outputs(self, out: Any) -> None:
-        for t in _tensors(out):
-            if self._simulated or not _is_fake(t):
-                self._register(t, Category.TEMPORARIES)
+        tensors = list(_tensors(out))
+        if not self._simulated and (_in_fake_mode() or any(_is_fake(t) for t in tensors)):
+            return  # an op of a simulation inside a real region: no bytes, and no phase of this region
+        for t in tensors:
+            self._register(t, Category.TEMPORARIES)
         self._ledger.observe(self._phase())
 
 

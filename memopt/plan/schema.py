@@ -19,11 +19,11 @@ in the backward, each counted once (closures that share ops share them).
 Format history: v1 held the simulated memory only; v2 added the planner's fields; v3 added
 ``fingerprint`` and ``recompute_flops``; v4 added each decision's ``key`` (the producing op's
 name-free identity, by which the runtime finds it in a trace of other shapes or without the loss)
-and the step's ``training`` / ``autocast`` state; v5 (this) types each module's ``details`` (their
-``kind``), gives each recomputed tensor its ``closure`` (the forward ops the step re-runs for it, by
-key) and drops the runtime's state (``runtime_applies``, ``applied_peak_bytes``: a model's, not a
-plan's); later v5 plans add, per offloaded tensor, the op after which its copy to host is waited for
-(``ready``; without it, after its last forward use). An older plan is read with what it lacks left
+and the step's ``training`` / ``autocast`` state; v5 typed each module's ``details`` (their
+``kind``), gave each recomputed tensor its ``closure`` (the forward ops the step re-runs for it, by
+key) and dropped the runtime's state (``runtime_applies``, ``applied_peak_bytes``: a model's, not a
+plan's); v6 (this) gives each offloaded tensor the op after which its copy to host is waited for
+(``ready``; a v5 plan's wait after its last forward use). An older plan is read with what it lacks left
 ``None`` (no fingerprint check, recompute FLOPs unknown, decisions found by fx node name, closures
 walked by the runtime) and what it has extra ignored.
 """
@@ -45,8 +45,8 @@ from memopt.passes.base import ModuleDecision
 __all__ = ["PLAN_FORMAT_VERSION", "RUNTIME_ACTIONS", "Action", "Plan", "PlanFileError", "StaticMemory", "StepPlan",
            "check_writable", "TensorDecision", "MemoryTimeline", "SolverReport", "load_plan"]
 
-PLAN_FORMAT_VERSION = 5
-_UPGRADABLE = (2, 3, 4)  # older versions read by filling in the fields they lack
+PLAN_FORMAT_VERSION = 6
+_UPGRADABLE = (2, 3, 4, 5)  # older versions read by filling in the fields they lack
 
 
 class Action(str, enum.Enum):

@@ -29,6 +29,7 @@ allocates, and never above the budget.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -124,6 +125,17 @@ class ActivationPlan:
     @property
     def min_feasible_bytes(self) -> int:
         return max(self.min_peak_bytes, self.problem.static.optimizer_phase_peak)
+
+    @functools.cached_property
+    def exposed_transfer_us(self) -> int:
+        """The copy time the lowered step exposes (``lowered_exposure``; the evaluation's is the
+        planner's lower bound)."""
+        return lowered_exposure(self.problem, self.choices)
+
+    @property
+    def overhead_us(self) -> int:
+        """The predicted time the plan adds to a step: recomputation and the lowered step's exposed copies."""
+        return self.evaluation.recompute_us + self.exposed_transfer_us
 
 
 def plan_activations(problem: PlanningProblem, usable_bytes: int, config: PlannerConfig = PlannerConfig(), *,
@@ -334,7 +346,7 @@ def step_plan(plan: ActivationPlan, *, trace_seconds: float = 0.0, op_flops: "Se
         timeline=timeline(plan),
         compute_us=sum(problem.point_us),
         recompute_us=plan.evaluation.recompute_us,
-        exposed_transfer_us=lowered_exposure(problem, plan.choices),  # the step that runs, not the model's bound
+        exposed_transfer_us=plan.exposed_transfer_us,  # the step that runs, not the model's bound
         solver=SolverReport(
             status=plan.status, min_peak_status=plan.min_peak_status, min_feasible_bytes=plan.min_feasible_bytes,
             trace_ms=round(trace_seconds * 1000), solve_ms=round(plan.seconds * 1000),

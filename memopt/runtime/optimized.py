@@ -106,6 +106,7 @@ class OptimizedModel(nn.Module):
         self._replan: Replan | None = None
         self._plans: OrderedDict[Hashable, tuple[Plan, Any]] = OrderedDict()
         self._unkeyed: tuple[Plan, Any] | None = None  # the plan use_plan installed, until a step uses it
+        self._planned_inputs: tuple[str, ...] = tuple(plan.input_shapes)  # that plan's inputs, by name
         self._said: set[str] = set()
         self.replans: list[str] = []  # why each re-plan happened, oldest first
         self._update_owner = in_backward.new_owner()  # names this model's updates inside backward
@@ -168,8 +169,8 @@ class OptimizedModel(nn.Module):
         self._note_held_gradients()
         self._note_other_inputs(bound)
         if self._plan.update_in_backward and self.model.training:
-            in_backward.require(self._update_owner)
-        self._note_offloads_kept()  # gradients held to a step after backward break the peak
+            in_backward.require(self._update_owner)  # gradients held to a step after backward break the peak
+        self._note_offloads_kept()
         if self.runtime is None:
             # The model as it is: HF decides its mask itself on real tensors; on fake ones (a simulated
             # step) the plan's mask state stands in for the values they do not carry.
@@ -306,7 +307,8 @@ class OptimizedModel(nn.Module):
                 raise ValueError(f"input {name!r} is empty ({list(value.shape)}): there is nothing to train on")
 
     def _note_other_inputs(self, bound: inspect.BoundArguments) -> None:
-        missing = sorted(set(self._plan.input_shapes) - set(input_shapes(bound)))
+        # (against the inputs use_plan's plan was made with: a re-plan for this call is made without them)
+        missing = sorted(set(self._planned_inputs) - set(input_shapes(bound)))
         if missing and "missing" not in self._said:
             self._said.add("missing")
             log.warning("memopt: this training step has no %s, which the plan was made with: the plan's decisions "
@@ -346,6 +348,7 @@ class OptimizedModel(nn.Module):
         cut_ce.use_pieces(self.model, fused)
         self._install(plan, compile)
         self._unkeyed = (self._plan, self.runtime)  # kept for the first step in its state, whenever that comes
+        self._planned_inputs = tuple(plan.input_shapes)
         return self
 
     def _install(self, plan: Plan, compile: bool) -> None:

@@ -116,6 +116,21 @@ def test_a_call_without_labels_and_a_loss_of_the_users_own_is_exact(llama_plan, 
     assert "has no labels, which the plan was made with" in caplog.text
 
 
+def test_a_call_without_labels_that_replans_still_says_its_loss_is_not_planned(caplog):
+    # The re-plan for this call (a padded batch, planned without padding) is made from the call,
+    # without labels: the loss the loop computes is still not in it, and that is said.
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=2, seq=32)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    optimized = memopt.optimize(model, budget_gb=1, example_inputs=batch, device="cpu")
+    padded = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].clone()}
+    padded["attention_mask"][1, 24:] = 0
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        optimized(**padded).logits.float().logsumexp(-1).mean().backward()
+    assert optimized.replans and "labels" not in optimized.plan.input_shapes
+    assert "has no labels, which the plan was made with" in caplog.text
+
+
 @pytest.mark.slow  # make test-all; CI keeps the other user-loop claims
 def test_batch_one_gets_a_plan_of_its_own_and_is_exact(llama_plan):
     optimized, _ = llama_plan

@@ -245,8 +245,11 @@ def test_a_real_region_does_not_count_fake_tensors_and_a_simulated_one_does():
         with FakeTensorMode(allow_non_fake_inputs=True):
             with MemoryTracker() as simulated:
                 (torch.empty(1024, 1024) * 2).sum()
+            w = torch.empty(8, requires_grad=True)
+            (w * 2).sum().backward()  # a simulated backward: the real ops after it are still the forward
         y = x * 2
     assert real.report().peak == MemoryBreakdown(inputs=x.numel() * F32, temporaries=y.numel() * F32)
+    assert real.report().phase_peaks == {"forward": (x.numel() + y.numel()) * F32}
     assert simulated.report().peak_bytes == 2 * 1024 * 1024 * F32
     with FakeTensorMode(allow_non_fake_inputs=True):
         fake = torch.empty(8, 8)

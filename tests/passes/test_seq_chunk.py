@@ -272,8 +272,8 @@ def test_a_mapping_that_names_no_chunkable_mlp_is_an_error_saying_which():
     # More pieces than the example has tokens: empty pieces, refused with the most it takes; the model is untouched.
     untouched = copy.deepcopy(model)
     for too_many in (17, {"model.layers.1.mlp": 40}):
-        with pytest.raises(ValueError, match=r"more than the example's 16 tokens: \d+ pieces would be empty. Use at "
-                                             "most 16 pieces"):
+        with pytest.raises(ValueError, match=r"longer than the example's 16 positions: \d+ pieces? would be empty. "
+                                             "Use at most 16 pieces"):
             memopt.optimize(untouched, budget_gb=64, example_inputs=batch, chunk_sequence=too_many)
     assert seq_chunk.installed(untouched) is None
     assert [n for n, _ in untouched.named_modules()] == [n for n, _ in model.named_modules()]

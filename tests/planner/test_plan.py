@@ -36,7 +36,7 @@ def plans(optimized):
 def test_a_plan_round_trips_through_json_exactly(plans, tmp_path):
     for plan in plans:
         assert memopt.load_plan(plan.save(tmp_path / "plan.json")) == plan
-        assert json.loads(plan.to_json())["version"] == PLAN_FORMAT_VERSION == 5
+        assert json.loads(plan.to_json())["version"] == PLAN_FORMAT_VERSION == 6
     roomy, _ = plans
     details = {type(m.details) for m in roomy.modules if m.method == "lora"}
     assert details == {LoraDetails} and {type(m.details) for m in roomy.modules if m.method == "frozen"} == {ModuleDetails}

@@ -8,7 +8,7 @@ import pytest
 
 from memopt.errors import InfeasibleBudgetError
 from memopt.planner.costmodel import DEVICE_PRESETS
-from memopt.planner.problem import build_problem, evaluate, keep_all
+from memopt.planner.problem import build_problem, evaluate, keep_all, lowered_exposure
 from memopt.planner.reference import milp
 from memopt.planner.solve import PlannerConfig, plan_activations, plan_fields
 from tests.planner._synthetic import chain_trace
@@ -43,6 +43,7 @@ def test_below_keep_all_the_plan_is_the_fastest_that_fits(problem):
     # the copy time the lowered step exposes, at least the planner's model's (a lower bound of it)
     assert fields["recompute_us"] == plan.evaluation.recompute_us
     assert fields["exposed_transfer_us"] == lowered_exposure(problem, plan.choices) >= plan.evaluation.exposed_transfer_us
+    assert plan.overhead_us == fields["recompute_us"] + fields["exposed_transfer_us"]
     assert sum(t.nbytes for t in fields["tensors"] if t.action != "keep") > 0
     assert max(fields["timeline"].planned) == plan.evaluation.peak_bytes
     assert max(fields["timeline"].keep_all) == keep
