@@ -168,6 +168,12 @@ def plan_activations(problem: PlanningProblem, usable_bytes: int, config: Planne
     choices, status, quantum, peak, rounds = _fitting(problem, usable_bytes, config, progress, phase1, minimum,
                                                       measure)
     choices = without_idle_sources(problem, choices, each=True)  # (the lowering saves none of them: same peak)
+    fallback = without_idle_sources(problem, phase1.choices, each=True)
+    if _lowered_us(problem, fallback) < _lowered_us(problem, choices):
+        # The planner's model bounds the copies' time from below: in the lowered step's own schedule
+        # the minimum-peak plan (which fits: measured above) is the faster one.
+        choices, status, quantum, peak = fallback, f"{phase1.status}: the minimum-peak plan, faster lowered", \
+            phase1.quantum, minimum
     result = evaluate(problem, choices)
     assert result.valid and peak <= usable_bytes, result.problems
     plan = ActivationPlan(problem, choices, result, keep, smallest, phase1.status, status,
@@ -176,6 +182,11 @@ def plan_activations(problem: PlanningProblem, usable_bytes: int, config: Planne
     log.debug("memopt: activation plan: memory reduced from %.3f GiB -> %.3f GiB (+%d us per step, %s)",
               as_is / _GIB, peak / _GIB, result.overhead_us, status)
     return plan
+
+
+def _lowered_us(problem: PlanningProblem, choices: Sequence[Choice]) -> int:
+    """The time ``choices`` add to the lowered step: recomputation and the copies it exposes."""
+    return evaluate(problem, choices).recompute_us + lowered_exposure(problem, choices)
 
 
 def _fitting(problem: PlanningProblem, usable: int, config: PlannerConfig, progress: Callable[[str], None] | None,
