@@ -49,7 +49,7 @@ from memopt.planner.problem import (
     step_peak,
     with_optimizer_peak,
 )
-from memopt.planner.solve import ActivationPlan, PlannerConfig, decisions_for, plan_activations, step_plan
+from memopt.planner.solve import ActivationPlan, Measure, PlannerConfig, decisions_for, plan_activations, step_plan
 from memopt.runtime.fingerprint import structural_fingerprint
 from memopt.runtime.partition import plan_partition
 
@@ -550,7 +550,7 @@ def _solve(job: Job, problem: PlanningProblem, joint: JointGraph, trace: JointTr
         return plan_activations(problem, cfg.usable_bytes, job.planner, reserve_bytes=cfg.reserve_bytes,
                                 what=f"{cfg.method} on {type(job.model).__name__}"
                                 + (" with updates inside backward" if problem.update_in_backward else ""),
-                                progress=job.progress, as_is_bytes=as_is_bytes, measure=_measure(joint, problem),
+                                progress=job.progress, as_is_bytes=as_is_bytes, measure=_measure(joint),
                                 lower=job.lower)
 
     try:
@@ -580,18 +580,19 @@ def _with_options(factory: OptimizerFactory, options: Mapping[str, Any]) -> Opti
     return make
 
 
-def _measure(joint: JointGraph, problem: PlanningProblem) -> Callable[[tuple[Choice, ...]], int]:
+def _measure(joint: JointGraph) -> Measure:
     """The exact forward + backward peak of an assignment's lowered step: the traced joint graph
     partitioned by it as the runtime partitions it (recomputation placed by torch's partitioner,
     RNG state saved for replayed random ops, offload copies), its liveness swept."""
-    cache: dict[tuple[Choice, ...], int] = {}
+    cache: dict[tuple[bool, tuple[Choice, ...]], int] = {}
 
-    def measure(choices: tuple[Choice, ...]) -> int:
-        if choices not in cache:
+    def measure(problem: PlanningProblem, choices: tuple[Choice, ...]) -> int:
+        key = (problem.wait_at_ready, choices)
+        if key not in cache:
             partition = plan_partition(decisions_for(problem, choices), offload_mode="simulated", check_layout=True,
                                        allow_constants=True)
-            cache[choices] = step_peak(joint.partitioned(partition), problem.update_in_backward)[0]
-        return cache[choices]
+            cache[key] = step_peak(joint.partitioned(partition), problem.update_in_backward)[0]
+        return cache[key]
 
     return measure
 

@@ -161,6 +161,9 @@ class PlanningProblem:
     run_of: Mapping[int, int] = field(default_factory=dict)
     update_in_backward: bool = False  # each parameter updated (its gradient freed) as its gradient is made
     host_capacity: int | None = None  # bytes offloaded activations may hold in host memory (None: no limit)
+    # The lowering waits for a copy out where the model counts it freed (its ``ready`` op): no stall,
+    # the device copy held that long. False: right after its last forward use (less memory, stalls).
+    wait_at_ready: bool = True
 
     @property
     def forward_us(self) -> int:
@@ -761,16 +764,17 @@ def lowered_exposure(problem: PlanningProblem, choices: Sequence[Choice]) -> int
     """The copy time ``choices`` expose in the step the CUDA lowering runs (``memopt.runtime.partition``),
     at the device's roofline: one transfer stream carries every copy in the order they are issued; a
     copy out starts after its producer and is waited for after its last forward use or its ``ready``
-    point, whichever is later; a copy back is issued where the previous one is waited for (the first
-    where it is itself) and waited for at its materialize point; recomputation runs before its point.
-    The time the compute stream spends waiting is what is exposed. The planner's own model
-    (``evaluate``) lets every copy back start at the backward's start and overlaps the directions: a
-    lower bound of this."""
+    point, whichever is later (without ``wait_at_ready``: after its last use); a copy back is issued
+    where the previous one is waited for (the first where it is itself) and waited for at its
+    materialize point; recomputation runs before its point. The time the compute stream spends
+    waiting is what is exposed. The planner's own model (``evaluate``) lets every copy back start at
+    the backward's start and overlaps the directions: a lower bound of this."""
     offloaded = [c for c, ch in zip(problem.candidates, choices) if ch.action == "offload"]
     sent, waited = {}, {}
     for c in offloaded:
         sent.setdefault(c.define, []).append(c)
-        waited.setdefault(max(c.last_forward, c.ready if c.ready_key is not None else c.define), []).append(c)
+        at_ready = c.ready if c.ready_key is not None and problem.wait_at_ready else c.define
+        waited.setdefault(max(c.last_forward, at_ready), []).append(c)
     back = sorted(offloaded, key=lambda c: (choices[c.index].point, c.index))
     due: dict[int, list[int]] = {}
     for k, c in enumerate(back):

@@ -17,8 +17,11 @@ in, an ActivationPlan out) and runs the two phases of REFERENCES.md's CP-SAT not
 
 **The budget promise.** The CP-SAT model prices each decision from the trace; the lowered step
 places recomputations where torch's partitioner puts them and saves RNG state for replayed
-random ops. ``measure(choices)`` — where given — returns the exact peak of the lowered step for
-an assignment (``memopt.api`` partitions the traced joint graph by it and sweeps its liveness).
+random ops. ``measure(problem, choices)`` — where given — returns the exact peak of the lowered step
+for an assignment (``memopt.api`` partitions the traced joint graph by it and sweeps its liveness).
+Offloaded copies are waited for where the model counts them freed (``wait_at_ready``); where
+phase 1's plan fits only with each copy waited for right after its last forward use (stalls, less
+memory), the plan is made so, and the smallest feasible budget is the smaller of the two.
 Every plan is measured before it is returned: one over the budget is solved again at a capacity
 lowered by its excess, up to ``_ROUNDS`` times, then phase 1's plan is taken. The smallest
 feasible budget is phase 1's measured peak. So a returned plan's peak is what its lowered step
@@ -91,7 +94,8 @@ class PlannerConfig:
 
 _ROUNDS = 4  # solves at a tightened capacity before phase 1's plan is taken
 
-Measure = Callable[[tuple[Choice, ...]], int]  # the exact forward + backward peak of a lowered assignment
+# The exact forward + backward peak of an assignment of the problem, lowered
+Measure = Callable[[PlanningProblem, tuple[Choice, ...]], int]
 
 
 @dataclass(frozen=True)
@@ -150,14 +154,22 @@ def plan_activations(problem: PlanningProblem, usable_bytes: int, config: Planne
     given), or InfeasibleBudgetError."""
     start = time.perf_counter()
     keep = evaluate(problem, keep_all(problem))
-    measure = measure or (lambda choices: evaluate(problem, choices).peak_bytes)
+    measure = measure or (lambda problem, choices: evaluate(problem, choices).peak_bytes)
     as_is = keep.peak_bytes if as_is_bytes is None else as_is_bytes
     optimizer_peak = problem.static.optimizer_phase_peak
     if not config.enabled:
         return _keep_everything(problem, keep, as_is, usable_bytes, reserve_bytes, what, start, lower, measure)
     phase1 = _min_peak(problem, config, progress)
-    minimum = measure(phase1.choices)
-    smallest = minimum if lower else min(minimum, as_is)  # the model as it is may be the smallest
+    minimum = least = measure(problem, phase1.choices)
+    if any(choice.action == "offload" and c.ready_key for c, choice in zip(problem.candidates, phase1.choices)):
+        # Each copy out waited for right after its tensor's last forward use instead of where it has had
+        # its transfer time: stalls, but less memory. The fit comes first: the plan is made so where
+        # only so does it fit.
+        lean = replace(problem, wait_at_ready=False)
+        least = min(minimum, measure(lean, phase1.choices))
+        if minimum > usable_bytes and least < minimum:
+            problem, minimum = lean, least
+    smallest = least if lower else min(least, as_is)  # the model as it is may be the smallest
     if not lower and max(as_is, optimizer_peak) <= usable_bytes:  # the model as it is fits: nothing to lower
         return ActivationPlan(problem, keep_all(problem), keep, keep, smallest, phase1.status, "OPTIMAL",
                               time.perf_counter() - start, phase1.quantum, lowered=False, step_bytes=as_is,
@@ -201,7 +213,7 @@ def _fitting(problem: PlanningProblem, usable: int, config: PlannerConfig, progr
             choices, status, quantum = keep_all(problem), "OPTIMAL", phase1.quantum
         else:
             choices, status, quantum = _min_time(problem, capacity, config, progress, phase1)
-        peak = measure(choices)
+        peak = measure(problem, choices)
         if peak <= usable:
             return choices, status, quantum, peak, round_
         # The lowered step needs this much more than the model priced: ask for a plan the model
@@ -230,7 +242,7 @@ def _min_time(problem: PlanningProblem, usable: int, config: PlannerConfig,
 
 def _keep_everything(problem: PlanningProblem, keep: Evaluation, as_is: int, usable: int, reserve: int, what: str,
                      start: float, lower: bool, measure: Measure) -> ActivationPlan:
-    step = measure(keep_all(problem)) if lower else as_is
+    step = measure(problem, keep_all(problem)) if lower else as_is
     if max(step, problem.static.optimizer_phase_peak) > usable:
         raise _infeasible(problem, keep, step, usable, reserve, what + " (planner switched off: everything kept)",
                           "DISABLED")
@@ -289,7 +301,7 @@ def decisions_for(problem: PlanningProblem, choices: Sequence[Choice],
             nbytes=c.nbytes, action=action, point=choice.point, recompute_us=c.recompute_us,
             recompute_flops=c.recompute_flops, transfer_us=c.transfer_us, klass=c.klass,
             reason=reason(c), key=c.key, closure=c.closure_keys if action == "recompute" else None,
-            ready=c.ready_key if action == "offload" else None,
+            ready=c.ready_key if action == "offload" and problem.wait_at_ready else None,
         ))
     return tuple(out)
 

@@ -49,6 +49,30 @@ def test_below_keep_all_the_plan_is_the_fastest_that_fits(problem):
     assert max(fields["timeline"].keep_all) == keep
 
 
+def test_where_a_plan_fits_only_with_copies_waited_after_their_last_use_it_waits_so(problem):
+    """Waiting for a copy out where the model counts it freed holds the device copy longer (no stall);
+    right after its last use holds less (a stall). A stand-in measure: the first holds ``extra`` bytes
+    more. The fit comes first: below the smallest peak of waiting at ``ready``, the plan waits after
+    the last use, says so in its decisions, and that peak is the smallest feasible budget."""
+    problem = dataclasses.replace(problem, candidates=tuple(dataclasses.replace(c, ready_key=f"op#{c.index}")
+                                                            for c in problem.candidates))
+    extra = 4096
+
+    def measure(p, choices):
+        held = p.wait_at_ready and any(ch.action == "offload" for ch in choices)
+        return evaluate(p, choices).peak_bytes + (extra if held else 0)
+
+    least = milp(problem, None)
+    lean = plan_activations(problem, least, measure=measure)
+    assert not lean.problem.wait_at_ready and lean.peak_bytes <= least == lean.min_feasible_bytes
+    offloaded = [t for t in plan_fields(lean)["tensors"] if t.action == "offload"]
+    assert offloaded and all(t.ready is None for t in offloaded)
+    roomy = plan_activations(problem, least + 2 * extra, measure=measure)
+    assert roomy.problem.wait_at_ready and roomy.min_feasible_bytes == least
+    waited = [(i, t) for i, t in enumerate(plan_fields(roomy)["tensors"]) if t.action == "offload"]
+    assert waited and all(t.ready == f"op#{i}" for i, t in waited)
+
+
 def test_below_the_smallest_peak_the_error_names_the_smallest_budget(problem):
     least = milp(problem, None)
     reserve = 768 * 2**20
