@@ -110,12 +110,15 @@ def choose_quantum(problem: PlanningProblem, widest: int = 0, scale: int | None 
 
 
 def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOptions(),
-                   progress: Callable[[str], None] | None = None) -> SolveResult:
+                   progress: Callable[[str], None] | None = None, sources: str = "lowest peak") -> SolveResult:
     """Phase 1: the assignment with the smallest peak device bytes (the smallest feasible budget).
+    Its warm start is the lowest-peak of three: the greedy plan, whole blocks recomputed, and those
+    with the residual stream's checkpoints offloaded in ``sources`` order (``with_sources_offloaded``).
     Ensures: ``choices`` is an assignment — the warm start (status ``WARM_START``) where CP-SAT found
     none in its time, or only ones with a larger exact peak."""
     whole = whole_blocks_plan(problem)
-    starts = [(c, evaluate(problem, c)) for c in (greedy_plan(problem, 0), whole, with_sources_offloaded(problem, whole))]
+    starts = [(c, evaluate(problem, c)) for c in (greedy_plan(problem, 0), whole,
+                                                  with_sources_offloaded(problem, whole, sources))]
     start, start_eval = min(((c, e) for c, e in starts if e.valid), key=lambda ce: ce[1].peak_bytes)
     model = _Model(problem, options.quantum, scale=start_eval.peak_bytes)
     peak = model.cp.NewIntVar(0, model.upper_bound(), "peak")

@@ -227,6 +227,38 @@ def test_the_residual_streams_checkpoints_are_offloaded_whole_classes_lowest_pea
                  and sum(c.nbytes for c in g) <= problem.host_capacity)
     chosen = evaluate(problem, with_sources_offloaded(problem, whole))
     assert chosen.valid and chosen.peak_bytes < evaluate(problem, _sources_moved(whole, first)).peak_bytes
+    # The second start (the order this replaced): classes saved whole, the first that fits in forward order.
+    forward = with_sources_offloaded(problem, whole, "forward")
+    assert evaluate(problem, forward).valid and forward == tuple(_sources_moved(whole, first))
+    with pytest.raises(ValueError, match="'lowest peak' or 'forward'"):
+        with_sources_offloaded(problem, whole, "backward")
+
+
+def test_the_second_start_moves_only_classes_saved_whole_in_forward_order():
+    """``order="forward"``: a class with a member nothing re-runs from stays as it is; the others
+    are offloaded first to last while the host budget lasts."""
+    from memopt.passes import seq_chunk
+    from memopt.planner.greedy import with_sources_offloaded, whole_blocks_plan
+    from memopt.planner.problem import offloaded_bytes
+
+    model = tiny_llama(num_hidden_layers=6).to(torch.bfloat16)
+    batch = lm_batch(model)
+    del batch["attention_mask"]
+    log = RewriteLog(model)
+    get_pass("lora").apply(model, build_model_graph(model, (), batch), LoraConfig(rank=4), log)
+    seq_chunk.install(model, 4, log)
+    problem = build_problem(trace_joint(model, batch, device="cuda", granularity=512), RTX)
+    whole = whole_blocks_plan(problem)
+    saved = [g for g in problem.classes.values() if g[0].extra and any(whole[c.index].action == "keep" for c in g)]
+    wholly = [g for g in saved if all(whole[c.index].action == "keep" for c in g)]
+    assert wholly and len(wholly) < len(saved)
+    forward = with_sources_offloaded(problem, whole, "forward")
+    moved = [c.index for c in problem.candidates if forward[c.index] != whole[c.index]]
+    assert moved == sorted(c.index for g in wholly for c in g)
+    room = sum(c.nbytes for c in wholly[0])
+    tight = with_sources_offloaded(dataclasses.replace(problem, host_capacity=room), whole, "forward")
+    assert offloaded_bytes(problem, tight) == room
+    assert [c.index for c in problem.candidates if tight[c.index] != whole[c.index]] == [c.index for c in wholly[0]]
 
 
 def test_a_recompute_source_no_recomputation_reads_is_not_saved(llama3):

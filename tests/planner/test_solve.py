@@ -73,6 +73,37 @@ def test_where_a_plan_fits_only_with_copies_waited_after_their_last_use_it_waits
     assert waited and all(t.ready == f"op#{i}" for i, t in waited)
 
 
+def test_under_a_host_budget_a_minimum_peak_plan_whose_lowered_step_does_not_fit_is_solved_from_a_second_start():
+    """CP-SAT ends where its warm start leads it, and its model is not the lowered step. A stand-in
+    measure: the first minimum-peak plan's lowered step needs ``extra`` bytes more than modelled.
+    Under a host budget the minimum-peak phase runs again from the residual stream's checkpoints
+    offloaded in forward order; its plan fits, is kept, and its peak is the smallest feasible budget.
+    Without a host budget (both orders offload every class) it does not run again."""
+    from memopt.planner.solve import _min_peak
+
+    problem = build_problem(chain_trace(12, 9, blocks=3), DEVICE_PRESETS["rtx4090"], allow_offload=True,
+                            host_capacity=927_744)
+    first = _min_peak(problem, PlannerConfig(), None).choices
+    second = _min_peak(problem, PlannerConfig(), None, sources="forward").choices
+    assert first != second
+    extra = 2**20
+
+    def measure(p, choices):
+        return evaluate(p, choices).peak_bytes + (extra if choices == first else 0)
+
+    usable = max(evaluate(problem, first).peak_bytes, evaluate(problem, second).peak_bytes)
+    said = []
+    plan = plan_activations(problem, usable, measure=measure, progress=said.append)
+    assert sum("second warm start" in line for line in said) == 1
+    assert plan.min_feasible_bytes == evaluate(problem, second).peak_bytes and plan.peak_bytes <= usable
+    said.clear()
+    unlimited = dataclasses.replace(problem, host_capacity=None)
+    first = _min_peak(unlimited, PlannerConfig(), None).choices
+    with pytest.raises(InfeasibleBudgetError):
+        plan_activations(unlimited, evaluate(unlimited, first).peak_bytes, measure=measure, progress=said.append)
+    assert said and not any("second warm start" in line for line in said)
+
+
 def test_below_the_smallest_peak_the_error_names_the_smallest_budget(problem):
     least = milp(problem, None)
     reserve = 768 * 2**20
