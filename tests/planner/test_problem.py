@@ -189,15 +189,9 @@ def test_a_recompute_source_may_be_offloaded_off_device_from_its_copy_until_its_
     assert with_sources_offloaded(tight, whole) == whole
 
 
-def test_the_residual_streams_checkpoints_are_offloaded_whole_classes_lowest_peak_first():
-    """bf16 layers with MLPs in pieces save the residual stream a block re-runs from. The last
-    block's output, in the same class, is read by no recomputation (dropped): the class is still
-    offloaded, all of it (before, it stayed on device: Llama-3.3-70B at 137,216 tokens started its
-    minimum-peak phase at 249.7 GiB, not 90.0). Under a host budget, the class whose offload leaves
-    the lowest peak goes first."""
+def _chunked_lora_problem():
+    """bf16 LoRA layers with MLPs in pieces: they save the residual stream a block re-runs from."""
     from memopt.passes import seq_chunk
-    from memopt.planner.greedy import _sources_moved, whole_blocks_plan, with_sources_offloaded
-    from memopt.planner.problem import offloaded_bytes
 
     model = tiny_llama(num_hidden_layers=6).to(torch.bfloat16)
     batch = lm_batch(model)
@@ -205,7 +199,19 @@ def test_the_residual_streams_checkpoints_are_offloaded_whole_classes_lowest_pea
     log = RewriteLog(model)
     get_pass("lora").apply(model, build_model_graph(model, (), batch), LoraConfig(rank=4), log)
     seq_chunk.install(model, 4, log)
-    problem = build_problem(trace_joint(model, batch, device="cuda", granularity=512), RTX)
+    return build_problem(trace_joint(model, batch, device="cuda", granularity=512), RTX)
+
+
+def test_the_residual_streams_checkpoints_are_offloaded_whole_classes_lowest_peak_first():
+    """bf16 layers with MLPs in pieces save the residual stream a block re-runs from. The last
+    block's output, in the same class, is read by no recomputation (dropped): the class is still
+    offloaded, all of it (before, it stayed on device: Llama-3.3-70B at 137,216 tokens started its
+    minimum-peak phase at 249.7 GiB, not 90.0). Under a host budget, the class whose offload leaves
+    the lowest peak goes first."""
+    from memopt.planner.greedy import _sources_moved, whole_blocks_plan, with_sources_offloaded
+    from memopt.planner.problem import offloaded_bytes
+
+    problem = _chunked_lora_problem()
     whole = whole_blocks_plan(problem)
     saved = [g for g in problem.classes.values() if g[0].extra and any(whole[c.index].action == "keep" for c in g)]
     mixed = [g for g in saved if {whole[c.index].action for c in g} == {"keep", "drop"}]
@@ -237,17 +243,10 @@ def test_the_residual_streams_checkpoints_are_offloaded_whole_classes_lowest_pea
 def test_the_second_start_moves_only_classes_saved_whole_in_forward_order():
     """``order="forward"``: a class with a member nothing re-runs from stays as it is; the others
     are offloaded first to last while the host budget lasts."""
-    from memopt.passes import seq_chunk
     from memopt.planner.greedy import with_sources_offloaded, whole_blocks_plan
     from memopt.planner.problem import offloaded_bytes
 
-    model = tiny_llama(num_hidden_layers=6).to(torch.bfloat16)
-    batch = lm_batch(model)
-    del batch["attention_mask"]
-    log = RewriteLog(model)
-    get_pass("lora").apply(model, build_model_graph(model, (), batch), LoraConfig(rank=4), log)
-    seq_chunk.install(model, 4, log)
-    problem = build_problem(trace_joint(model, batch, device="cuda", granularity=512), RTX)
+    problem = _chunked_lora_problem()
     whole = whole_blocks_plan(problem)
     saved = [g for g in problem.classes.values() if g[0].extra and any(whole[c.index].action == "keep" for c in g)]
     wholly = [g for g in saved if all(whole[c.index].action == "keep" for c in g)]
