@@ -471,16 +471,27 @@ def _own_loss_or_every_output(output: Any, inputs: Any) -> torch.Tensor:
 def _widest(bound: inspect.BoundArguments, planned: Any) -> tuple[tuple, dict]:
     """The call's inputs, each tensor widened to the elementwise maximum of its shape and the
     planned one (on the meta device: a plan reads only shapes), so a re-plan covers both — except
-    dimensions of size 1, which a trace specializes: the call's program is planned, at its widest."""
+    dimensions of size 1, which a trace specializes: the call's program is planned, at its widest.
+    A tensor without a planned shape has the sizes the others widened widened alike."""
     tensors = tensor_inputs(bound)
-    wide = {}
+    wide, sizes = {}, {}
     for name, t in tensors.items():
         want = planned.get(name)
         if want is None or len(want) != t.dim():
             continue
         shape = [s if s == 1 else max(p, s) for p, s in zip(want, t.shape)]
+        for s, w in zip(t.shape, shape):
+            if s != w:
+                sizes.setdefault(s, set()).add(w)
         if shape != list(t.shape):
             wide[name] = torch.empty(shape, dtype=t.dtype, device="meta")
+    # A tensor the plan had no shape for (an attention mask the example lacked) is widened with the
+    # others, each dimension of a size they widened, alike (where they widened it one way), so the
+    # step stays one that runs: the mask of a shorter padded batch is as long as the widened ids.
+    same = {s: next(iter(w)) for s, w in sizes.items() if len(w) == 1}
+    for name, t in tensors.items():
+        if name not in planned and any(s in same for s in t.shape):
+            wide[name] = torch.empty([same.get(s, s) for s in t.shape], dtype=t.dtype, device="meta")
     if not wide:
         return bound.args, bound.kwargs
     arguments = dict(bound.arguments)

@@ -142,3 +142,22 @@ def test_a_mask_is_read_once_per_call_and_again_after_an_in_place_write(monkeypa
     assert hf_masks.unpadded(model, (), batch) is False and len(reads) == 2
     batch["attention_mask"] = torch.ones_like(mask)
     assert hf_masks.unpadded(model, (), batch) is True and len(reads) == 3
+
+
+def test_a_shorter_padded_batch_after_an_example_without_a_mask_is_planned_with_its_mask_and_exact():
+    """The example had no attention_mask; the loop's next batch is shorter and padded. The re-plan
+    widens the ids to the planned length and the mask alike (before, the mask kept the call's
+    length and the trace of the widened step failed: "Attempting to broadcast a dimension")."""
+    model = tiny_llama(num_hidden_layers=2)
+    reference = copy.deepcopy(model)
+    optimized = planned(model, _batch(model), 0.3, method="full")
+    assert optimized.plan.needs_runtime
+    short = {**_batch(model, seq=24), "attention_mask": torch.ones(2, 24, dtype=torch.long)}
+    short["attention_mask"][0, :5] = 0
+    short["labels"] = short["labels"].masked_fill(short["attention_mask"] == 0, -100)
+    loss, grads = gradients(optimized, optimized.model, short)
+    ref_loss, ref_grads = gradients(reference, reference, short)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
+    assert optimized.replans and dict(optimized.plan.input_shapes)["attention_mask"] == (2, 32)
