@@ -565,8 +565,9 @@ def _solve(job: Job, problem: PlanningProblem, joint: JointGraph, trace: JointTr
             raise exc from None
         need = offloaded_bytes(problem, unlimited.choices)
         error = InfeasibleBudgetError(
-            f"{exc.message}; it fits with {format_bytes(need)} of host memory for offloaded activations, above the host "
-            f"budget of {format_bytes(problem.host_capacity)}: raise host_budget_gb= (memopt plan --host-budget)",
+            f"{exc.message}; it fits with {format_bytes(need)} of host memory for offloaded activations (what a plan "
+            f"with no host limit offloads; less may do), above the host budget of {format_bytes(problem.host_capacity)}: "
+            "raise host_budget_gb= (memopt plan --host-budget)",
             predicted_bytes=exc.predicted_bytes, budget_bytes=exc.budget_bytes, breakdown=exc.breakdown,
             min_budget_bytes=exc.min_budget_bytes)
         error.over_budget_modules = exc.over_budget_modules

@@ -36,9 +36,10 @@ from typing import Callable, Sequence
 from ortools.sat.python import cp_model
 
 from memopt.planner.greedy import greedy_plan, relaxed, whole_blocks_plan, with_sources_offloaded
-from memopt.planner.problem import ACTIONS, Candidate, Choice, PlanningProblem, evaluate, keep_all
+from memopt.planner.problem import ACTIONS, Candidate, Choice, Evaluation, PlanningProblem, evaluate, keep_all
 
-__all__ = ["SolveResult", "SolverOptions", "choose_quantum", "solve_min_peak", "solve_min_time", "time_limit_for"]
+__all__ = ["SolveResult", "SolverOptions", "choose_quantum", "min_peak_start", "solve_min_peak", "solve_min_time",
+           "time_limit_for"]
 
 log = logging.getLogger("memopt")
 
@@ -109,6 +110,14 @@ def choose_quantum(problem: PlanningProblem, widest: int = 0, scale: int | None 
     return 1 << quantum
 
 
+def min_peak_start(problem: PlanningProblem, sources: str = "lowest peak") -> tuple[tuple[Choice, ...], Evaluation]:
+    """The minimum-peak phase's warm start (see ``solve_min_peak``) and its evaluation."""
+    whole = whole_blocks_plan(problem)
+    starts = [(c, evaluate(problem, c)) for c in (greedy_plan(problem, 0), whole,
+                                                  with_sources_offloaded(problem, whole, sources))]
+    return min(((c, e) for c, e in starts if e.valid), key=lambda ce: ce[1].peak_bytes)
+
+
 def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOptions(),
                    progress: Callable[[str], None] | None = None, sources: str = "lowest peak") -> SolveResult:
     """Phase 1: the assignment with the smallest peak device bytes (the smallest feasible budget).
@@ -116,10 +125,7 @@ def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOpti
     with the residual stream's checkpoints offloaded in ``sources`` order (``with_sources_offloaded``).
     Ensures: ``choices`` is an assignment — the warm start (status ``WARM_START``) where CP-SAT found
     none in its time, or only ones with a larger exact peak."""
-    whole = whole_blocks_plan(problem)
-    starts = [(c, evaluate(problem, c)) for c in (greedy_plan(problem, 0), whole,
-                                                  with_sources_offloaded(problem, whole, sources))]
-    start, start_eval = min(((c, e) for c, e in starts if e.valid), key=lambda ce: ce[1].peak_bytes)
+    start, start_eval = min_peak_start(problem, sources)
     model = _Model(problem, options.quantum, scale=start_eval.peak_bytes)
     peak = model.cp.NewIntVar(0, model.upper_bound(), "peak")
     model.add_memory(peak)

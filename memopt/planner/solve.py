@@ -6,8 +6,8 @@ in, an ActivationPlan out) and runs the two phases of REFERENCES.md's CP-SAT not
 1. the smallest peak any plan reaches (CP-SAT, warm-started with the lowest of the greedy plan and
    whole-block recomputation with or without its checkpoints offloaded, which is returned where
    CP-SAT finds nothing lower in its *deterministic* time limit; one decision for all identical blocks:
-   the same problem gives the same plan and the same smallest feasible budget every call; under a
-   host budget, where its lowered step does not fit, again from a second start, the lower kept) — with
+   the same problem gives the same plan and the same smallest feasible budget every call; where its
+   lowered step does not fit, again from a second start where that differs, the lower kept) — with
    the optimizer step's own peak, the smallest feasible budget. Below it:
    ``InfeasibleBudgetError`` naming it, the solver's status and what dominates it;
 2. if the model as it is fits (``as_is_bytes``: its simulated eager step), that is the plan
@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from memopt.errors import InfeasibleBudgetError
-from memopt.planner.cpsat import SolveResult, SolverOptions, solve_min_peak, solve_min_time
+from memopt.planner.cpsat import SolveResult, SolverOptions, min_peak_start, solve_min_peak, solve_min_time
 from memopt.planner.problem import (
     Candidate,
     Choice,
@@ -163,21 +163,20 @@ def plan_activations(problem: PlanningProblem, usable_bytes: int, config: Planne
     phase1 = _min_peak(problem, config, progress)
     given, (problem, minimum, least) = problem, _measured(problem, phase1, usable_bytes, measure)
     as_is_fits = not lower and max(as_is, optimizer_peak) <= usable_bytes
-    if minimum > usable_bytes and given.host_capacity is not None and not as_is_fits:
-        # CP-SAT ends where its warm start leads it, and its model is not the lowered step: under a
-        # host budget the residual stream's checkpoints offloaded in forward order lead elsewhere
-        # (LLaMA-2-7B at 98,304 tokens, 64 GiB host: a lowered 22.97 GiB, against 25.98 GiB from
-        # the lowest-peak order). The fit comes first: where the first plan does not fit, the
-        # second start is tried and the lower measured peak kept.
+    if minimum > usable_bytes and optimizer_peak <= usable_bytes and not as_is_fits and _second_start(given):
+        # CP-SAT ends where its warm start leads it, and its model is not the lowered step: the
+        # residual stream's checkpoints offloaded in forward order lead elsewhere (LLaMA-2-7B at
+        # 98,304 tokens, 64 GiB host: a lowered 22.97 GiB, against 25.98 GiB from the lowest-peak
+        # order). The fit comes first: where the first plan does not fit, the second start is tried
+        # and the lower measured peak kept.
         if progress is not None:
             progress(f"the minimum-peak plan's lowered step needs {minimum / _GIB:.3f} GiB; trying a second warm "
                      "start (the residual stream's checkpoints offloaded in forward order)")
         second = _min_peak(given, config, progress, sources="forward")
-        if second.choices != phase1.choices:
-            lowered, peak, low = _measured(given, second, usable_bytes, measure)
-            least = min(least, low)
-            if peak < minimum:
-                phase1, problem, minimum = second, lowered, peak
+        lowered, peak, low = _measured(given, second, usable_bytes, measure)
+        least = min(least, low)
+        if peak < minimum:
+            phase1, problem, minimum = second, lowered, peak
     smallest = least if lower else min(least, as_is)  # the model as it is may be the smallest
     if as_is_fits:  # the model as it is fits: nothing to lower
         return ActivationPlan(problem, keep_all(problem), keep, keep, smallest, phase1.status, "OPTIMAL",
@@ -240,6 +239,13 @@ def _min_peak(problem: PlanningProblem, config: PlannerConfig, progress: Callabl
     # which decides each run on its own.
     result = solve_min_peak(merged(problem), config.solver, progress, sources)
     return replace(result, choices=without_idle_sources(problem, result.choices))
+
+
+def _second_start(problem: PlanningProblem) -> bool:
+    """Does the minimum-peak phase start elsewhere with the checkpoints offloaded in forward order?
+    (CP-SAT, one worker, ends where it did from the same start.)"""
+    one = merged(problem)
+    return min_peak_start(one)[0] != min_peak_start(one, "forward")[0]
 
 
 def _measured(problem: PlanningProblem, phase1: SolveResult, usable: int,

@@ -57,7 +57,8 @@ def test_when_only_more_host_memory_would_fit_the_error_says_how_much(offloading
     model, batch, budget, plan = offloading
     host = plan.bytes_by_action()["offload"] // 2
     with pytest.raises(memopt.InfeasibleBudgetError, match=r"it fits with [0-9.]+ KiB of host memory for offloaded "
-                                                           r"activations, above the host budget of [0-9.]+ KiB: raise "
+                                                           r"activations \(what a plan with no host limit offloads; less "
+                                                           r"may do\), above the host budget of [0-9.]+ KiB: raise "
                                                            r"host_budget_gb="):
         memopt.optimize(copy.deepcopy(model), budget, batch, device="rtx4090", reserve_gb=0,
                         host_budget_gb=host / 2**30, planner=NO_RECOMPUTE)

@@ -73,12 +73,15 @@ def test_where_a_plan_fits_only_with_copies_waited_after_their_last_use_it_waits
     assert waited and all(t.ready == f"op#{i}" for i, t in waited)
 
 
-def test_under_a_host_budget_a_minimum_peak_plan_whose_lowered_step_does_not_fit_is_solved_from_a_second_start():
+def test_a_minimum_peak_plan_whose_lowered_step_does_not_fit_is_solved_again_from_a_second_start():
     """CP-SAT ends where its warm start leads it, and its model is not the lowered step. A stand-in
     measure: the first minimum-peak plan's lowered step needs ``extra`` bytes more than modelled.
-    Under a host budget the minimum-peak phase runs again from the residual stream's checkpoints
-    offloaded in forward order; its plan fits, is kept, and its peak is the smallest feasible budget.
-    Without a host budget (both orders offload every class) it does not run again."""
+    The minimum-peak phase runs again from the residual stream's checkpoints offloaded in forward
+    order; its plan fits, is kept, and its peak is the smallest feasible budget. Where that start is
+    the first one (here: without a host budget, every class offloaded either way) it does not run
+    again: one worker ends where it did."""
+    from memopt.planner.cpsat import min_peak_start
+    from memopt.planner.problem import merged
     from memopt.planner.solve import _min_peak
 
     problem = build_problem(chain_trace(12, 9, blocks=3), DEVICE_PRESETS["rtx4090"], allow_offload=True,
@@ -98,6 +101,7 @@ def test_under_a_host_budget_a_minimum_peak_plan_whose_lowered_step_does_not_fit
     assert plan.min_feasible_bytes == evaluate(problem, second).peak_bytes and plan.peak_bytes <= usable
     said.clear()
     unlimited = dataclasses.replace(problem, host_capacity=None)
+    assert min_peak_start(merged(unlimited))[0] == min_peak_start(merged(unlimited), "forward")[0]
     first = _min_peak(unlimited, PlannerConfig(), None).choices
     with pytest.raises(InfeasibleBudgetError):
         plan_activations(unlimited, evaluate(unlimited, first).peak_bytes, measure=measure, progress=said.append)
