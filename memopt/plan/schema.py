@@ -371,6 +371,9 @@ class Plan:
 
         return plan_summary(self)
 
+    def __str__(self) -> str:  # print(plan): the summary, not the dataclass's field dump (repr keeps that)
+        return self.summary()
+
     def draw(self, path: "str | Path") -> Path:
         """A picture of the plan (PNG or SVG by suffix; needs matplotlib, ``pip install 'memopt[plot]'``):
         device memory over the step for the plan and for keep-everything against the usable budget,

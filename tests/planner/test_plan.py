@@ -51,6 +51,7 @@ def test_a_roomy_budget_keeps_everything_and_says_it_is_applied(optimized):
     assert roomy.overhead_us == 0 and roomy.solver.status == "OPTIMAL"
     assert "carried out by: the model as it is" in roomy.summary()
     assert "everything in this plan is applied" in model.summary()
+    assert str(roomy) == roomy.summary() and repr(roomy).startswith("Plan(model=")  # print(plan) reads as the summary
 
 
 def test_a_tight_budget_recomputes_and_the_returned_model_applies_it(optimized):
