@@ -145,9 +145,10 @@ def test_a_mask_is_read_once_per_call_and_again_after_an_in_place_write(monkeypa
 
 
 def test_a_shorter_padded_batch_after_an_example_without_a_mask_is_planned_with_its_mask_and_exact():
-    """The example had no attention_mask; the loop's next batch is shorter and padded. The re-plan
-    widens the ids to the planned length and the mask alike (before, the mask kept the call's
-    length and the trace of the widened step failed: "Attempting to broadcast a dimension")."""
+    """The example had no attention_mask; the loop's next batch is shorter and padded. It is
+    re-planned before it runs, and says why; the re-plan widens the ids to the planned length and
+    the mask alike (before, the mask kept the call's length and the trace of the widened step
+    failed: "Attempting to broadcast a dimension")."""
     model = tiny_llama(num_hidden_layers=2)
     reference = copy.deepcopy(model)
     optimized = planned(model, _batch(model), 0.3, method="full")
@@ -160,4 +161,6 @@ def test_a_shorter_padded_batch_after_an_example_without_a_mask_is_planned_with_
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6)
-    assert optimized.replans and dict(optimized.plan.input_shapes)["attention_mask"] == (2, 32)
+    assert optimized.replans[0].startswith("a padded batch") and "planned without an attention_mask" in \
+        optimized.replans[0]
+    assert dict(optimized.plan.input_shapes)["attention_mask"] == (2, 32)
