@@ -97,6 +97,7 @@ class SolveResult:
     bound: int | None
     seconds: float
     quantum: int
+    start: tuple[Choice, ...] | None = None  # the minimum-peak phase's warm start
 
 
 def choose_quantum(problem: PlanningProblem, widest: int = 0, scale: int | None = None) -> int:
@@ -111,7 +112,9 @@ def choose_quantum(problem: PlanningProblem, widest: int = 0, scale: int | None 
 
 
 def min_peak_start(problem: PlanningProblem, sources: str = "lowest peak") -> tuple[tuple[Choice, ...], Evaluation]:
-    """The minimum-peak phase's warm start (see ``solve_min_peak``) and its evaluation."""
+    """The minimum-peak phase's warm start and its evaluation: the lowest-peak of three, the greedy
+    plan, whole blocks recomputed, and those with the residual stream's checkpoints offloaded in
+    ``sources`` order (``with_sources_offloaded``)."""
     whole = whole_blocks_plan(problem)
     starts = [(c, evaluate(problem, c)) for c in (greedy_plan(problem, 0), whole,
                                                   with_sources_offloaded(problem, whole, sources))]
@@ -119,13 +122,13 @@ def min_peak_start(problem: PlanningProblem, sources: str = "lowest peak") -> tu
 
 
 def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOptions(),
-                   progress: Callable[[str], None] | None = None, sources: str = "lowest peak") -> SolveResult:
+                   progress: Callable[[str], None] | None = None,
+                   start: tuple[tuple[Choice, ...], Evaluation] | None = None) -> SolveResult:
     """Phase 1: the assignment with the smallest peak device bytes (the smallest feasible budget).
-    Its warm start is the lowest-peak of three: the greedy plan, whole blocks recomputed, and those
-    with the residual stream's checkpoints offloaded in ``sources`` order (``with_sources_offloaded``).
+    ``start``: its warm start and evaluation (default ``min_peak_start(problem)``).
     Ensures: ``choices`` is an assignment — the warm start (status ``WARM_START``) where CP-SAT found
     none in its time, or only ones with a larger exact peak."""
-    start, start_eval = min_peak_start(problem, sources)
+    start, start_eval = start or min_peak_start(problem)
     model = _Model(problem, options.quantum, scale=start_eval.peak_bytes)
     peak = model.cp.NewIntVar(0, model.upper_bound(), "peak")
     model.add_memory(peak)
@@ -139,7 +142,7 @@ def solve_min_peak(problem: PlanningProblem, options: SolverOptions = SolverOpti
     if exact is None or exact > start_eval.peak_bytes:  # (none, or lower in quanta but not in bytes)
         result, exact = replace(result, status=WARM_START, choices=start), start_eval.peak_bytes
     bound = None if result.bound is None else result.bound * model.quantum
-    return SolveResult(result.status, result.choices, exact, bound, result.seconds, model.quantum)
+    return SolveResult(result.status, result.choices, exact, bound, result.seconds, model.quantum, start)
 
 
 def solve_min_time(problem: PlanningProblem, capacity: int, options: SolverOptions = SolverOptions(),

@@ -203,8 +203,8 @@ def with_sources_offloaded(problem: PlanningProblem, choices: Sequence[Choice],
     host_left = problem.host_capacity - offloaded_bytes(problem, out)
     if forward:  # (the classes are in forward order: by each class's first member)
         for g in groups:
-            if sum(c.nbytes for c in g) <= host_left:
-                out, host_left = _sources_moved(out, g), host_left - sum(c.nbytes for c in g)
+            if (need := sum(c.nbytes for c in g)) <= host_left:
+                out, host_left = _sources_moved(out, g), host_left - need
         return tuple(out)
     while groups := [g for g in groups if sum(c.nbytes for c in g) <= host_left]:
         trials = [(evaluate(problem, trial).peak_bytes, i, trial)

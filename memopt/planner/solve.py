@@ -163,20 +163,19 @@ def plan_activations(problem: PlanningProblem, usable_bytes: int, config: Planne
     phase1 = _min_peak(problem, config, progress)
     given, (problem, minimum, least) = problem, _measured(problem, phase1, usable_bytes, measure)
     as_is_fits = not lower and max(as_is, optimizer_peak) <= usable_bytes
-    if minimum > usable_bytes and optimizer_peak <= usable_bytes and not as_is_fits and _second_start(given):
+    if minimum > usable_bytes and optimizer_peak <= usable_bytes and not as_is_fits:
         # CP-SAT ends where its warm start leads it, and its model is not the lowered step: the
         # residual stream's checkpoints offloaded in forward order lead elsewhere (LLaMA-2-7B at
         # 98,304 tokens, 64 GiB host: a lowered 22.97 GiB, against 25.98 GiB from the lowest-peak
         # order). The fit comes first: where the first plan does not fit, the second start is tried
         # and the lower measured peak kept.
-        if progress is not None:
-            progress(f"the minimum-peak plan's lowered step needs {minimum / _GIB:.3f} GiB; trying a second warm "
-                     "start (the residual stream's checkpoints offloaded in forward order)")
-        second = _min_peak(given, config, progress, sources="forward")
-        lowered, peak, low = _measured(given, second, usable_bytes, measure)
-        least = min(least, low)
-        if peak < minimum:
-            phase1, problem, minimum = second, lowered, peak
+        second = _min_peak(given, config, progress, "forward", unlike=phase1.start,
+                           why=f"the minimum-peak plan's lowered step needs {minimum / _GIB:.3f} GiB")
+        if second is not None:
+            lowered, peak, low = _measured(given, second, usable_bytes, measure)
+            least = min(least, low)
+            if peak < minimum:
+                phase1, problem, minimum = second, lowered, peak
     smallest = least if lower else min(least, as_is)  # the model as it is may be the smallest
     if as_is_fits:  # the model as it is fits: nothing to lower
         return ActivationPlan(problem, keep_all(problem), keep, keep, smallest, phase1.status, "OPTIMAL",
@@ -233,19 +232,22 @@ def _fitting(problem: PlanningProblem, usable: int, config: PlannerConfig, progr
 
 
 def _min_peak(problem: PlanningProblem, config: PlannerConfig, progress: Callable[[str], None] | None,
-              sources: str = "lowest peak") -> SolveResult:
+              sources: str = "lowest peak", unlike: Sequence[Choice] | None = None, why: str = "") -> SolveResult | None:
+    """Phase 1 from the warm start of ``sources`` order (``cpsat.min_peak_start``); None where that
+    start is ``unlike`` (a start already solved from: CP-SAT, one worker, ends where it did)."""
     # One decision for every run of identical blocks: the smaller model reaches a low peak in the
     # time given; its assignment is one of ``problem``'s, and the hint of the minimum-time phase,
     # which decides each run on its own.
-    result = solve_min_peak(merged(problem), config.solver, progress, sources)
-    return replace(result, choices=without_idle_sources(problem, result.choices))
-
-
-def _second_start(problem: PlanningProblem) -> bool:
-    """Does the minimum-peak phase start elsewhere with the checkpoints offloaded in forward order?
-    (CP-SAT, one worker, ends where it did from the same start.)"""
     one = merged(problem)
-    return min_peak_start(one)[0] != min_peak_start(one, "forward")[0]
+    start = min_peak_start(one, sources)
+    if unlike is not None:
+        if start[0] == tuple(unlike):
+            return None
+        if progress is not None:
+            progress(f"{why}; trying a second warm start (the residual stream's checkpoints offloaded in {sources} "
+                     "order)")
+    result = solve_min_peak(one, config.solver, progress, start)
+    return replace(result, choices=without_idle_sources(problem, result.choices))
 
 
 def _measured(problem: PlanningProblem, phase1: SolveResult, usable: int,

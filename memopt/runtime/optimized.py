@@ -214,14 +214,12 @@ class OptimizedModel(nn.Module):
         if plan.training is not None and (plan.training, plan.autocast) != \
                 (self.model.training, autocast := planned_autocast(plan.device.kind, device.type)):
             return _state_change(plan, self.model.training, autocast), False
-        if unpadded is False and "attention_mask" not in plan.input_shapes:
-            # (a plan made without any mask says "padded" of itself: it has no mask tensor either)
-            return "a padded batch (its attention_mask holds zeros: a mask tensor), planned without an attention_mask", \
-                False
-        if unpadded is not None and unpadded != plan.unpadded_mask:
+        # (a plan made without any mask says "padded" of itself, yet it has no mask tensor either)
+        maskless = "attention_mask" not in plan.input_shapes
+        if unpadded is not None and (unpadded != plan.unpadded_mask or (maskless and not unpadded)):
             return ("a batch without padding (the attention_mask all ones: no mask tensor), planned with one"
                     if unpadded else "a padded batch (its attention_mask holds zeros: a mask tensor), planned without "
-                    "padding"), False
+                    + ("an attention_mask" if maskless else "padding")), False
         return None
 
     def _replan_for(self, args: tuple, kwargs: dict, why: str, error_ok: bool = False, widen: bool = True) -> None:
