@@ -38,10 +38,19 @@ def _decomposed(gm: torch.fx.GraphModule, example_inputs: list) -> torch.fx.Grap
         return make_fx(gm, decomposition_table=select_decomp_table())(*example_inputs)
 
 
+# What the forward hands the backward keeps the layout it was traced with. Inductor's layout
+# optimization would make a convolution network's activations channels-last in the forward; torch's
+# own pipeline then re-strides the backward's inputs from the strides the forward reports, which
+# needs a tracing context this lowering does not have. Without it the backward, compiled for the
+# traced strides, read the forward's channels-last tensors as if they were not: every gradient
+# before the last BatchNorm wrong, the loss right (``tests/e2e/test_convnet.py``).
+_FORWARD_LAYOUT = {"layout_optimization": False}
+
+
 def _inductor(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
     from torch._inductor.compile_fx import compile_fx_inner
 
-    with _eager_random():
+    with _eager_random(), torch._inductor.config.patch(_FORWARD_LAYOUT):
         return compile_fx_inner(_decomposed(gm, example_inputs), example_inputs)
 
 
@@ -66,8 +75,10 @@ def _inductor_backward(gm: torch.fx.GraphModule, example_inputs: list) -> Callab
 
     decomposed = _decomposed(gm, example_inputs)
     unused = _unused(decomposed, example_inputs)
-    # An input passed as None must meet no size assert (Inductor before torch 2.13 checks every input).
-    with _eager_random(), torch._inductor.config.patch({**_BACKWARD_MEMORY, "size_asserts": not unused}):
+    # Size and stride asserts on every input the backward reads (torch >= 2.13 checks none it does
+    # not, so an input dropped to None passes): a saved tensor of another layout than the one
+    # compiled for is an error, not gradients read through the wrong strides.
+    with _eager_random(), torch._inductor.config.patch({**_BACKWARD_MEMORY, "size_asserts": True}):
         compiled = compile_fx_inner(decomposed, example_inputs, is_backward=True)
     return _dropping_unused(unused, compiled)
 

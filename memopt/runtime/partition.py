@@ -145,6 +145,8 @@ def plan_partition(plan: "Plan | Sequence[TensorDecision]", *, offload_mode: str
             bw.recompile()
         report.offloaded = [o.carrier.name for o in offloads]
         report.host_bytes = sum(_nbytes(o.carrier) for o in offloads)
+        if _mutated_inputs_saved_as_copies(joint, fw, kwargs["num_fwd_outputs"]):
+            fw.recompile()
         if offload_mode == "simulated" and not allow_constants:
             _refuse_constants(fw, bw)
         return fw, bw
@@ -475,6 +477,31 @@ class _Unwrapped:
     args: tuple
     kwargs: Any
     meta: dict
+
+
+def _mutated_inputs_saved_as_copies(joint: fx.GraphModule, fw: fx.GraphModule, num_fwd_outputs: int) -> bool:
+    """A recomputation re-runs ops on the step's inputs as the forward saw them. An input the forward
+    mutates (a BatchNorm's running statistics) is written after the forward ends, so the backward
+    gets a copy of it taken in the forward (as small as the buffer); saved as it is, autograd would
+    refuse it as modified in place. Returns whether any was copied."""
+    mutated = {getattr(desc, "mutated_input", None)
+               for desc in joint.graph.output_node().meta.get("desc") or ()} - {None}
+    if not mutated:
+        return False
+    inputs = {p: p.meta.get("desc") in mutated for p in fw.graph.find_nodes(op="placeholder")}
+    output = fw.graph.output_node()
+    outputs = list(output.args[0])
+    copies: dict[fx.Node, fx.Node] = {}
+    for i in range(num_fwd_outputs, len(outputs)):
+        node = outputs[i]
+        if inputs.get(node):
+            if node not in copies:
+                with fw.graph.inserting_before(output):
+                    copies[node] = fw.graph.call_function(torch.ops.aten.clone.default, (node,))
+                copies[node].meta["val"] = node.meta["val"].clone()
+            outputs[i] = copies[node]
+    output.args = (tuple(outputs),)
+    return bool(copies)
 
 
 def _saved_outputs(fw: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:
