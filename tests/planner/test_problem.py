@@ -236,6 +236,14 @@ def test_the_residual_streams_checkpoints_are_offloaded_whole_classes_lowest_pea
     # The second start (the order this replaced): classes saved whole, the first that fits in forward order.
     forward = with_sources_offloaded(problem, whole, "forward")
     assert evaluate(problem, forward).valid and forward == tuple(_sources_moved(whole, first))
+    # First fit, not first only: a class too large for what is left is passed over for a later one.
+    sizes = {k: sum(c.nbytes for c in g) for k, g in problem.classes.items()
+             if g[0].extra and whole[g[0].index].action == "keep"}
+    large, small = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
+    assert sizes[large] > sizes[small]
+    large_first = dataclasses.replace(problem, host_capacity=sizes[small])
+    large_first.__dict__["classes"] = {large: problem.classes[large], small: problem.classes[small]}  # (cached)
+    assert with_sources_offloaded(large_first, whole, "forward") == tuple(_sources_moved(whole, problem.classes[small]))
     with pytest.raises(ValueError, match="'lowest peak' or 'forward'"):
         with_sources_offloaded(problem, whole, "backward")
 
