@@ -181,7 +181,7 @@ def analyze(captured: CapturedGraph, model: nn.Module) -> ModelGraph:
 def _left_alone(graph: "_Graph", captured: CapturedGraph, model: nn.Module) -> tuple[str, ...]:
     """Notes on weights a pass will not rewrite: used like a Linear's by a module that is not
     Linear-like (a MoE router, a custom module), read without calling their module
-    (``nn.MultiheadAttention``'s ``out_proj``), or 3-D (MoE experts)."""
+    (``nn.MultiheadAttention``'s ``out_proj``), 3-D (MoE experts), or a convolution's (one note)."""
     notes: dict[str, str] = {}
     modules = dict(model.named_modules())
     for call in graph.calls.values():
@@ -202,14 +202,22 @@ def _left_alone(graph: "_Graph", captured: CapturedGraph, model: nn.Module) -> t
                             "see into)")
     experts: dict[str, list[str]] = {}
     for name, p in model.named_parameters():
-        if p.dim() == 3:
-            owner, _, attr = name.rpartition(".")
+        owner, _, attr = name.rpartition(".")
+        if p.dim() == 3 and not isinstance(modules.get(owner), nn.modules.conv._ConvNd):  # (Conv1d: below)
             experts.setdefault(owner, []).append(attr)
     for owner, attrs in experts.items():
         notes[owner] = (f"{owner} ({type(modules[owner]).__name__}) left alone: its weights ({', '.join(attrs)}) are "
                         "3-D (mixture-of-experts experts), not Linear layers: no adapter, quantization or "
                         "sparse rewrite applies to them (frozen where the method trains adapters, trained as "
                         "they are where it trains the weights themselves: full, LISA, OwLore)")
+    convolutions = [name for name, m in modules.items() if isinstance(m, nn.modules.conv._ConvNd)]
+    if convolutions:
+        kinds = sorted({type(modules[name]).__name__ for name in convolutions})
+        notes["(convolutions)"] = (
+            f"{len(convolutions)} convolutions ({', '.join(kinds)}: {', '.join(convolutions[:3])}"
+            f"{', ...' if len(convolutions) > 3 else ''}) left alone: not Linear layers, so no adapter, quantization "
+            "or sparse rewrite applies to them (frozen where the method trains adapters, trained as they are "
+            "where it trains the weights themselves: full, LISA, OwLore)")
     return tuple(notes.values())
 
 

@@ -22,7 +22,8 @@ rather than re-implementing it:
 The tests count backward FLOPs with ``FlopCounterMode`` and compare them with the analytical count.
 
 ``apply_full`` is the pass of ``method="full"`` (``FullConfig``): ``apply_freeze`` with every
-parameter trainable, or those its ``target_modules`` name.
+parameter that requires grad trainable, or those of them its ``target_modules`` name; a parameter
+the model holds frozen stays frozen, and the notes say which.
 """
 
 from __future__ import annotations
@@ -140,30 +141,47 @@ def apply_freeze(model: nn.Module, graph: ModelGraph, trainable: Trainable, log:
 
 
 def apply_full(model: nn.Module, graph: ModelGraph, cfg: FullConfig, log: RewriteLog) -> PassResult:
-    """Full-parameter training: every parameter trains, or those ``cfg.target_modules`` names — a
-    regex fullmatched against parameter names, or module names, each matching a module whose dotted
-    name is it or ends with it (PEFT's convention: ``"q_proj"`` is every ``...q_proj``) and every
-    parameter under it; the rest are frozen. Nothing else changes."""
+    """Full-parameter training: every parameter that requires grad trains, or those of them
+    ``cfg.target_modules`` names — a regex fullmatched against parameter names, or module names,
+    each matching a module whose dotted name is it or ends with it (PEFT's convention: ``"q_proj"``
+    is every ``...q_proj``) and every parameter under it; the rest are frozen. A parameter the model
+    holds frozen is never unfrozen (the notes name them). Nothing else changes."""
     targets = cfg.target_modules
+    held = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if len(held) == sum(1 for _ in model.parameters()):
+        raise ValueError(f"method='full' trains the parameters that require grad, and none of "
+                         f"{type(model).__name__}'s does: call model.requires_grad_(True) first to train them all")
     if targets is None:
-        match: Trainable = lambda name, p: True  # noqa: E731
+        named: Callable[[str], bool] = lambda name: True  # noqa: E731
     elif isinstance(targets, str):
-        match = targets
+        pattern = re.compile(targets)
+        named = lambda name: pattern.fullmatch(name) is not None  # noqa: E731
     else:
-        def match(name: str, p: nn.Parameter) -> bool:
+        def named(name: str) -> bool:
             parts = name.split(".")
             return any(".".join(parts[i:j]) in targets for j in range(1, len(parts)) for i in range(j))
-    result = apply_freeze(model, graph, match, log)
-    if targets is None:  # not "backward stops at" the first Linear: the embeddings train too
-        result = dataclasses.replace(result, notes=(f"every parameter trains ({sum(1 for _ in model.parameters())} "
-                                                    "tensors): backward runs through the whole model",
-                                                    *result.notes[1:]))
-    if not any(p.requires_grad for p in model.parameters()):
+    if targets is not None and not any(named(name) for name, _ in model.named_parameters()):
         how = "a regex is fullmatched against parameter names" if isinstance(targets, str) else \
             "each name matches a module whose dotted name is it or ends with it"
         raise ValueError(f"target_modules={targets!r} matches no parameter of {type(model).__name__} ({how}); "
                          f"parameter names look like {[n for n, _ in model.named_parameters()][:3]}")
-    return result
+    # A parameter the model holds frozen (Whisper's sinusoidal position table, a layer the user
+    # froze) stays frozen: training it would be another model than the one given.
+    result = apply_freeze(model, graph, lambda name, p: p.requires_grad and named(name), log)
+    notes = list(result.notes)
+    total = sum(1 for _ in model.parameters())
+    if targets is None:  # not "backward stops at" the first Linear: the embeddings train too
+        notes[0] = f"every parameter not held frozen trains ({total - len(held)} of {total} tensors)" if held else \
+            f"every parameter trains ({total} tensors): backward runs through the whole model"
+    if held:
+        notes.append(f"{len(held)} parameter tensors the model held frozen (requires_grad=False) stay frozen: "
+                     f"{', '.join(held[:4])}{', ...' if len(held) > 4 else ''} (model.requires_grad_(True) before "
+                     "memopt.optimize trains them too)")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"target_modules={targets!r} names only parameters {type(model).__name__} holds frozen "
+                         f"({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): unfreeze them "
+                         "(requires_grad_(True)) before memopt.optimize to train them")
+    return dataclasses.replace(result, notes=tuple(notes))
 
 
 def _decision(model: nn.Module, layer: LinearLayer) -> ModuleDecision:

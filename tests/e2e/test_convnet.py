@@ -63,6 +63,8 @@ def test_a_batchnorm_network_planned_to_recompute_trains_as_plain_torch_does():
     plan = optimized.plan
     assert any("batch_norm" in op for t in plan.tensors if t.action == "recompute" for op in t.closure), \
         "the plan must re-run a BatchNorm for this test to mean anything"
+    assert any(n.startswith("7 convolutions (Conv2d: stem.0, blocks.0.conv1, blocks.0.conv2, ...) left alone: "
+                            "not Linear layers") for n in plan.notes), plan.notes
 
     opt, ref_opt = optimized.make_optimizer(lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)
     for epoch in range(2):

@@ -127,6 +127,31 @@ def test_target_modules_match_module_name_suffixes_and_the_notes_say_what_trains
         memopt.optimize(tiny_llama(), 1, lm_batch(model), method="full", target_modules=r"layers\.1\.", device="cpu")
 
 
+def test_a_parameter_the_model_holds_frozen_stays_frozen_and_the_notes_say_so():
+    """Whisper freezes its sinusoidal position table, users freeze layers: ``method="full"`` trains
+    what requires grad (before, it unfroze them and trained another model than the one given)."""
+    model = tiny_llama()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    table = model.model.embed_tokens.weight.detach().clone()
+    batch = lm_batch(model)
+    optimized = memopt.optimize(model, 1, batch, method="full", optimizer="sgd", device="cpu")
+    frozen = [n for n, p in optimized.model.named_parameters() if not p.requires_grad]
+    assert frozen == ["model.embed_tokens.weight"]
+    assert optimized.plan.trainable_params == optimized.plan.total_params - table.numel()
+    assert any("1 parameter tensors the model held frozen" in n and "model.embed_tokens.weight" in n
+               for n in optimized.plan.notes), optimized.plan.notes
+    opt = optimized.make_optimizer(lr=1e-1)
+    for _ in range(2):
+        optimized(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(optimized.model.model.embed_tokens.weight, table)
+    with pytest.raises(ValueError, match="names only parameters .* holds frozen"):
+        memopt.optimize(model, 1, batch, method="full", target_modules=["embed_tokens"], device="cpu")
+    with pytest.raises(ValueError, match=r"none of LlamaForCausalLM's does: call model.requires_grad_\(True\)"):
+        memopt.optimize(tiny_llama().requires_grad_(False), 1, batch, method="full", device="cpu")
+
+
 @pytest.mark.slow
 def test_make_optimizer_takes_the_planned_lr_and_a_planned_gap_may_change():
     model = tiny_llama()
