@@ -1,0 +1,55 @@
+"""A model that writes a buffer of its own in forward and reads the new value (a step counter that
+scales an activation, an EMA of its inputs), planned to recompute what reads it: the backward reads
+the value the forward returned, and training is plain torch's, bit for bit."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.runtime._planned import planned
+
+
+class Counted(nn.Module):
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(16))
+        self.a, self.b = nn.Linear(16, 4 * width), nn.Linear(4 * width, width)
+        self.c, self.d = nn.Linear(width, 4 * width), nn.Linear(4 * width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+            with torch.no_grad():
+                self.mean.lerp_(x.mean(0), 0.1)
+        h = self.b(F.gelu(self.a(x - self.mean))) * (1 + 0.01 * self.calls)  # both new values read back
+        return self.d(F.gelu(self.c(h)))
+
+
+def test_a_buffer_written_and_read_back_in_forward_trains_as_plain_torch_does():
+    torch.manual_seed(0)
+    model = Counted()
+    reference = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(64, 16, generator=gen), torch.randint(0, 4, (64,), generator=gen)) for _ in range(3)]
+    labels = batches[0][1]
+    optimized = planned(model, (batches[0][0],), 0.3, method="full",
+                        loss_fn=lambda out, inputs: F.cross_entropy(out, labels))
+    assert any(t.action == "recompute" for t in optimized.plan.tensors)
+    assert int(optimized.model.calls) == 0  # planning ran no real step
+    opt, ref_opt = optimized.make_optimizer(lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    for x, y in batches:
+        loss, ref_loss = F.cross_entropy(optimized(x), y), F.cross_entropy(reference(x), y)
+        loss.backward(), ref_loss.backward()
+        assert torch.equal(loss, ref_loss)
+        for (name, p), q in zip(optimized.model.named_parameters(), reference.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        opt.step(), ref_opt.step()
+        opt.zero_grad(), ref_opt.zero_grad()
+    assert int(optimized.model.calls) == 3
+    assert torch.equal(optimized.model.mean, reference.mean)
+    assert not optimized.replans
