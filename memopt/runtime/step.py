@@ -15,9 +15,10 @@ land in ``.grad`` as usual and mutated buffers are written back. The graphs go t
 * **One trace for many sizes.** The step is traced with *symbolic* sizes for every input
   dimension (a ``ShapeEnv``, as ``torch.compile(dynamic=True)`` does), and the trace is reused for
   every call whose sizes satisfy the guards the trace recorded (e.g. batch 1 specializes, a
-  padded length does not). A model whose step cannot be traced symbolically, a simulated step
-  (fake tensors) and a plan without decision keys (format v3) are traced at the call's exact
-  sizes instead. Traces live in a bounded LRU cache (``max_traces``).
+  padded length does not; a loop unrolled over the sequence specializes its length). A model
+  whose step cannot be traced symbolically, a simulated step (fake tensors) and a plan without
+  decision keys (format v3) are traced at the call's exact sizes instead. Traces live in a
+  bounded LRU cache (``max_traces``).
 * **Guards.** A trace is reused only for the same input structure (tree, dtypes, devices,
   ``requires_grad``, non-tensor values), the same :func:`memopt.runtime.guards.step_state`
   (training flags, dropout probabilities, adapter flags, autocast, parameter dtypes, ...) and the
@@ -267,7 +268,9 @@ class PlannedStep:
                     except Exception:  # noqa: BLE001 - as the planner's trace: once more on export's branch
                         if exporting:
                             raise
-            guards = shape_env.produce_guards_expression(ftensors)
+            # Sizes the trace specialized (a loop unrolled over the sequence: nn.LSTM, a Python
+            # recurrence) are guards too; torch leaves them out by default (Dynamo checks them itself).
+            guards = shape_env.produce_guards_expression(ftensors, ignore_static=False)
 
         def covers(actual: list[torch.Tensor]) -> bool:
             try:
