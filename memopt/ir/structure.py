@@ -181,7 +181,8 @@ def analyze(captured: CapturedGraph, model: nn.Module) -> ModelGraph:
 def _left_alone(graph: "_Graph", captured: CapturedGraph, model: nn.Module) -> tuple[str, ...]:
     """Notes on weights a pass will not rewrite: used like a Linear's by a module that is not
     Linear-like (a MoE router, a custom module), read without calling their module
-    (``nn.MultiheadAttention``'s ``out_proj``), 3-D (MoE experts), or a convolution's (one note)."""
+    (``nn.MultiheadAttention``'s ``out_proj``; Mamba's ``dt_proj``, never called), 3-D (MoE experts), or a
+    convolution's (one note)."""
     notes: dict[str, str] = {}
     modules = dict(model.named_modules())
     for call in graph.calls.values():
@@ -200,6 +201,12 @@ def _left_alone(graph: "_Graph", captured: CapturedGraph, model: nn.Module) -> t
             notes[owner] = (f"{owner} ({type(module).__name__}) left alone: it uses its weight like a Linear but is "
                             "not nn.Linear or Conv1D (a MoE router, or a custom layer whose forward memopt cannot "
                             "see into)")
+    called = {call.module for call in graph.calls.values() if call.module is not None}
+    for name, module in modules.items():
+        if is_linear_like(module) and name not in called and name not in notes:
+            notes[name] = (f"{name} ({type(module).__name__}) left alone: the traced step never calls it — unused, "
+                           "or its weight is read directly (as Mamba's dt_proj.weight @ x), where a rewrite of it would "
+                           "be bypassed")
     experts: dict[str, list[str]] = {}
     for name, p in model.named_parameters():
         owner, _, attr = name.rpartition(".")

@@ -291,6 +291,24 @@ def test_multihead_attention_projections_are_left_alone_since_it_reads_their_wei
     assert [(c.producer, c.consumer, c.kind) for c in graph.couplings] == [("fc1", "fc2", "up->down")]
 
 
+class WeightReadDirectly(nn.Module):
+    """Mamba's mixer: ``dt_proj.weight @ x`` — a Linear whose module is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.x_proj, self.dt_proj, self.unused = nn.Linear(16, 4), nn.Linear(4, 16), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.dt_proj.weight @ self.x_proj(x).transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_linear_never_called_is_left_alone_with_a_note():
+    graph = build_model_graph(WeightReadDirectly(), (torch.randn(2, 8, 16),))
+    assert [layer.name for layer in graph.linears] == ["x_proj"]
+    never = [n.partition(" ")[0] for n in graph.notes if "the traced step never calls it" in n]
+    assert never == ["dt_proj", "unused"]
+
+
 def test_mlp_stack_without_expand_and_contract_is_all_other():
     graph = build_model_graph(M.tiny_mlp(), (torch.randn(4, 32),))
     assert [(x.name, x.role, x.block) for x in graph.linears] == [
