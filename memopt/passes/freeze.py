@@ -173,14 +173,13 @@ def apply_full(model: nn.Module, graph: ModelGraph, cfg: FullConfig, log: Rewrit
     if targets is None:  # not "backward stops at" the first Linear: the embeddings train too
         notes[0] = f"every parameter not held frozen trains ({total - len(held)} of {total} tensors)" if held else \
             f"every parameter trains ({total} tensors): backward runs through the whole model"
+    some = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
     if held:
-        notes.append(f"{len(held)} parameter tensors the model held frozen (requires_grad=False) stay frozen: "
-                     f"{', '.join(held[:4])}{', ...' if len(held) > 4 else ''} (model.requires_grad_(True) before "
-                     "memopt.optimize trains them too)")
+        notes.append(f"{len(held)} parameter tensors the model held frozen (requires_grad=False) stay frozen: {some} "
+                     "(model.requires_grad_(True) before memopt.optimize trains them too)")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"target_modules={targets!r} names only parameters {type(model).__name__} holds frozen "
-                         f"({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): unfreeze them "
-                         "(requires_grad_(True)) before memopt.optimize to train them")
+                         f"({some}): unfreeze them (requires_grad_(True)) before memopt.optimize to train them")
     return dataclasses.replace(result, notes=tuple(notes))
 
 

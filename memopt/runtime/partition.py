@@ -120,8 +120,12 @@ def plan_partition(plan: "Plan | Sequence[TensorDecision]", *, offload_mode: str
         _no_full_slices(joint.graph)
         keyed = all(t.key is not None for t in decisions)
         keys = op_keys(joint.graph) if keyed else {}
+        # what the forward returns (its outputs, the new values of buffers it writes): held by the
+        # caller, as the planner counts them
+        returned = {_storage(n) for n in joint.graph.output_node().args[0][:kwargs["num_fwd_outputs"]]
+                    if isinstance(n, fx.Node)}
         offloaded = tag_joint(joint, decisions, check_layout=check_layout, skipped=report.skipped if keyed else None,
-                              num_fwd_outputs=kwargs["num_fwd_outputs"])
+                              returned=returned)
         with _static_rng_state():
             fw, bw = default_partition(joint, joint_inputs, **kwargs)
         for gm in (fw, bw):  # as the planner's trace: no unused copy of a multi-output op (attention)
@@ -137,8 +141,6 @@ def plan_partition(plan: "Plan | Sequence[TensorDecision]", *, offload_mode: str
         report.saved_bytes = sum(_nbytes(n) for n in {_storage(n): n for n in saved
                                                       if _storage(n) not in primals}.values())
         if keyed:
-            returned = {_storage(n) for n in fw.graph.output_node().args[0][:kwargs["num_fwd_outputs"]]
-                        if isinstance(n, fx.Node)}  # (held by the caller: the planner counts them so)
             _refuse_unplanned(fw, saved, primals | returned, keys, {t.key.partition("[")[0] for t in decisions})
         offloads = _offloads(fw, saved, offloaded, kwargs["num_fwd_outputs"], _ready_names(joint, decisions, keys)) \
             if offload_mode in _OFFLOAD else []
@@ -300,13 +302,13 @@ def _is_recomputed(node: fx.Node) -> bool:
 
 
 def tag_joint(joint: fx.GraphModule, plan: "Plan | Sequence[TensorDecision]", *, check_layout: bool = True,
-              skipped: list[str] | None = None, num_fwd_outputs: int = 0) -> set[int]:
+              skipped: list[str] | None = None, returned: set[int] | frozenset[int] = frozenset()) -> set[int]:
     """Tag ``joint``'s forward nodes with the plan's policies; return the offloaded storages' keys.
 
     ``skipped``: where given, decisions on tensors the graph does not make are appended there (by
-    name) instead of raising ``PlanMismatchError``. ``num_fwd_outputs``: the joint's first outputs
-    that the forward returns (its outputs, the new values of buffers it writes) — the planner counts
-    them held by the caller, so a recomputation that reads one reads it saved, never re-made."""
+    name) instead of raising ``PlanMismatchError``. ``returned``: the storages of what the forward
+    returns (its outputs, the new values of buffers it writes) — the planner counts them held by the
+    caller, so a recomputation that reads one reads it saved, never re-made."""
     forward = _forward_nodes(joint)
     by_name = {n.name: n for n in forward}
     by_key = {key: by_name[name] for name, key in op_keys(joint.graph).items() if name in by_name}
@@ -333,7 +335,6 @@ def tag_joint(joint: fx.GraphModule, plan: "Plan | Sequence[TensorDecision]", *,
         action[_storage(node)] = decision.action
         found.append(decision)
     available = {key for key, a in action.items() if a in _SAVED}
-    returned = {_storage(n) for n in joint.graph.output_node().args[0][:num_fwd_outputs] if isinstance(n, fx.Node)}
     recomputed = [n for key, a in action.items() if a == "recompute" for n in storage_nodes[key]]
     for key in available:
         for node in storage_nodes[key]:
@@ -355,7 +356,7 @@ def tag_joint(joint: fx.GraphModule, plan: "Plan | Sequence[TensorDecision]", *,
         seen.add(node)
         if _storage(node) in available:
             continue
-        if _storage(node) in returned:  # (a counter the forward writes back and reads again)
+        if _storage(node) in returned and _storage(node) not in action:  # (a counter written back and read again)
             _tag(node, CheckpointPolicy.MUST_SAVE)
             continue
         if planned is not None and node in keyed and node not in planned and _allocates_from_activations(node, constant):
