@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["input_dtypes", "input_shapes", "normalize_inputs", "tensor_inputs", "training_kwargs"]
+__all__ = ["input_dtypes", "input_shapes", "normalize_inputs", "tensor_inputs", "token_ids_outside", "training_kwargs"]
 
 
 def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -58,6 +58,25 @@ def tensor_inputs(bound: inspect.BoundArguments) -> dict[str, torch.Tensor]:
         elif isinstance(value, dict):
             out.update({f"{name}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
     return out
+
+
+def token_ids_outside(model: torch.nn.Module, bound: inspect.BoundArguments) -> str | None:
+    """Why a call's ``input_ids`` do not index the model's input embeddings (an id below 0 or past
+    the table: a tokenizer's pad or added token the model was not resized for), or None. Reads the
+    ids' values: called where a step has already failed, not on every call."""
+    get = getattr(model, "get_input_embeddings", None)
+    embed = get() if callable(get) else None
+    ids = tensor_inputs(bound).get("input_ids")
+    rows = getattr(embed, "num_embeddings", None)
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or not isinstance(rows, int) or \
+            ids.device.type == "meta" or ids.numel() == 0:
+        return None
+    low, high = int(ids.min()), int(ids.max())
+    if low >= 0 and high < rows:
+        return None
+    return (f"input_ids holds token id {high if high >= rows else low}, outside {type(model).__name__}'s input "
+            f"embeddings ({rows} rows: ids 0..{rows - 1}); plain PyTorch fails on it too. A tokenizer's pad or "
+            "added token the model was not resized for? model.resize_token_embeddings(len(tokenizer))")
 
 
 def input_shapes(bound: inspect.BoundArguments) -> dict[str, tuple[int, ...]]:

@@ -55,7 +55,7 @@ from memopt.ir.joint import attention_kernels, module_annotations
 from memopt.kernels.dequant import simulating
 from memopt.memory import hf_masks
 from memopt.memory.hf_masks import eager_masks
-from memopt.memory.inputs import input_shapes, training_kwargs
+from memopt.memory.inputs import input_shapes, token_ids_outside, training_kwargs
 from memopt.memory.tracker import not_counted
 from memopt.plan import Plan
 from memopt.runtime import in_backward
@@ -197,7 +197,13 @@ class PlannedStep:
                 log.info("memopt: %s's step could not be traced with symbolic sizes (%s: %s); tracing it at "
                          "these sizes (one trace per size)", type(model).__name__, type(exc).__name__,
                          _first_line(exc))
-        return self._trace_exact(step, inputs, mode, at_plan_shapes, fake)
+        try:
+            return self._trace_exact(step, inputs, mode, at_plan_shapes, fake)
+        except UnsupportedModelError as exc:
+            outside = None if fake else token_ids_outside(model, self._signature.bind(*args, **kwargs))
+            if outside is not None:  # the batch, not the model: as eager fails on it
+                raise IndexError(outside) from exc
+            raise
 
     def _traced_as(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``params`` as the step is traced: each parameter of ``plan.traced_trainable`` frozen now
