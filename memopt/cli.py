@@ -122,7 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--switch-every", type=int, help="lisa, owlore: optimizer steps between switches (K)")
     plan.add_argument("--quantize", choices=("nf4", "int8", "auto"),
                       help="store the frozen Linear weights quantized (QLoRA / QPaCA); auto: only if needed to fit")
-    plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    plan.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                      help="the dtype the model's weights are built in (default bfloat16, whatever the config's "
+                           "torch_dtype says)")
     plan.add_argument("--optimizer", default="adamw", choices=sorted(OPTIMIZERS),
                       help="the optimizer the plan counts (full training: galore-adamw8bit, apollo-mini, ...)")
     plan.add_argument("--optimizer-rank", type=int, help="the projection rank of galore-* and apollo*")
