@@ -100,10 +100,10 @@ def test_a_token_id_outside_the_vocabulary_is_named_as_the_batchs_fault():
     """A tokenizer's pad token past the embeddings fails plain PyTorch too: where it fails the
     step's first trace, the error says so and names the id, not "memopt could not lower the plan"
     (an unsupported model). (On a trace already made, the embedding's own IndexError is raised.)"""
-    model = tiny_llama(num_hidden_layers=3)
-    batch = lm_batch(model, batch=4, seq=32)
+    model = tiny_llama(num_hidden_layers=1)
+    batch = lm_batch(model, batch=2, seq=16)
     optimized = _planned(model, batch)
-    bad = {k: v[:3, :19].clone() for k, v in batch.items()}
+    bad = {k: v[:, :11].clone() for k, v in batch.items()}
     bad["input_ids"][0, 3] = optimized.model.config.vocab_size
     with pytest.raises(IndexError, match=r"input_ids holds token id 96, outside LlamaForCausalLM's input embeddings "
                                          r"\(96 rows: ids 0..95\); plain PyTorch fails on it too"):
