@@ -1,4 +1,5 @@
-"""Helpers the end-to-end tests share: model snapshots and a measured steady-state step."""
+"""Helpers the end-to-end tests share: model snapshots, a measured steady-state step, and steps
+trained side by side with plain torch."""
 
 from __future__ import annotations
 
@@ -33,3 +34,17 @@ def measured_steady_step(optimized: nn.Module, batch: dict):
         optimized(**batch).loss.backward()
         opt.step()
     return tracker.report()
+
+
+def steps_equal_plain_torch(optimized: nn.Module, reference: nn.Module, opts: tuple, batches, loss_of) -> None:
+    """Train ``optimized`` and ``reference`` (an untouched copy, plain autograd) side by side on
+    ``batches`` of ``(input, target)``: each loss and every gradient ``torch.equal``."""
+    opt, ref_opt = opts
+    for x, y in batches:
+        loss, ref_loss = loss_of(optimized(x), y), loss_of(reference(x), y)
+        loss.backward(), ref_loss.backward()
+        assert torch.equal(loss, ref_loss)
+        for (name, p), q in zip(optimized.model.named_parameters(), reference.parameters()):
+            assert torch.equal(p.grad, q.grad), name
+        opt.step(), ref_opt.step()
+        opt.zero_grad(), ref_opt.zero_grad()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tests.e2e._steps import steps_equal_plain_torch
 from tests.runtime._planned import planned
 
 
@@ -41,15 +42,8 @@ def test_a_buffer_written_and_read_back_in_forward_trains_as_plain_torch_does():
                         loss_fn=lambda out, inputs: F.cross_entropy(out, labels))
     assert any(t.action == "recompute" for t in optimized.plan.tensors)
     assert int(optimized.model.calls) == 0  # planning ran no real step
-    opt, ref_opt = optimized.make_optimizer(lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)
-    for x, y in batches:
-        loss, ref_loss = F.cross_entropy(optimized(x), y), F.cross_entropy(reference(x), y)
-        loss.backward(), ref_loss.backward()
-        assert torch.equal(loss, ref_loss)
-        for (name, p), q in zip(optimized.model.named_parameters(), reference.parameters()):
-            assert torch.equal(p.grad, q.grad), name
-        opt.step(), ref_opt.step()
-        opt.zero_grad(), ref_opt.zero_grad()
+    opts = optimized.make_optimizer(lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    steps_equal_plain_torch(optimized, reference, opts, batches, F.cross_entropy)
     assert int(optimized.model.calls) == 3
     assert torch.equal(optimized.model.mean, reference.mean)
     assert not optimized.replans

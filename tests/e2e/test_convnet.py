@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from memopt.memory import MemoryTracker
+from tests.e2e._steps import steps_equal_plain_torch
 from tests.runtime._planned import planned
 
 
@@ -66,17 +67,10 @@ def test_a_batchnorm_network_planned_to_recompute_trains_as_plain_torch_does():
     assert any(n.startswith("7 convolutions (Conv2d: stem.0, blocks.0.conv1, blocks.0.conv2, ...) left alone: "
                             "not Linear layers") for n in plan.notes), plan.notes
 
-    opt, ref_opt = optimized.make_optimizer(lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    opts = optimized.make_optimizer(lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)
     for epoch in range(2):
         optimized.train(), reference.train()
-        for images, labels in _batches(3, seed=epoch):
-            loss, ref_loss = _loss(optimized(images), labels), _loss(reference(images), labels)
-            loss.backward(), ref_loss.backward()
-            assert torch.equal(loss, ref_loss)
-            for (name, p), q in zip(optimized.model.named_parameters(), reference.parameters()):
-                assert torch.equal(p.grad, q.grad), name
-            opt.step(), ref_opt.step()
-            opt.zero_grad(), ref_opt.zero_grad()
+        steps_equal_plain_torch(optimized, reference, opts, _batches(3, seed=epoch), _loss)
         for (name, b), c in zip(optimized.model.named_buffers(), reference.buffers()):
             assert torch.equal(b, c), name  # running statistics updated once per step, as plain torch does
         optimized.eval(), reference.eval()
