@@ -181,7 +181,8 @@ def from_pretrained(
     the saved model's.
 
     The saved method and options rewrite ``model`` in place (the seeds draw the same indices and
-    permutations; they are checked against the saved ones), the trained tensors are loaded, and
+    permutations; they are checked against the saved ones; a full-parameter model's frozen
+    parameters are frozen again), the trained tensors and the model's own buffers are loaded, and
     the saved plan is carried out after checking it was made for this model. Given ``budget_gb``
     and ``example_inputs``, the model is planned for them instead. A LoRA adapter directory
     written by PEFT loads too (``budget_gb`` and ``example_inputs`` needed: it holds no plan).
@@ -190,7 +191,7 @@ def from_pretrained(
     model (the first tensor whose shape, index or base-weight checksum differs), a PEFT adapter
     type memopt does not support.
     """
-    from memopt.checkpoint import load_trained, read_checkpoint
+    from memopt.checkpoint import freeze_as_saved, load_trained, read_checkpoint
 
     if isinstance(model, OptimizedModel):
         raise TypeError("from_pretrained takes the base model (as it was before optimize), not an OptimizedModel")
@@ -209,10 +210,17 @@ def from_pretrained(
             device = plan.device
         if plan is not None and plan.sequence_chunks is not None:
             options.setdefault("chunk_sequence", plan.sequence_chunks)
-        optimized = optimize(model, budget_gb, example_inputs, checkpoint.method, loss_fn=loss_fn,
-                             optimizer=plan.optimizer if plan is not None else "adamw",
-                             optimizer_options=dict(plan.optimizer_options) if plan is not None else None, device=device,
-                             planner=planner, compile=compile, larger_inputs=larger_inputs, **options)
+        flags = {p: p.requires_grad for p in model.parameters()}
+        try:
+            freeze_as_saved(model, checkpoint)
+            optimized = optimize(model, budget_gb, example_inputs, checkpoint.method, loss_fn=loss_fn,
+                                 optimizer=plan.optimizer if plan is not None else "adamw",
+                                 optimizer_options=dict(plan.optimizer_options) if plan is not None else None,
+                                 device=device, planner=planner, compile=compile, larger_inputs=larger_inputs, **options)
+        except BaseException:
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
+            raise
         try:
             load_trained(optimized.model, checkpoint)
         except BaseException:
@@ -235,6 +243,7 @@ def from_pretrained(
     with _train_mode(model):
         rewrites = RewriteLog(model)
         try:
+            freeze_as_saved(model, checkpoint)  # (the log puts the flags back if this fails)
             job = Job(model, ((), kwargs), bound, cfg, planner or PlannerConfig(), loss_fn)
             captured = pipeline.capture(job, rewrites)
             rewrite(model, captured.graph, cfg.method_config,

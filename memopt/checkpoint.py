@@ -12,7 +12,13 @@ and what rebuilds the rest — never the frozen base weights:
   so ``peft.PeftModel.from_pretrained(base, dir)`` loads them; for the other methods
   ``memopt_model.safetensors``: every trainable tensor and the method's index buffers
   (``paca_idx``, ``s2ft_perm``, ``s2ft_selected``);
+* ``memopt_buffers.safetensors``: the model's own persistent buffers (BatchNorm's running
+  statistics, a counter its forward advances), which training changes as it goes;
 * ``plan.json``: the plan the model carried out.
+
+For ``method="full"``, ``memopt_config.json`` also names the parameters the model held frozen
+(``held_frozen``): the rebuilt model freezes them again, and their values are checked against the
+saved checksum like every other frozen weight.
 
 ``memopt.from_pretrained(base, dir)`` rewrites ``base`` with the saved method and options (the
 seeds make the same indices and permutations, which are checked against the saved ones), loads the
@@ -43,6 +49,7 @@ __all__ = ["save_pretrained", "read_checkpoint", "load_trained", "Checkpoint", "
 FORMAT = 1
 CONFIG_FILE = "memopt_config.json"
 TENSORS_FILE = "memopt_model.safetensors"
+BUFFERS_FILE = "memopt_buffers.safetensors"
 PLAN_FILE = "plan.json"
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_TENSORS_FILE = "adapter_model.safetensors"
@@ -68,6 +75,37 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if getattr(module, "trains_base_weight", False):  # RSO: its W is saved above; its step count here
             out[f"{name}.rso_step"] = module.rso_step
     return out
+
+
+def own_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's own persistent buffers (not those of memopt's layers: quantized codes, indices):
+    what its forward may update as it trains, BatchNorm's running statistics above all."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if type(module).__module__.startswith("memopt."):
+            continue
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buffer
+    return out
+
+
+def held_frozen(model: nn.Module) -> list[str]:
+    """Parameters a full-parameter model holds frozen (saved with their names, not their values)."""
+    trained = _trained_without_grad(model)
+    return [name for name, p in model.named_parameters() if not p.requires_grad and id(p) not in trained]
+
+
+def freeze_as_saved(model: nn.Module, checkpoint: "Checkpoint") -> None:
+    """Freeze the parameters the saved full-parameter model held frozen, before it is rebuilt."""
+    names = checkpoint.meta.get("held_frozen") or []
+    params = dict(model.named_parameters())
+    unknown = [name for name in names if name not in params]
+    if unknown:
+        raise MemoptError(f"{checkpoint.directory}: the saved model held {unknown[0]!r} frozen, which this model does "
+                          "not have: it was saved for another base model")
+    for name in names:
+        params[name].requires_grad_(False)
 
 
 def _trained_without_grad(model: nn.Module) -> set[int]:
@@ -141,6 +179,8 @@ def save_pretrained(optimized: "OptimizedModel", directory: "str | Path", config
     directory.mkdir(parents=True, exist_ok=True)
     model = optimized.model
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in trained_tensors(model).items()}
+    buffers = {name: t.detach().to("cpu").contiguous().clone() for name, t in own_buffers(model).items()
+               if name not in tensors}
     method = config.method
     meta = {
         "format": FORMAT,
@@ -153,8 +193,11 @@ def save_pretrained(optimized: "OptimizedModel", directory: "str | Path", config
         "base_checksums": base_checksums(model),
         "frozen_checksum": frozen_checksum(model),
         "tensors": sorted(tensors),
+        "buffers": sorted(buffers),
     }
-    for stale in (PEFT_TENSORS_FILE, PEFT_CONFIG_FILE, TENSORS_FILE):  # another method's save, here before
+    if method == "full":
+        meta["held_frozen"] = held_frozen(model)
+    for stale in (PEFT_TENSORS_FILE, PEFT_CONFIG_FILE, TENSORS_FILE, BUFFERS_FILE):  # another save, here before
         if (directory / stale).exists():
             (directory / stale).unlink()
     if method == "lora":
@@ -163,6 +206,8 @@ def save_pretrained(optimized: "OptimizedModel", directory: "str | Path", config
         (directory / PEFT_CONFIG_FILE).write_text(json.dumps(_peft_config(model, config), indent=2) + "\n")
     else:
         save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": "pt"})
+    if buffers:
+        save_file(buffers, str(directory / BUFFERS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     optimized.plan.save(directory / PLAN_FILE)
     return directory
@@ -216,8 +261,9 @@ class Checkpoint:
     """A saved directory, read: its method and options, trained tensors, checksums and plan."""
 
     def __init__(self, directory: Path, meta: dict[str, Any] | None, tensors: dict[str, torch.Tensor],
-                 plan: Any) -> None:
+                 plan: Any, buffers: dict[str, torch.Tensor] | None = None) -> None:
         self.directory, self.meta, self.tensors, self.plan = directory, meta, tensors, plan
+        self.buffers = buffers or {}  # the model's own buffers as saved (none in a PEFT adapter)
 
     @property
     def method(self) -> str:
@@ -250,6 +296,8 @@ def read_checkpoint(directory: "str | Path") -> Checkpoint:
     if meta.get("format") != FORMAT:
         raise MemoptError(f"{directory / CONFIG_FILE} is format {meta.get('format')!r}; this memopt reads format {FORMAT}")
     files = [PEFT_TENSORS_FILE, PEFT_CONFIG_FILE] if meta["method"] == "lora" else [TENSORS_FILE]
+    if meta.get("buffers"):
+        files.append(BUFFERS_FILE)
     missing = [name for name in [*files, PLAN_FILE] if not (directory / name).exists()]
     if missing:
         raise MemoptError(f"{directory} is missing {', '.join(missing)} (written by save_pretrained with "
@@ -257,7 +305,8 @@ def read_checkpoint(directory: "str | Path") -> Checkpoint:
     tensors = load_file(str(directory / files[0]))
     if meta["method"] == "lora":
         tensors = _from_peft_names(tensors, directory)
-    return Checkpoint(directory, meta, tensors, load_plan(directory / PLAN_FILE))
+    buffers = load_file(str(directory / BUFFERS_FILE)) if meta.get("buffers") else {}
+    return Checkpoint(directory, meta, tensors, load_plan(directory / PLAN_FILE), buffers)
 
 
 def _read_peft(directory: Path) -> Checkpoint:
@@ -326,16 +375,29 @@ def load_trained(model: nn.Module, checkpoint: Checkpoint) -> None:
                 target = buffers[name]
             if target is not None:
                 target.copy_(value.to(device=target.device, dtype=target.dtype))
+    _load_buffers(model, checkpoint)
     for module in model.modules():
         if getattr(module, "trains_base_weight", False):
             module.redraw()  # RSO: the saved step's subproblem's P
 
 
+def _load_buffers(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """The model's own buffers as saved (a directory from before they were saved has none)."""
+    mine = own_buffers(model)
+    for name, value in checkpoint.buffers.items():
+        target = mine.get(name)
+        if target is None or tuple(target.shape) != tuple(value.shape):
+            raise MemoptError(f"{checkpoint.directory}: buffer {name!r} was saved with shape {tuple(value.shape)}, "
+                              + ("which this model does not have" if target is None else
+                                 f"this model's is {tuple(target.shape)}") + ": it was saved for another base model")
+    with torch.no_grad():
+        for name, value in checkpoint.buffers.items():
+            mine[name].copy_(value.to(device=mine[name].device, dtype=mine[name].dtype))
+
+
 def _check_base(model: nn.Module, checkpoint: Checkpoint) -> None:
     saved = checkpoint.meta.get("base_checksums") or {}
-    if not saved:
-        return
-    mine = base_checksums(model)
+    mine = base_checksums(model) if saved else {}
     eps = max(checkpoint.meta.get("frozen_checksum", [0, 0, 0])[2], frozen_checksum(model)[2])
     for name, (total, size) in saved.items():
         got = mine.get(name)

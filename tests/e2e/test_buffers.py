@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import memopt
 from tests.e2e._steps import steps_equal_plain_torch
 from tests.runtime._planned import planned
 
@@ -31,7 +32,7 @@ class Counted(nn.Module):
         return self.d(F.gelu(self.c(h)))
 
 
-def test_a_buffer_written_and_read_back_in_forward_trains_as_plain_torch_does():
+def test_a_buffer_written_and_read_back_in_forward_trains_as_plain_torch_does(tmp_path):
     torch.manual_seed(0)
     model = Counted()
     reference = copy.deepcopy(model)
@@ -47,3 +48,6 @@ def test_a_buffer_written_and_read_back_in_forward_trains_as_plain_torch_does():
     assert int(optimized.model.calls) == 3
     assert torch.equal(optimized.model.mean, reference.mean)
     assert not optimized.replans
+    optimized.save_pretrained(tmp_path)  # the buffers as training left them, saved with the weights
+    reloaded = memopt.from_pretrained(Counted(), tmp_path, loss_fn=lambda out, inputs: F.cross_entropy(out, labels))
+    assert int(reloaded.model.calls) == 3 and torch.equal(reloaded.model.mean, reference.mean)

@@ -11,6 +11,7 @@ import copy
 import torch
 from torch import nn
 
+import memopt
 from memopt.memory import MemoryTracker
 from tests.e2e._steps import steps_equal_plain_torch
 from tests.runtime._planned import planned
@@ -109,3 +110,21 @@ def test_a_compiled_batchnorm_network_gets_plain_torchs_gradients():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)  # Inductor's own kernels, not aten's
     for (name, p), q in zip(optimized.model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_trained_batchnorm_network_saves_and_reloads_with_its_running_statistics(tmp_path):
+    reference, optimized = _planned_resnet()
+    opt = optimized.make_optimizer(lr=1e-2)
+    for images, labels in _batches(2):
+        _loss(optimized(images), labels).backward()
+        opt.step()
+        opt.zero_grad()
+    optimized.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    reloaded = memopt.from_pretrained(SmallResNet(), tmp_path)
+    for (name, b), c in zip(reloaded.model.named_buffers(), optimized.model.buffers()):
+        assert torch.equal(b, c), name  # the running statistics training moved, not the fresh model's
+    optimized.eval(), reloaded.eval()
+    images, _ = _batches(1, seed=9)[0]
+    with torch.no_grad():
+        assert torch.equal(reloaded(images), optimized(images))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import memopt
-from memopt.errors import InfeasibleBudgetError
+from memopt.errors import InfeasibleBudgetError, MemoptError
 from tests.models import lm_batch, tiny_llama
 
 
@@ -150,6 +150,29 @@ def test_a_parameter_the_model_holds_frozen_stays_frozen_and_the_notes_say_so():
         memopt.optimize(model, 1, batch, method="full", target_modules=["embed_tokens"], device="cpu")
     with pytest.raises(ValueError, match=r"none of LlamaForCausalLM's does: call model.requires_grad_\(True\)"):
         memopt.optimize(tiny_llama().requires_grad_(False), 1, batch, method="full", device="cpu")
+
+
+def test_a_model_trained_with_a_frozen_part_reloads_frozen_and_checks_that_part(tmp_path):
+    """The saved directory names what the model held frozen: a fresh base, not frozen, is frozen so
+    again on reload; a base whose frozen part differs is refused (its values are not saved)."""
+    model = tiny_llama()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    batch = lm_batch(model)
+    optimized = memopt.optimize(model, 1, batch, method="full", optimizer="sgd", device="cpu")
+    opt = optimized.make_optimizer(lr=1e-1)
+    optimized(**batch).loss.backward()
+    opt.step()
+    optimized.save_pretrained(tmp_path)
+    reloaded = memopt.from_pretrained(tiny_llama(), tmp_path)
+    assert [n for n, p in reloaded.model.named_parameters() if not p.requires_grad] == ["model.embed_tokens.weight"]
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, optimized(**batch).logits)
+    other = tiny_llama()
+    with torch.no_grad():
+        other.model.embed_tokens.weight.mul_(2)
+    with pytest.raises(MemoptError, match="other frozen weights .* differ from the ones the saved tensors were trained"):
+        memopt.from_pretrained(other, tmp_path)
+    assert all(p.requires_grad for p in other.parameters())  # the failed load put the flags back
 
 
 @pytest.mark.slow
