@@ -123,6 +123,7 @@ class PlannedStep:
         self.max_traces = max_traces
         self._signature = inspect.signature(model.forward)
         self._traces: OrderedDict[tuple[Hashable, int], _Trace] = OrderedDict()
+        self._said_evicted = False
         self._serial = 0
         self.traces_made = 0
         self.trace_seconds = 0.0  # spent tracing, partitioning and compiling (each trace's first call included)
@@ -166,6 +167,12 @@ class PlannedStep:
         self._traces[(key, self._serial)] = trace
         while len(self._traces) > self.max_traces:
             self._traces.popitem(last=False)
+            if not self._said_evicted:
+                self._said_evicted = True
+                log.warning("memopt: more than max_traces=%d traces of %s's step (a loop unrolled over the sequence "
+                            "traces each length; batch 1 and sizes of 0 specialize): the least recently used is "
+                            "dropped and traced again when met; padding batches to a few lengths avoids it",
+                            self.max_traces, type(self.model).__name__)
         return output
 
     # ------------------------------------------------------------------------- tracing

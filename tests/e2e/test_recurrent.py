@@ -71,3 +71,17 @@ def test_a_loader_of_shorter_sequences_gets_a_trace_per_length_and_plain_torchs_
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=f"{seq} {name}")
             p.grad, q.grad = None, None
     assert optimized.runtime.traces_made == 3 and not optimized.replans  # 12, 8 and 5: one trace each
+
+
+def test_more_lengths_than_traces_kept_says_so_once(caplog):
+    import logging
+
+    torch.manual_seed(0)
+    optimized = planned(Unrolled(), (torch.randint(0, 50, (4, 12)),), 0.3, method="full",
+                        loss_fn=lambda out, inputs: _loss(out))
+    optimized.runtime.max_traces = 2
+    with caplog.at_level(logging.WARNING, logger="memopt"):
+        for seq in (12, 8, 5, 12, 3):
+            _loss(optimized(torch.randint(0, 50, (4, seq)))).backward()
+    assert optimized.runtime.traces_made == 5  # 12 was dropped for 5, and traced again
+    assert caplog.text.count("more than max_traces=2 traces of Unrolled's step") == 1
