@@ -152,18 +152,23 @@ def test_a_parameter_the_model_holds_frozen_stays_frozen_and_the_notes_say_so():
         memopt.optimize(tiny_llama().requires_grad_(False), 1, batch, method="full", device="cpu")
 
 
+def _one_step_saved_and_reloaded(model, batch: dict, optimizer: str, path):
+    """``model`` trained in full for one step, saved, and rebuilt on a fresh tiny Llama."""
+    optimized = memopt.optimize(model, 1, batch, method="full", optimizer=optimizer, device="cpu")
+    opt = optimized.make_optimizer(lr=1e-2)
+    optimized(**batch).loss.backward()
+    opt.step()
+    optimized.save_pretrained(path)
+    return optimized, memopt.from_pretrained(tiny_llama(), path)
+
+
 def test_a_model_trained_with_a_frozen_part_reloads_frozen_and_checks_that_part(tmp_path):
     """The saved directory names what the model held frozen: a fresh base, not frozen, is frozen so
     again on reload; a base whose frozen part differs is refused (its values are not saved)."""
     model = tiny_llama()
     model.model.embed_tokens.weight.requires_grad_(False)
     batch = lm_batch(model)
-    optimized = memopt.optimize(model, 1, batch, method="full", optimizer="sgd", device="cpu")
-    opt = optimized.make_optimizer(lr=1e-1)
-    optimized(**batch).loss.backward()
-    opt.step()
-    optimized.save_pretrained(tmp_path)
-    reloaded = memopt.from_pretrained(tiny_llama(), tmp_path)
+    optimized, reloaded = _one_step_saved_and_reloaded(model, batch, "sgd", tmp_path)
     assert [n for n, p in reloaded.model.named_parameters() if not p.requires_grad] == ["model.embed_tokens.weight"]
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, optimized(**batch).logits)
@@ -199,12 +204,7 @@ def test_a_rank_above_a_side_falls_back_with_a_note_and_a_subset_trains():
 def test_full_training_saves_and_reloads(tmp_path):
     model = tiny_llama()
     batch = lm_batch(model)
-    optimized = memopt.optimize(model, 1, batch, method="full", optimizer="apollo-mini", device="cpu")
-    opt = optimized.make_optimizer(lr=1e-2)
-    optimized(**batch).loss.backward()
-    opt.step()
-    optimized.save_pretrained(tmp_path)
-    reloaded = memopt.from_pretrained(tiny_llama(), tmp_path)
+    optimized, reloaded = _one_step_saved_and_reloaded(model, batch, "apollo-mini", tmp_path)
     assert reloaded.plan.optimizer == "apollo-mini"
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).logits, optimized(**batch).logits)
