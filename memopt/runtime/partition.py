@@ -49,10 +49,10 @@ from torch._functorch.partitioners import _has_tag_is_forward, _is_primal, _is_t
 from torch.utils.checkpoint import CheckpointPolicy
 
 from memopt.errors import MemoptError, PlanMismatchError
-from memopt.ir.joint import op_keys
+from memopt.ir.joint import OUTSIDE, op_keys
 from memopt.plan import Plan, TensorDecision
 
-__all__ = ["OFFLOAD_MODES", "LoweringReport", "plan_partition", "tag_joint"]
+__all__ = ["OFFLOAD_MODES", "LoweringReport", "is_keyed", "plan_partition", "tag_joint"]
 
 OFFLOAD_MODES = ("cuda", "host", "simulated")
 _SAVED = ("keep", "save", "offload")
@@ -99,6 +99,15 @@ def _(token: torch.Tensor, size: list[int], stride: list[int], dtype: torch.dtyp
 
 # ----------------------------------------------------------------------------- the partition function
 
+def is_keyed(decisions: Sequence[TensorDecision]) -> bool:
+    """Are the decisions found by op key (format v4 and later), not by fx node name? A decision made
+    outside the model without a key — a view of a constant a ``loss_fn`` closes over (its labels,
+    flattened) — is no reason to fall back to names: the step without the loss never makes it."""
+    return any(t.key is not None for t in decisions) and \
+        all(t.key is not None or t.module == OUTSIDE for t in decisions)
+
+
+
 def plan_partition(plan: "Plan | Sequence[TensorDecision]", *, offload_mode: str, check_layout: bool,
                    report: LoweringReport | None = None,
                    allow_constants: bool = False) -> Callable[..., tuple[fx.GraphModule, fx.GraphModule]]:
@@ -118,7 +127,7 @@ def plan_partition(plan: "Plan | Sequence[TensorDecision]", *, offload_mode: str
     def partition(joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
         _sizes_not_tensors(joint.graph)
         _no_full_slices(joint.graph)
-        keyed = all(t.key is not None for t in decisions)
+        keyed = is_keyed(decisions)
         keys = op_keys(joint.graph) if keyed else {}
         # what the forward returns (its outputs, the new values of buffers it writes): held by the
         # caller, as the planner counts them
@@ -141,7 +150,8 @@ def plan_partition(plan: "Plan | Sequence[TensorDecision]", *, offload_mode: str
         report.saved_bytes = sum(_nbytes(n) for n in {_storage(n): n for n in saved
                                                       if _storage(n) not in primals}.values())
         if keyed:
-            _refuse_unplanned(fw, saved, primals | returned, keys, {t.key.partition("[")[0] for t in decisions})
+            _refuse_unplanned(fw, saved, primals | returned, keys, {t.key.partition("[")[0] for t in decisions
+                                                                          if t.key is not None})
         offloads = _offloads(fw, saved, offloaded, kwargs["num_fwd_outputs"], _ready_names(joint, decisions, keys)) \
             if offload_mode in _OFFLOAD else []
         if offloads:
@@ -321,7 +331,7 @@ def tag_joint(joint: fx.GraphModule, plan: "Plan | Sequence[TensorDecision]", *,
     action: dict[int, str] = {}
     found: list[TensorDecision] = []
     for decision in decisions:
-        node = _node_of(decision, by_name, by_key)
+        node = None if skipped is not None and decision.key is None else _node_of(decision, by_name, by_key)
         if node is None:
             if skipped is None:
                 raise PlanMismatchError(

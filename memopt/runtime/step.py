@@ -60,7 +60,7 @@ from memopt.memory.tracker import not_counted
 from memopt.plan import Plan
 from memopt.runtime import in_backward
 from memopt.runtime.guards import step_state
-from memopt.runtime.partition import LoweringReport, plan_partition
+from memopt.runtime.partition import LoweringReport, is_keyed, plan_partition
 from memopt.runtime.tangents import BackwardVariants
 
 __all__ = ["Compilers", "PlannedStep", "MAX_TRACES"]
@@ -195,7 +195,7 @@ class PlannedStep:
 
         self.traces_made += 1
         # A plan without keys (format v3) names fx nodes of a trace at exact sizes.
-        if not fake and all(t.key is not None for t in self.plan.tensors):
+        if not fake and is_keyed(self.plan.tensors):
             try:
                 return self._trace_symbolic(step, inputs, mode, at_plan_shapes)
             except (MemoptError, torch.OutOfMemoryError):

@@ -112,6 +112,30 @@ def test_a_token_id_outside_the_vocabulary_is_named_as_the_batchs_fault():
     _assert_exact(optimized, bad)  # the model is as it was
 
 
+def test_a_loss_fn_on_the_logits_that_flattens_the_labels_it_closes_over_trains_within_its_plan():
+    """``loss_fn`` closing over the labels, flattened (a view of a constant outside the model, which
+    the plan keeps without a key): the step without the loss runs the keyed plan (before: the plan
+    counted as unkeyed, matched by node names and refused as another program), exact and measured
+    to the byte of the prediction."""
+    model = tiny_llama(num_hidden_layers=2)
+    ids = lm_batch(model, batch=2, seq=16)["input_ids"]
+
+    def loss_of(out, inputs=None):
+        return torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids.flatten())
+
+    optimized = _planned(model, {"input_ids": ids}, loss_fn=loss_of)
+    assert any(t.key is None for t in optimized.plan.tensors)  # the flattened labels
+    _assert_exact(optimized, {"input_ids": ids}, loss_of)
+    opt = optimized.make_optimizer(lr=1e-3)
+    loss_of(optimized(input_ids=ids)).backward()
+    opt.step()
+    opt.zero_grad()
+    with MemoryTracker(optimized, opt, inputs={"input_ids": ids}) as tracker:
+        loss_of(optimized(input_ids=ids)).backward()
+        opt.step()
+    assert tracker.report().peak_bytes == optimized.plan.predicted_peak_bytes
+
+
 def test_every_output_keeps_its_gradient_so_a_loss_on_the_logits_is_exact(llama_plan):
     optimized, batch = llama_plan
     # the model's own loss plus a z-loss on the logits (the term a detached output would lose)
