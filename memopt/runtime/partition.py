@@ -103,8 +103,7 @@ def is_keyed(decisions: Sequence[TensorDecision]) -> bool:
     """Are the decisions found by op key (format v4 and later), not by fx node name? A decision made
     outside the model without a key — a view of a constant a ``loss_fn`` closes over (its labels,
     flattened) — is no reason to fall back to names: the step without the loss never makes it."""
-    return any(t.key is not None for t in decisions) and \
-        all(t.key is not None or t.module == OUTSIDE for t in decisions)
+    return all(t.key is not None or t.module == OUTSIDE for t in decisions)
 
 
 
