@@ -106,7 +106,6 @@ def is_keyed(decisions: Sequence[TensorDecision]) -> bool:
     return all(t.key is not None or t.module == OUTSIDE for t in decisions)
 
 
-
 def plan_partition(plan: "Plan | Sequence[TensorDecision]", *, offload_mode: str, check_layout: bool,
                    report: LoweringReport | None = None,
                    allow_constants: bool = False) -> Callable[..., tuple[fx.GraphModule, fx.GraphModule]]:
@@ -508,13 +507,13 @@ def _mutated_inputs_saved_as_copies(joint: fx.GraphModule, fw: fx.GraphModule, n
                for desc in joint.graph.output_node().meta.get("desc") or ()} - {None}
     if not mutated:
         return False
-    inputs = {p: p.meta.get("desc") in mutated for p in fw.graph.find_nodes(op="placeholder")}
+    inputs = {p for p in fw.graph.find_nodes(op="placeholder") if p.meta.get("desc") in mutated}
     output = fw.graph.output_node()
     outputs = list(output.args[0])
     copies: dict[fx.Node, fx.Node] = {}
     for i in range(num_fwd_outputs, len(outputs)):
         node = outputs[i]
-        if inputs.get(node):
+        if node in inputs:
             if node not in copies:
                 with fw.graph.inserting_before(output):
                     copies[node] = fw.graph.call_function(torch.ops.aten.clone.default, (node,))
