@@ -191,6 +191,7 @@ class JointGraph:
     step_bytes: int
     fake_mode: Any
     dropped: frozenset[int] = frozenset()  # parameter positions whose gradients the step drops
+    resident: frozenset[int] = frozenset()  # storages of the real parameters, buffers and inputs (_Builder)
 
     def partitioned(self, partition_fn: Callable[..., Any]) -> JointTrace:
         graph = torch.fx.Graph()
@@ -201,7 +202,7 @@ class JointGraph:
             fw, bw = partition_fn(gm, list(self.inputs), **self.kwargs)
         for module in (fw, bw):
             module.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
-        return _Builder(self.granularity, op_keys(gm.graph)).build(fw, bw, list(self.kinds), self.optimizer,
+        return _Builder(self.granularity, op_keys(gm.graph), self.resident).build(fw, bw, list(self.kinds), self.optimizer,
                                                                    self.state_bytes, self.step_bytes,
                                                                    self.kwargs["num_fwd_outputs"], self.dropped)
 
@@ -270,14 +271,15 @@ def trace_joint_graph(
     kinds = ["parameter"] * len(names) + ["buffer"] * len(buffer_names)
     label = "none" if optimizer is None else getattr(optimizer, "__name__", type(optimizer).__name__)
     positions = frozenset(i for i, n in enumerate(names) if n in dropped)
-    trace = _Builder(granularity, done.keys).build(done.fw, done.bw, kinds, label, state_bytes, step_bytes,
+    resident = frozenset(_storage_key(t) for t in (*model.parameters(), *model.buffers(), *_tensors((args, kwargs))))
+    trace = _Builder(granularity, done.keys, resident).build(done.fw, done.bw, kinds, label, state_bytes, step_bytes,
                                                    done.kwargs["num_fwd_outputs"], positions)
     trace = _with_time(trace, time.perf_counter() - start)
     trace = dataclasses.replace(trace, rng_state_bytes=-(-torch.get_rng_state().nbytes // granularity) * granularity)
     log.debug("memopt: traced the joint step in %.1f s: %d forward + %d backward ops, %d saved storages",
               trace.trace_seconds, trace.num_forward, len(trace.ops) - trace.num_forward, len(trace.saved))
     joint = JointGraph(done.joint, tuple(done.joint_inputs), dict(done.kwargs), tuple(kinds), granularity, label,
-                       state_bytes, step_bytes, fake_mode, positions)
+                       state_bytes, step_bytes, fake_mode, positions, resident)
     return trace, joint
 
 
@@ -452,13 +454,16 @@ class _Builder:
     if the fake tensor is shared with another node (a partitioner that recomputes in the backward
     copies the forward node, value and all)."""
 
-    def __init__(self, granularity: int, keys: Mapping[str, str] | None = None) -> None:
+    def __init__(self, granularity: int, keys: Mapping[str, str] | None = None,
+                 resident: frozenset[int] = frozenset()) -> None:
         self.granularity = granularity
         self.keys = keys or {}
+        self.resident = resident
         self.storages: list[dict[str, Any]] = []
         self.ops: list[TracedOp] = []
         self.module_of_seq: dict[int, str] = {}
         self.outputs: dict[tuple[str, str], list[tuple[int, int]]] = {}  # (graph, node) -> [(key, sid)]
+        self.constants: dict[int, int] = {}  # a constant tensor's storage -> its sid
 
     def build(self, fw: torch.fx.GraphModule, bw: torch.fx.GraphModule, kinds: list[str], optimizer: str,
               state_bytes: int, step_bytes: int, num_fwd_outputs: int = 0,
@@ -468,6 +473,7 @@ class _Builder:
             kind = kinds[i] if i < len(kinds) else "input"
             self.outputs["fw", node.name] = [(k, primal_keys.get(k) if k in primal_keys else primal_keys.setdefault(
                 k, self._new(node.name, t, kind, None))) for k, t in _keyed(node)]
+        self._constants(fw, "fw")
         self._run(fw, "fw", "forward")
         num_forward = len(self.ops)
         saved = self._saved(fw, {n.name for n in bw.graph.nodes if n.op == "placeholder"})
@@ -487,12 +493,28 @@ class _Builder:
             if node.op == "placeholder" and node.name.startswith("tangents"):
                 self.outputs["bw", node.name] = [(k, self._new(node.name, t, "tangent", num_forward))
                                                  for k, t in _keyed(node)]
+        self._constants(bw, "bw")
         self._run(bw, "bw", "backward")
         gradients = self._mark_gradients(bw, kinds.count("parameter"), dropped)
         storages = tuple(Storage(id=i, **s) for i, s in enumerate(self.storages))
         prefix, ops = _assign_blocks(tuple(self.ops))
         return JointTrace(ops, storages, num_forward, saved, self.granularity, optimizer, state_bytes, step_bytes, prefix,
                           gradients=gradients, dropped=dropped)
+
+    def _constants(self, gm: torch.fx.GraphModule, graph: str) -> None:
+        """The tensors the step reads that existed before it (labels a ``loss_fn`` closes over): inputs,
+        one storage each however many graphs read them. Not counted again: a constant that is a
+        parameter, buffer or example input (counted as such), or one the step makes (``torch.tensor``
+        in its code: read by ``lift_fresh_copy`` only, whose output is the allocation)."""
+        for node in gm.graph.find_nodes(op="get_attr"):
+            value = getattr(gm, node.target, None)
+            if not isinstance(value, torch.Tensor) or _storage_key(value) in self.resident or not node.users or all(
+                    user.target is torch.ops.aten.lift_fresh_copy.default for user in node.users):
+                continue
+            sid = self.constants.get(_storage_key(value))
+            if sid is None:
+                sid = self.constants[_storage_key(value)] = self._new(node.name, value, "input", None)
+            self.outputs[graph, node.name] = [(key, sid) for key, _ in _keyed(node)]
 
     def _new(self, name: str, t: torch.Tensor, kind: str, producer: int | None, key: str | None = None) -> int:
         nbytes = -(-t.untyped_storage().nbytes() // self.granularity) * self.granularity

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from memopt.errors import MemoptError, UnsupportedModelError
 from memopt.memory import hf_masks
@@ -153,6 +153,8 @@ def _simulate(model: nn.Module, example_inputs: Any, loss_fn: LossFn | None, opt
     from torch._export.utils import _compiling_state_context
 
     args, kwargs = normalize_inputs(example_inputs)
+    # What the fakes stand in for: a loss_fn may close over them (its labels are an input already).
+    real = [*model.parameters(), *model.buffers(), *(t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))]
     unpadded = hf_masks.unpadded(model, args, kwargs)  # an all-ones mask is read before its values are faked
     rounding = _default_round_to(device) if round_to is None else round_to
     state = _compiling_state_context() if exporting else contextlib.nullcontext()
@@ -172,6 +174,7 @@ def _simulate(model: nn.Module, example_inputs: Any, loss_fn: LossFn | None, opt
             buffers=buffers.values(),
             round_to=rounding,
             device_label=device,
+            stand_ins_for=real,
         )
         with tracker:
             _train_step(model, {**params, **buffers}, args, kwargs, loss_fn, opt, unpadded)

@@ -8,8 +8,10 @@ counted twice), and it works for fake and meta storages, which have no data poin
 wrapper subclasses (``__tensor_flatten__``) are counted through their inner tensors, and the ops
 they run inside are seen too; a uint8 or quantized storage is just bytes. What exists on
 ``__enter__`` is registered up front: parameters, buffers, existing ``.grad``, optimizer state and
-``inputs``. Nothing else made before the region is counted — as with torch's ``MemTracker``,
-which this agrees with to the byte on full fine-tuning.
+``inputs``. A tensor made before the region and not registered is counted from the first op that
+reads it, as an INPUT, when it is on that op's output device: data the step reads that was on the
+device before it (labels a loss closes over), which a GPU's allocator counts too. Otherwise this
+agrees with torch's ``MemTracker`` to the byte on full fine-tuning.
 
 Categories. In the forward a new storage is a TEMPORARY until autograd packs it for backward
 (``saved_tensors_hooks`` → ACTIVATIONS). Hooks installed inside the region — by user code or
@@ -99,23 +101,23 @@ def _tensors(tree: Any) -> Iterable[torch.Tensor]:
 
 
 class _CountingMode(TorchDispatchMode):
-    """Hands every op's outputs to the tracker; the mode itself holds no state.
+    """Hands every op's inputs and outputs to the tracker; the mode itself holds no state.
 
     An op on a traceable wrapper subclass is first left to the subclass (``NotImplemented``), so
     the mode sees the plain ops it runs inside — e.g. the dequantized weight a quantized tensor
     makes for a matmul — and not only the wrapper it returns.
     """
 
-    def __init__(self, on_outputs: Callable[[Any], None]) -> None:
+    def __init__(self, on_op: Callable[[Any, Any], None]) -> None:
         super().__init__()
-        self._on_outputs = on_outputs
+        self._on_op = on_op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if any(is_traceable_wrapper_subclass_type(t) for t in types):
             return NotImplemented
         out = func(*args, **(kwargs or {}))
         if not getattr(_PAUSED, "depth", 0):
-            self._on_outputs(out)
+            self._on_op((args, kwargs), out)
         return out
 
 
@@ -146,7 +148,7 @@ def _count_through(hop: Any) -> None:
     def _(mode: _CountingMode, *args: Any, **kwargs: Any) -> Any:
         out = hop(*args, **kwargs)
         if not getattr(_PAUSED, "depth", 0):
-            mode._on_outputs(out)
+            mode._on_op((args, kwargs), out)
         return out
 
 
@@ -164,7 +166,9 @@ class MemoryTracker:
     every storage up to a multiple of that many bytes (512 mirrors CUDA's caching allocator).
     ``device_label``, if given, counts every storage under that one device name (a simulation of
     a target device on fake CPU tensors). ``label_activations=False`` installs no saved-tensor
-    hooks (see the module docstring). Hooks are removed on exit; the model is not modified.
+    hooks (see the module docstring). ``stand_ins_for``: the real tensors that registered fakes
+    stand in for (a simulation's model and inputs), which code closing over them may read: not
+    counted again. Hooks are removed on exit; the model is not modified.
     """
 
     def __init__(
@@ -178,6 +182,7 @@ class MemoryTracker:
         round_to: int = 1,
         device_label: str | None = None,
         label_activations: bool = True,
+        stand_ins_for: Iterable[torch.Tensor] = (),
     ) -> None:
         self._model, self._optimizer, self._inputs = model, optimizer, inputs
         self._params = _unique((list(model.parameters()) if model is not None else []) + list(parameters))
@@ -193,6 +198,9 @@ class MemoryTracker:
         self._seen_backward = False
         self._used = False
         self._simulated = False  # decided on enter: does this region count fake tensors?
+        # The real tensors a simulation's registered fakes stand in for: a read of one counts nothing.
+        self._stood_in = [st for t in stand_ins_for for st in storages_of(t)]
+        self._stood_in_ids = {id(st) for st in self._stood_in}
 
     # ---- context manager -------------------------------------------------------------------
 
@@ -207,7 +215,7 @@ class MemoryTracker:
             if self._label_activations:
                 self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
                 self._saved_hooks.__enter__()
-            self._mode = _CountingMode(self._count_outputs)
+            self._mode = _CountingMode(self._count_op)
             self._mode.__enter__()
         except BaseException:
             self.__exit__(None, None, None)
@@ -343,10 +351,15 @@ class MemoryTracker:
             return "backward"
         return "other" if self._seen_backward else "forward"
 
-    def _count_outputs(self, out: Any) -> None:
+    def _count_op(self, inputs: Any, out: Any) -> None:
         tensors = list(_tensors(out))
         if not self._simulated and (_in_fake_mode() or any(_is_fake(t) for t in tensors)):
             return  # an op of a simulation inside a real region: no bytes, and no phase of this region
+        devices = {t.device for t in tensors}
+        for t in _tensors(inputs):  # read here, made before the region and not registered: an input
+            if t.device in devices and any(id(st) not in self._entries and id(st) not in self._stood_in_ids
+                                           for st in storages_of(t)):
+                self._register(t, Category.INPUTS)
         for t in tensors:
             self._register(t, Category.TEMPORARIES)
         self._ledger.observe(self._phase())

@@ -49,10 +49,13 @@ def test_a_buffer_written_and_read_back_in_forward_trains_as_plain_torch_does(tm
     assert int(optimized.model.calls) == 3
     assert torch.equal(optimized.model.mean, reference.mean)
     assert not optimized.replans
-    # What the backward saves of the buffers' new values is counted: measured against predicted, no
-    # worse than the same network without buffers. (Both measure 440-512 B above: the user's
-    # cross_entropy, run eagerly outside the planned step, against the plan's loss_fn.)
-    assert _over_plan(optimized, batches[0], labels) <= _over_plan(_plain(batches[0][0], labels), batches[0], labels)
+    # What the backward saves of the buffers' new values is counted: the step measures at or below
+    # the plan (72 B below: the traced graph is functional, so the plan counts the buffers' new
+    # values as tensors of their own, which the step writes in place), and the same
+    # network without buffers measures the plan to the byte. (Both measured 440-512 B above when
+    # the labels the loss_fn closes over were left out of the plan.)
+    assert _over_plan(optimized, batches[0], labels) <= 0
+    assert _over_plan(_plain(batches[0][0], labels), batches[0], labels) == 0
     optimized.save_pretrained(tmp_path)  # the buffers as training left them, saved with the weights
     reloaded = memopt.from_pretrained(Counted(), tmp_path, loss_fn=lambda out, inputs: F.cross_entropy(out, labels))
     assert int(reloaded.model.calls) == 5 and torch.equal(reloaded.model.mean, optimized.model.mean)  # (2 more steps)

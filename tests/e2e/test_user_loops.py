@@ -5,6 +5,7 @@ order; random ops replay the same numbers)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -134,6 +135,35 @@ def test_a_loss_fn_on_the_logits_that_flattens_the_labels_it_closes_over_trains_
         loss_of(optimized(input_ids=ids)).backward()
         opt.step()
     assert tracker.report().peak_bytes == optimized.plan.predicted_peak_bytes
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 1.0])
+def test_a_classifier_whose_loss_fn_closes_over_its_own_labels_measures_what_was_planned(fraction):
+    """Labels that are not an example input, closed over by ``loss_fn``: on the device during the
+    step, so the plan counts them as an input (before: left out, and the step measured their
+    32 KiB over the plan at every budget that recomputes). Measured to the byte, budgets from
+    the smallest feasible one to keeping everything."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 10))
+    x, labels = torch.randn(4096, 64), torch.randint(0, 10, (4096,))
+
+    def loss_fn(out, inputs=None):
+        return torch.nn.functional.cross_entropy(out, labels)
+
+    budget = budget_between(model, (x,), fraction, device="cpu", loss_fn=loss_fn)
+    optimized = memopt.optimize(model, budget_gb=budget, example_inputs=(x,), device="cpu", loss_fn=loss_fn)
+    assert optimized.plan.needs_runtime == (fraction < 1)
+    assert optimized.plan.static.inputs == x.nbytes + labels.nbytes
+    opt = optimized.make_optimizer(lr=1e-3)
+    for measured in (False, True):  # the plan is for the steady state: optimizer states exist
+        with MemoryTracker(optimized, opt, inputs=(x,)) if measured else contextlib.nullcontext() as tracker:
+            loss = loss_fn(optimized(x))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert tracker.report().peak_bytes == optimized.plan.predicted_peak_bytes
+    assert tracker.report().final.inputs == x.nbytes + labels.nbytes
 
 
 def test_every_output_keeps_its_gradient_so_a_loss_on_the_logits_is_exact(llama_plan):

@@ -256,3 +256,33 @@ def test_a_real_region_does_not_count_fake_tensors_and_a_simulated_one_does():
     with MemoryTracker(inputs=fake) as given_fakes:  # fake tensors registered: a simulation too
         fake + 1
     assert given_fakes.report().peak_bytes == 2 * 8 * 8 * F32
+
+
+def test_a_tensor_made_before_the_region_counts_as_an_input_from_its_first_read():
+    # Labels a loss closes over: on the device before the step, not registered. Read by an op, they
+    # count once, as an input (before: the saved-tensor hook's detach made them a temporary born
+    # in the forward, and a plain read counted nothing).
+    model = nn.Linear(16, 4)
+    x, labels, other = torch.randn(8, 16), torch.randint(0, 4, (8,)), torch.randint(0, 4, (8,))
+    with MemoryTracker(model, inputs=x) as tracker:
+        loss = nn.functional.cross_entropy(model(x), labels)  # nll_loss saves the labels for backward
+        loss.backward()
+        del loss
+        other.clone()  # read once, after the backward: counted from here
+    r = tracker.report()
+    assert r.final.inputs == x.numel() * F32 + 2 * labels.numel() * 8
+    assert r.peak.inputs == x.numel() * F32 + labels.numel() * 8  # at the backward's peak, `other` unread yet
+    assert r.final.temporaries == 0
+
+
+def test_a_simulation_does_not_count_the_real_tensors_its_fakes_stand_in_for():
+    # A loss_fn that closes over the example input itself (labels = input_ids): the simulation
+    # registered a fake of it; the real one the loss reads is the same data, not a second input.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real_x, labels = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(8, 16)
+        with MemoryTracker(inputs=x, stand_ins_for=[real_x]) as tracker:
+            (x + real_x).sum() + labels.sum()
+    assert tracker.report().final.inputs == x.numel() * F32 + labels.numel() * 8
