@@ -52,7 +52,7 @@ except ImportError:  # pragma: no cover
     triton = tl = None
 
 __all__ = [
-    "CODES", "FOUR_BIT", "FP4_CODE", "NF4_CODE", "dequant_matmul", "dequant_matmul_reference",
+    "CODES", "FOUR_BIT", "FP4_CODE", "NF4_CODE", "dequant_matmul", "dequant_matmul_reference", "pair_table",
     "dequant_matmul_triton", "dequantize_int8",
     "dequantize_4bit", "simulating", "uses_dequant_triton",
 ]
@@ -129,6 +129,13 @@ def _pair_table(fmt: str, device: torch.device) -> torch.Tensor:
     return _real_pair_table(fmt, torch.device(device))
 
 
+def pair_table(fmt: str, device: torch.device | str) -> torch.Tensor:
+    """The [256, 2] table of ``fmt`` on ``device``, one real tensor per device and format: what a
+    quantized layer holds as a buffer (shared), so a traced step reads it as an input rather than
+    making a constant of its own at every call (``_pair_table`` under AOTAutograd)."""
+    return _real_pair_table(fmt, torch.device(device))
+
+
 @functools.cache
 def _real_pair_table(fmt: str, device: torch.device) -> torch.Tensor:
     with no_modes():
@@ -141,13 +148,14 @@ def _pairs(table: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], block: int,
-                    dtype: torch.dtype, fmt: str = "nf4") -> torch.Tensor:
-    """W [N, K] in ``dtype`` from 4-bit bytes of ``fmt`` and per-block fp32 absmax (fp32, cast once)."""
+                    dtype: torch.dtype, fmt: str = "nf4", pairs: torch.Tensor | None = None) -> torch.Tensor:
+    """W [N, K] in ``dtype`` from 4-bit bytes of ``fmt`` and per-block fp32 absmax (fp32, cast once).
+    ``pairs``: ``fmt``'s [256, 2] table if the caller holds it (``pair_table``)."""
     n = shape[0] * shape[1]
     if packed.device.type == "meta":  # shapes only (a model built to be planned): no chunk loop
         return torch.empty(shape, dtype=dtype, device="meta")
     out = torch.empty(n, dtype=dtype, device=packed.device)
-    pairs = _pair_table(fmt, packed.device)
+    pairs = _pair_table(fmt, packed.device) if pairs is None else pairs
     step = _CHUNK - _CHUNK % block if block <= _CHUNK else block  # whole blocks, an even count of elements
     for start in range(0, n, step):
         stop = min(start + step, n)
@@ -169,17 +177,17 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def _dequantize(fmt: str, data: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], block: int,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, pairs: torch.Tensor | None = None) -> torch.Tensor:
     if fmt in FOUR_BIT:
-        return dequantize_4bit(data, scales, shape, block, dtype, fmt)
+        return dequantize_4bit(data, scales, shape, block, dtype, fmt, pairs)
     return dequantize_int8(data, scales, dtype)
 
 
 def dequant_matmul_reference(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor,
                              shape: tuple[int, int], block: int, bias: torch.Tensor | None = None,
-                             transpose: bool = True) -> torch.Tensor:
+                             transpose: bool = True, pairs: torch.Tensor | None = None) -> torch.Tensor:
     """``a·deq(W)ᵀ + bias`` ([M, K] -> [M, N]) if ``transpose``, else ``a·deq(W)`` ([M, N] -> [M, K])."""
-    w = _dequantize(fmt, data, scales, shape, block, a.dtype)  # the one transient full-precision W
+    w = _dequantize(fmt, data, scales, shape, block, a.dtype, pairs)  # the one transient full-precision W
     return F.linear(a, w, bias) if transpose else a.mm(w)
 
 
@@ -189,16 +197,18 @@ def uses_dequant_triton(a: torch.Tensor) -> bool:
 
 
 def dequant_matmul(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int],
-                   block: int, bias: torch.Tensor | None = None, transpose: bool = True) -> torch.Tensor:
+                   block: int, bias: torch.Tensor | None = None, transpose: bool = True,
+                   pairs: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton kernel on CUDA when available, the torch reference otherwise (same contract).
 
     Inside ``simulating("cuda")`` it is the fused op ``memopt::dequant_matmul`` (see the module docstring);
     so it is wherever the GEMM is being traced rather than run — under ``torch.compile``, or on fake
     or functional (AOTAutograd) CUDA tensors — where one opaque op is what the graph should hold.
+    ``pairs``: the 4-bit format's table, if the caller holds it (``pair_table``).
     """
     if _as_one_op(a):
-        return torch.ops.memopt.dequant_matmul(a, fmt, data, scales, list(shape), block, bias, transpose)
-    return _eager_dequant_matmul(a, fmt, data, scales, shape, block, bias, transpose)
+        return torch.ops.memopt.dequant_matmul(a, fmt, data, scales, list(shape), block, bias, transpose, pairs)
+    return _eager_dequant_matmul(a, fmt, data, scales, shape, block, bias, transpose, pairs)
 
 
 def _as_one_op(a: torch.Tensor) -> bool:
@@ -209,10 +219,11 @@ def _as_one_op(a: torch.Tensor) -> bool:
 
 
 def _eager_dequant_matmul(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor,
-                          shape: tuple[int, int], block: int, bias: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+                          shape: tuple[int, int], block: int, bias: torch.Tensor | None, transpose: bool,
+                          pairs: torch.Tensor | None = None) -> torch.Tensor:
     if uses_dequant_triton(a):
         return dequant_matmul_triton(a, fmt, data, scales, shape, block, bias, transpose)
-    return dequant_matmul_reference(a, fmt, data, scales, shape, block, bias, transpose)
+    return dequant_matmul_reference(a, fmt, data, scales, shape, block, bias, transpose, pairs)
 
 
 # Which device's dequant-matmul a simulation models: None (the tensors' own), or a device kind.
@@ -231,20 +242,21 @@ def simulating(device_kind: str) -> Iterator[None]:
 
 @torch.library.custom_op("memopt::dequant_matmul", mutates_args=())
 def _fused_dequant_matmul(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor, shape: list[int],
-                          block: int, bias: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+                          block: int, bias: torch.Tensor | None, transpose: bool,
+                          pairs: torch.Tensor | None = None) -> torch.Tensor:
     """``dequant_matmul`` as one op (what the fused kernel is); real tensors run the eager dispatch."""
-    return _eager_dequant_matmul(a, fmt, data, scales, (shape[0], shape[1]), block, bias, transpose)
+    return _eager_dequant_matmul(a, fmt, data, scales, (shape[0], shape[1]), block, bias, transpose, pairs)
 
 
 @_fused_dequant_matmul.register_fake
 def _(a: torch.Tensor, fmt: str, data: torch.Tensor, scales: torch.Tensor, shape: list[int], block: int,
-      bias: torch.Tensor | None, transpose: bool) -> torch.Tensor:
+      bias: torch.Tensor | None, transpose: bool, pairs: torch.Tensor | None = None) -> torch.Tensor:
     return a.new_empty((a.shape[0], shape[0] if transpose else shape[1]))  # the output: all the kernel allocates
 
 
 @flop_counter.register_flop_formula(torch.ops.memopt.dequant_matmul)
 def _fused_flops(a_shape: Any, fmt: str, data_shape: Any, scales_shape: Any, shape: list[int], block: int,
-                 bias_shape: Any, transpose: bool, out_shape: Any = None, **_: Any) -> int:
+                 bias_shape: Any, transpose: bool, pairs_shape: Any = None, out_shape: Any = None, **_: Any) -> int:
     return 2 * a_shape[0] * shape[0] * shape[1]  # one GEMM, [M, K] x [K, N] either way round
 
 

@@ -30,10 +30,19 @@ from dataclasses import dataclass
 
 import torch
 
-from memopt.kernels.dequant import CODES, FOUR_BIT, NF4_CODE, dequant_matmul, dequantize_4bit, dequantize_int8, real_table
+from memopt.kernels.dequant import (
+    CODES,
+    FOUR_BIT,
+    NF4_CODE,
+    dequant_matmul,
+    dequantize_4bit,
+    dequantize_int8,
+    no_modes,
+    real_table,
+)
 
-__all__ = ["QuantizedWeight", "dequantize_columns", "dequantize_with_overlay", "dynamic_code", "quantize_int8",
-           "quantize_nf4", "nf4_absmax"]
+__all__ = ["QuantizedWeight", "code8_table", "dequantize_columns", "dequantize_with_overlay", "dynamic_code",
+           "quantize_int8", "quantize_nf4", "nf4_absmax"]
 
 _NF4_ZERO = NF4_CODE.index(0.0)  # 7
 _INT8_MAX = 127  # symmetric: -128 is never used, so negation is exact
@@ -66,6 +75,17 @@ def _table(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return real_table(values, device)
 
 
+def code8_table(device: torch.device | str) -> torch.Tensor:
+    """The 256-value code of double quantization on ``device``: one real tensor per device, which a
+    quantized layer holds as a buffer (see ``memopt.kernels.dequant.pair_table``)."""
+    with no_modes():
+        return real_table(dynamic_code(), torch.device(device))
+
+
+def _code8(qw: "QuantizedWeight") -> torch.Tensor:
+    return _table(dynamic_code(), qw.absmax_q.device) if qw.code8 is None else qw.code8
+
+
 def _blockwise_absmax(flat: torch.Tensor, block: int) -> torch.Tensor:
     """fp32 absmax of each run of ``block`` elements of ``flat`` (the last run may be shorter)."""
     full = flat.numel() - flat.numel() % block
@@ -93,7 +113,9 @@ class QuantizedWeight:
     (``absmax_q`` uint8 codes, ``absmax_scale`` fp32 per 256 codes, ``absmax_offset`` fp32 scalar) or,
     without double quantization, ``scale`` the fp32 absmax per block. ``fmt`` "int8": ``data`` int8
     [out, in], ``scale`` fp32 [out]. ``shape`` is the logical [out, in]; ``dtype`` the compute
-    (original) dtype.
+    (original) dtype. ``pairs`` ([256, 2], the 4-bit format's values of every byte) and ``code8``
+    (the 256-value code of double quantization) are the tables, when the owning module holds them
+    as buffers (``QuantLinear``); else the process's own real tables are read.
     """
 
     fmt: str
@@ -106,6 +128,8 @@ class QuantizedWeight:
     absmax_offset: torch.Tensor | None = None
     block: int = 64
     scaler_block: int = 256
+    pairs: torch.Tensor | None = None
+    code8: torch.Tensor | None = None
 
     def scales(self) -> torch.Tensor:
         """Per-block (4-bit, double quantization undone) or per-row (int8) fp32 scales; inside
@@ -130,7 +154,7 @@ class QuantizedWeight:
         """The full-precision W [out, in] (a new tensor, in ``dtype`` or the compute dtype)."""
         dtype = dtype or self.dtype
         if self.fmt in FOUR_BIT:
-            return dequantize_4bit(self.data, self.scales(), self.shape, self.block, dtype, self.fmt)
+            return dequantize_4bit(self.data, self.scales(), self.shape, self.block, dtype, self.fmt, self.pairs)
         return dequantize_int8(self.data, self.scale, dtype)
 
     def matmul(self, a: torch.Tensor, bias: torch.Tensor | None = None, transpose: bool = True,
@@ -140,7 +164,7 @@ class QuantizedWeight:
         ``scales``: ``self.scales()`` if the caller has it already (computed otherwise).
         """
         scales = self.scales() if scales is None else scales
-        return dequant_matmul(a, self.fmt, self.data, scales, self.shape, self.block, bias, transpose)
+        return dequant_matmul(a, self.fmt, self.data, scales, self.shape, self.block, bias, transpose, pairs=self.pairs)
 
     @property
     def nbytes(self) -> int:
@@ -169,7 +193,7 @@ def scales_shared() -> Iterator[None]:
 
 def nf4_absmax(qw: QuantizedWeight) -> torch.Tensor:
     """The fp32 per-64-block absmax: ``code8[absmax_q] · absmax_scale[block // 256] + offset``."""
-    codes = _table(dynamic_code(), qw.absmax_q.device)[qw.absmax_q.long()]
+    codes = _code8(qw)[qw.absmax_q.long()]
     per_code = qw.absmax_scale.repeat_interleave(qw.scaler_block)[: codes.numel()]
     return codes * per_code + qw.absmax_offset
 
@@ -215,8 +239,10 @@ def dequantize_columns(qw: QuantizedWeight, idx: torch.Tensor, scales: torch.Ten
     byte = qw.data[flat // 2]
     codes = torch.where(flat % 2 == 0, byte >> 4, byte & 0xF)
     blk = flat // qw.block
-    values = _table(CODES[qw.fmt], byte.device)[codes.long()]
+    # (the 16 values: the table's high nibbles of bytes 0x00, 0x10, ..., 0xF0)
+    code = _table(CODES[qw.fmt], byte.device) if qw.pairs is None else qw.pairs[::16, 0]
+    values = code[codes.long()]
     if scales is None and qw.double_quantized:  # the same fp32 arithmetic as nf4_absmax, for these blocks only
-        code8 = _table(dynamic_code(), byte.device)[qw.absmax_q[blk].long()]
+        code8 = _code8(qw)[qw.absmax_q[blk].long()]
         return values * (code8 * qw.absmax_scale[blk // qw.scaler_block] + qw.absmax_offset)
     return values * (qw.scale if scales is None else scales)[blk]

@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from memopt.config import QuantizeConfig
 from memopt.ir.structure import LinearLayer, ModelGraph
+from memopt.kernels.dequant import FOUR_BIT, pair_table
 from memopt.passes.base import (
     ModuleDecision,
     ModuleDetails,
@@ -45,7 +46,7 @@ from memopt.passes.base import (
     details_kind,
     select_targets,
 )
-from memopt.passes.quant_format import QuantizedWeight, quantize_int8, quantize_nf4
+from memopt.passes.quant_format import QuantizedWeight, code8_table, quantize_int8, quantize_nf4
 
 __all__ = ["QuantizeDetails", "QuantLinear", "QuantizeConfig", "apply_quantize", "dequantize_model", "quant_linear"]
 
@@ -101,7 +102,11 @@ class QuantLinear(nn.Module):
 
     Buffers (persistent, so a state dict round-trips): NF4 ``qweight`` (packed uint8),
     ``absmax_q`` (uint8), ``absmax_scale`` (fp32), ``absmax_offset`` (fp32 scalar); int8
-    ``qweight`` (int8 [out, in]) and ``scale`` (fp32 [out]). ``kind`` remembers the original
+    ``qweight`` (int8 [out, in]) and ``scale`` (fp32 [out]). A 4-bit layer also holds its format's
+    lookup tables, ``code_pairs`` and (double quantization) ``code8``: non-persistent buffers, one
+    tensor per device shared by every layer, so a traced step reads them as the inputs they are —
+    counted once by the plan and by the tracker — instead of making constants of its own at every
+    call, which the step would hold and copy beyond the plan. ``kind`` remembers the original
     layout ("conv1d": GPT-2's [in, out]) for ``dequantized()``; the buffers are always [out, in].
     Module casts (``model.half()``, ``model.to(torch.bfloat16)``) change ``compute_dtype`` and the
     bias but leave the codes and the fp32 scales exactly as they are (see ``_apply``).
@@ -125,6 +130,16 @@ class QuantLinear(nn.Module):
         else:
             self.register_buffer("scale", qw.scale)
         self.bias = bias
+        self._share_tables()
+
+    def _share_tables(self) -> None:
+        """(Re)point the table buffers at the shared tables of the device the codes are on."""
+        if self.fmt not in FOUR_BIT:
+            return
+        device = self.qweight.device
+        self.register_buffer("code_pairs", pair_table(self.fmt, device), persistent=False)
+        if "absmax_q" in self._buffers:
+            self.register_buffer("code8", code8_table(device), persistent=False)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "QuantLinear":
         """Moves apply to every buffer; a dtype cast sets ``compute_dtype`` and spares the fp32 scales.
@@ -139,6 +154,7 @@ class QuantLinear(nn.Module):
         super()._apply(fn, recurse)
         for name, before in scales.items():
             self._buffers[name] = before.to(self._buffers[name].device)  # fp32, bit for bit
+        self._share_tables()  # (a move gave every layer copies of its own; a cast rounded them)
         if len(cast) == 1:
             self.compute_dtype = cast.pop()
         return self
@@ -154,7 +170,8 @@ class QuantLinear(nn.Module):
     def quantized(self) -> QuantizedWeight:
         """A view of the buffers as a ``QuantizedWeight`` (no copy)."""
         common = dict(fmt=self.fmt, shape=(self.out_features, self.in_features), dtype=self.compute_dtype,
-                      data=self.qweight, block=self.block_size, scaler_block=self.scaler_block_size)
+                      data=self.qweight, block=self.block_size, scaler_block=self.scaler_block_size,
+                      pairs=self._buffers.get("code_pairs"), code8=self._buffers.get("code8"))
         if "absmax_q" in self._buffers:
             return QuantizedWeight(**common, absmax_q=self.absmax_q, absmax_scale=self.absmax_scale,
                                    absmax_offset=self.absmax_offset)

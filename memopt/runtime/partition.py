@@ -293,15 +293,16 @@ def _makes_rng_state(node: fx.Node) -> bool:
 
 
 def _refuse_constants(*modules: fx.GraphModule) -> None:
-    """A simulated step (fake tensors) cannot hold the graph's lifted real constants (e.g. the NF4
-    code tables): AOTAutograd copies the backward graph under the fake mode, which fails."""
+    """A simulated step (fake tensors) cannot hold the graph's lifted real constants (a tensor the
+    model's code makes, ``torch.tensor(...)``): AOTAutograd copies the backward graph under the fake
+    mode, which fails."""
     for gm in modules:
         for node in gm.graph.find_nodes(op="get_attr"):
             if isinstance(getattr(gm, node.target, None), torch.Tensor):
                 raise MemoptError(
                     "simulating the lowered step of this model is not supported yet: its traced step holds "
-                    f"tensor constants ({node.target}; NF4 weights hold their code tables so). The plan's "
-                    "prediction and a real run are not affected")
+                    f"tensor constants ({node.target}; a tensor the model's code makes, torch.tensor(...)). The "
+                    "plan's prediction and a real run are not affected")
 
 
 def _is_recomputed(node: fx.Node) -> bool:

@@ -14,20 +14,25 @@ from memopt.passes.quantize import QuantLinear
 from memopt.planner.solve import PlannerConfig
 from tests.e2e._steps import assert_unchanged, measured_steady_step, snapshot
 from tests.models import lm_batch, tiny_gpt2, tiny_llama, tiny_mlp
+from tests.runtime._planned import planned
 
 F32 = 4
-# Where a simulated step may exceed a real one (never the other way), both independent of quantization:
-# * fake tensors carry no values, so HF builds the [B, 1, T, T] causal mask a real run skips: at most
-#   8·B·T·T bytes (as tests/e2e/test_optimize.py bounds it);
-# * the simulation makes a fake copy of each lookup table the NF4 dequantization reads (NF4 values,
-#   their byte pairs, the 8-bit absmax code: at most 2 KiB each, live and as a temporary); a real
-#   process made them before the step it measures.
-_TABLES = 8 * 1024
+# The NF4 lookup tables, buffers every 4-bit layer shares: the byte pairs [256, 2] and the 8-bit
+# absmax code [256], fp32.
+_TABLES = (256 * 2 + 256) * F32
 
 
 def _simulation_excess(batch: dict[str, torch.Tensor]) -> int:
+    """Where a simulated step may exceed a real one (never the other way), independent of
+    quantization: fake tensors carry no values, so HF builds the [B, 1, T, T] causal mask a real run
+    skips: at most 8·B·T·T bytes (as tests/e2e/test_optimize.py bounds it)."""
     b, t = batch["input_ids"].shape
-    return 8 * b * t * t + _TABLES
+    return 8 * b * t * t
+
+
+def _codes(layer: QuantLinear) -> list[torch.Tensor]:
+    """A quantized layer's own buffers: its codes and scales (not the shared, non-persistent tables)."""
+    return [b for n, b in layer.named_buffers() if n not in layer._non_persistent_buffers_set]
 
 
 def _batch(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -66,10 +71,10 @@ def test_the_plan_counts_quantized_buffers_not_full_precision_weights(qlora):
     optimized, _ = qlora
     model, peak = optimized.model, optimized.plan.memory.peak
     quantized = sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, QuantLinear)
-                    for b in m.buffers())
+                    for b in _codes(m))
     assert quantized == sum(m.details.get("quantized_bytes", 0) for m in optimized.plan.modules)
     rotary = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
-    assert peak.buffers == quantized + rotary
+    assert peak.buffers == quantized + rotary + _TABLES  # the NF4 tables, shared by every layer: once
     # parameters: embeddings, norms, the LM head and the adapters; no dense copy of a quantized W
     assert peak.parameters == sum(p.numel() * F32 for p in model.parameters())
 
@@ -81,6 +86,20 @@ def test_predicted_peak_of_qlora_equals_a_measured_cpu_step_within_2_percent(qlo
     assert abs(predicted - measured.peak_bytes) <= 0.02 * measured.peak_bytes
     assert 0 <= predicted - measured.peak_bytes <= _simulation_excess(batch)
     assert measured.peak.buffers == optimized.plan.memory.peak.buffers  # the quantized bytes, exactly
+
+
+def test_qlora_at_a_budget_that_recomputes_measures_its_prediction_to_the_byte():
+    """The step the runtime traces reads the NF4 tables as the buffers they are. (Before: every call
+    in the traced step made constants of its own, which the step held and copied: this step measured
+    12,160 B over the plan, 33,344 B of constants among its inputs; on a 128-position Llama, 1,223 B
+    over the usable budget, with no warning.)"""
+    model = tiny_llama(num_hidden_layers=2)
+    batch = lm_batch(model, batch=4, seq=64)
+    optimized = planned(model, batch, 0.3, quantize="nf4")
+    assert any(t.action == "recompute" for t in optimized.plan.tensors)
+    measured = measured_steady_step(optimized, batch)
+    assert measured.peak_bytes == optimized.plan.predicted_peak_bytes <= optimized.plan.usable_bytes
+    assert measured.peak.inputs == sum(t.nbytes for t in batch.values())  # no constant of the step's own
 
 
 def test_qlora_loss_and_gradients_equal_dense_lora_on_the_dequantized_weights(qlora):
@@ -238,7 +257,7 @@ def test_a_cuda_plan_has_no_dequantized_weight_and_a_cpu_plan_has_one():
     assert cpu.activations + cpu.temporaries >= w_bytes
     # The quantized buffers exactly, each block rounded up to 512 bytes as the caching allocator does.
     expected = sum(-(-b.numel() * b.element_size() // 512) * 512 for m in model.modules() if isinstance(m, QuantLinear)
-                   for b in m.buffers())
+                   for b in _codes(m)) + _TABLES  # (the shared tables, whole blocks of 512 B)
     params = sum(-(-p.numel() * F32 // 512) * 512 for p in model.parameters())  # adapters and biases only
     assert cuda.buffers == expected and cuda.parameters == params
     static = optimized.plan.static  # the joint trace's count, independent of the simulated step

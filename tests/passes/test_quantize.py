@@ -277,7 +277,8 @@ def test_parameter_memory_of_a_quantized_llama_equals_the_arithmetic():
     others = sum(p.numel() * F32 for p in model.parameters())  # embeddings, norms, lm_head
     float_buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
     assert live.parameters == others
-    assert live.buffers == expected_quant + float_buffers
+    tables = (256 * 2 + 256) * F32  # the byte pairs and the 8-bit absmax code, shared by every layer: once
+    assert live.buffers == expected_quant + float_buffers + tables
     # q/k/v/o 64x64 and gate/up/down 64x128, 2 layers: 7 · 2 = 14 layers, 4096 or 8192 weights each
     assert expected_quant == 2 * (4 * (2048 + 64 + 4 + 4) + 3 * (4096 + 128 + 4 + 4))
 
@@ -406,6 +407,29 @@ def test_model_half_keeps_a_quantized_llama_s_scales_in_fp32():
     scales = [b for m in model.modules() if isinstance(m, QuantLinear) for b in (m.absmax_scale, m.absmax_offset)]
     assert scales and all(b.dtype == torch.float32 for b in scales)
     assert model.model.embed_tokens.weight.dtype == torch.float16
+
+
+def test_4bit_layers_share_their_lookup_tables_as_buffers_that_no_state_dict_holds():
+    """The NF4 tables are one fp32 tensor per device, a non-persistent buffer of every 4-bit layer:
+    a traced step reads them as the inputs they are (counted once) rather than making constants at
+    every call. A cast or a move keeps them shared and in fp32; state dicts are as before."""
+    from memopt.kernels.dequant import pair_table
+    from memopt.passes.quant_format import code8_table
+
+    model = tiny_llama()
+    _quantize(model)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for _ in range(2):
+        assert {id(m.code_pairs) for m in layers} == {id(pair_table("nf4", "cpu"))}
+        assert {id(m.code8) for m in layers} == {id(code8_table("cpu"))}
+        assert layers[0].code_pairs.dtype == layers[0].code8.dtype == torch.float32
+        assert not any(k.endswith(("code_pairs", "code8")) for k in model.state_dict())
+        assert [n for n, _ in model.named_buffers() if n.endswith(("code_pairs", "code8"))] == \
+            [f"{n}.{t}" for n in ("model.layers.0.self_attn.q_proj",) for t in ("code_pairs", "code8")]
+        model.half()
+    x = _gauss((3, 70))
+    layer = QuantLinear.from_layer(nn.Linear(70, 48).requires_grad_(False), "linear", QuantizeConfig(format="int8"))
+    assert "code_pairs" not in dict(layer.named_buffers()) and layer(x).shape == (3, 48)  # int8 has no table
 
 
 # ---- composition as optimize runs it -------------------------------------------------------------
