@@ -502,19 +502,31 @@ class _Builder:
                           gradients=gradients, dropped=dropped)
 
     def _constants(self, gm: torch.fx.GraphModule, graph: str) -> None:
-        """The tensors the step reads that existed before it (labels a ``loss_fn`` closes over): inputs,
-        one storage each however many graphs read them. Not counted again: a constant that is a
-        parameter, buffer or example input (counted as such), or one the step makes (``torch.tensor``
-        in its code: read by ``lift_fresh_copy`` only, whose output is the allocation)."""
+        """Constant tensors the step reads, as inputs: one storage each however many graphs read them.
+
+        * One that existed before the step (labels a ``loss_fn`` closes over) is on the device
+          throughout; not counted again if it is a parameter, buffer or example input.
+        * One the model's code makes (``torch.tensor(...)`` in its forward: read by ``lift_fresh_copy``
+          only, whose output is each step's copy) is held by the lowered graph that traced it, on the
+          device, for as long as the plan runs. One a ``loss_fn`` makes runs eagerly in the user's
+          loop, outside any lowered graph: its copy alone is counted."""
         for node in gm.graph.find_nodes(op="get_attr"):
             value = getattr(gm, node.target, None)
-            if not isinstance(value, torch.Tensor) or _storage_key(value) in self.resident or not node.users or all(
-                    user.target is torch.ops.aten.lift_fresh_copy.default for user in node.users):
+            if not isinstance(value, torch.Tensor) or _storage_key(value) in self.resident or not node.users:
                 continue
             sid = self.constants.get(_storage_key(value))
+            made = all(user.target is torch.ops.aten.lift_fresh_copy.default for user in node.users)
+            if sid is None and made and not any(self._in_model(user, graph) for user in node.users):
+                continue
             if sid is None:
                 sid = self.constants[_storage_key(value)] = self._new(node.name, value, "input", None)
             self.outputs[graph, node.name] = [(key, sid) for key, _ in _keyed(node)]
+
+    def _in_model(self, node: torch.fx.Node, graph: str) -> bool:
+        """Does ``node`` belong to the model's step (not to a ``loss_fn``'s forward or backward)?"""
+        if graph == "fw":
+            return (node.meta.get("custom") or {}).get(_MODULE_KEY) is not None
+        return self.module_of_seq.get(node.meta.get("seq_nr"), OUTSIDE) != OUTSIDE
 
     def _new(self, name: str, t: torch.Tensor, kind: str, producer: int | None, key: str | None = None) -> int:
         nbytes = -(-t.untyped_storage().nbytes() // self.granularity) * self.granularity
