@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves, tree_map_only
 
@@ -125,11 +125,22 @@ def simulate_step(
         except MemoptError:
             raise
         except Exception as second:  # noqa: BLE001 - the first failure is the one to tell
+            if isinstance(first, (DataDependentOutputException, DynamicOutputShapeException)):
+                raise UnsupportedModelError(_reads_values(model, first)) from first
             if type(second) is type(first) and str(second) == str(first):
                 raise first from None  # not the branch: the call itself (an argument the error names)
             raise UnsupportedModelError(_not_simulated(model, first, second)) from first
     _log.debug("simulated one step on %s in %.1f s: %s", device, time.perf_counter() - start, report.summary())
     return report
+
+
+def _reads_values(model: nn.Module, error: Exception) -> str:
+    """Why a step that reads tensor values in Python cannot be planned, and the ways out."""
+    return (f"{type(model).__name__}'s training step computes a Python number or a shape from tensor values "
+            f"({getattr(error, 'func', error)}: .item(), .tolist(), int(t), nonzero or boolean indexing), which memopt "
+            "cannot plan: it measures and traces the step on fake tensors, which carry no values. Ways out: compute "
+            "it with tensor ops (keep a scale a tensor instead of .item(); torch.where or a mask instead of "
+            "indexing), or leave the module that does it out of the model you optimize")
 
 
 def _not_simulated(model: nn.Module, first: Exception, second: Exception) -> str:
@@ -277,8 +288,6 @@ def _train_step(
 
 def loss_of(output: Any, args: tuple[Any, ...], kwargs: dict[str, Any], loss_fn: LossFn | None) -> torch.Tensor:
     if loss_fn is not None:
-        from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
-
         try:
             loss = loss_fn(output, (args, kwargs))
         except (DynamicOutputShapeException, DataDependentOutputException) as exc:

@@ -452,6 +452,52 @@ def test_a_loss_fn_with_a_data_dependent_shape_is_named_with_the_way_out():
         memopt.optimize(model, budget_gb=1, example_inputs=batch, device="cpu", loss_fn=loss_fn)
 
 
+class _ItemScaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h / h.abs().max().item())  # a fake-quant's scale, read as a Python number
+
+
+def test_a_forward_that_reads_a_tensor_value_is_named_with_the_way_out():
+    """(Before: a bare DataDependentOutputException from the fake-tensor simulation.)"""
+    x = torch.randn(8, 16)
+    with pytest.raises(memopt.UnsupportedModelError, match=r"_ItemScaled's training step computes a Python number "
+                                                           r"or a shape from tensor values .*keep a scale a tensor"):
+        memopt.optimize(_ItemScaled(), budget_gb=1, example_inputs=(x,), device="cpu", method="full",
+                        loss_fn=lambda out, inputs: out.square().mean())
+
+
+def test_a_models_own_loss_that_reads_the_labels_values_names_the_loss_fn_way_out_which_trains():
+    """DeBERTa-v2's classification loss, without config.problem_type, picks labels by value
+    (``(labels >= 0).nonzero()``): the error says it is the loss, and its way out trains as plain torch."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DebertaV2Config(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=128, max_position_embeddings=64, num_labels=3,
+                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = DebertaV2ForSequenceClassification(config)
+    reference = copy.deepcopy(model)
+    ids, labels = torch.randint(0, 96, (4, 16)), torch.tensor([0, 2, 1, 2])
+    with pytest.raises(memopt.UnsupportedModelError, match="its own loss computes from the labels' values.*"
+                                                           "without labels it captures.*pass loss_fn="):
+        memopt.optimize(model, budget_gb=1, example_inputs={"input_ids": ids, "labels": labels}, device="cpu")
+
+    def loss_fn(output, inputs=None):
+        return torch.nn.functional.cross_entropy(output.logits, labels)
+
+    optimized = _planned(model, {"input_ids": ids}, method="full", loss_fn=loss_fn)
+    loss, ref_loss = loss_fn(optimized(input_ids=ids)), loss_fn(reference(input_ids=ids))
+    loss.backward(), ref_loss.backward()
+    assert torch.equal(loss, ref_loss)
+    for (name, p), q in zip(optimized.model.named_parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+
+
 @pytest.mark.slow
 def test_a_deep_copy_of_a_planned_model_steps_with_its_own_parameters():
     """An EMA or reference copy: ``copy.deepcopy`` of a lowered model (plan, traced step and all)."""
