@@ -1,6 +1,7 @@
 """Model families beyond the decoder-only Llama shape, built from configs (random weights, tiny).
 
-Encoder-decoders (T5, BART), mixture-of-experts decoders (Mixtral, Qwen2-MoE, OLMoE), Falcon, and
+Encoder-decoders (T5, BART), mixture-of-experts decoders (Mixtral, Qwen2-MoE, OLMoE), Falcon, Bloom
+(ALiBi), GPT-NeoX (partial rotary), OPT, Phi-3 (fused projections), a BERT classifier, and
 modules built from torch's own ``nn.TransformerEncoder`` / ``nn.MultiheadAttention`` — the
 families whose structure the Llama-shaped tests do not exercise. Each factory returns a fresh
 model in training mode and ``seq2seq_batch`` / ``tests.models.lm_batch`` give matching inputs.
@@ -15,8 +16,9 @@ from torch import nn
 
 from tests.models import HEADS, HIDDEN, INTERMEDIATE, LAYERS, POSITIONS, VOCAB
 
-__all__ = ["tiny_t5", "tiny_bart", "tiny_mixtral", "tiny_qwen2_moe", "tiny_olmoe", "tiny_falcon",
-           "TorchEncoderLM", "CustomLinearish", "seq2seq_batch"]
+__all__ = ["tiny_t5", "tiny_bart", "tiny_mixtral", "tiny_qwen2_moe", "tiny_olmoe", "tiny_falcon", "tiny_bloom",
+           "tiny_gpt_neox", "tiny_opt", "tiny_phi3", "tiny_bert_classifier", "classifier_batch", "TorchEncoderLM",
+           "CustomLinearish", "seq2seq_batch"]
 
 
 def _seeded(build: Any, config: Any) -> nn.Module:
@@ -83,6 +85,63 @@ def tiny_falcon(**overrides: Any) -> nn.Module:
                 max_position_embeddings=POSITIONS, new_decoder_architecture=False, multi_query=True,
                 parallel_attn=True, bias=False, alibi=False, hidden_dropout=0.0, attention_dropout=0.0)
     return _seeded(FalconForCausalLM, FalconConfig(**{**base, **overrides}))
+
+
+def tiny_bloom(**overrides: Any) -> nn.Module:
+    """BloomForCausalLM: ALiBi position biases (no position embeddings), fused query_key_value."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    base = dict(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, hidden_dropout=0.0,
+                attention_dropout=0.0)
+    return _seeded(BloomForCausalLM, BloomConfig(**{**base, **overrides}))
+
+
+def tiny_gpt_neox(**overrides: Any) -> nn.Module:
+    """GPTNeoXForCausalLM: rotary on a quarter of each head (partial rotary), parallel residual."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    base = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                intermediate_size=INTERMEDIATE, max_position_embeddings=POSITIONS, rotary_pct=0.25,
+                hidden_dropout=0.0, attention_dropout=0.0)
+    return _seeded(GPTNeoXForCausalLM, GPTNeoXConfig(**{**base, **overrides}))
+
+
+def tiny_opt(**overrides: Any) -> nn.Module:
+    """OPTForCausalLM: learned positions offset by 2, ReLU feed-forward, biased projections."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    base = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                ffn_dim=INTERMEDIATE, max_position_embeddings=POSITIONS, word_embed_proj_dim=HIDDEN, dropout=0.0,
+                attention_dropout=0.0, pad_token_id=1)
+    return _seeded(OPTForCausalLM, OPTConfig(**{**base, **overrides}))
+
+
+def tiny_phi3(**overrides: Any) -> nn.Module:
+    """Phi3ForCausalLM: fused qkv_proj and gate_up_proj."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    base = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                num_key_value_heads=HEADS, intermediate_size=INTERMEDIATE, max_position_embeddings=POSITIONS,
+                pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    return _seeded(Phi3ForCausalLM, Phi3Config(**{**base, **overrides}))
+
+
+def tiny_bert_classifier(**overrides: Any) -> nn.Module:
+    """BertForSequenceClassification: an encoder with token types and a pooled classification head."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    base = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                intermediate_size=INTERMEDIATE, max_position_embeddings=POSITIONS, num_labels=3,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _seeded(BertForSequenceClassification, BertConfig(**{**base, **overrides}))
+
+
+def classifier_batch(batch: int = 4, seq: int = 16) -> dict[str, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and one label per sequence (3 classes)."""
+    gen = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=gen),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "labels": torch.randint(0, 3, (batch,), generator=gen)}
 
 
 class TorchEncoderLM(nn.Module):
