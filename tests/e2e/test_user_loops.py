@@ -50,6 +50,19 @@ def _planned(model: torch.nn.Module, batch: dict, fraction: float = 0.3, **optio
     return optimized
 
 
+def _steady_step(optimized: memopt.OptimizedModel, x: torch.Tensor, loss_fn):
+    """MemoryTracker's report of the user's step ``loss = loss_fn(model(x))``, the loss held to the
+    optimizer step, after a first step (the plan is for the steady state: optimizer states exist)."""
+    opt = optimized.make_optimizer(lr=1e-3)
+    for measured in (False, True):
+        with MemoryTracker(optimized, opt, inputs=(x,)) if measured else contextlib.nullcontext() as tracker:
+            loss = loss_fn(optimized(x))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    return tracker.report()
+
+
 @pytest.fixture(scope="module")
 def llama_plan():
     model = tiny_llama(num_hidden_layers=3)
@@ -155,15 +168,9 @@ def test_a_classifier_whose_loss_fn_closes_over_its_own_labels_measures_what_was
     optimized = memopt.optimize(model, budget_gb=budget, example_inputs=(x,), device="cpu", loss_fn=loss_fn)
     assert optimized.plan.needs_runtime == (fraction < 1)
     assert optimized.plan.static.inputs == x.nbytes + labels.nbytes
-    opt = optimized.make_optimizer(lr=1e-3)
-    for measured in (False, True):  # the plan is for the steady state: optimizer states exist
-        with MemoryTracker(optimized, opt, inputs=(x,)) if measured else contextlib.nullcontext() as tracker:
-            loss = loss_fn(optimized(x))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    assert tracker.report().peak_bytes == optimized.plan.predicted_peak_bytes
-    assert tracker.report().final.inputs == x.nbytes + labels.nbytes
+    report = _steady_step(optimized, x, loss_fn)
+    assert report.peak_bytes == optimized.plan.predicted_peak_bytes
+    assert report.final.inputs == x.nbytes + labels.nbytes
 
 
 class _MadeConstants(torch.nn.Module):
@@ -191,15 +198,9 @@ def test_tensors_the_models_forward_makes_are_counted_where_the_lowered_step_hol
         return out.square().mean() * torch.tensor(0.5)
 
     optimized = _planned(model, (x,), 0.5, loss_fn=loss_fn)
-    opt = optimized.make_optimizer(lr=1e-3)
-    for measured in (False, True):
-        with MemoryTracker(optimized, opt, inputs=(x,)) if measured else contextlib.nullcontext() as tracker:
-            loss = loss_fn(optimized(x))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-    assert tracker.report().peak_bytes == optimized.plan.predicted_peak_bytes
-    assert tracker.report().final.inputs == x.nbytes + 4 + 8  # the forward's two constants (fp32, fp64), held
+    report = _steady_step(optimized, x, loss_fn)
+    assert report.peak_bytes == optimized.plan.predicted_peak_bytes
+    assert report.final.inputs == x.nbytes + 4 + 8  # the forward's two constants (fp32, fp64), held
 
 
 def test_every_output_keeps_its_gradient_so_a_loss_on_the_logits_is_exact(llama_plan):
