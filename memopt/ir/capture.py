@@ -83,13 +83,14 @@ def capture(
             errors[method] = error
             notes = [*notes, f"{_LABELS[method]} failed ({_error_line(error)})"]
             log.info("memopt: %s failed (%s)", _LABELS[method], _first_line(error))
-    if "labels" in kwargs and any(_data_dependent(e) for e in errors.values()) and "export" in methods:
-        try:  # is it the model's own loss, reading the labels' values?
+    dependent = [e for e in errors.values() if _data_dependent(e)]
+    if "labels" in kwargs and dependent and "export" in methods:
+        try:  # is it what the model does with labels (its own loss), reading their values?
             _capture_export(model, tuple(args), {k: v for k, v in kwargs.items() if k != "labels"}, notes)
-        except Exception:  # noqa: BLE001 - not the loss alone: the general message
+        except Exception:  # noqa: BLE001 - not the labels alone: the general message
             pass
         else:
-            raise _loss_reads_labels(model, errors["export"]) from errors["export"]
+            raise _reads_labels(model, dependent[0]) from dependent[0]
     raise _unsupported(model, errors) from errors[methods[-1]]
 
 
@@ -97,14 +98,17 @@ def _data_dependent(error: BaseException) -> bool:
     return any("DataDependent" in type(e).__name__ for e in (error, error.__cause__, error.__context__) if e is not None)
 
 
-def _loss_reads_labels(model: nn.Module, error: BaseException) -> UnsupportedModelError:
+def _reads_labels(model: nn.Module, error: BaseException) -> UnsupportedModelError:
     name = type(model).__name__
+    hf = type(model).__module__.startswith("transformers.")
     return UnsupportedModelError(
-        f"memopt could not capture {name} with labels: its own loss computes from the labels' values "
-        f"({_error_line(error)}), which a traced step cannot; without labels it captures. Ways out: leave labels "
-        "out of example_inputs and pass loss_fn=lambda output, inputs: torch.nn.functional.cross_entropy("
-        "output.logits, labels) (the labels your loop uses), or give the model a loss that does not read them: "
-        "for a transformers classifier, set config.problem_type (e.g. 'single_label_classification')")
+        f"memopt could not capture {name} with labels: it computes from the labels' values ({_error_line(error)}), "
+        f"which a traced step cannot; without labels it captures{' (what reads them is its own loss)' if hf else ''}. "
+        "Ways out: if the loss reads them, leave labels out of example_inputs and of the loop's calls and pass "
+        "loss_fn=lambda output, inputs: <your loss of output and the labels>"
+        + (", or set config.problem_type (e.g. 'single_label_classification') for a loss that does not read "
+           "their values" if hf else "")
+        + "; if the model needs their values otherwise, compute with them by tensor ops (torch.where, masks)")
 
 
 def module_path(node: torch.fx.Node) -> str | None:

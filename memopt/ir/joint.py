@@ -202,9 +202,9 @@ class JointGraph:
             fw, bw = partition_fn(gm, list(self.inputs), **self.kwargs)
         for module in (fw, bw):
             module.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
-        return _Builder(self.granularity, op_keys(gm.graph), self.resident).build(fw, bw, list(self.kinds), self.optimizer,
-                                                                   self.state_bytes, self.step_bytes,
-                                                                   self.kwargs["num_fwd_outputs"], self.dropped)
+        builder = _Builder(self.granularity, op_keys(gm.graph), self.resident)
+        return builder.build(fw, bw, list(self.kinds), self.optimizer, self.state_bytes, self.step_bytes,
+                             self.kwargs["num_fwd_outputs"], self.dropped)
 
 
 def trace_joint(
@@ -272,8 +272,8 @@ def trace_joint_graph(
     label = "none" if optimizer is None else getattr(optimizer, "__name__", type(optimizer).__name__)
     positions = frozenset(i for i, n in enumerate(names) if n in dropped)
     resident = frozenset(_storage_key(t) for t in (*model.parameters(), *model.buffers(), *_tensors((args, kwargs))))
-    trace = _Builder(granularity, done.keys, resident).build(done.fw, done.bw, kinds, label, state_bytes, step_bytes,
-                                                   done.kwargs["num_fwd_outputs"], positions)
+    trace = _Builder(granularity, done.keys, resident).build(done.fw, done.bw, kinds, label, state_bytes,
+                                                             step_bytes, done.kwargs["num_fwd_outputs"], positions)
     trace = _with_time(trace, time.perf_counter() - start)
     trace = dataclasses.replace(trace, rng_state_bytes=-(-torch.get_rng_state().nbytes // granularity) * granularity)
     log.debug("memopt: traced the joint step in %.1f s: %d forward + %d backward ops, %d saved storages",
@@ -504,12 +504,14 @@ class _Builder:
     def _constants(self, gm: torch.fx.GraphModule, graph: str) -> None:
         """Constant tensors the step reads, as inputs: one storage each however many graphs read them.
 
-        * One that existed before the step (labels a ``loss_fn`` closes over) is on the device
-          throughout; not counted again if it is a parameter, buffer or example input.
+        * One that existed before the step (labels a ``loss_fn`` closes over) is taken to be on the
+          target device throughout (one kept on the host and copied over is counted too: an
+          over-count); not counted again if it is a parameter, buffer or example input.
         * One the model's code makes (``torch.tensor(...)`` in its forward: read by ``lift_fresh_copy``
-          only, whose output is each step's copy) is held by the lowered graph that traced it, on the
-          device, for as long as the plan runs. One a ``loss_fn`` makes runs eagerly in the user's
-          loop, outside any lowered graph: its copy alone is counted."""
+          only, whose output is each step's copy) is held by the lowered graph that traced it, for as
+          long as the plan runs (made without a device, a scalar stays on the host: an over-count of
+          a block each on a GPU). One a ``loss_fn`` makes runs eagerly in the user's loop, outside
+          any lowered graph: its copy alone is counted."""
         for node in gm.graph.find_nodes(op="get_attr"):
             value = getattr(gm, node.target, None)
             if not isinstance(value, torch.Tensor) or _storage_key(value) in self.resident or not node.users:

@@ -53,6 +53,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "CODES", "FOUR_BIT", "FP4_CODE", "NF4_CODE", "dequant_matmul", "dequant_matmul_reference", "pair_table",
+    "shared_table",
     "dequant_matmul_triton", "dequantize_int8",
     "dequantize_4bit", "simulating", "uses_dequant_triton",
 ]
@@ -126,7 +127,7 @@ def _pair_table(fmt: str, device: torch.device) -> torch.Tensor:
     """[256, 2] fp32: the two 4-bit values of every byte (high nibble first)."""
     if _strict_fake_mode():
         return _pairs(_code_table(fmt, device))
-    return _real_pair_table(fmt, torch.device(device))
+    return pair_table(fmt, device)
 
 
 def pair_table(fmt: str, device: torch.device | str) -> torch.Tensor:
@@ -134,6 +135,12 @@ def pair_table(fmt: str, device: torch.device | str) -> torch.Tensor:
     quantized layer holds as a buffer (shared), so a traced step reads it as an input rather than
     making a constant of its own at every call (``_pair_table`` under AOTAutograd)."""
     return _real_pair_table(fmt, torch.device(device))
+
+
+def shared_table(values: tuple[float, ...], device: torch.device | str) -> torch.Tensor:
+    """``values`` as one real fp32 tensor per device, made once (a buffer quantized layers share,
+    as ``pair_table``'s)."""
+    return _real_table(tuple(values), torch.device(device))
 
 
 @functools.cache

@@ -126,7 +126,7 @@ def simulate_step(
             raise
         except Exception as second:  # noqa: BLE001 - the first failure is the one to tell
             if isinstance(first, (DataDependentOutputException, DynamicOutputShapeException)):
-                raise UnsupportedModelError(_reads_values(model, first)) from first
+                raise UnsupportedModelError(_reads_values(model, first, example_inputs)) from first
             if type(second) is type(first) and str(second) == str(first):
                 raise first from None  # not the branch: the call itself (an argument the error names)
             raise UnsupportedModelError(_not_simulated(model, first, second)) from first
@@ -134,13 +134,15 @@ def simulate_step(
     return report
 
 
-def _reads_values(model: nn.Module, error: Exception) -> str:
+def _reads_values(model: nn.Module, error: Exception, example_inputs: Any) -> str:
     """Why a step that reads tensor values in Python cannot be planned, and the ways out."""
+    labels = "labels" in normalize_inputs(example_inputs)[1]
     return (f"{type(model).__name__}'s training step computes a Python number or a shape from tensor values "
             f"({getattr(error, 'func', error)}: .item(), .tolist(), int(t), nonzero or boolean indexing), which memopt "
             "cannot plan: it measures and traces the step on fake tensors, which carry no values. Ways out: compute "
-            "it with tensor ops (keep a scale a tensor instead of .item(); torch.where or a mask instead of "
-            "indexing), or leave the module that does it out of the model you optimize")
+            "it with tensor ops (keep a scale a tensor instead of .item(); torch.where or a mask instead of indexing)"
+            + ("; if it is the model's own loss reading the labels, leave labels out of example_inputs and pass "
+               "loss_fn=lambda output, inputs: <your loss of output and the labels>" if labels else ""))
 
 
 def _not_simulated(model: nn.Module, first: Exception, second: Exception) -> str:
@@ -165,7 +167,8 @@ def _simulate(model: nn.Module, example_inputs: Any, loss_fn: LossFn | None, opt
 
     args, kwargs = normalize_inputs(example_inputs)
     # What the fakes stand in for: a loss_fn may close over them (its labels are an input already).
-    real = [*model.parameters(), *model.buffers(), *(t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))]
+    real = [*model.parameters(), *model.buffers(),
+            *(t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))]
     unpadded = hf_masks.unpadded(model, args, kwargs)  # an all-ones mask is read before its values are faked
     rounding = _default_round_to(device) if round_to is None else round_to
     state = _compiling_state_context() if exporting else contextlib.nullcontext()
@@ -280,7 +283,10 @@ def _train_step(
     # The output dies with this call's frame before backward, as in HF Trainer's compute_loss.
     with eager_masks(model, args, kwargs, unpadded):
         loss = loss_of(torch.func.functional_call(model, state, args, kwargs), args, kwargs, loss_fn)
-    loss.backward()
+    # Into the stand-ins only: a loss_fn closing over a real parameter (a penalty on a weight) would
+    # leave a fake gradient in that parameter's .grad.
+    loss.backward(inputs=[t for t in (*state.values(), *tree_leaves((args, kwargs)))
+                          if isinstance(t, torch.Tensor) and t.requires_grad])
     if opt is not None:
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -8,10 +8,12 @@ counted twice), and it works for fake and meta storages, which have no data poin
 wrapper subclasses (``__tensor_flatten__``) are counted through their inner tensors, and the ops
 they run inside are seen too; a uint8 or quantized storage is just bytes. What exists on
 ``__enter__`` is registered up front: parameters, buffers, existing ``.grad``, optimizer state and
-``inputs``. A tensor made before the region and not registered is counted from the first op that
-reads it, as an INPUT, when it is on that op's output device: data the step reads that was on the
-device before it (labels a loss closes over), which a GPU's allocator counts too. Otherwise this
-agrees with torch's ``MemTracker`` to the byte on full fine-tuning.
+``inputs``. A storage an op reads that the tracker has not seen, on that op's output device, is
+counted from that read, as an INPUT: data made before the region and not registered (labels a loss
+closes over), which a GPU's allocator holds from before — so a peak before that first read
+measures without it — or a tensor made without an op the mode sees (``torch.from_numpy``; an
+unregistered optimizer's state). Otherwise this agrees with torch's ``MemTracker`` to the byte on
+full fine-tuning.
 
 Categories. In the forward a new storage is a TEMPORARY until autograd packs it for backward
 (``saved_tensors_hooks`` → ACTIVATIONS). Hooks installed inside the region — by user code or
@@ -100,6 +102,22 @@ def _tensors(tree: Any) -> Iterable[torch.Tensor]:
     return (x for x in tree_leaves(tree) if isinstance(x, torch.Tensor))
 
 
+# Eager ``torch.tensor(...)``'s op: what it reads was made just before, by the same call (not an input).
+# (A traced graph's ``lift_fresh_copy`` reads a constant the graph holds: an input, counted.)
+_FRESH = frozenset({torch.ops.aten.lift_fresh.default})
+
+
+def _read(inputs: tuple[tuple, dict | None]) -> Iterable[torch.Tensor]:
+    """The tensors an op reads: its arguments, and the tensors of argument lists (without pytree's
+    overhead on every op)."""
+    args, kwargs = inputs
+    for value in (*args, *(kwargs or {}).values()):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (x for x in value if isinstance(x, torch.Tensor))
+
+
 class _CountingMode(TorchDispatchMode):
     """Hands every op's inputs and outputs to the tracker; the mode itself holds no state.
 
@@ -117,7 +135,7 @@ class _CountingMode(TorchDispatchMode):
             return NotImplemented
         out = func(*args, **(kwargs or {}))
         if not getattr(_PAUSED, "depth", 0):
-            self._on_op((args, kwargs), out)
+            self._on_op(((), None) if func in _FRESH else (args, kwargs), out)
         return out
 
 
@@ -198,7 +216,8 @@ class MemoryTracker:
         self._seen_backward = False
         self._used = False
         self._simulated = False  # decided on enter: does this region count fake tensors?
-        # The real tensors a simulation's registered fakes stand in for: a read of one counts nothing.
+        # The real tensors a simulation's registered fakes stand in for: a read of one counts nothing
+        # (their storages held here, so no other storage takes one of their ids meanwhile).
         self._stood_in = [st for t in stand_ins_for for st in storages_of(t)]
         self._stood_in_ids = {id(st) for st in self._stood_in}
 
@@ -356,7 +375,7 @@ class MemoryTracker:
         if not self._simulated and (_in_fake_mode() or any(_is_fake(t) for t in tensors)):
             return  # an op of a simulation inside a real region: no bytes, and no phase of this region
         devices = {t.device for t in tensors}
-        for t in _tensors(inputs):  # read here, made before the region and not registered: an input
+        for t in _read(inputs):  # read here, made before the region and not registered: an input
             if t.device in devices and any(id(st) not in self._entries and id(st) not in self._stood_in_ids
                                            for st in storages_of(t)):
                 self._register(t, Category.INPUTS)

@@ -37,8 +37,8 @@ from memopt.kernels.dequant import (
     dequant_matmul,
     dequantize_4bit,
     dequantize_int8,
-    no_modes,
     real_table,
+    shared_table,
 )
 
 __all__ = ["QuantizedWeight", "code8_table", "dequantize_columns", "dequantize_with_overlay", "dynamic_code",
@@ -78,8 +78,7 @@ def _table(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
 def code8_table(device: torch.device | str) -> torch.Tensor:
     """The 256-value code of double quantization on ``device``: one real tensor per device, which a
     quantized layer holds as a buffer (see ``memopt.kernels.dequant.pair_table``)."""
-    with no_modes():
-        return real_table(dynamic_code(), torch.device(device))
+    return shared_table(dynamic_code(), device)
 
 
 def _code8(qw: "QuantizedWeight") -> torch.Tensor:

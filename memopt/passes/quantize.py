@@ -100,13 +100,15 @@ def quant_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None
 class QuantLinear(nn.Module):
     """A frozen Linear whose weight is stored quantized; ``weight`` dequantizes on access (a copy).
 
-    Buffers (persistent, so a state dict round-trips): NF4 ``qweight`` (packed uint8),
-    ``absmax_q`` (uint8), ``absmax_scale`` (fp32), ``absmax_offset`` (fp32 scalar); int8
-    ``qweight`` (int8 [out, in]) and ``scale`` (fp32 [out]). A 4-bit layer also holds its format's
-    lookup tables, ``code_pairs`` and (double quantization) ``code8``: non-persistent buffers, one
-    tensor per device shared by every layer, so a traced step reads them as the inputs they are —
-    counted once by the plan and by the tracker — instead of making constants of its own at every
-    call, which the step would hold and copy beyond the plan. ``kind`` remembers the original
+    Persistent buffers, so a state dict round-trips: NF4 ``qweight`` (packed uint8), ``absmax_q``
+    (uint8), ``absmax_scale`` (fp32), ``absmax_offset`` (fp32 scalar); int8 ``qweight`` (int8
+    [out, in]) and ``scale`` (fp32 [out]). A 4-bit layer also holds its format's lookup tables,
+    ``code_pairs`` and (double quantization) ``code8``: non-persistent buffers, one tensor per
+    device shared by every layer of the process (never write them), so a traced step reads them as
+    the inputs they are — counted once by the plan and by the tracker — instead of making constants
+    of its own at every call, which the step would hold and copy beyond the plan. A move re-shares
+    them; so does a call that finds them elsewhere than the codes (a state dict loaded with
+    ``assign=True`` into a meta model moves the codes alone). ``kind`` remembers the original
     layout ("conv1d": GPT-2's [in, out]) for ``dequantized()``; the buffers are always [out, in].
     Module casts (``model.half()``, ``model.to(torch.bfloat16)``) change ``compute_dtype`` and the
     bias but leave the codes and the fp32 scales exactly as they are (see ``_apply``).
@@ -169,6 +171,9 @@ class QuantLinear(nn.Module):
 
     def quantized(self) -> QuantizedWeight:
         """A view of the buffers as a ``QuantizedWeight`` (no copy)."""
+        tables = self._buffers.get("code_pairs")
+        if tables is not None and tables.device != self.qweight.device:
+            self._share_tables()
         common = dict(fmt=self.fmt, shape=(self.out_features, self.in_features), dtype=self.compute_dtype,
                       data=self.qweight, block=self.block_size, scaler_block=self.scaler_block_size,
                       pairs=self._buffers.get("code_pairs"), code8=self._buffers.get("code8"))
