@@ -269,10 +269,11 @@ def test_a_tensor_made_before_the_region_counts_as_an_input_from_its_first_read(
         loss.backward()
         del loss
         other.clone()  # read once, after the backward: counted from here
+        made = torch.tensor([0.5])  # made in the region (eager torch.tensor): a temporary, not an input
     r = tracker.report()
     assert r.final.inputs == x.numel() * F32 + 2 * labels.numel() * 8
     assert r.peak.inputs == x.numel() * F32 + labels.numel() * 8  # at the backward's peak, `other` unread yet
-    assert r.final.temporaries == 0
+    assert r.final.temporaries == made.numel() * F32
 
 
 def test_a_simulation_does_not_count_the_real_tensors_its_fakes_stand_in_for():

@@ -432,6 +432,23 @@ def test_4bit_layers_share_their_lookup_tables_as_buffers_that_no_state_dict_hol
     assert "code_pairs" not in dict(layer.named_buffers()) and layer(x).shape == (3, 48)  # int8 has no table
 
 
+def test_a_meta_model_loaded_with_assign_finds_its_tables_on_the_codes_device():
+    """The usual low-memory load: a meta copy, then ``load_state_dict(assign=True)``, which moves the
+    codes but not the non-persistent tables; the first call re-shares them (before: it failed,
+    "Tensor on device cpu is not on the expected device meta")."""
+    import copy
+
+    def quantized(n_in, n_out):
+        return QuantLinear.from_layer(nn.Linear(n_in, n_out).requires_grad_(False), "linear", QuantizeConfig())
+
+    model, x = nn.Sequential(quantized(70, 48), nn.GELU(), quantized(48, 16)), _gauss((3, 70))
+    loaded = copy.deepcopy(model).to("meta")
+    loaded.load_state_dict(model.state_dict(), strict=True, assign=True)
+    assert torch.equal(loaded(x), model(x))
+    layer = next(m for m in loaded.modules() if isinstance(m, QuantLinear))
+    assert layer.code_pairs.device.type == "cpu" and layer.code8.device.type == "cpu"
+
+
 # ---- composition as optimize runs it -------------------------------------------------------------
 
 def test_quantize_config_lives_in_memopt_config_and_is_exported():
