@@ -218,8 +218,7 @@ class MemoryTracker:
         self._simulated = False  # decided on enter: does this region count fake tensors?
         # The real tensors a simulation's registered fakes stand in for: a read of one counts nothing
         # (their storages held here, so no other storage takes one of their ids meanwhile).
-        self._stood_in = [st for t in stand_ins_for for st in storages_of(t)]
-        self._stood_in_ids = {id(st) for st in self._stood_in}
+        self._stood_in = {id(st): st for t in stand_ins_for for st in storages_of(t)}
 
     # ---- context manager -------------------------------------------------------------------
 
@@ -376,7 +375,7 @@ class MemoryTracker:
             return  # an op of a simulation inside a real region: no bytes, and no phase of this region
         devices = {t.device for t in tensors}
         for t in _read(inputs):  # read here, made before the region and not registered: an input
-            if t.device in devices and any(id(st) not in self._entries and id(st) not in self._stood_in_ids
+            if t.device in devices and any(id(st) not in self._entries and id(st) not in self._stood_in
                                            for st in storages_of(t)):
                 self._register(t, Category.INPUTS)
         for t in tensors:
